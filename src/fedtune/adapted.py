@@ -1,0 +1,148 @@
+"""An adapted model: base model + method + classifier formulation + tokenizer,
+with the operations every regime needs (trainable state, predict, save, load).
+
+A saved model directory holds what the Hugging Face ecosystem loads without
+fedtune (a PEFT adapter or a full transformers model, plus the tokenizer) and
+`fedtune.json`, which says how fedtune rebuilds the same classifier.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+from fedtune.classify import Formulation, GenerativeClassifier, HeadClassifier
+from fedtune.config import MethodConfig, ModelConfig, method_config
+from fedtune.errors import ModelError
+from fedtune.methods import build_method, method_name_of
+from fedtune.methods.base import Method
+from fedtune.models import Kind, detect_kind, load_base_model, load_config, load_tokenizer
+
+META_FILE = "fedtune.json"
+
+
+def make_formulation(
+    kind: Kind, tokenizer: PreTrainedTokenizerBase, labels: tuple[str, ...], cfg: ModelConfig
+) -> Formulation:
+    if kind == "encoder":
+        return HeadClassifier(tokenizer, labels, cfg.max_length)
+    return GenerativeClassifier(tokenizer, labels, cfg.max_length, cfg.template, cfg.label_words)
+
+
+@dataclass
+class AdaptedModel:
+    module: nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    formulation: Formulation
+    method: Method
+    model_config: ModelConfig
+    kind: Kind
+    labels: tuple[str, ...]
+    base_parameters: int
+    """Parameter count of the base model (with its head) before adaptation."""
+
+    @classmethod
+    def build(
+        cls, model_cfg: ModelConfig, method_cfg: MethodConfig, labels: tuple[str, ...], seed: int = 0
+    ) -> AdaptedModel:
+        """Load the base model and apply the method. `seed` fixes the random
+        initialisation of new heads and adapters."""
+        kind: Kind = (
+            detect_kind(load_config(model_cfg.name)) if model_cfg.kind == "auto" else model_cfg.kind
+        )
+        tokenizer = load_tokenizer(model_cfg.name, kind)
+        formulation = make_formulation(kind, tokenizer, labels, model_cfg)
+        torch.manual_seed(seed)
+        base = load_base_model(model_cfg.name, kind, labels)
+        n_base = sum(p.numel() for p in base.parameters())
+        method = build_method(method_cfg)
+        module = method.apply(base, kind)
+        return cls(module, tokenizer, formulation, method, model_cfg, kind, labels, n_base)
+
+    # --- what crosses a site boundary -----------------------------------------
+
+    def trainable_state(self) -> dict[str, Tensor]:
+        return self.method.trainable_state(self.module)
+
+    def load_trainable_state(self, state: dict[str, Tensor]) -> None:
+        self.method.load_trainable_state(self.module, state)
+
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.module.parameters() if p.requires_grad)
+
+    # --- inference ------------------------------------------------------------
+
+    @torch.no_grad()
+    def predict_scores(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        """Log-probability of each label for each text -> [N, K]."""
+        feats = self.formulation.encode(list(texts))
+        order = np.argsort([f["length"] for f in feats], kind="stable")  # less padding
+        out = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                batch = self.formulation.collate([feats[i] for i in idx])
+                out[idx] = self.formulation.scores(self.module, batch).numpy()
+        finally:
+            self.module.train(was_training)
+        return out
+
+    def predict(self, texts: list[str], batch_size: int = 64) -> list[str]:
+        scores = self.predict_scores(texts, batch_size)
+        return [self.labels[i] for i in scores.argmax(-1)]
+
+    # --- save / load ------------------------------------------------------------
+
+    def save(self, directory: str | Path) -> Path:
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        self.method.save(self.module, out)
+        self.tokenizer.save_pretrained(out)
+        meta: dict[str, Any] = {
+            "format": 1,
+            "kind": self.kind,
+            "labels": list(self.labels),
+            "model": asdict(self.model_config),
+            "method": {"name": method_name_of(self.method.config), **asdict(self.method.config)},
+            "base_parameters": self.base_parameters,
+        }
+        (out / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        return out
+
+    @classmethod
+    def load(cls, directory: str | Path, trainable: bool = False) -> AdaptedModel:
+        src = Path(directory)
+        meta_path = src / META_FILE
+        if not meta_path.is_file():
+            raise ModelError(
+                f"{src} is not a saved fedtune model (no {META_FILE}); pass a run directory's "
+                "`model/` folder or the run directory itself"
+            )
+        meta = json.loads(meta_path.read_text())
+        labels = tuple(meta["labels"])
+        kind: Kind = meta["kind"]
+        model_cfg = ModelConfig(**{k: _untuple(v) for k, v in meta["model"].items()})
+        mcfg = dict(meta["method"])
+        method = build_method(method_config(mcfg.pop("name"), mcfg))
+        tokenizer = load_tokenizer(str(src), kind)
+        module = method.load(
+            src, kind, lambda: load_base_model(model_cfg.name, kind, labels), trainable
+        )
+        module.eval()
+        formulation = make_formulation(kind, tokenizer, labels, model_cfg)
+        return cls(
+            module, tokenizer, formulation, method, model_cfg, kind, labels, meta["base_parameters"]
+        )
+
+
+def _untuple(v: Any) -> Any:
+    return tuple(v) if isinstance(v, list) else v

@@ -1,0 +1,211 @@
+"""Two ways to turn a model into a classifier; both are used by every method.
+
+- `HeadClassifier` (encoders): text -> model with a sequence-classification
+  head -> logits [B, K]; loss = cross-entropy.
+- `GenerativeClassifier` (decoders), the setup of the p-tuning post: the causal
+  LM reads `template` (e.g. "Sentence: {text}\\nSentiment:") and is trained to
+  produce the label word; it predicts by scoring the log-likelihood of every
+  label word after the prompt, so it never emits an invalid label.
+
+A formulation turns texts into unpadded features once (`encode`), pads a batch
+(`collate`), and computes the training loss and per-label scores of a batch.
+It never knows which method adapted the model.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+from fedtune.errors import ConfigError
+
+Feature = dict[str, Any]
+
+
+class Formulation(ABC):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, labels: tuple[str, ...], max_length: int):
+        self.tokenizer = tokenizer
+        self.labels = labels
+        self.max_length = max_length
+
+    @abstractmethod
+    def encode(self, texts: list[str], labels: list[int] | None = None) -> list[Feature]:
+        """One unpadded feature dict per text; `length` is its token count."""
+
+    @abstractmethod
+    def collate(self, features: list[Feature]) -> dict[str, Tensor]:
+        """Pad a list of features to the longest one (dynamic padding)."""
+
+    @abstractmethod
+    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        """Mean training loss of the batch (a scalar with grad)."""
+
+    @abstractmethod
+    def evaluate(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """(loss summed over the batch's loss units, number of units) and scores
+        [B, K]: log-probabilities of each label. Called under no_grad."""
+
+    def scores(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        return self.evaluate(model, batch)[1]
+
+
+class HeadClassifier(Formulation):
+    def encode(self, texts: list[str], labels: list[int] | None = None) -> list[Feature]:
+        enc = self.tokenizer(texts, truncation=True, max_length=self.max_length)
+        feats = []
+        for i in range(len(texts)):
+            f: Feature = {k: enc[k][i] for k in enc}
+            f["length"] = len(enc["input_ids"][i])
+            if labels is not None:
+                f["labels"] = labels[i]
+            feats.append(f)
+        return feats
+
+    def collate(self, features: list[Feature]) -> dict[str, Tensor]:
+        rows = [{k: v for k, v in f.items() if k != "length"} for f in features]
+        return dict(self.tokenizer.pad(rows, return_tensors="pt"))
+
+    def _logits(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        return model(**inputs).logits  # [B, K]
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        return F.cross_entropy(self._logits(model, batch), batch["labels"])
+
+    def evaluate(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        logits = self._logits(model, batch).float()
+        n = torch.tensor(float(len(logits)))
+        if "labels" in batch:
+            loss_sum = F.cross_entropy(logits, batch["labels"], reduction="sum")
+        else:
+            loss_sum = torch.tensor(0.0)
+        return torch.stack([loss_sum, n]), logits.log_softmax(-1)
+
+
+class GenerativeClassifier(Formulation):
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        labels: tuple[str, ...],
+        max_length: int,
+        template: str,
+        label_words: tuple[str, ...] = (),
+    ):
+        super().__init__(tokenizer, labels, max_length)
+        if "{text}" not in template:
+            raise ConfigError(f"model.template = {template!r} must contain {{text}}")
+        words = label_words or labels
+        if len(words) != len(labels):
+            raise ConfigError(
+                f"model.label_words has {len(words)} entries but there are {len(labels)} labels "
+                f"({', '.join(labels)}); give one word per label, in label order"
+            )
+        self.template = template
+        # The label word follows the prompt after a space, as it would in running text.
+        self.label_ids = [tokenizer(" " + w, add_special_tokens=False)["input_ids"] for w in words]
+        if len({tuple(ids) for ids in self.label_ids}) != len(words):
+            raise ConfigError(f"model.label_words {words} tokenize identically; use distinct words")
+        # All labels one distinct token (the usual case): one forward pass on the
+        # prompt scores every label at once. Otherwise each label is scored in turn.
+        self.single_token = all(len(ids) == 1 for ids in self.label_ids)
+
+    def _prompt_ids(self, texts: list[str]) -> list[list[int]]:
+        tok = self.tokenizer
+        text_ids = tok(texts, add_special_tokens=False)["input_ids"]
+        # Truncate the text, never the template: decode the first max_length tokens
+        # back to text only for the (rare) long inputs.
+        texts = [
+            tok.decode(ids[: self.max_length]) if len(ids) > self.max_length else t
+            for t, ids in zip(texts, text_ids, strict=True)
+        ]
+        prompts = [self.template.replace("{text}", t) for t in texts]
+        return tok(prompts)["input_ids"]
+
+    def encode(self, texts: list[str], labels: list[int] | None = None) -> list[Feature]:
+        feats = []
+        for i, prompt in enumerate(self._prompt_ids(texts)):
+            f: Feature = {"prompt_len": len(prompt)}
+            if labels is not None:
+                f["input_ids"] = prompt + self.label_ids[labels[i]]
+                f["labels"] = labels[i]
+            else:
+                f["input_ids"] = prompt
+            f["length"] = len(f["input_ids"])
+            feats.append(f)
+        return feats
+
+    def _pad(self, seqs: list[list[int]]) -> tuple[Tensor, Tensor]:
+        width = max(len(s) for s in seqs)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+        return ids, mask
+
+    def collate(self, features: list[Feature]) -> dict[str, Tensor]:
+        ids, mask = self._pad([f["input_ids"] for f in features])
+        batch = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "prompt_len": torch.tensor([f["prompt_len"] for f in features]),
+        }
+        if "labels" in features[0]:
+            batch["labels"] = torch.tensor([f["labels"] for f in features])
+        return batch
+
+    @staticmethod
+    def _token_logprobs(model: nn.Module, ids: Tensor, mask: Tensor) -> Tensor:
+        """log p(ids[:, t] | ids[:, :t]) for t >= 1 -> [B, T-1]."""
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        # Prompt-learning methods prepend virtual tokens; the last T positions are
+        # the real ones.
+        logits = logits[:, -ids.shape[1] :].float()
+        logp = logits[:, :-1].log_softmax(-1)
+        return logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+
+    def _target_mask(self, batch: dict[str, Tensor]) -> Tensor:
+        """[B, T-1]: True where the next token is a label token."""
+        ids, mask, plen = batch["input_ids"], batch["attention_mask"], batch["prompt_len"]
+        pos = torch.arange(1, ids.shape[1])[None, :]
+        return (pos >= plen[:, None]) & mask[:, 1:].bool()
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        logp = self._token_logprobs(model, batch["input_ids"], batch["attention_mask"])
+        tmask = self._target_mask(batch)
+        return -(logp * tmask).sum() / tmask.sum()
+
+    def evaluate(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        ids, mask, plen = batch["input_ids"], batch["attention_mask"], batch["prompt_len"]
+        rows = torch.arange(len(ids))
+        if self.single_token:
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, -ids.shape[1] :]
+            last = logits[rows, plen - 1].float().log_softmax(-1)  # [B, V] after the prompt
+            scores = last[:, [ids_[0] for ids_ in self.label_ids]]  # [B, K]
+        else:
+            scores = torch.stack(
+                [self._sequence_logprob(model, ids, plen, k) for k in range(len(self.labels))],
+                dim=1,
+            )
+        if "labels" in batch:
+            # Loss = mean negative log-likelihood per label token, as in training.
+            gold_len = torch.tensor([len(self.label_ids[y]) for y in batch["labels"].tolist()])
+            loss_sum = -scores[rows, batch["labels"]].sum()
+            units = gold_len.sum().float()
+        else:
+            loss_sum, units = torch.tensor(0.0), torch.tensor(0.0)
+        return torch.stack([loss_sum, units]), scores
+
+    def _sequence_logprob(self, model: nn.Module, ids: Tensor, plen: Tensor, k: int) -> Tensor:
+        """Sum of log p(label k's tokens | prompt) for every row -> [B]."""
+        seqs = [ids[i, : plen[i]].tolist() + self.label_ids[k] for i in range(len(ids))]
+        kids, kmask = self._pad(seqs)
+        logp = self._token_logprobs(model, kids, kmask)
+        tmask = self._target_mask({"input_ids": kids, "attention_mask": kmask, "prompt_len": plen})
+        return (logp * tmask).sum(-1)

@@ -1,0 +1,208 @@
+"""The `fedtune` command line: parse, load the config, call the library."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fedtune.errors import FedtuneError
+
+app = typer.Typer(
+    help="Adapt language models to your task: centrally, per site or federated.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a config key, e.g. --set train.epochs=5 (repeatable)."),
+]
+
+
+def _quiet_libraries() -> None:
+    # transformers 5 prints load reports and progress bars for every model load.
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _fail(e: FedtuneError) -> None:
+    err_console.print(f"[bold red]error:[/] {e}")
+    raise typer.Exit(2)
+
+
+@app.command("methods")
+def methods_cmd() -> None:
+    """List the adaptation methods with a one-line description."""
+    from fedtune.methods import available_methods
+
+    table = Table("method", "description", "default lr")
+    for name, cls in available_methods().items():
+        table.add_row(name, cls.description, f"{cls.config_class().lr:g}")
+    console.print(table)
+
+
+@app.command("run")
+def run_cmd(config: Annotated[Path, typer.Argument(help="TOML run config.")], set_: SetOpt = None) -> None:
+    """Run the centralized training described by CONFIG.toml (with --set overrides)."""
+    _train(config, set_ or [])
+
+
+@app.command("train")
+def train_cmd(
+    method: Annotated[str | None, typer.Option(help="head, full, lora, ptuning, prompt, prefix, ia3")] = None,
+    model: Annotated[str | None, typer.Option(help="Hub id, local dir or `minilm`.")] = None,
+    data: Annotated[str | None, typer.Option(help="fpb, file or hf.")] = None,
+    data_path: Annotated[str | None, typer.Option(help="FPB txt/zip/dir or data table.")] = None,
+    agreement: Annotated[str | None, typer.Option(help="FPB agreement: 50, 66, 75, all.")] = None,
+    split: Annotated[str | None, typer.Option(help="random or fingpt.")] = None,
+    text_column: Annotated[str | None, typer.Option()] = None,
+    label_column: Annotated[str | None, typer.Option()] = None,
+    limit: Annotated[int | None, typer.Option(help="At most this many training examples.")] = None,
+    epochs: Annotated[float | None, typer.Option()] = None,
+    max_steps: Annotated[int | None, typer.Option()] = None,
+    batch_size: Annotated[int | None, typer.Option()] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate (default: the method's).")] = None,
+    max_length: Annotated[int | None, typer.Option()] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    name: Annotated[str | None, typer.Option(help="Run directory name.")] = None,
+    output_dir: Annotated[str | None, typer.Option(help="Parent of run directories.")] = None,
+    config: Annotated[Path | None, typer.Option(help="TOML config to start from.")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Adapt a model on one machine (centralized) and save the run directory."""
+    flags = {
+        "data.source": data, "data.path": data_path, "data.agreement": agreement,
+        "data.split": split, "data.text_column": text_column,
+        "data.label_column": label_column, "data.limit": limit, "train.epochs": epochs,
+        "train.max_steps": max_steps, "train.batch_size": batch_size,
+        "model.name": model, "model.max_length": max_length, "seed": seed, "name": name,
+        "output_dir": output_dir,
+    }  # fmt: skip
+    overrides = [] if method is None else [f"method.name={method}"]
+    overrides += [f"{k}={_literal(v)}" for k, v in flags.items() if v is not None]
+    if lr is not None:
+        overrides.append(f"method.lr={lr!r}")
+    _train(config, overrides + (set_ or []))
+
+
+def _literal(v: object) -> str:
+    # Strings are quoted so `--data-path 50` stays a string; TOML reads the rest.
+    return f'"{v}"' if isinstance(v, str) else repr(v)
+
+
+def _train(config: Path | None, overrides: list[str]) -> None:
+    from fedtune.config import load_config
+    from fedtune.regimes import run_centralized
+
+    _quiet_libraries()
+    try:
+        cfg = load_config(config, _method_first(overrides))
+        run_centralized(cfg, console)
+    except FedtuneError as e:
+        _fail(e)
+
+
+def _method_first(overrides: list[str]) -> list[str]:
+    # `method.name` picks the dataclass the other method.* keys belong to.
+    return sorted(overrides, key=lambda o: not o.startswith("method.name="))
+
+
+@app.command("predict")
+def predict_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory (or its model/ folder).")],
+    text: Annotated[list[str] | None, typer.Option(help="Text to classify (repeatable).")] = None,
+    input: Annotated[Path | None, typer.Option("--input", help="CSV/TSV/JSONL/Parquet.")] = None,
+    output: Annotated[Path | None, typer.Option(help="Where to write predictions.")] = None,
+    text_column: Annotated[str, typer.Option(help="Column of --input holding the text.")] = "text",
+    batch_size: int = 64,
+) -> None:
+    """Predict labels with a saved run, for --text or an --input file."""
+    from fedtune.adapted import AdaptedModel
+    from fedtune.predict import predict_table, read_texts, write_predictions
+    from fedtune.runs import find_model_dir
+
+    _quiet_libraries()
+    try:
+        if bool(text) == bool(input):
+            raise FedtuneError("give either --text (repeatable) or --input FILE, not both")
+        if input is not None and output is None:
+            raise FedtuneError("--input needs --output FILE for the predictions")
+        texts = list(text or [])
+        if input is not None:
+            _, texts = read_texts(input, text_column)
+        model = AdaptedModel.load(find_model_dir(run_dir))
+        table = predict_table(model, texts, batch_size)
+        if output is not None:
+            write_predictions(table, output)
+            console.print(f"{len(table)} predictions written to {output}")
+        else:
+            for row in table.itertuples(index=False):
+                probs = "  ".join(f"{lab} {getattr(row, 'p_' + lab):.3f}" for lab in model.labels)
+                console.print(f"[bold]{row.label}[/]  ({probs})  {row.text}")
+    except FedtuneError as e:
+        _fail(e)
+
+
+@app.command("config")
+def config_cmd(method: Annotated[str, typer.Option(help="Method whose keys to show.")] = "lora") -> None:
+    """Print the default run config as TOML: every key `--set` accepts."""
+    from fedtune.config import RunConfig, method_config
+
+    try:
+        cfg = dataclasses.replace(RunConfig(), method=method_config(method))
+    except FedtuneError as e:
+        _fail(e)
+    for section, values in cfg.to_dict().items():
+        if not isinstance(values, dict):
+            typer.echo(f"{section} = {_toml(values)}")
+    for section, values in cfg.to_dict().items():
+        if isinstance(values, dict):
+            typer.echo(f"\n[{section}]")
+            for k, v in values.items():
+                typer.echo(f"{k} = {_toml(v)}")
+
+
+def _toml(v: object) -> str:
+    import json
+
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str | list):
+        return json.dumps(v)
+    return repr(v)
+
+
+@app.command("demo")
+def demo_cmd(
+    output_dir: Annotated[str, typer.Option(help="Where the demo's runs go.")] = "runs",
+    quick: Annotated[bool, typer.Option(help="Tiny budget: a smoke test in about a minute.")] = False,
+) -> None:
+    """The main job, offline: MiniLM on Financial PhraseBank (all-agree), several
+    methods trained centrally side by side, one report with a table and a plot."""
+    from fedtune.demo import run_demo
+
+    _quiet_libraries()
+    try:
+        run_demo(output_dir, quick, console)
+    except FedtuneError as e:
+        _fail(e)
+
+
+def main() -> None:  # pragma: no cover
+    app(prog_name="fedtune")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

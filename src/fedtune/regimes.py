@@ -1,0 +1,157 @@
+"""Regimes: how a method's training is organised over the data. This module has
+the centralized regime (one model, pooled data) and the comparison of several
+methods on one split; the local-only and federated regimes build on the same
+`train()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from fedtune.adapted import AdaptedModel
+from fedtune.config import RunConfig, method_config
+from fedtune.data import Example, Splits, make_splits
+from fedtune.evaluate import evaluate_features
+from fedtune.report import write_comparison_report, write_run_report
+from fedtune.runs import (
+    CONFIG_FILE,
+    LABELS_FILE,
+    METRICS_FILE,
+    MODEL_DIR,
+    append_jsonl,
+    final_run_dir,
+    staged_run_dir,
+    write_json,
+)
+from fedtune.train import train
+
+
+def encode(model: AdaptedModel, examples: list[Example]) -> list[dict[str, Any]]:
+    index = {label: i for i, label in enumerate(model.labels)}
+    return model.formulation.encode([e.text for e in examples], [index[e.label] for e in examples])
+
+
+def describe_data(cfg: RunConfig) -> str:
+    d = cfg.data
+    if d.source == "fpb":
+        where = d.path or "$FEDTUNE_DATA_DIR / Hub"
+        return f"Financial PhraseBank ({d.agreement} agree, {where}), split `{d.split}`"
+    return f"{d.source}: {d.path or d.name}, split `{d.split}`"
+
+
+def run_centralized(
+    cfg: RunConfig, console: Console | None = None, splits: Splits | None = None
+) -> dict[str, Any]:
+    """Train one model on the pooled training set, evaluate on the test set and
+    write the run directory. Returns the run summary (also in metrics.jsonl)."""
+    console = console or Console()
+    t_start = time.perf_counter()
+    # Everything a user can get wrong is checked before anything is written.
+    final = final_run_dir(cfg)
+    splits = splits or make_splits(cfg.data)
+    model = AdaptedModel.build(cfg.model, cfg.method, splits.labels, seed=cfg.seed)
+    train_feats = encode(model, splits.train)
+    val_feats = encode(model, splits.validation) if splits.validation else None
+    test_feats = encode(model, splits.test)
+    n_train = model.trainable_parameters()
+    console.print(
+        f"[bold]{cfg.method_name}[/] on {cfg.model.name} ({model.kind}): "
+        f"{n_train:,} trainable parameters ({100 * n_train / model.base_parameters:.3f}%), "
+        f"{len(splits.train)} train / {len(splits.validation)} validation / "
+        f"{len(splits.test)} test examples"
+    )
+
+    with staged_run_dir(final) as run_dir:
+        write_json(run_dir / CONFIG_FILE, cfg.to_dict())
+        write_json(run_dir / LABELS_FILE, {"labels": list(splits.labels)})
+        metrics_path = run_dir / METRICS_FILE
+
+        def on_eval(record: dict[str, Any]) -> None:
+            append_jsonl(metrics_path, {"event": "eval", **record})
+            val = (
+                f"  val loss {record['val_loss']:.4f}  acc {record['val_accuracy']:.4f}  "
+                f"macro-F1 {record['val_macro_f1']:.4f}"
+                if "val_loss" in record
+                else ""
+            )
+            console.print(
+                f"  step {record['step']:>5}  epoch {record['epoch']:.2f}  "
+                f"train loss {record['train_loss']:.4f}{val}"
+            )
+
+        result = train(
+            model, train_feats, val_feats, cfg.train, cfg.method.lr, cfg.seed, on_eval,
+            description=cfg.method_name,
+        )  # fmt: skip
+        test = evaluate_features(model, test_feats, cfg.train.eval_batch_size)
+        model.save(run_dir / MODEL_DIR)
+        summary: dict[str, Any] = {
+            "event": "test",
+            "name": final.name,
+            "method": cfg.method_name,
+            "model": cfg.model.name,
+            "kind": model.kind,
+            "data": describe_data(cfg),
+            "n_train": len(splits.train),
+            "n_validation": len(splits.validation),
+            "n_test": len(splits.test),
+            "trainable_parameters": n_train,
+            "base_parameters": model.base_parameters,
+            "trainable_percent": 100 * n_train / model.base_parameters,
+            "steps": result.steps,
+            "epochs": result.epochs,
+            "stopped_early": result.stopped_early,
+            "best_step": result.best_step,
+            "best_val_loss": result.best_val_loss,
+            "train_seconds": result.train_seconds,
+            "samples_per_second": result.samples_per_second,
+            **test.summary(),
+            "report": test.report,
+            "confusion": test.confusion,
+            "notes": list(splits.notes),
+        }
+        summary["wall_seconds"] = time.perf_counter() - t_start
+        append_jsonl(metrics_path, summary)
+        write_run_report(run_dir, summary, test, result.history, splits.labels)
+    console.print(
+        f"[bold green]test[/] accuracy {test.accuracy:.4f}  macro-F1 {test.macro_f1:.4f}  "
+        f"weighted F1 {test.weighted_f1:.4f}  ({summary['wall_seconds']:.0f} s) -> {final}"
+    )
+    summary["run_dir"] = str(final)
+    return summary
+
+
+def compare_methods(
+    cfg: RunConfig,
+    methods: list[str],
+    console: Console | None = None,
+    method_overrides: dict[str, dict[str, Any]] | None = None,
+    train_overrides: dict[str, dict[str, Any]] | None = None,
+) -> Path:
+    """Run several methods centrally on one split (loaded once) and write one
+    comparison report (table + plot) into `<output_dir>/<name>/`."""
+    console = console or Console()
+    out = final_run_dir(cfg, cfg.name or f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
+    splits = make_splits(cfg.data)
+    method_cfgs = [method_config(m, (method_overrides or {}).get(m, {})) for m in methods]
+    with staged_run_dir(out) as staging:
+        rows = []
+        for mcfg in method_cfgs:
+            name = dataclasses.replace(cfg, method=mcfg).method_name
+            tcfg = dataclasses.replace(cfg.train, **(train_overrides or {}).get(name, {}))
+            run_cfg = dataclasses.replace(
+                cfg, method=mcfg, train=tcfg, name=name, output_dir=str(staging)
+            )
+            rows.append(run_centralized(run_cfg, console, splits))
+        write_comparison_report(staging, rows, f"Methods on {describe_data(cfg)}")
+        write_json(staging / "comparison.json", [
+            {k: v for k, v in r.items() if k not in ("report", "confusion", "run_dir")}
+            for r in rows
+        ])  # fmt: skip
+    console.print(f"[bold]comparison report:[/] {out / 'report.md'}")
+    return out

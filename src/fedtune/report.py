@@ -1,0 +1,146 @@
+"""Markdown reports and PNG plots of runs and comparisons (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+from fedtune.evaluate import Metrics  # noqa: E402
+
+
+def plot_curves(history: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Train and validation loss (left axis) and validation accuracy (right) per step."""
+    steps = [r["step"] for r in history]
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    ax.plot(steps, [r["train_loss"] for r in history], "o-", label="train loss")
+    if history and "val_loss" in history[0]:
+        ax.plot(steps, [r["val_loss"] for r in history], "s-", label="validation loss")
+        ax2 = ax.twinx()
+        ax2.plot(steps, [r["val_accuracy"] for r in history], "^--", color="tab:green",
+                 label="validation accuracy")  # fmt: skip
+        ax2.set_ylabel("accuracy")
+        ax2.set_ylim(0, 1)
+        ax2.legend(loc="center right")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_confusion(m: Metrics, labels: tuple[str, ...], path: Path, title: str) -> None:
+    fig, ax = plt.subplots(figsize=(4.4, 4))
+    ax.imshow(m.confusion, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=30)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    peak = max(max(row) for row in m.confusion) or 1
+    for i, row in enumerate(m.confusion):
+        for j, v in enumerate(row):
+            ax.text(j, i, str(v), ha="center", va="center",
+                    color="white" if v > peak / 2 else "black")  # fmt: skip
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _pct(x: float) -> str:
+    return f"{x:.4f}"
+
+
+def metrics_table(m: Metrics, labels: tuple[str, ...]) -> str:
+    lines = ["| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+    for name in labels:
+        r = m.report[name]
+        lines.append(
+            f"| {name} | {_pct(r['precision'])} | {_pct(r['recall'])} | {_pct(r['f1-score'])} "
+            f"| {int(r['support'])} |"
+        )
+    lines += ["", "Confusion matrix (rows: true, columns: predicted):", ""]
+    lines.append("| | " + " | ".join(labels) + " |")
+    lines.append("|---" * (len(labels) + 1) + "|")
+    for name, row in zip(labels, m.confusion, strict=True):
+        lines.append(f"| **{name}** | " + " | ".join(map(str, row)) + " |")
+    return "\n".join(lines)
+
+
+def write_run_report(run_dir: Path, summary: dict[str, Any], test: Metrics,
+                     history: list[dict[str, Any]], labels: tuple[str, ...]) -> None:  # fmt: skip
+    """`report.md`, `curves.png` and `confusion.png` in `run_dir`."""
+    title = f"{summary['method']} on {summary['model']}"
+    plot_curves(history, run_dir / "curves.png", title)
+    plot_confusion(test, labels, run_dir / "confusion.png", f"test, {title}")
+    s = summary
+    text = f"""# Run {s['name']}: {title}
+
+| | |
+|---|---|
+| method | `{s['method']}` |
+| base model | `{s['model']}` ({s['kind']}) |
+| data | {s['data']} |
+| examples train / validation / test | {s['n_train']} / {s['n_validation']} / {s['n_test']} |
+| trainable parameters | {s['trainable_parameters']:,} ({s['trainable_percent']:.3f}% of {s['base_parameters']:,}) |
+| optimizer steps / epochs | {s['steps']} / {s['epochs']:.2f}{' (stopped early)' if s['stopped_early'] else ''} |
+| best validation loss (step) | {s['best_val_loss']:.4f} ({s['best_step']}) |
+| wall time | {s['wall_seconds']:.1f} s (training {s['train_seconds']:.1f} s, {s['samples_per_second']:.1f} samples/s) |
+
+## Test set
+
+| accuracy | macro-F1 | weighted F1 | loss |
+|---|---|---|---|
+| {_pct(test.accuracy)} | {_pct(test.macro_f1)} | {_pct(test.weighted_f1)} | {test.loss:.4f} |
+
+{metrics_table(test, labels)}
+
+![training curves](curves.png)
+
+![confusion matrix](confusion.png)
+"""
+    if s.get("notes"):
+        text += "\n## Data notes\n\n" + "\n".join(f"- {n}" for n in s["notes"]) + "\n"
+    (run_dir / "report.md").write_text(text)
+
+
+def write_comparison_report(out_dir: Path, rows: list[dict[str, Any]], title: str) -> Path:
+    """One table and one plot ranking several runs (e.g. methods) on the same split."""
+    rows = sorted(rows, key=lambda r: -r["accuracy"])
+    lines = [
+        f"# {title}",
+        "",
+        "| method | accuracy | macro-F1 | weighted F1 | trainable params | % of model "
+        "| wall time (s) | train samples/s | run |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {_pct(r['accuracy'])} | {_pct(r['macro_f1'])} "
+            f"| {_pct(r['weighted_f1'])} | {r['trainable_parameters']:,} "
+            f"| {r['trainable_percent']:.3f} | {r['wall_seconds']:.1f} "
+            f"| {r['samples_per_second']:.1f} | [{r['name']}]({r['name']}/report.md) |"
+        )
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for r in rows:
+        ax.scatter(max(r["trainable_parameters"], 1), r["accuracy"], s=40)
+        ax.annotate(r["method"], (max(r["trainable_parameters"], 1), r["accuracy"]),
+                    textcoords="offset points", xytext=(5, 4))  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_dir / "comparison.png", dpi=110)
+    plt.close(fig)
+    lines += ["", "![accuracy vs trainable parameters](comparison.png)", ""]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,96 @@
+"""Run directories: `runs/<name>/` with the resolved config, `metrics.jsonl`, the
+saved model, the label map and a report.
+
+A run is written into a hidden staging folder next to its final place and
+renamed into place only when it finished; a failed or interrupted run removes
+its staging folder, so no half-written run directory is ever left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from fedtune.config import RunConfig
+from fedtune.errors import ConfigError
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+LABELS_FILE = "labels.json"
+REPORT_FILE = "report.md"
+MODEL_DIR = "model"
+
+
+def default_run_name(cfg: RunConfig) -> str:
+    return f"{cfg.method_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def final_run_dir(cfg: RunConfig, name: str | None = None) -> Path:
+    """Where the run will live; refuses a name that is already taken."""
+    out = Path(cfg.output_dir) / (name or cfg.name or default_run_name(cfg))
+    if out.exists():
+        raise ConfigError(
+            f"run directory {out} already exists; choose another `name` "
+            "(--name / --set name=...) or remove it"
+        )
+    return out
+
+
+@contextmanager
+def staged_run_dir(final: Path) -> Iterator[Path]:
+    """Yield a staging folder; rename it to `final` on success, delete it on error."""
+    staging = final.parent / f".{final.name}.partial"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    staging.rename(final)
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN: write null instead."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(_clean(data), indent=2, sort_keys=True) + "\n")
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(_clean(record), sort_keys=True) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def find_model_dir(path: str | Path) -> Path:
+    """A run directory or its model folder -> the model folder."""
+    p = Path(path)
+    if (p / MODEL_DIR / "fedtune.json").is_file():
+        return p / MODEL_DIR
+    if (p / "fedtune.json").is_file():
+        return p
+    raise ConfigError(
+        f"{p} is not a fedtune run directory (no {MODEL_DIR}/fedtune.json); "
+        "pass a folder made by `fedtune train` or `fedtune run`"
+    )

@@ -1,0 +1,187 @@
+"""The one local training loop. Centralized runs, each local-only site and each
+federated client call `train()`; it reads top to bottom:
+
+    encode every example once -> per epoch, length-bucketed batches (dynamic
+    padding) -> forward/backward, gradient accumulation, clipping, AdamW step,
+    warmup + decay -> every `eval_every` steps: validation metrics, early stopping
+    on validation loss -> restore the best trainable state.
+
+Seeded and deterministic: the same seed gives the same batches, dropout masks
+and final weights.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from transformers import get_scheduler
+
+from fedtune.adapted import AdaptedModel
+from fedtune.classify import Feature
+from fedtune.config import TrainConfig
+from fedtune.errors import ConfigError
+from fedtune.evaluate import Metrics, evaluate_features
+
+EvalCallback = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    epochs: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+    """One record per evaluation: step, epoch, train_loss, val_* metrics, lr, seconds."""
+    best_step: int = 0
+    best_val_loss: float = float("nan")
+    stopped_early: bool = False
+    train_seconds: float = 0.0
+    """Time spent in forward/backward/optimizer steps (evaluation excluded)."""
+    samples_seen: int = 0
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples_seen / self.train_seconds if self.train_seconds else 0.0
+
+
+def length_bucketed_batches(
+    lengths: list[int], batch_size: int, bucket_size: int, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Shuffle, sort each chunk of `bucket_size` batches by length, cut into
+    batches, shuffle the batches. Batches then hold similar lengths (little
+    padding) while their order stays random. Written here because transformers
+    keeps its LengthGroupedSampler inside the Trainer internals."""
+    order = rng.permutation(len(lengths))
+    chunk = batch_size * max(1, bucket_size)
+    batches = []
+    for start in range(0, len(order), chunk):
+        part = order[start : start + chunk]
+        if bucket_size > 1:
+            part = part[np.argsort([lengths[i] for i in part], kind="stable")]
+        batches += [part[i : i + batch_size] for i in range(0, len(part), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} steps"),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        disable=not enabled,
+        transient=True,
+    )
+
+
+def train(
+    model: AdaptedModel,
+    train_feats: list[Feature],
+    val_feats: list[Feature] | None,
+    cfg: TrainConfig,
+    lr: float,
+    seed: int = 0,
+    on_eval: EvalCallback | None = None,
+    description: str = "train",
+) -> TrainResult:
+    """Train `model`'s trainable parameters on encoded features (see
+    `Formulation.encode`). With `val_feats`, evaluates every `eval_every` steps
+    (or each epoch), stops early after `patience` evaluations without a lower
+    validation loss and restores the best trainable state."""
+    if not train_feats:
+        raise ConfigError("no training examples: check data.limit and the split sizes")
+    if cfg.batch_size < 1 or cfg.grad_accum < 1:
+        raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(seed)  # dropout masks
+    rng = np.random.default_rng(seed)  # batch order
+    module = model.module
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError(f"method {model.method.name!r} left no trainable parameters")
+
+    lengths = [f["length"] for f in train_feats]
+    batches_per_epoch = math.ceil(len(train_feats) / cfg.batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    eval_every = cfg.eval_every or steps_per_epoch
+
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    scheduler = get_scheduler(
+        cfg.scheduler if cfg.scheduler != "constant" else "constant_with_warmup",
+        optimizer,
+        num_warmup_steps=int(cfg.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
+    collate = model.formulation.collate
+    loss_fn = model.formulation.loss
+
+    def micro_batches() -> Iterator[list[Feature]]:
+        while True:  # epochs until the step budget is spent
+            for idx in length_bucketed_batches(lengths, cfg.batch_size, cfg.bucket_size, rng):
+                yield [train_feats[i] for i in idx]
+
+    result = TrainResult(steps=0, epochs=0.0)
+    best_state: dict[str, torch.Tensor] | None = None
+    bad_evals = 0
+    running, running_n = 0.0, 0
+    batches = micro_batches()
+    module.train()
+    with _progress(cfg.progress) as bar:
+        task = bar.add_task(description, total=total_steps, info="")
+        while result.steps < total_steps:
+            t0 = time.perf_counter()
+            for _ in range(cfg.grad_accum):
+                mb = next(batches)
+                loss = loss_fn(module, collate(mb))
+                (loss / cfg.grad_accum).backward()
+                running += loss.item()
+                running_n += 1
+                result.samples_seen += len(mb)
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            result.steps += 1
+            result.train_seconds += time.perf_counter() - t0
+            result.epochs = result.steps / steps_per_epoch
+            bar.update(task, advance=1, info=f"loss {running / max(running_n, 1):.4f}")
+
+            if result.steps % eval_every and result.steps != total_steps:
+                continue
+            record: dict[str, Any] = {
+                "step": result.steps,
+                "epoch": round(result.epochs, 4),
+                "train_loss": running / max(running_n, 1),
+                "lr": scheduler.get_last_lr()[0],
+                "train_seconds": round(result.train_seconds, 3),
+            }
+            running, running_n = 0.0, 0
+            if val_feats:
+                m: Metrics = evaluate_features(model, val_feats, cfg.eval_batch_size)
+                record.update({f"val_{k}": v for k, v in m.summary().items()})
+                if result.best_step == 0 or m.loss < result.best_val_loss:
+                    result.best_val_loss, result.best_step = m.loss, result.steps
+                    best_state = model.trainable_state()
+                    bad_evals = 0
+                else:
+                    bad_evals += 1
+            result.history.append(record)
+            if on_eval:
+                on_eval(record)
+            if cfg.patience and bad_evals >= cfg.patience:
+                result.stopped_early = True
+                break
+    if best_state is not None and result.best_step != result.steps:
+        model.load_trainable_state(best_state)
+    module.eval()
+    return result
