@@ -32,16 +32,6 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 LINES = "Nokia sells unit @ EUR 5m .@positive\n\n  Sales fell .@negative \nFlat year .@neutral\n"
 
 
-@pytest.fixture
-def fpb_dir() -> Path:
-    """The real Financial PhraseBank folder, or skip: the files are not in the repo."""
-    root = os.environ.get("FEDTUNE_DATA_DIR", "")
-    folder = Path(root) / "financial_phrasebank"
-    if not root or not folder.is_dir():
-        pytest.skip("set FEDTUNE_DATA_DIR to a folder holding financial_phrasebank/")
-    return folder
-
-
 def _tree(path: Path) -> set[Path]:
     return set(path.rglob("*"))
 

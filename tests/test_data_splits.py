@@ -5,7 +5,6 @@ the raw Sentences_50Agree.txt. Real-data tests need FEDTUNE_DATA_DIR (else skipp
 
 from __future__ import annotations
 
-import os
 import random
 from collections import Counter
 from pathlib import Path
@@ -26,16 +25,6 @@ from fedtune.data.splits import fingpt_test_indices, normalize_text
 from fedtune.errors import DataError
 
 LABELS = ("negative", "neutral", "positive")
-
-
-@pytest.fixture
-def fpb_dir() -> Path:
-    """The real Financial PhraseBank folder, or skip: the files are not in the repo."""
-    root = os.environ.get("FEDTUNE_DATA_DIR", "")
-    folder = Path(root) / "financial_phrasebank"
-    if not root or not folder.is_dir():
-        pytest.skip("set FEDTUNE_DATA_DIR to a folder holding financial_phrasebank/")
-    return folder
 
 
 def _data(counts: tuple[int, int, int] = (60, 150, 90)) -> list[Example]:

@@ -50,7 +50,11 @@ class AdaptedModel:
 
     @classmethod
     def build(
-        cls, model_cfg: ModelConfig, method_cfg: MethodConfig, labels: tuple[str, ...], seed: int = 0
+        cls,
+        model_cfg: ModelConfig,
+        method_cfg: MethodConfig,
+        labels: tuple[str, ...],
+        seed: int = 0,
     ) -> AdaptedModel:
         """Load the base model and apply the method. `seed` fixes the random
         initialisation of new heads and adapters."""

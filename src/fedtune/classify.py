@@ -28,7 +28,9 @@ Feature = dict[str, Any]
 
 
 class Formulation(ABC):
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, labels: tuple[str, ...], max_length: int):
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, labels: tuple[str, ...], max_length: int
+    ):
         self.tokenizer = tokenizer
         self.labels = labels
         self.max_length = max_length

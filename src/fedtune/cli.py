@@ -38,7 +38,7 @@ def _quiet_libraries() -> None:
 
 
 def _fail(e: FedtuneError) -> None:
-    err_console.print(f"[bold red]error:[/] {e}")
+    err_console.print(f"[bold red]error:[/] {e}", soft_wrap=True, highlight=False)
     raise typer.Exit(2)
 
 
@@ -54,14 +54,18 @@ def methods_cmd() -> None:
 
 
 @app.command("run")
-def run_cmd(config: Annotated[Path, typer.Argument(help="TOML run config.")], set_: SetOpt = None) -> None:
+def run_cmd(
+    config: Annotated[Path, typer.Argument(help="TOML run config.")], set_: SetOpt = None
+) -> None:
     """Run the centralized training described by CONFIG.toml (with --set overrides)."""
     _train(config, set_ or [])
 
 
 @app.command("train")
 def train_cmd(
-    method: Annotated[str | None, typer.Option(help="head, full, lora, ptuning, prompt, prefix, ia3")] = None,
+    method: Annotated[
+        str | None, typer.Option(help="head, full, lora, ptuning, prompt, prefix, ia3")
+    ] = None,
     model: Annotated[str | None, typer.Option(help="Hub id, local dir or `minilm`.")] = None,
     data: Annotated[str | None, typer.Option(help="fpb, file or hf.")] = None,
     data_path: Annotated[str | None, typer.Option(help="FPB txt/zip/dir or data table.")] = None,
@@ -156,7 +160,9 @@ def predict_cmd(
 
 
 @app.command("config")
-def config_cmd(method: Annotated[str, typer.Option(help="Method whose keys to show.")] = "lora") -> None:
+def config_cmd(
+    method: Annotated[str, typer.Option(help="Method whose keys to show.")] = "lora",
+) -> None:
     """Print the default run config as TOML: every key `--set` accepts."""
     from fedtune.config import RunConfig, method_config
 
@@ -187,7 +193,9 @@ def _toml(v: object) -> str:
 @app.command("demo")
 def demo_cmd(
     output_dir: Annotated[str, typer.Option(help="Where the demo's runs go.")] = "runs",
-    quick: Annotated[bool, typer.Option(help="Tiny budget: a smoke test in about a minute.")] = False,
+    quick: Annotated[
+        bool, typer.Option(help="Tiny budget: a smoke test in about a minute.")
+    ] = False,
 ) -> None:
     """The main job, offline: MiniLM on Financial PhraseBank (all-agree), several
     methods trained centrally side by side, one report with a table and a plot."""

@@ -255,7 +255,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list | tuple):
-            raise ConfigError(f"{key} = {value!r} must be a list, e.g. [\"a\", \"b\"]")
+            raise ConfigError(f'{key} = {value!r} must be a list, e.g. ["a", "b"]')
         return tuple(_coerce(v, item_tp, key) for v in value)
     if tp is bool:
         if isinstance(value, bool):

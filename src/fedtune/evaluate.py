@@ -44,7 +44,9 @@ def classification_metrics(
         loss=loss,
         accuracy=float(accuracy_score(y_true, y_pred)),
         macro_f1=float(f1_score(y_true, y_pred, labels=ids, average="macro", zero_division=0)),
-        weighted_f1=float(f1_score(y_true, y_pred, labels=ids, average="weighted", zero_division=0)),
+        weighted_f1=float(
+            f1_score(y_true, y_pred, labels=ids, average="weighted", zero_division=0)
+        ),
         n=len(y_true),
         report=classification_report(
             y_true, y_pred, labels=ids, target_names=list(labels), output_dict=True, zero_division=0
@@ -76,5 +78,7 @@ def evaluate_features(model: AdaptedModel, feats: list[Feature], batch_size: int
     return classification_metrics(y_true, preds, model.labels, loss)
 
 
-def evaluate(model: AdaptedModel, texts: list[str], labels: list[int], batch_size: int = 64) -> Metrics:
+def evaluate(
+    model: AdaptedModel, texts: list[str], labels: list[int], batch_size: int = 64
+) -> Metrics:
     return evaluate_features(model, model.formulation.encode(texts, labels), batch_size)

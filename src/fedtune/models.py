@@ -122,14 +122,15 @@ def load_base_model(
 
 # --- tiny random models for tests (offline) ----------------------------------
 
-_CORPUS_WORDS = (
-    "the company said its net sales rose fell increased decreased by percent in quarter year "
-    "profit loss operating revenue million euro eur mn shares market group finnish bank "
-    "will be to of and a an for with from on at as is was were has have its their "
-    "positive negative neutral sentence sentiment label text review good bad service "
-    "customers new contract order agreement growth decline stable expected compared "
-    "period same last first second third fourth cash flow dividend price stock"
-).split()
+_CORPUS_LINES = (
+    "the company said its net sales rose fell increased decreased by percent in quarter year",
+    "profit loss operating revenue million euro eur mn shares market group finnish bank",
+    "will be to of and a an for with from on at as is was were has have its their",
+    "positive negative neutral sentence sentiment label text review good bad service",
+    "customers new contract order agreement growth decline stable expected compared",
+    "period same last first second third fourth cash flow dividend price stock",
+)
+_CORPUS_WORDS = " ".join(_CORPUS_LINES).split()
 
 
 def _corpus() -> list[str]:
@@ -151,7 +152,9 @@ def _tiny_tokenizer(kind: Literal["wordpiece", "bpe"], out: Path) -> None:
         tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tk.decoder = decoders.WordPiece()
         specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-        tk.train_from_iterator(_corpus(), trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials))
+        tk.train_from_iterator(
+            _corpus(), trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials)
+        )
         from tokenizers.processors import TemplateProcessing
 
         cls_id, sep_id = tk.token_to_id("[CLS]"), tk.token_to_id("[SEP]")
@@ -185,8 +188,14 @@ def build_tiny_model(
 ) -> str:
     """Write a tiny randomly initialised model + tokenizer to `out_dir` (a few
     hundred kB) that loads with `from_pretrained` like any Hub model."""
-    from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import (
+        BertConfig,
+        BertModel,
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

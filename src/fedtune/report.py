@@ -8,9 +8,9 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from fedtune.evaluate import Metrics  # noqa: E402
+from fedtune.evaluate import Metrics
 
 
 def plot_curves(history: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -80,18 +80,26 @@ def write_run_report(run_dir: Path, summary: dict[str, Any], test: Metrics,
     plot_curves(history, run_dir / "curves.png", title)
     plot_confusion(test, labels, run_dir / "confusion.png", f"test, {title}")
     s = summary
-    text = f"""# Run {s['name']}: {title}
+    early = " (stopped early)" if s["stopped_early"] else ""
+    facts = [
+        ("method", f"`{s['method']}`"),
+        ("base model", f"`{s['model']}` ({s['kind']})"),
+        ("data", s["data"]),
+        ("examples train / validation / test",
+         f"{s['n_train']} / {s['n_validation']} / {s['n_test']}"),
+        ("trainable parameters", f"{s['trainable_parameters']:,} "
+         f"({s['trainable_percent']:.3f}% of {s['base_parameters']:,})"),
+        ("optimizer steps / epochs", f"{s['steps']} / {s['epochs']:.2f}{early}"),
+        ("best validation loss (step)", f"{s['best_val_loss']:.4f} ({s['best_step']})"),
+        ("wall time", f"{s['wall_seconds']:.1f} s (training {s['train_seconds']:.1f} s, "
+         f"{s['samples_per_second']:.1f} samples/s)"),
+    ]  # fmt: skip
+    rows = "\n".join(f"| {k} | {v} |" for k, v in facts)
+    text = f"""# Run {s["name"]}: {title}
 
 | | |
 |---|---|
-| method | `{s['method']}` |
-| base model | `{s['model']}` ({s['kind']}) |
-| data | {s['data']} |
-| examples train / validation / test | {s['n_train']} / {s['n_validation']} / {s['n_test']} |
-| trainable parameters | {s['trainable_parameters']:,} ({s['trainable_percent']:.3f}% of {s['base_parameters']:,}) |
-| optimizer steps / epochs | {s['steps']} / {s['epochs']:.2f}{' (stopped early)' if s['stopped_early'] else ''} |
-| best validation loss (step) | {s['best_val_loss']:.4f} ({s['best_step']}) |
-| wall time | {s['wall_seconds']:.1f} s (training {s['train_seconds']:.1f} s, {s['samples_per_second']:.1f} samples/s) |
+{rows}
 
 ## Test set
 

@@ -58,12 +58,13 @@ def length_bucketed_batches(
     padding) while their order stays random. Written here because transformers
     keeps its LengthGroupedSampler inside the Trainer internals."""
     order = rng.permutation(len(lengths))
-    chunk = batch_size * max(1, bucket_size)
+    if bucket_size <= 1:  # plain random batches
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    chunk = batch_size * bucket_size
     batches = []
     for start in range(0, len(order), chunk):
         part = order[start : start + chunk]
-        if bucket_size > 1:
-            part = part[np.argsort([lengths[i] for i in part], kind="stable")]
+        part = part[np.argsort([lengths[i] for i in part], kind="stable")]
         batches += [part[i : i + batch_size] for i in range(0, len(part), batch_size)]
     return [batches[i] for i in rng.permutation(len(batches))]
 

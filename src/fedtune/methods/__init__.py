@@ -8,6 +8,9 @@ from fedtune.errors import ConfigError
 from fedtune.methods.base import Method
 
 _REGISTRY: dict[str, type[Method]] = {}
+# Listing order of the built-in methods: from least to most of the model adapted
+# by weight updates, then the prompt-style PEFT methods.
+_ORDER = ("head", "full", "lora", "ptuning", "prompt", "prefix", "ia3")
 
 
 def register(cls: type[Method]) -> type[Method]:
@@ -22,7 +25,8 @@ def register(cls: type[Method]) -> type[Method]:
 
 def available_methods() -> dict[str, type[Method]]:
     _load_builtin()
-    return dict(_REGISTRY)
+    names = sorted(_REGISTRY, key=lambda n: _ORDER.index(n) if n in _ORDER else len(_ORDER))
+    return {n: _REGISTRY[n] for n in names}
 
 
 def get_method(name: str) -> type[Method]:
@@ -48,4 +52,11 @@ def _load_builtin() -> None:
     from fedtune.methods import finetune, peft  # noqa: F401
 
 
-__all__ = ["Method", "available_methods", "build_method", "get_method", "method_name_of", "register"]
+__all__ = [
+    "Method",
+    "available_methods",
+    "build_method",
+    "get_method",
+    "method_name_of",
+    "register",
+]

@@ -198,7 +198,9 @@ class PrefixMethod(_PeftMethod):
 @register
 class IA3Method(_PeftMethod):
     name = "ia3"
-    description = "IA3: learned vectors that rescale attention keys/values and FFN activations (PEFT)."
+    description = (
+        "IA3: learned vectors that rescale attention keys/values and FFN activations (PEFT)."
+    )
     config_class = IA3Config
 
     def peft_config(self, model: PreTrainedModel, kind: Kind) -> hf_peft.PeftConfig:

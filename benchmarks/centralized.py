@@ -1,0 +1,498 @@
+"""Centralized benchmark: accuracy of every method, and training throughput of
+fedtune's loop against a plain PyTorch loop and the Hugging Face Trainer.
+
+    export FEDTUNE_DATA_DIR=/path/to/data HF_HUB_OFFLINE=1
+    python benchmarks/centralized.py                      # all parts, ~1 hour on 2 cores
+    python benchmarks/centralized.py --parts throughput   # one part
+    python benchmarks/centralized.py --quick              # smoke test, numbers meaningless
+
+Parts:
+  methods     every method on FPB all-agree (default DataConfig) with MiniLM, through
+              `run_centralized`, the split loaded once; hyperparameters from HPARAMS.
+  fingpt      lora and full on the FinGPT split (50% agreement, 1,212 test sentences).
+  throughput  training samples/s of fedtune's `train()`, a minimal hand-written loop and
+              `transformers.Trainer` on the same model, data, batch size and step count,
+              interleaved over several rounds (medians reported).
+
+Results are printed and appended as a dated section (machine, command, tables, plots)
+to `--output` (default docs/benchmarks.md; a temporary file with --quick). Run
+directories go to runs/bench-<timestamp>/ (git-ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import os
+import warnings
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+import peft
+import torch
+import transformers
+from rich.console import Console
+from rich.table import Table
+from transformers import (
+    DataCollatorWithPadding,
+    PrinterCallback,
+    Trainer,
+    TrainingArguments,
+    get_linear_schedule_with_warmup,
+)
+
+from fedtune.adapted import AdaptedModel
+from fedtune.config import DataConfig, ModelConfig, RunConfig, TrainConfig, method_config
+from fedtune.data import Splits, make_splits
+from fedtune.regimes import run_centralized
+from fedtune.train import train
+
+plt.switch_backend("Agg")  # files only, no display
+transformers.logging.set_verbosity_error()  # no load reports per model build
+transformers.logging.disable_progress_bar()
+warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices
+
+# Per method: `method` = method config overrides (lr, r, ...), `train` = TrainConfig overrides.
+HPARAMS: dict[str, dict[str, dict[str, Any]]] = {
+    "head": {"method": {"lr": 5e-3}, "train": {"epochs": 10}},
+    "full": {"method": {"lr": 5e-5}, "train": {"epochs": 4}},
+    "lora": {"method": {"lr": 3e-3}, "train": {"epochs": 6}},
+    "ptuning": {"method": {"lr": 1e-2}, "train": {"epochs": 8}},
+    "prompt": {"method": {"lr": 3e-2}, "train": {"epochs": 8}},
+    "prefix": {"method": {"lr": 1e-2}, "train": {"epochs": 8}},
+    "ia3": {"method": {"lr": 5e-3}, "train": {"epochs": 8}},
+}
+FINGPT_METHODS = ["lora", "full"]
+THROUGHPUT_METHODS = ["lora", "full"]
+PARTS = ["methods", "fingpt", "throughput"]
+SEED = 42
+BATCH_SIZE = 32
+WARMUP_RATIO = TrainConfig().warmup_ratio  # the same warmup for all three loops
+MODEL = ModelConfig()  # MiniLM (`minilm`), max_length 64
+
+Row = list[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    quick: bool
+    limit: int  # training examples kept (0 = all)
+    epochs: float | None  # overrides HPARAMS epochs (quick runs)
+    steps: int  # throughput: optimizer steps per measurement
+    rounds: int  # throughput: repetitions of each contender
+    threads: int  # torch threads, the same for every run
+    runs_dir: Path
+
+
+# --- tables: one definition, printed with rich and written as Markdown -------------
+
+
+def show(console: Console, title: str, headers: Row, rows: list[Row], left: int = 1) -> str:
+    """Print a rich table; return it as Markdown. The first `left` columns align left."""
+    table = Table(title=title)
+    for i, h in enumerate(headers):
+        table.add_column(h, justify="left" if i < left else "right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    align = [":---"] * left + ["---:"] * (len(headers) - left)
+    lines = [
+        "| " + " | ".join(headers) + " |",
+        "|" + "|".join(align) + "|",
+        *("| " + " | ".join(row) + " |" for row in rows),
+    ]
+    return f"**{title}**\n\n" + "\n".join(lines) + "\n"
+
+
+def bullets(notes: tuple[str, ...]) -> str:
+    return "".join(f"- {n}\n" for n in notes)
+
+
+# --- parts `methods` and `fingpt`: run_centralized per method -----------------------
+
+RESULT_HEADERS = [
+    "method", "accuracy", "macro-F1", "weighted F1", "trainable params (% of model)",
+    "epochs / steps (best step)", "wall time (s)", "train samples/s",
+]  # fmt: skip
+
+
+def run_methods(
+    data: DataConfig, methods: list[str], tag: str, s: Settings, console: Console
+) -> tuple[Splits, list[dict[str, Any]]]:
+    splits = make_splits(data)  # loaded once, shared by every method
+    summaries = []
+    for name in methods:
+        hp = HPARAMS[name]
+        train_over = {**hp["train"], "threads": s.threads}
+        if s.epochs is not None:
+            train_over["epochs"] = s.epochs
+        cfg = RunConfig(
+            name=f"{tag}-{name}",
+            output_dir=str(s.runs_dir),
+            seed=SEED,
+            data=data,
+            model=MODEL,
+            method=method_config(name, hp["method"]),
+            train=dataclasses.replace(TrainConfig(), **train_over),
+        )
+        summaries.append(run_centralized(cfg, console, splits))
+    return splits, summaries
+
+
+def result_rows(summaries: list[dict[str, Any]]) -> list[Row]:
+    return [
+        [
+            r["method"],
+            f"{r['accuracy']:.4f}",
+            f"{r['macro_f1']:.4f}",
+            f"{r['weighted_f1']:.4f}",
+            f"{r['trainable_parameters']:,} ({r['trainable_percent']:.3g}%)",
+            f"{r['epochs']:.3g} / {r['steps']} ({r['best_step']})",
+            f"{r['wall_seconds']:.0f}",
+            f"{r['samples_per_second']:.1f}",
+        ]
+        for r in summaries
+    ]
+
+
+def plot_methods(summaries: list[dict[str, Any]], path: Path, title: str) -> None:
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    xs = [r["trainable_parameters"] for r in summaries]
+    ax.scatter(xs, [r["accuracy"] for r in summaries], label="accuracy", zorder=3)
+    ax.scatter(xs, [r["macro_f1"] for r in summaries], marker="x", label="macro-F1", zorder=3)
+    by_size = sorted(summaries, key=lambda r: r["trainable_parameters"])
+    for i, r in enumerate(by_size):  # labels alternate above/below: neighbours often overlap
+        ax.annotate(r["method"], (r["trainable_parameters"], r["accuracy"]), fontsize=9,
+                    textcoords="offset points", xytext=(4, 6 if i % 2 else -13))  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log scale)")
+    ax.set_ylabel("test score")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --- part `throughput`: three training loops on the same model and data -------------
+# Each contender gets a freshly built model and the raw texts/label ids; it tokenizes,
+# then returns (samples trained on, seconds). Only training is timed: from optimizer
+# creation (inside train() / trainer.train()) to the last optimizer step.
+
+Contender = Callable[[AdaptedModel, list[str], list[int], int, float], tuple[int, float]]
+
+
+def fedtune_loop(
+    model: AdaptedModel, texts: list[str], labels: list[int], steps: int, lr: float
+) -> tuple[int, float]:
+    feats = model.formulation.encode(texts, labels)
+    cfg = TrainConfig(max_steps=steps, batch_size=BATCH_SIZE, progress=False)  # default bucketing
+    t0 = time.perf_counter()
+    result = train(model, feats, None, cfg, lr, SEED)
+    return result.samples_seen, time.perf_counter() - t0
+
+
+def plain_loop(
+    model: AdaptedModel, texts: list[str], labels: list[int], steps: int, lr: float
+) -> tuple[int, float]:
+    """The simplest correct loop: random batches, padded per batch, AdamW, linear decay."""
+    tok, net = model.tokenizer, model.module
+    enc = tok(texts, truncation=True, max_length=MODEL.max_length)
+    rows = [{**{k: enc[k][i] for k in enc}, "labels": y} for i, y in enumerate(labels)]
+    torch.manual_seed(SEED)
+    t0 = time.perf_counter()
+    params = [p for p in net.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(WARMUP_RATIO * steps), steps)
+    net.train()
+    step = seen = 0
+    while step < steps:
+        for idx in torch.randperm(len(rows)).split(BATCH_SIZE):
+            batch = tok.pad([rows[i] for i in idx], return_tensors="pt")
+            loss = net(**batch).loss
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            step, seen = step + 1, seen + len(idx)
+            if step == steps:
+                break
+    return seen, time.perf_counter() - t0
+
+
+def hf_trainer(
+    model: AdaptedModel, texts: list[str], labels: list[int], steps: int, lr: float
+) -> tuple[int, float]:
+    """transformers.Trainer with its defaults (sampler, optimizer, clipping); the timed
+    trainer.train() call includes its own dataloader and optimizer setup."""
+    tok = model.tokenizer
+    enc = tok(texts, truncation=True, max_length=MODEL.max_length)
+    rows = [{**{k: enc[k][i] for k in enc}, "labels": y} for i, y in enumerate(labels)]
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(
+            output_dir=out, per_device_train_batch_size=BATCH_SIZE, learning_rate=lr,
+            max_steps=steps, warmup_steps=int(WARMUP_RATIO * steps), lr_scheduler_type="linear",
+            report_to="none", eval_strategy="no", save_strategy="no", logging_strategy="no",
+            disable_tqdm=True, use_cpu=True, seed=SEED,
+        )  # fmt: skip
+        trainer = Trainer(model=model.module, args=args, train_dataset=rows,  # type: ignore[arg-type]
+                          data_collator=DataCollatorWithPadding(tok))  # fmt: skip
+        trainer.remove_callback(PrinterCallback)  # added by disable_tqdm; prints the metrics
+        t0 = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - t0
+    # Its sampler walks whole epochs in order; count the (possibly short) last batches.
+    per_epoch = -(-len(rows) // BATCH_SIZE)
+    seen = sum(min(BATCH_SIZE, len(rows) - (i % per_epoch) * BATCH_SIZE) for i in range(steps))
+    return seen, seconds
+
+
+CONTENDERS: dict[str, Contender] = {
+    "fedtune train()": fedtune_loop,
+    "plain PyTorch loop": plain_loop,
+    "HF Trainer": hf_trainer,
+}
+
+
+def run_throughput(splits: Splits, s: Settings, console: Console) -> list[dict[str, Any]]:
+    index = {label: i for i, label in enumerate(splits.labels)}
+    texts = [e.text for e in splits.train]
+    labels = [index[e.label] for e in splits.train]
+    names = list(CONTENDERS)
+    records = []
+    for method in THROUGHPUT_METHODS:
+        mcfg = method_config(method, HPARAMS[method]["method"])
+        for rnd in range(s.rounds):
+            order = names[rnd % len(names) :] + names[: rnd % len(names)]  # rotate the start
+            for name in order:
+                model = AdaptedModel.build(MODEL, mcfg, splits.labels, seed=SEED)
+                torch.set_num_threads(s.threads)
+                samples, seconds = CONTENDERS[name](model, texts, labels, s.steps, mcfg.lr)
+                records.append({"method": method, "round": rnd + 1, "contender": name,
+                                "samples": samples, "seconds": seconds,
+                                "samples_per_second": samples / seconds})  # fmt: skip
+                console.print(f"  {method:5} round {rnd + 1}  {name:20} {samples / seconds:7.1f} "
+                              f"samples/s  ({samples} samples, {seconds:.1f} s)")  # fmt: skip
+                del model
+                gc.collect()
+    return records
+
+
+def medians(records: list[dict[str, Any]]) -> dict[tuple[str, str], float]:
+    keys = {(r["method"], r["contender"]) for r in records}
+    return {
+        k: statistics.median(
+            r["samples_per_second"] for r in records if (r["method"], r["contender"]) == k
+        )
+        for k in keys
+    }
+
+
+def throughput_rows(records: list[dict[str, Any]]) -> list[Row]:
+    med = medians(records)
+    ours, plain, hf = CONTENDERS
+    rows = []
+    for m in THROUGHPUT_METHODS:
+        rows.append([
+            m, f"{med[m, ours]:.1f}", f"{med[m, plain]:.1f}", f"{med[m, hf]:.1f}",
+            f"{med[m, ours] / med[m, plain]:.2f}×", f"{med[m, ours] / med[m, hf]:.2f}×",
+        ])  # fmt: skip
+    return rows
+
+
+def plot_throughput(records: list[dict[str, Any]], path: Path, title: str) -> None:
+    med = medians(records)
+    names = list(CONTENDERS)
+    width = 0.8 / len(names)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for j, name in enumerate(names):
+        xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(THROUGHPUT_METHODS))]
+        ax.bar(xs, [med[m, name] for m in THROUGHPUT_METHODS], width, label=name)
+        for x, m in zip(xs, THROUGHPUT_METHODS, strict=True):  # every round as a dot
+            runs = [r["samples_per_second"] for r in records
+                    if r["method"] == m and r["contender"] == name]  # fmt: skip
+            ax.scatter([x] * len(runs), runs, color="black", s=10, zorder=3)
+    ax.set_xticks(range(len(THROUGHPUT_METHODS)), THROUGHPUT_METHODS)
+    ax.set_ylabel("training samples/s (bar: median, dots: rounds)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --- report -------------------------------------------------------------------------
+
+
+def machine(threads: int) -> list[Row]:
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    cpu = next((ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines()
+                if ln.startswith("model name")), platform.processor() or "unknown")  # fmt: skip
+    meminfo = Path("/proc/meminfo").read_text() if Path("/proc/meminfo").exists() else ""
+    kib = next((int(ln.split()[1]) for ln in meminfo.splitlines() if ln.startswith("MemTotal")), 0)
+    return [
+        ["date", time.strftime("%Y-%m-%d %H:%M %Z")],
+        ["CPU", cpu],
+        ["cores", f"{os.cpu_count()} (os.cpu_count), torch threads {threads}"],
+        ["RAM", f"{kib / 2**20:.1f} GiB"],
+        ["load average at start", " ".join(f"{x:.2f}" for x in os.getloadavg())],
+        ["OS", platform.platform()],
+        ["Python", platform.python_version()],
+        ["torch / transformers / peft",
+         f"{torch.__version__} / {transformers.__version__} / {peft.__version__}"],
+    ]  # fmt: skip
+
+
+def write_report(output: Path, title: str, body: list[str]) -> None:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if not output.exists():
+        output.write_text(
+            "# Benchmarks\n\nDated sections appended by `benchmarks/centralized.py`, newest "
+            "last. Each names the machine and the exact command; numbers from different "
+            "machines or loads are not comparable.\n"
+        )
+    with output.open("a") as f:
+        f.write(f"\n## {title}\n\n" + "\n".join(body))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--parts", default=",".join(PARTS), help="comma-separated: " + ", ".join(PARTS))
+    p.add_argument("--methods", default=",".join(HPARAMS), help="methods of part `methods`")
+    p.add_argument("--quick", action="store_true", help="tiny run to check the script works")
+    p.add_argument("--output", type=Path, default=None,
+                   help="Markdown file to append to (default docs/benchmarks.md; "
+                        "a temporary file with --quick)")  # fmt: skip
+    p.add_argument("--steps", type=int, default=None, help="throughput: steps (default 40)")
+    p.add_argument("--rounds", type=int, default=None, help="throughput: rounds (default 3)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    args = p.parse_args(argv)
+    for part in args.parts.split(","):
+        if part not in PARTS:
+            p.error(f"unknown part {part!r}; choose from {', '.join(PARTS)}")
+    for m in args.methods.split(","):
+        if m not in HPARAMS:
+            p.error(f"unknown method {m!r}; choose from {', '.join(HPARAMS)}")
+    return args
+
+
+THROUGHPUT_NOTES = f"""\
+Each measurement builds a fresh model (same seed) and times training only: from optimizer
+creation to the last optimizer step; model loading and tokenization are excluded. Samples/s
+counts the examples actually trained on. Contenders run interleaved, the starting one
+rotating each round; the table gives medians.
+
+- `fedtune train()`: its default length bucketing (`bucket_size`
+  {TrainConfig().bucket_size}), torch AdamW, gradient clipping at 1.0, warmup + linear decay.
+- plain PyTorch loop: `randperm` batches padded per batch by the tokenizer, torch AdamW,
+  the same warmup + linear decay, no clipping (the ~25-line `plain_loop` in the script).
+- HF Trainer: `transformers.Trainer` defaults (random sampler, `adamw_torch_fused`,
+  clipping at 1.0), `DataCollatorWithPadding`, the same schedule; the timed
+  `trainer.train()` call includes its own dataloader and optimizer setup.
+"""
+
+
+def part_methods(
+    data: DataConfig, methods: list[str], tag: str, title: str, s: Settings, console: Console
+) -> tuple[Splits, list[dict[str, Any]], str]:
+    console.rule(f"[bold]{title}")
+    splits, rows = run_methods(data, methods, tag, s, console)
+    table = show(console, f"{title}: test set", RESULT_HEADERS, result_rows(rows))
+    return splits, rows, f"### {title}\n\n{bullets(splits.notes)}\n{table}"
+
+
+def part_throughput(splits: Splits, s: Settings, console: Console) -> tuple[list[dict[str, Any]], str]:
+    console.rule("[bold]throughput: fedtune train() vs plain loop vs HF Trainer")
+    records = run_throughput(splits, s, console)
+    intro = (
+        f"Training samples/s of MiniLM + {' and '.join(THROUGHPUT_METHODS)} on the "
+        f"{len(splits.train)} all-agree training sentences, {s.steps} optimizer steps of "
+        f"batch {BATCH_SIZE}, {s.rounds} round(s), torch threads {s.threads}.\n\n"
+    )
+    headers = ["method", *CONTENDERS, "ours / plain", "ours / Trainer"]
+    medians_md = show(console, "Training samples/s (median)", headers, throughput_rows(records))
+    detail = [
+        [r["method"], str(r["round"]), r["contender"], str(r["samples"]),
+         f"{r['seconds']:.2f}", f"{r['samples_per_second']:.1f}"]
+        for r in records
+    ]  # fmt: skip
+    detail_md = show(console, "Every measurement, in run order",
+                     ["method", "round", "contender", "samples", "seconds", "samples/s"],
+                     detail, left=3)  # fmt: skip
+    md = f"### Training throughput\n\n{intro}{THROUGHPUT_NOTES}\n{medians_md}\n{detail_md}"
+    return records, md
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    console = Console(width=None if sys.stdout.isatty() else 150)
+    stamp, started = time.strftime("%Y%m%d-%H%M%S"), time.strftime("%Y-%m-%d %H:%M")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    s = Settings(
+        quick=args.quick,
+        limit=200 if args.quick else 0,
+        epochs=1 if args.quick else None,
+        steps=args.steps or (6 if args.quick else 40),
+        rounds=args.rounds or (2 if args.quick else 3),
+        threads=torch.get_num_threads(),
+        runs_dir=Path("runs") / f"bench-{stamp}",
+    )
+    quick_default = Path(tempfile.gettempdir()) / f"bench-quick-{stamp}.md"
+    output = args.output or (quick_default if s.quick else Path("docs/benchmarks.md"))
+    img_dir = output.parent / "img"
+    parts = args.parts.split(",")
+
+    def image(name: str, alt: str) -> tuple[Path, str]:
+        img_dir.mkdir(parents=True, exist_ok=True)
+        path = img_dir / f"centralized-{stamp}-{name}.png"
+        return path, f"\n![{alt}]({os.path.relpath(path, output.parent)})\n"
+
+    command = shlex.join(["python", *sys.argv] if argv is None else ["python", __file__, *argv])
+    setup = (
+        f"Model `{MODEL.name}` (max_length {MODEL.max_length}), seed {SEED}, batch size "
+        f"{BATCH_SIZE}; hyperparameters: `HPARAMS` in `benchmarks/centralized.py`."
+    )
+    if s.quick:
+        setup += (f" **Quick run ({s.limit} training examples, {s.epochs:g} epoch): "
+                  "the numbers are meaningless.**")  # fmt: skip
+    if {"methods", "fingpt"} & set(parts):
+        setup += f" Run directories: `{s.runs_dir}/`."
+    body = [
+        show(console, "Machine", ["", ""], machine(s.threads), left=2),
+        f"Command:\n\n```\n{command}\n```\n\n{setup}\n",
+    ]
+
+    allagree = DataConfig(limit=s.limit)  # FPB all-agree, random split, seed 42
+    splits: Splits | None = None
+    if "methods" in parts:
+        title = "Methods on FPB all-agree"
+        splits, rows, md = part_methods(allagree, args.methods.split(","), "fpb", title, s, console)
+        path, img = image("methods", "test accuracy vs trainable parameters")
+        plot_methods(rows, path, "FPB all-agree: test score vs trainable parameters")
+        body.append(md + img)
+    if "fingpt" in parts:
+        fingpt = DataConfig(agreement="50", split="fingpt", limit=s.limit)
+        title = "FinGPT split (FPB 50% agreement)"
+        body.append(part_methods(fingpt, FINGPT_METHODS, "fingpt", title, s, console)[2])
+    if "throughput" in parts:
+        records, md = part_throughput(splits or make_splits(allagree), s, console)
+        path, img = image("throughput", "training samples/s per training loop")
+        plot_throughput(records, path, f"Training throughput, {s.steps} steps, batch {BATCH_SIZE}")
+        body.append(md + img)
+    write_report(output, f"Centralized, {started}" + (" (quick)" if s.quick else ""), body)
+    console.print(f"[bold]appended to[/] {output}")
+
+
+if __name__ == "__main__":
+    main()

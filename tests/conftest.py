@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny random models (built once per session, offline) and the
+real-data folder (skipped when FEDTUNE_DATA_DIR is unset)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from fedtune.models import build_tiny_model
+
+transformers.utils.logging.set_verbosity_error()
+transformers.utils.logging.disable_progress_bar()
+# Tiny models gain nothing from threads, and a busy machine makes them slow.
+torch.set_num_threads(1)
+
+FAMILIES = ("bert", "gpt2", "llama")
+LABELS = ("negative", "neutral", "positive")
+TEXTS = [
+    "the company said its net sales rose by percent",
+    "operating loss increased in the quarter",
+    "the group will be stable",
+    "profit fell compared to the same period last year",
+    "new contract order growth expected",
+    "shares of the bank",
+]
+Y = [2, 0, 1, 0, 2, 1]
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {fam: build_tiny_model(root / fam, fam) for fam in FAMILIES}
+
+
+@pytest.fixture
+def fpb_dir() -> Path:
+    """The real Financial PhraseBank folder, or skip: the files are not in the repo."""
+    root = os.environ.get("FEDTUNE_DATA_DIR", "")
+    folder = Path(root) / "financial_phrasebank"
+    if not root or not folder.is_dir():
+        pytest.skip("set FEDTUNE_DATA_DIR to a folder holding financial_phrasebank/")
+    return folder

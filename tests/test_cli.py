@@ -1,0 +1,160 @@
+"""The command line, end to end on tiny models (and once on the real MiniLM)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from fedtune.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def table(tmp_path: Path) -> Path:
+    rows = [("profit rose by percent", "positive"), ("net sales fell", "negative"),
+            ("the company said", "neutral")] * 20  # fmt: skip
+    rows = [(f"{t} {i}", y) for i, (t, y) in enumerate(rows)]
+    path = tmp_path / "data.csv"
+    pd.DataFrame(rows, columns=["sentence", "sentiment"]).to_csv(path, index=False)
+    return path
+
+
+def _train_args(model: str, table: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--model", model, "--data", "file", "--data-path", str(table),
+            "--text-column", "sentence", "--label-column", "sentiment", "--max-steps", "3",
+            "--batch-size", "8", "--output-dir", str(out), "--name", "r", *extra]  # fmt: skip
+
+
+def test_methods_lists_all() -> None:
+    result = runner.invoke(app, ["methods"])
+    assert result.exit_code == 0
+    for name in ("head", "full", "lora", "ptuning", "prompt", "prefix", "ia3"):
+        assert name in result.output
+
+
+def test_config_prints_valid_toml() -> None:
+    import tomllib
+
+    result = runner.invoke(app, ["config", "--method", "ptuning"])
+    assert result.exit_code == 0
+    data = tomllib.loads(result.output)
+    assert data["method"]["name"] == "ptuning" and "num_virtual_tokens" in data["method"]
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_train_then_predict(
+    tiny_models: dict[str, str], table: Path, tmp_path: Path, family: str
+) -> None:
+    out = tmp_path / "runs"
+    result = runner.invoke(app, _train_args(tiny_models[family], table, out, "--method", "lora"))
+    assert result.exit_code == 0, result.output
+    run = out / "r"
+    expected = ["config.json", "metrics.jsonl", "labels.json", "report.md", "curves.png"]
+    expected += ["confusion.png", "model/adapter_model.safetensors", "model/fedtune.json"]
+    for name in expected:
+        assert (run / name).is_file(), name
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["method"]["name"] == "lora" and cfg["train"]["max_steps"] == 3
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["event"] == "test" and 0 <= records[-1]["accuracy"] <= 1
+    assert json.loads((run / "labels.json").read_text())["labels"] == [
+        "negative",
+        "neutral",
+        "positive",
+    ]
+
+    result = runner.invoke(
+        app, ["predict", str(run), "--text", "profit rose", "--text", "sales fell"]
+    )
+    assert result.exit_code == 0, result.output
+    assert result.output.count("profit rose") == 1
+
+    inp, outp = tmp_path / "in.csv", tmp_path / "out.csv"
+    pd.DataFrame({"sentence": ["profit rose", "sales fell", "the company"]}).to_csv(
+        inp, index=False
+    )
+    result = runner.invoke(app, ["predict", str(run), "--input", str(inp), "--output", str(outp),
+                                 "--text-column", "sentence"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    pred = pd.read_csv(outp)
+    assert list(pred.columns) == ["text", "label", "p_negative", "p_neutral", "p_positive"]
+    assert set(pred["label"]) <= {"negative", "neutral", "positive"}
+    assert pred[["p_negative", "p_neutral", "p_positive"]].sum(axis=1).round(4).eq(1).all()
+
+
+def test_run_toml_with_set(tiny_models: dict[str, str], table: Path, tmp_path: Path) -> None:
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(
+        f'name = "t"\noutput_dir = "{tmp_path / "runs"}"\n'
+        f'[model]\nname = "{tiny_models["llama"]}"\n'
+        f'[data]\nsource = "file"\npath = "{table}"\ntext_column = "sentence"\n'
+        'label_column = "sentiment"\n[method]\nname = "prompt"\n[train]\nmax_steps = 2\n'
+    )
+    result = runner.invoke(app, ["run", str(cfg), "--set", "method.num_virtual_tokens=4",
+                                 "--set", "train.batch_size=16"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "runs" / "t" / "config.json").read_text())
+    assert saved["method"]["num_virtual_tokens"] == 4 and saved["train"]["batch_size"] == 16
+
+
+def test_errors_are_clear_and_write_nothing(
+    tiny_models: dict[str, str], table: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "runs"
+    bad_key = runner.invoke(
+        app, _train_args(tiny_models["bert"], table, out, "--set", "train.epoc=1")
+    )
+    assert bad_key.exit_code == 2 and "valid keys" in bad_key.output
+    bad_col = runner.invoke(app, _train_args(tiny_models["bert"], table, out, "--text-column", "x"))
+    assert bad_col.exit_code == 2 and "'x'" in bad_col.output
+    bad_method = runner.invoke(
+        app, _train_args(tiny_models["bert"], table, out, "--method", "nope")
+    )
+    assert bad_method.exit_code == 2 and "choose one of" in bad_method.output
+    assert not out.exists() or not any(out.iterdir())
+
+    ok = runner.invoke(app, _train_args(tiny_models["bert"], table, out))
+    assert ok.exit_code == 0
+    again = runner.invoke(app, _train_args(tiny_models["bert"], table, out))
+    assert again.exit_code == 2 and "already exists" in again.output
+
+    not_run = runner.invoke(app, ["predict", str(tmp_path), "--text", "x"])
+    assert not_run.exit_code == 2 and "not a fedtune run directory" in not_run.output
+    missing_out = runner.invoke(app, ["predict", str(out / "r"), "--input", str(table)])
+    assert missing_out.exit_code == 2 and "--output" in missing_out.output
+
+
+def test_failed_training_leaves_no_run_dir(
+    tiny_models: dict[str, str], table: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fedtune.regimes
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fedtune.regimes, "train", boom)
+    out = tmp_path / "runs"
+    result = runner.invoke(app, _train_args(tiny_models["bert"], table, out))
+    assert result.exit_code != 0
+    assert list(out.iterdir()) == []
+
+
+def test_minilm_end_to_end_on_real_data(fpb_dir: Path, tmp_path: Path) -> None:
+    """The real bundled MiniLM on a small FPB subset, through the CLI (< 60 s)."""
+    out = tmp_path / "runs"
+    args = ["train", "--method", "lora", "--data-path", str(fpb_dir), "--limit", "96",
+            "--max-steps", "6", "--batch-size", "16", "--output-dir", str(out), "--name", "m",
+            "--set", "train.progress=false"]  # fmt: skip
+    result = runner.invoke(app, args, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "m" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert summary["n_test"] == 452 and summary["trainable_parameters"] == 74_883
+    assert summary["model"] == "minilm" and summary["kind"] == "encoder"
+    result = runner.invoke(app, ["predict", str(out / "m"), "--text", "Operating profit rose."])
+    assert result.exit_code == 0 and "Operating profit rose." in result.output

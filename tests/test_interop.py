@@ -1,0 +1,77 @@
+"""Saved models load with plain transformers / peft code, without fedtune."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import LABELS, TEXTS, Y
+from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification, PeftModel
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from fedtune.adapted import AdaptedModel
+from fedtune.config import ModelConfig, TrainConfig, method_config
+from fedtune.train import train
+
+
+def _trained(path: str, method: str) -> AdaptedModel:
+    model = AdaptedModel.build(ModelConfig(name=path), method_config(method), LABELS)
+    feats = model.formulation.encode(TEXTS * 2, Y * 2)
+    train(model, feats, None, TrainConfig(max_steps=3, batch_size=4, progress=False), lr=1e-2)
+    return model
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt", "ia3"])
+def test_encoder_adapter_loads_with_plain_peft(
+    tiny_models: dict[str, str], method: str, tmp_path: Path
+) -> None:
+    model = _trained(tiny_models["bert"], method)
+    model.save(tmp_path)
+    assert (tmp_path / "adapter_model.safetensors").is_file()
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["task_type"] == "SEQ_CLS"
+
+    # What a user without fedtune writes:
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_models["bert"], num_labels=3)
+    plain = PeftModel.from_pretrained(base, tmp_path).eval()
+    auto = AutoPeftModelForSequenceClassification.from_pretrained(tmp_path, num_labels=3).eval()
+    enc = tok(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ours = model.predict_scores(TEXTS)
+        for peft_model in (plain, auto):
+            logits = peft_model(**enc).logits.log_softmax(-1).numpy()
+            np.testing.assert_allclose(logits, ours, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_decoder_adapter_loads_with_plain_peft(
+    tiny_models: dict[str, str], family: str, tmp_path: Path
+) -> None:
+    model = _trained(tiny_models[family], "lora")
+    model.save(tmp_path)
+    plain = AutoPeftModelForCausalLM.from_pretrained(tmp_path).eval()
+    form = model.formulation
+    prompt = form._prompt_ids(TEXTS[:1])[0]  # type: ignore[attr-defined]
+    with torch.no_grad():
+        logp = plain(input_ids=torch.tensor([prompt])).logits[0, -1].log_softmax(-1)
+    label_first = [ids[0] for ids in form.label_ids]  # type: ignore[attr-defined]
+    np.testing.assert_allclose(
+        logp[label_first].numpy(), model.predict_scores(TEXTS[:1])[0], atol=1e-5
+    )
+
+
+def test_full_model_loads_with_plain_transformers(
+    tiny_models: dict[str, str], tmp_path: Path
+) -> None:
+    model = _trained(tiny_models["bert"], "full")
+    model.save(tmp_path)
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert plain.config.id2label == dict(enumerate(LABELS))
+    enc = AutoTokenizer.from_pretrained(tmp_path)(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = plain(**enc).logits.log_softmax(-1).numpy()
+    np.testing.assert_allclose(logits, model.predict_scores(TEXTS), atol=1e-5)

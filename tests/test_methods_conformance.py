@@ -1,0 +1,126 @@
+"""Every method x {tiny encoder, tiny GPT-2, tiny Llama} passes the Method contract:
+trainable tensors change after training steps and frozen ones do not; the
+trainable state holds exactly the trainable tensors; save -> load reproduces
+predictions; the trainable state round-trips through load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import FAMILIES, LABELS, TEXTS, Y
+
+from fedtune.adapted import AdaptedModel
+from fedtune.config import ModelConfig, method_config
+from fedtune.errors import ModelError
+from fedtune.methods import available_methods
+
+METHODS = ("head", "full", "lora", "ptuning", "prompt", "prefix", "ia3")
+
+
+def _build(path: str, method: str, seed: int = 0) -> AdaptedModel:
+    return AdaptedModel.build(ModelConfig(name=path), method_config(method), LABELS, seed=seed)
+
+
+def _steps(model: AdaptedModel, n: int = 3, lr: float = 1e-2) -> None:
+    """n AdamW steps on the toy batch (LoRA's A gets gradient only once B != 0)."""
+    params = [p for p in model.module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    batch = model.formulation.collate(model.formulation.encode(TEXTS, Y))
+    model.module.train()
+    for _ in range(n):
+        model.formulation.loss(model.module, batch).backward()
+        opt.step()
+        opt.zero_grad()
+    model.module.eval()
+
+
+def test_registry_lists_every_method() -> None:
+    assert set(available_methods()) == set(METHODS)
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_trainable_change_frozen_do_not(
+    tiny_models: dict[str, str], family: str, method: str
+) -> None:
+    model = _build(tiny_models[family], method)
+    before = {n: p.detach().clone() for n, p in model.module.named_parameters()}
+    trainable = {n for n, p in model.module.named_parameters() if p.requires_grad}
+    assert trainable, "a trainable method must train something"
+    _steps(model)
+    for name, p in model.module.named_parameters():
+        if name in trainable:
+            assert not torch.equal(p, before[name]), f"{name} did not change"
+        else:
+            assert torch.equal(p, before[name]), f"frozen {name} changed"
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_trainable_state_is_exactly_the_trainable_tensors(
+    tiny_models: dict[str, str], family: str, method: str
+) -> None:
+    model = _build(tiny_models[family], method)
+    state = model.trainable_state()
+    params = dict(model.module.named_parameters())
+    assert set(state) == {n for n, p in params.items() if p.requires_grad}
+    assert sum(t.numel() for t in state.values()) == model.trainable_parameters()
+    for name, tensor in state.items():
+        assert tensor.shape == params[name].shape
+        assert tensor.data_ptr() != params[name].data_ptr(), "state must be a copy"
+    if method != "full":
+        assert model.trainable_parameters() < model.base_parameters
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_save_load_reproduces_predictions(
+    tiny_models: dict[str, str], family: str, method: str, tmp_path: Path
+) -> None:
+    model = _build(tiny_models[family], method)
+    _steps(model)
+    scores = model.predict_scores(TEXTS)
+    model.save(tmp_path / "model")
+    loaded = AdaptedModel.load(tmp_path / "model")
+    assert loaded.labels == LABELS and loaded.kind == model.kind
+    np.testing.assert_array_equal(loaded.predict(TEXTS), model.predict(TEXTS))
+    np.testing.assert_allclose(loaded.predict_scores(TEXTS), scores, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_trainable_state_round_trips(tiny_models: dict[str, str], family: str, method: str) -> None:
+    trained = _build(tiny_models[family], method, seed=0)
+    _steps(trained)
+    state = trained.trainable_state()
+    fresh = _build(tiny_models[family], method, seed=1)  # other random init
+    assert any(not torch.equal(fresh.trainable_state()[n], t) for n, t in state.items())
+    fresh.load_trainable_state(state)
+    for name, tensor in fresh.trainable_state().items():
+        assert torch.equal(tensor, state[name])
+    np.testing.assert_array_equal(fresh.predict_scores(TEXTS), trained.predict_scores(TEXTS))
+
+
+def test_loading_a_foreign_state_is_refused(tiny_models: dict[str, str]) -> None:
+    lora = _build(tiny_models["bert"], "lora")
+    ia3 = _build(tiny_models["bert"], "ia3")
+    with pytest.raises(ModelError, match="does not fit"):
+        lora.load_trainable_state(ia3.trainable_state())
+    state = lora.trainable_state()
+    name = next(iter(state))
+    state[name] = torch.zeros(1)
+    with pytest.raises(ModelError, match="shape"):
+        lora.load_trainable_state(state)
+
+
+def test_decoder_head_untied_from_embeddings(tiny_models: dict[str, str]) -> None:
+    """GPT-2 ties the LM head to the input embeddings; `head` must train the head
+    alone, so it is untied first and the embeddings stay frozen."""
+    model = _build(tiny_models["gpt2"], "head")
+    base = model.module
+    assert base.get_output_embeddings().weight is not base.get_input_embeddings().weight
+    assert not base.get_input_embeddings().weight.requires_grad

@@ -1,0 +1,147 @@
+"""The local training loop: deterministic, length bucketing, gradient accumulation,
+warmup + decay, evaluation and early stopping with the best state restored."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from conftest import LABELS, TEXTS, Y
+
+from fedtune.adapted import AdaptedModel
+from fedtune.config import ModelConfig, TrainConfig, method_config
+from fedtune.errors import ConfigError
+from fedtune.evaluate import classification_metrics, evaluate_features
+from fedtune.train import length_bucketed_batches, train
+
+QUIET = TrainConfig(progress=False)
+
+
+def _model(path: str, method: str = "lora", seed: int = 0, dropout: bool = True) -> AdaptedModel:
+    model = AdaptedModel.build(ModelConfig(name=path), method_config(method), LABELS, seed=seed)
+    if not dropout:
+        for m in model.module.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+    return model
+
+
+def _feats(model: AdaptedModel, repeat: int = 4) -> list[dict]:
+    return model.formulation.encode(TEXTS * repeat, Y * repeat)
+
+
+def _run(path: str, cfg: TrainConfig, seed: int = 0, method: str = "lora", **kw: object):
+    model = _model(path, method, seed=0, dropout=kw.pop("dropout", True))  # type: ignore[arg-type]
+    result = train(model, _feats(model), _feats(model, 1), cfg, lr=1e-2, seed=seed, **kw)  # type: ignore[arg-type]
+    return model, result
+
+
+def test_same_seed_same_weights_other_seed_other(tiny_models: dict[str, str]) -> None:
+    cfg = TrainConfig(epochs=2, batch_size=4, progress=False)
+    a, _ = _run(tiny_models["bert"], cfg, seed=3)
+    b, _ = _run(tiny_models["bert"], cfg, seed=3)
+    c, _ = _run(tiny_models["bert"], cfg, seed=4)
+    sa, sb, sc = a.trainable_state(), b.trainable_state(), c.trainable_state()
+    assert all(torch.equal(sa[n], sb[n]) for n in sa)
+    assert any(not torch.equal(sa[n], sc[n]) for n in sa)
+
+
+def test_length_bucketing_covers_everything_once_and_cuts_padding() -> None:
+    rng = np.random.default_rng(0)
+    lengths = list(rng.integers(5, 120, size=1000))
+    batches = length_bucketed_batches(lengths, 32, 16, np.random.default_rng(1))
+    flat = np.concatenate(batches)
+    assert sorted(flat.tolist()) == list(range(1000))
+    plain = length_bucketed_batches(lengths, 32, 1, np.random.default_rng(1))
+
+    def padding(bs: list[np.ndarray]) -> int:
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in bs)
+
+    assert padding(batches) < 0.25 * padding(plain)
+    # Batch order is shuffled, not sorted by length.
+    firsts = [lengths[b[0]] for b in batches]
+    assert firsts != sorted(firsts) and firsts != sorted(firsts, reverse=True)
+
+
+def test_gradient_accumulation_equals_bigger_batch(tiny_models: dict[str, str]) -> None:
+    """2 micro-batches of 6 accumulate to the gradient of one batch of 12 (no dropout,
+    no bucketing: the same examples in the same order)."""
+    common = dict(max_steps=3, bucket_size=1, warmup_ratio=0.0, progress=False)
+    big, _ = _run(tiny_models["bert"], TrainConfig(batch_size=12, **common), dropout=False)
+    acc, _ = _run(
+        tiny_models["bert"], TrainConfig(batch_size=6, grad_accum=2, **common), dropout=False
+    )
+    sb, sa = big.trainable_state(), acc.trainable_state()
+    for n in sb:
+        torch.testing.assert_close(sa[n], sb[n], atol=1e-5, rtol=1e-4)
+
+
+def test_warmup_then_linear_decay(tiny_models: dict[str, str]) -> None:
+    cfg = TrainConfig(max_steps=10, batch_size=4, warmup_ratio=0.3, eval_every=1, progress=False)
+    _, result = _run(tiny_models["bert"], cfg)
+    lrs = [r["lr"] for r in result.history]
+    assert len(lrs) == 10 and lrs[-1] == pytest.approx(0.0, abs=1e-12)
+    assert lrs[0] < lrs[2] and max(lrs) == pytest.approx(1e-2)
+    assert all(x >= y for x, y in itertools.pairwise(lrs[3:]))
+
+
+def test_eval_every_and_records(tiny_models: dict[str, str]) -> None:
+    records: list[dict] = []
+    cfg = TrainConfig(max_steps=6, batch_size=4, eval_every=2, progress=False)
+    _, result = _run(tiny_models["gpt2"], cfg, on_eval=records.append)
+    assert [r["step"] for r in records] == [2, 4, 6] == [r["step"] for r in result.history]
+    for r in records:
+        assert {"train_loss", "val_loss", "val_accuracy", "val_macro_f1", "lr"} <= set(r)
+    assert result.samples_seen == 6 * 4 and result.samples_per_second > 0
+
+
+def test_early_stopping_restores_best_state(tiny_models: dict[str, str]) -> None:
+    """A learning rate far too high makes validation loss rise: training stops after
+    `patience` bad evaluations and the state of the best evaluation comes back."""
+    snapshots: dict[int, dict] = {}
+    model = _model(tiny_models["bert"], "full")
+    feats, val = _feats(model), _feats(model, 1)
+
+    def snap(record: dict) -> None:
+        snapshots[record["step"]] = (record["val_loss"], model.trainable_state())
+
+    cfg = TrainConfig(max_steps=60, batch_size=4, eval_every=1, patience=2, warmup_ratio=0,
+                      scheduler="constant", progress=False)  # fmt: skip
+    result = train(model, feats, val, cfg, lr=0.5, seed=0, on_eval=snap)
+    assert result.stopped_early and result.steps < 60
+    best_step = min(snapshots, key=lambda s: snapshots[s][0])
+    assert result.best_step == best_step
+    assert result.steps - best_step == 2
+    state = model.trainable_state()
+    assert all(torch.equal(state[n], t) for n, t in snapshots[best_step][1].items())
+
+
+def test_training_learns_the_toy_task(tiny_models: dict[str, str]) -> None:
+    model = _model(tiny_models["bert"], "lora")
+    before = evaluate_features(model, _feats(model, 1))
+    train(model, _feats(model, 8), None, TrainConfig(epochs=30, batch_size=8, progress=False),
+          lr=1e-2, seed=0)  # fmt: skip
+    after = evaluate_features(model, _feats(model, 1))
+    assert after.loss < before.loss and after.accuracy == 1.0
+
+
+def test_bad_inputs(tiny_models: dict[str, str]) -> None:
+    model = _model(tiny_models["bert"])
+    with pytest.raises(ConfigError, match="no training examples"):
+        train(model, [], None, QUIET, lr=1e-3)
+    with pytest.raises(ConfigError, match="batch_size"):
+        train(model, _feats(model), None, TrainConfig(batch_size=0, progress=False), lr=1e-3)
+
+
+def test_classification_metrics_hand_computed() -> None:
+    y_true = np.array([0, 0, 1, 1, 2, 2])
+    y_pred = np.array([0, 1, 1, 1, 2, 0])
+    m = classification_metrics(y_true, y_pred, LABELS, loss=0.5)
+    assert m.accuracy == pytest.approx(4 / 6)
+    # per class F1: neg p=1/2 r=1/2 -> .5; neu p=2/3 r=1 -> .8; pos p=1 r=1/2 -> 2/3
+    assert m.macro_f1 == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
+    assert m.weighted_f1 == pytest.approx(m.macro_f1)  # equal supports
+    assert m.confusion == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+    assert m.report["neutral"]["recall"] == 1.0
