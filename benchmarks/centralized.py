@@ -25,13 +25,13 @@ import argparse
 import dataclasses
 import gc
 import os
-import warnings
 import platform
 import shlex
 import statistics
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -79,7 +79,8 @@ BATCH_SIZE = 32
 WARMUP_RATIO = TrainConfig().warmup_ratio  # the same warmup for all three loops
 MODEL = ModelConfig()  # MiniLM (`minilm`), max_length 64
 
-Row = list[str]
+Row = list[str]  # one table row, already formatted
+Record = dict[str, Any]  # a run summary or one throughput measurement
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +128,7 @@ RESULT_HEADERS = [
 
 def run_methods(
     data: DataConfig, methods: list[str], tag: str, s: Settings, console: Console
-) -> tuple[Splits, list[dict[str, Any]]]:
+) -> tuple[Splits, list[Record]]:
     splits = make_splits(data)  # loaded once, shared by every method
     summaries = []
     for name in methods:
@@ -148,7 +149,7 @@ def run_methods(
     return splits, summaries
 
 
-def result_rows(summaries: list[dict[str, Any]]) -> list[Row]:
+def result_rows(summaries: list[Record]) -> list[Row]:
     return [
         [
             r["method"],
@@ -164,7 +165,7 @@ def result_rows(summaries: list[dict[str, Any]]) -> list[Row]:
     ]
 
 
-def plot_methods(summaries: list[dict[str, Any]], path: Path, title: str) -> None:
+def plot_methods(summaries: list[Record], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     xs = [r["trainable_parameters"] for r in summaries]
     ax.scatter(xs, [r["accuracy"] for r in summaries], label="accuracy", zorder=3)
@@ -264,7 +265,7 @@ CONTENDERS: dict[str, Contender] = {
 }
 
 
-def run_throughput(splits: Splits, s: Settings, console: Console) -> list[dict[str, Any]]:
+def run_throughput(splits: Splits, s: Settings, console: Console) -> list[Record]:
     index = {label: i for i, label in enumerate(splits.labels)}
     texts = [e.text for e in splits.train]
     labels = [index[e.label] for e in splits.train]
@@ -288,7 +289,7 @@ def run_throughput(splits: Splits, s: Settings, console: Console) -> list[dict[s
     return records
 
 
-def medians(records: list[dict[str, Any]]) -> dict[tuple[str, str], float]:
+def medians(records: list[Record]) -> dict[tuple[str, str], float]:
     keys = {(r["method"], r["contender"]) for r in records}
     return {
         k: statistics.median(
@@ -298,7 +299,7 @@ def medians(records: list[dict[str, Any]]) -> dict[tuple[str, str], float]:
     }
 
 
-def throughput_rows(records: list[dict[str, Any]]) -> list[Row]:
+def throughput_rows(records: list[Record]) -> list[Row]:
     med = medians(records)
     ours, plain, hf = CONTENDERS
     rows = []
@@ -310,7 +311,7 @@ def throughput_rows(records: list[dict[str, Any]]) -> list[Row]:
     return rows
 
 
-def plot_throughput(records: list[dict[str, Any]], path: Path, title: str) -> None:
+def plot_throughput(records: list[Record], path: Path, title: str) -> None:
     med = medians(records)
     names = list(CONTENDERS)
     width = 0.8 / len(names)
@@ -404,14 +405,14 @@ rotating each round; the table gives medians.
 
 def part_methods(
     data: DataConfig, methods: list[str], tag: str, title: str, s: Settings, console: Console
-) -> tuple[Splits, list[dict[str, Any]], str]:
+) -> tuple[Splits, list[Record], str]:
     console.rule(f"[bold]{title}")
     splits, rows = run_methods(data, methods, tag, s, console)
     table = show(console, f"{title}: test set", RESULT_HEADERS, result_rows(rows))
     return splits, rows, f"### {title}\n\n{bullets(splits.notes)}\n{table}"
 
 
-def part_throughput(splits: Splits, s: Settings, console: Console) -> tuple[list[dict[str, Any]], str]:
+def part_throughput(splits: Splits, s: Settings, console: Console) -> tuple[list[Record], str]:
     console.rule("[bold]throughput: fedtune train() vs plain loop vs HF Trainer")
     records = run_throughput(splits, s, console)
     intro = (

@@ -122,7 +122,7 @@ class GenerativeClassifier(Formulation):
         # Truncate the text, never the template: decode the first max_length tokens
         # back to text only for the (rare) long inputs.
         texts = [
-            tok.decode(ids[: self.max_length]) if len(ids) > self.max_length else t
+            str(tok.decode(ids[: self.max_length])) if len(ids) > self.max_length else t
             for t, ids in zip(texts, text_ids, strict=True)
         ]
         prompts = [self.template.replace("{text}", t) for t in texts]

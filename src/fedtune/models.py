@@ -144,7 +144,7 @@ def _tiny_tokenizer(kind: Literal["wordpiece", "bpe"], out: Path) -> None:
     """Train a small tokenizer on a built-in corpus (the `tokenizers` library) and
     save it in transformers format, so tests never download a vocabulary."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import BertTokenizerFast, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     if kind == "wordpiece":
         tk = Tokenizer(models.WordPiece(unk_token="[UNK]"))
@@ -163,7 +163,10 @@ def _tiny_tokenizer(kind: Literal["wordpiece", "bpe"], out: Path) -> None:
             pair="[CLS] $A [SEP] $B:1 [SEP]:1",
             special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
         )
-        fast = BertTokenizerFast(tokenizer_object=tk)
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+            sep_token="[SEP]", mask_token="[MASK]",
+        )  # fmt: skip
     else:
         tk = Tokenizer(models.BPE())
         tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

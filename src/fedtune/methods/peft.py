@@ -111,7 +111,7 @@ class _PeftMethod(Method[PeftMethodConfig]):
 
     def save(self, module: nn.Module, directory: Path) -> None:
         assert isinstance(module, hf_peft.PeftModel)
-        module.save_pretrained(directory)
+        module.save_pretrained(str(directory))
 
     def load(self, directory: Path, kind: Kind, base: BaseLoader, trainable: bool) -> nn.Module:
         # P-tuning saves the prompt encoder's output embeddings, not the encoder
