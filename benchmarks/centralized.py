@@ -14,9 +14,13 @@ Parts:
               `transformers.Trainer` on the same model, data, batch size and step count,
               interleaved over several rounds (medians reported).
 
-Results are printed and appended as a dated section (machine, command, tables, plots)
-to `--output` (default docs/benchmarks.md; a temporary file with --quick). Run
-directories go to runs/bench-<timestamp>/ (git-ignored).
+Results are printed and appended as a dated section (machine, command, tables, plots
+under img/ next to it) to `--output` (default docs/benchmarks.md). Run directories go to
+runs/bench-<timestamp>/ (git-ignored). --quick writes both to the temporary directory
+unless --output is given, so a smoke test leaves nothing in the repository.
+
+On a busy machine use --threads 1: with torch's default of one thread per core and
+another process on the same cores, training ran ~5x slower than with one thread.
 """
 
 from __future__ import annotations
@@ -78,6 +82,7 @@ SEED = 42
 BATCH_SIZE = 32
 WARMUP_RATIO = TrainConfig().warmup_ratio  # the same warmup for all three loops
 MODEL = ModelConfig()  # MiniLM (`minilm`), max_length 64
+REPO = Path(__file__).resolve().parent.parent
 
 Row = list[str]  # one table row, already formatted
 Record = dict[str, Any]  # a run summary or one throughput measurement
@@ -120,6 +125,12 @@ def bullets(notes: tuple[str, ...]) -> str:
 
 # --- parts `methods` and `fingpt`: run_centralized per method -----------------------
 
+METHODS_NOTES = """\
+Each row is one `run_centralized` call; the best validation-loss checkpoint (evaluated
+every epoch) is restored before testing. Wall time covers the whole call (model loading,
+tokenization, training, validation, test evaluation, saving); train samples/s counts the
+optimizer steps only.
+"""
 RESULT_HEADERS = [
     "method", "accuracy", "macro-F1", "weighted F1", "trainable params (% of model)",
     "epochs / steps (best step)", "wall time (s)", "train samples/s",
@@ -165,21 +176,29 @@ def result_rows(summaries: list[Record]) -> list[Row]:
     ]
 
 
+def part_methods(
+    data: DataConfig, methods: list[str], tag: str, title: str, s: Settings, console: Console
+) -> tuple[Splits, list[Record], str]:
+    console.rule(f"[bold]{title}")
+    splits, rows = run_methods(data, methods, tag, s, console)
+    table = show(console, f"{title}: test set", RESULT_HEADERS, result_rows(rows))
+    return splits, rows, f"### {title}\n\n{bullets(splits.notes)}\n{table}"
+
+
 def plot_methods(summaries: list[Record], path: Path, title: str) -> None:
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    xs = [r["trainable_parameters"] for r in summaries]
-    ax.scatter(xs, [r["accuracy"] for r in summaries], label="accuracy", zorder=3)
-    ax.scatter(xs, [r["macro_f1"] for r in summaries], marker="x", label="macro-F1", zorder=3)
-    by_size = sorted(summaries, key=lambda r: r["trainable_parameters"])
-    for i, r in enumerate(by_size):  # labels alternate above/below: neighbours often overlap
-        ax.annotate(r["method"], (r["trainable_parameters"], r["accuracy"]), fontsize=9,
-                    textcoords="offset points", xytext=(4, 6 if i % 2 else -13))  # fmt: skip
+    """One colour per method (labels next to points collide: many methods have ~1e5
+    trainable parameters); filled circle = accuracy, cross = macro-F1."""
+    fig, ax = plt.subplots(figsize=(7.2, 4.2))
+    for i, r in enumerate(summaries):
+        x, color = r["trainable_parameters"], f"C{i % 10}"
+        ax.scatter([x], [r["accuracy"]], color=color, label=r["method"], zorder=3)
+        ax.scatter([x], [r["macro_f1"]], color=color, marker="x", zorder=3)
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log scale)")
-    ax.set_ylabel("test score")
+    ax.set_ylabel("test accuracy (●) and macro-F1 (×)")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -246,7 +265,7 @@ def hf_trainer(
             report_to="none", eval_strategy="no", save_strategy="no", logging_strategy="no",
             disable_tqdm=True, use_cpu=True, seed=SEED,
         )  # fmt: skip
-        trainer = Trainer(model=model.module, args=args, train_dataset=rows,  # type: ignore[arg-type]
+        trainer = Trainer(model=model.module, args=args, train_dataset=rows,
                           data_collator=DataCollatorWithPadding(tok))  # fmt: skip
         trainer.remove_callback(PrinterCallback)  # added by disable_tqdm; prints the metrics
         t0 = time.perf_counter()
@@ -332,6 +351,45 @@ def plot_throughput(records: list[Record], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+THROUGHPUT_NOTES = f"""\
+Each measurement builds a fresh model (same seed) and times training only: from optimizer
+creation to the last optimizer step; model loading and tokenization are excluded. Samples/s
+counts the examples actually trained on. Contenders run interleaved, the starting one
+rotating each round; the table gives medians.
+
+- `fedtune train()`: its default length bucketing (`bucket_size` {TrainConfig().bucket_size}),
+  torch AdamW, gradient clipping at 1.0, warmup + linear decay.
+- plain PyTorch loop: `randperm` batches padded per batch by the tokenizer, torch AdamW,
+  the same warmup + linear decay, no clipping (the ~25-line `plain_loop` in the script).
+- HF Trainer: `transformers.Trainer` defaults (random sampler, `adamw_torch_fused`,
+  clipping at 1.0), `DataCollatorWithPadding`, the same schedule; the timed
+  `trainer.train()` call includes its own dataloader and optimizer setup.
+"""
+
+
+
+def part_throughput(splits: Splits, s: Settings, console: Console) -> tuple[list[Record], str]:
+    console.rule("[bold]throughput: fedtune train() vs plain loop vs HF Trainer")
+    records = run_throughput(splits, s, console)
+    intro = (
+        f"Training samples/s of MiniLM + {' and '.join(THROUGHPUT_METHODS)} on the "
+        f"{len(splits.train)} all-agree training sentences, {s.steps} optimizer steps of "
+        f"batch {BATCH_SIZE}, {s.rounds} round(s), torch threads {s.threads}.\n\n"
+    )
+    headers = ["method", *CONTENDERS, "ours / plain", "ours / Trainer"]
+    medians_md = show(console, "Training samples/s (median)", headers, throughput_rows(records))
+    detail = [
+        [r["method"], str(r["round"]), r["contender"], str(r["samples"]),
+         f"{r['seconds']:.2f}", f"{r['samples_per_second']:.1f}"]
+        for r in records
+    ]  # fmt: skip
+    detail_md = show(console, "Every measurement, in run order",
+                     ["method", "round", "contender", "samples", "seconds", "samples/s"],
+                     detail, left=3)  # fmt: skip
+    md = f"### Training throughput\n\n{intro}{THROUGHPUT_NOTES}\n{medians_md}\n{detail_md}"
+    return records, md
+
+
 # --- report -------------------------------------------------------------------------
 
 
@@ -387,53 +445,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-THROUGHPUT_NOTES = f"""\
-Each measurement builds a fresh model (same seed) and times training only: from optimizer
-creation to the last optimizer step; model loading and tokenization are excluded. Samples/s
-counts the examples actually trained on. Contenders run interleaved, the starting one
-rotating each round; the table gives medians.
-
-- `fedtune train()`: its default length bucketing (`bucket_size`
-  {TrainConfig().bucket_size}), torch AdamW, gradient clipping at 1.0, warmup + linear decay.
-- plain PyTorch loop: `randperm` batches padded per batch by the tokenizer, torch AdamW,
-  the same warmup + linear decay, no clipping (the ~25-line `plain_loop` in the script).
-- HF Trainer: `transformers.Trainer` defaults (random sampler, `adamw_torch_fused`,
-  clipping at 1.0), `DataCollatorWithPadding`, the same schedule; the timed
-  `trainer.train()` call includes its own dataloader and optimizer setup.
-"""
-
-
-def part_methods(
-    data: DataConfig, methods: list[str], tag: str, title: str, s: Settings, console: Console
-) -> tuple[Splits, list[Record], str]:
-    console.rule(f"[bold]{title}")
-    splits, rows = run_methods(data, methods, tag, s, console)
-    table = show(console, f"{title}: test set", RESULT_HEADERS, result_rows(rows))
-    return splits, rows, f"### {title}\n\n{bullets(splits.notes)}\n{table}"
-
-
-def part_throughput(splits: Splits, s: Settings, console: Console) -> tuple[list[Record], str]:
-    console.rule("[bold]throughput: fedtune train() vs plain loop vs HF Trainer")
-    records = run_throughput(splits, s, console)
-    intro = (
-        f"Training samples/s of MiniLM + {' and '.join(THROUGHPUT_METHODS)} on the "
-        f"{len(splits.train)} all-agree training sentences, {s.steps} optimizer steps of "
-        f"batch {BATCH_SIZE}, {s.rounds} round(s), torch threads {s.threads}.\n\n"
-    )
-    headers = ["method", *CONTENDERS, "ours / plain", "ours / Trainer"]
-    medians_md = show(console, "Training samples/s (median)", headers, throughput_rows(records))
-    detail = [
-        [r["method"], str(r["round"]), r["contender"], str(r["samples"]),
-         f"{r['seconds']:.2f}", f"{r['samples_per_second']:.1f}"]
-        for r in records
-    ]  # fmt: skip
-    detail_md = show(console, "Every measurement, in run order",
-                     ["method", "round", "contender", "samples", "seconds", "samples/s"],
-                     detail, left=3)  # fmt: skip
-    md = f"### Training throughput\n\n{intro}{THROUGHPUT_NOTES}\n{medians_md}\n{detail_md}"
-    return records, md
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     console = Console(width=None if sys.stdout.isatty() else 150)
@@ -447,12 +458,16 @@ def main(argv: list[str] | None = None) -> None:
         steps=args.steps or (6 if args.quick else 40),
         rounds=args.rounds or (2 if args.quick else 3),
         threads=torch.get_num_threads(),
-        runs_dir=Path("runs") / f"bench-{stamp}",
+        runs_dir=(Path(tempfile.gettempdir()) if args.quick else REPO / "runs") / f"bench-{stamp}",
     )
     quick_default = Path(tempfile.gettempdir()) / f"bench-quick-{stamp}.md"
-    output = args.output or (quick_default if s.quick else Path("docs/benchmarks.md"))
+    output = args.output or (quick_default if s.quick else REPO / "docs" / "benchmarks.md")
     img_dir = output.parent / "img"
     parts = args.parts.split(",")
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load > 0.5 * cores:
+        console.print(f"[yellow]load average {load:.1f} on {cores} cores: other processes share "
+                      "the CPU, timings will be noisy (try --threads 1)[/]")  # fmt: skip
 
     def image(name: str, alt: str) -> tuple[Path, str]:
         img_dir.mkdir(parents=True, exist_ok=True)
@@ -468,7 +483,9 @@ def main(argv: list[str] | None = None) -> None:
         setup += (f" **Quick run ({s.limit} training examples, {s.epochs:g} epoch): "
                   "the numbers are meaningless.**")  # fmt: skip
     if {"methods", "fingpt"} & set(parts):
-        setup += f" Run directories: `{s.runs_dir}/`."
+        runs = s.runs_dir.relative_to(REPO) if s.runs_dir.is_relative_to(REPO) else s.runs_dir
+        setup += f" Run directories: `{runs}/`."
+        setup += "\n\n" + METHODS_NOTES
     body = [
         show(console, "Machine", ["", ""], machine(s.threads), left=2),
         f"Command:\n\n```\n{command}\n```\n\n{setup}\n",
