@@ -145,3 +145,19 @@ def test_classification_metrics_hand_computed() -> None:
     assert m.weighted_f1 == pytest.approx(m.macro_f1)  # equal supports
     assert m.confusion == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
     assert m.report["neutral"]["recall"] == 1.0
+
+
+def test_bf16_autocast_trains(tiny_models: dict[str, str]) -> None:
+    model = _model(tiny_models["gpt2"], "lora")
+    before = evaluate_features(model, _feats(model, 1))
+    cfg = TrainConfig(epochs=10, batch_size=8, bf16=True, progress=False)
+    train(model, _feats(model, 8), None, cfg, lr=1e-2, seed=0)
+    assert all(p.dtype == torch.float32 for p in model.module.parameters())
+    assert evaluate_features(model, _feats(model, 1)).loss < before.loss
+
+
+def test_unusable_device_is_a_config_error(tiny_models: dict[str, str]) -> None:
+    model = _model(tiny_models["bert"])
+    cfg = TrainConfig(max_steps=1, device="nodevice", progress=False)
+    with pytest.raises(ConfigError, match="device 'nodevice' is not usable"):
+        train(model, _feats(model), None, cfg, lr=1e-3)

@@ -18,9 +18,9 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from fedtune.classify import Formulation, GenerativeClassifier, HeadClassifier
+from fedtune.classify import Formulation, GenerativeClassifier, HeadClassifier, to_device
 from fedtune.config import MethodConfig, ModelConfig, method_config
-from fedtune.errors import ModelError
+from fedtune.errors import ConfigError, ModelError
 from fedtune.methods import build_method, method_name_of
 from fedtune.methods.base import Method
 from fedtune.models import Kind, detect_kind, load_base_model, load_config, load_tokenizer
@@ -70,6 +70,22 @@ class AdaptedModel:
         module = method.apply(base, kind)
         return cls(module, tokenizer, formulation, method, model_cfg, kind, labels, n_base)
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    def to(self, device: str | torch.device) -> AdaptedModel:
+        """Move the model; `auto` = the GPU when there is one, else the CPU."""
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            self.module.to(device)
+        except (RuntimeError, AssertionError, ValueError) as e:
+            raise ConfigError(
+                f"device {device!r} is not usable here ({e}); use `auto` or `cpu`"
+            ) from e
+        return self
+
     # --- what crosses a site boundary -----------------------------------------
 
     def trainable_state(self) -> dict[str, Tensor]:
@@ -94,8 +110,8 @@ class AdaptedModel:
         try:
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
-                batch = self.formulation.collate([feats[i] for i in idx])
-                out[idx] = self.formulation.scores(self.module, batch).numpy()
+                batch = to_device(self.formulation.collate([feats[i] for i in idx]), self.device)
+                out[idx] = self.formulation.scores(self.module, batch).float().cpu().numpy()
         finally:
             self.module.train(was_training)
         return out

@@ -27,6 +27,10 @@ from fedtune.errors import ConfigError
 Feature = dict[str, Any]
 
 
+def to_device(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 class Formulation(ABC):
     def __init__(
         self, tokenizer: PreTrainedTokenizerBase, labels: tuple[str, ...], max_length: int
@@ -81,11 +85,11 @@ class HeadClassifier(Formulation):
 
     def evaluate(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         logits = self._logits(model, batch).float()
-        n = torch.tensor(float(len(logits)))
+        n = torch.tensor(float(len(logits)), device=logits.device)
         if "labels" in batch:
             loss_sum = F.cross_entropy(logits, batch["labels"], reduction="sum")
         else:
-            loss_sum = torch.tensor(0.0)
+            loss_sum = torch.zeros((), device=logits.device)
         return torch.stack([loss_sum, n]), logits.log_softmax(-1)
 
 
@@ -175,7 +179,7 @@ class GenerativeClassifier(Formulation):
     def _target_mask(self, batch: dict[str, Tensor]) -> Tensor:
         """[B, T-1]: True where the next token is a label token."""
         ids, mask, plen = batch["input_ids"], batch["attention_mask"], batch["prompt_len"]
-        pos = torch.arange(1, ids.shape[1])[None, :]
+        pos = torch.arange(1, ids.shape[1], device=ids.device)[None, :]
         return (pos >= plen[:, None]) & mask[:, 1:].bool()
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
@@ -185,7 +189,7 @@ class GenerativeClassifier(Formulation):
 
     def evaluate(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         ids, mask, plen = batch["input_ids"], batch["attention_mask"], batch["prompt_len"]
-        rows = torch.arange(len(ids))
+        rows = torch.arange(len(ids), device=ids.device)
         if self.single_token:
             logits = model(input_ids=ids, attention_mask=mask).logits[:, -ids.shape[1] :]
             last = logits[rows, plen - 1].float().log_softmax(-1)  # [B, V] after the prompt
@@ -197,17 +201,19 @@ class GenerativeClassifier(Formulation):
             )
         if "labels" in batch:
             # Loss = mean negative log-likelihood per label token, as in training.
-            gold_len = torch.tensor([len(self.label_ids[y]) for y in batch["labels"].tolist()])
+            units = torch.tensor(
+                float(sum(len(self.label_ids[y]) for y in batch["labels"].tolist())),
+                device=ids.device,
+            )
             loss_sum = -scores[rows, batch["labels"]].sum()
-            units = gold_len.sum().float()
         else:
-            loss_sum, units = torch.tensor(0.0), torch.tensor(0.0)
+            loss_sum = units = torch.zeros((), device=ids.device)
         return torch.stack([loss_sum, units]), scores
 
     def _sequence_logprob(self, model: nn.Module, ids: Tensor, plen: Tensor, k: int) -> Tensor:
         """Sum of log p(label k's tokens | prompt) for every row -> [B]."""
         seqs = [ids[i, : plen[i]].tolist() + self.label_ids[k] for i in range(len(ids))]
-        kids, kmask = self._pad(seqs)
+        kids, kmask = (t.to(ids.device) for t in self._pad(seqs))
         logp = self._token_logprobs(model, kids, kmask)
         tmask = self._target_mask({"input_ids": kids, "attention_mask": kmask, "prompt_len": plen})
         return (logp * tmask).sum(-1)

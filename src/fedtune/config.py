@@ -101,7 +101,13 @@ class TrainConfig:
     """Length bucketing: sort this many batches' worth of examples by length, cut
     into batches, shuffle the batches. 1 = plain random batches."""
     threads: int = 0
-    """torch CPU threads (0 = leave torch's default)."""
+    """torch CPU threads (0 = leave torch's default). Use 1 when other jobs share
+    the cores: oversubscribed threads slow training several-fold."""
+    device: str = "auto"
+    """`auto` (the GPU when there is one, else the CPU), `cpu`, `cuda`, `cuda:1`…"""
+    bf16: bool = False
+    """Compute under bfloat16 autocast (weights and optimizer state stay fp32). On a
+    CPU with AVX512-BF16/AMX about 1.5x faster training; see docs/benchmarks.md."""
     progress: bool = True
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
 
-from fedtune.classify import Feature
+from fedtune.classify import Feature, to_device
 
 if TYPE_CHECKING:  # avoids an import cycle at runtime
     from fedtune.adapted import AdaptedModel
@@ -67,10 +67,10 @@ def evaluate_features(model: AdaptedModel, feats: list[Feature], batch_size: int
     try:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            batch = model.formulation.collate([feats[i] for i in idx])
+            batch = to_device(model.formulation.collate([feats[i] for i in idx]), model.device)
             loss_units, scores = model.formulation.evaluate(model.module, batch)
-            totals += loss_units.double()
-            preds[idx] = scores.argmax(-1).numpy()
+            totals += loss_units.double().cpu()
+            preds[idx] = scores.argmax(-1).cpu().numpy()
     finally:
         model.module.train(was_training)
     y_true = np.array([f["labels"] for f in feats])

@@ -24,7 +24,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from transformers import get_scheduler
 
 from fedtune.adapted import AdaptedModel
-from fedtune.classify import Feature
+from fedtune.classify import Feature, to_device
 from fedtune.config import TrainConfig
 from fedtune.errors import ConfigError
 from fedtune.evaluate import Metrics, evaluate_features
@@ -100,8 +100,27 @@ def train(
         raise ConfigError("no training examples: check data.limit and the split sizes")
     if cfg.batch_size < 1 or cfg.grad_accum < 1:
         raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
+    threads_before = torch.get_num_threads()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
+    try:
+        return _train(model, train_feats, val_feats, cfg, lr, seed, on_eval, description)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _train(
+    model: AdaptedModel,
+    train_feats: list[Feature],
+    val_feats: list[Feature] | None,
+    cfg: TrainConfig,
+    lr: float,
+    seed: int,
+    on_eval: EvalCallback | None,
+    description: str,
+) -> TrainResult:
+    model.to(cfg.device)
+    device = model.device
     torch.manual_seed(seed)  # dropout masks
     rng = np.random.default_rng(seed)  # batch order
     module = model.module
@@ -142,7 +161,8 @@ def train(
             t0 = time.perf_counter()
             for _ in range(cfg.grad_accum):
                 mb = next(batches)
-                loss = loss_fn(module, collate(mb))
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                    loss = loss_fn(module, to_device(collate(mb), device))
                 (loss / cfg.grad_accum).backward()
                 running += loss.item()
                 running_n += 1
