@@ -66,14 +66,21 @@ transformers.logging.disable_progress_bar()
 warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices
 
 # Per method: `method` = method config overrides (lr, r, ...), `train` = TrainConfig overrides.
-HPARAMS: dict[str, dict[str, dict[str, Any]]] = {
-    "head": {"method": {"lr": 5e-3}, "train": {"epochs": 10}},
+# Row name -> method config and train overrides. A row whose name is not a method
+# says which method it varies in "base" (e.g. `lora-qv`: PEFT's default LoRA targets).
+HPARAMS: dict[str, dict[str, Any]] = {
+    "head": {"method": {"lr": 1e-2}, "train": {"epochs": 10}},
     "full": {"method": {"lr": 5e-5}, "train": {"epochs": 4}},
-    "lora": {"method": {"lr": 3e-3}, "train": {"epochs": 6}},
-    "ptuning": {"method": {"lr": 1e-2}, "train": {"epochs": 8}},
-    "prompt": {"method": {"lr": 3e-2}, "train": {"epochs": 8}},
-    "prefix": {"method": {"lr": 1e-2}, "train": {"epochs": 8}},
-    "ia3": {"method": {"lr": 5e-3}, "train": {"epochs": 8}},
+    "lora": {"method": {}, "train": {"epochs": 6}},
+    "lora-qv": {
+        "base": "lora",
+        "method": {"lr": 3e-3, "r": 8, "alpha": 16, "target_modules": []},
+        "train": {"epochs": 6},
+    },
+    "ptuning": {"method": {"lr": 1e-2}, "train": {"epochs": 10, "patience": 3}},
+    "prompt": {"method": {"lr": 3e-2}, "train": {"epochs": 10, "patience": 3}},
+    "prefix": {"method": {"lr": 1e-2}, "train": {"epochs": 10, "patience": 3}},
+    "ia3": {"method": {"lr": 1e-2}, "train": {"epochs": 10, "patience": 3}},
 }
 FINGPT_METHODS = ["lora", "full"]
 THROUGHPUT_METHODS = ["lora", "full"]
@@ -153,10 +160,12 @@ def run_methods(
             seed=SEED,
             data=data,
             model=MODEL,
-            method=method_config(name, hp["method"]),
+            method=method_config(hp.get("base", name), hp["method"]),
             train=dataclasses.replace(TrainConfig(), **train_over),
         )
-        summaries.append(run_centralized(cfg, console, splits))
+        summary = run_centralized(cfg, console, splits)
+        summary["method"] = name  # the row name, e.g. lora-qv
+        summaries.append(summary)
     return splits, summaries
 
 
@@ -365,7 +374,6 @@ rotating each round; the table gives medians.
   clipping at 1.0), `DataCollatorWithPadding`, the same schedule; the timed
   `trainer.train()` call includes its own dataloader and optimizer setup.
 """
-
 
 
 def part_throughput(splits: Splits, s: Settings, console: Console) -> tuple[list[Record], str]:

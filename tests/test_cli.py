@@ -154,7 +154,7 @@ def test_minilm_end_to_end_on_real_data(fpb_dir: Path, tmp_path: Path) -> None:
     result = runner.invoke(app, args, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "m" / "metrics.jsonl").read_text().splitlines()[-1])
-    assert summary["n_test"] == 452 and summary["trainable_parameters"] == 74_883
+    assert summary["n_test"] == 452 and summary["trainable_parameters"] == 676_995
     assert summary["model"] == "minilm" and summary["kind"] == "encoder"
     result = runner.invoke(app, ["predict", str(out / "m"), "--text", "Operating profit rose."])
     assert result.exit_code == 0 and "Operating profit rose." in result.output

@@ -33,16 +33,21 @@ class PeftMethodConfig(MethodConfig):
 
 @dataclass(frozen=True)
 class LoraConfig(PeftMethodConfig):
-    lr: float = 1e-3
-    r: int = 8
+    """Defaults: every linear layer, rank 16 — on MiniLM/FPB all-agree 0.96 test
+    accuracy vs 0.94 for PEFT's default (query/value, rank 8), which sends 9x
+    fewer bytes per round (docs/benchmarks.md). For the small variant:
+    `--set method.target_modules=[] --set method.r=8 --set method.alpha=16`."""
+
+    lr: float = 2e-3
+    r: int = 16
     """Rank of the low-rank update B @ A."""
-    alpha: int = 16
+    alpha: int = 32
     """Scaling: the update is multiplied by alpha / r."""
     dropout: float = 0.1
-    target_modules: tuple[str, ...] = ()
-    """Module names to adapt; empty = PEFT's default for the architecture
-    (query/value for BERT, c_attn for GPT-2, q_proj/v_proj for Llama/Qwen),
-    `all-linear` = every linear layer but the output layer."""
+    target_modules: tuple[str, ...] = ("all-linear",)
+    """Module names to adapt; `all-linear` = every linear layer but the output
+    layer; empty = PEFT's default for the architecture (query/value for BERT,
+    c_attn for GPT-2, q_proj/v_proj for Llama/Qwen)."""
 
 
 @dataclass(frozen=True)
