@@ -17,7 +17,7 @@ transformers.utils.logging.disable_progress_bar()
 # Tiny models gain nothing from threads, and a busy machine makes them slow.
 torch.set_num_threads(1)
 
-FAMILIES = ("bert", "gpt2", "llama")
+FAMILIES = ("bert", "gpt2", "llama", "qwen2")
 LABELS = ("negative", "neutral", "positive")
 TEXTS = [
     "the company said its net sales rose by percent",

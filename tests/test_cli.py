@@ -158,3 +158,25 @@ def test_minilm_end_to_end_on_real_data(fpb_dir: Path, tmp_path: Path) -> None:
     assert summary["model"] == "minilm" and summary["kind"] == "encoder"
     result = runner.invoke(app, ["predict", str(out / "m"), "--text", "Operating profit rose."])
     assert result.exit_code == 0 and "Operating profit rose." in result.output
+
+
+def test_demo_quick_on_real_data(
+    fpb_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`fedtune demo --quick` end to end (two of its methods, to keep CI short)."""
+    import fedtune.demo
+
+    plan = {m: fedtune.demo.DEMO_PLAN[m] for m in ("head", "lora")}
+    monkeypatch.setattr(fedtune.demo, "DEMO_PLAN", plan)
+    monkeypatch.setenv("FEDTUNE_DATA_DIR", str(fpb_dir.parent))
+    result = runner.invoke(app, ["demo", "--quick", "--output-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    (out,) = tmp_path.iterdir()
+    report = (out / "report.md").read_text()
+    assert "| head |" in report and "| lora |" in report
+    assert (out / "comparison.png").is_file() and (
+        out / "lora" / "model" / "fedtune.json"
+    ).is_file()
+    rows = json.loads((out / "comparison.json").read_text())
+    assert [r["n_train"] for r in rows] == [200, 200]
+    assert "report at" in result.output

@@ -34,7 +34,7 @@ def test_minilm_hub_id_resolves_offline(monkeypatch: pytest.MonkeyPatch) -> None
 
 def test_tiny_models_kinds_and_tokenizers(tiny_models: dict[str, str]) -> None:
     assert detect_kind(load_config(tiny_models["bert"])) == "encoder"
-    for fam in ("gpt2", "llama"):
+    for fam in ("gpt2", "llama", "qwen2"):
         assert detect_kind(load_config(tiny_models[fam])) == "decoder"
         tok = load_tokenizer(tiny_models[fam], "decoder")
         assert tok.pad_token is not None and tok.padding_side == "right"

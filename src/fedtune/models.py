@@ -187,7 +187,7 @@ def _tiny_tokenizer(kind: Literal["wordpiece", "bpe"], out: Path) -> None:
 
 
 def build_tiny_model(
-    out_dir: str | Path, family: Literal["bert", "gpt2", "llama"] = "bert", seed: int = 0
+    out_dir: str | Path, family: Literal["bert", "gpt2", "llama", "qwen2"] = "bert", seed: int = 0
 ) -> str:
     """Write a tiny randomly initialised model + tokenizer to `out_dir` (a few
     hundred kB) that loads with `from_pretrained` like any Hub model."""
@@ -198,6 +198,8 @@ def build_tiny_model(
         GPT2LMHeadModel,
         LlamaConfig,
         LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
     )
 
     out = Path(out_dir)
@@ -221,6 +223,16 @@ def build_tiny_model(
             GPT2Config(
                 vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=128,
                 bos_token_id=eos, eos_token_id=eos, architectures=["GPT2LMHeadModel"],
+            )
+        )  # fmt: skip
+    elif family == "qwen2":
+        eos = tok.eos_token_id
+        model = Qwen2ForCausalLM(
+            Qwen2Config(
+                vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                bos_token_id=eos, eos_token_id=eos, tie_word_embeddings=True,
+                architectures=["Qwen2ForCausalLM"],
             )
         )  # fmt: skip
     else:
