@@ -7,6 +7,7 @@ methods on one split; the local-only and federated regimes build on the same
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,11 @@ def encode(model: AdaptedModel, examples: list[Example]) -> list[dict[str, Any]]
 def describe_data(cfg: RunConfig) -> str:
     d = cfg.data
     if d.source == "fpb":
-        where = d.path or "$FEDTUNE_DATA_DIR / Hub"
+        where = d.path or (
+            f"{os.environ['FEDTUNE_DATA_DIR']}/financial_phrasebank"
+            if os.environ.get("FEDTUNE_DATA_DIR")
+            else "Hub: takala/financial_phrasebank"
+        )
         return f"Financial PhraseBank ({d.agreement} agree, {where}), split `{d.split}`"
     return f"{d.source}: {d.path or d.name}, split `{d.split}`"
 

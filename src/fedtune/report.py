@@ -16,20 +16,21 @@ from fedtune.evaluate import Metrics
 def plot_curves(history: list[dict[str, Any]], path: Path, title: str) -> None:
     """Train and validation loss (left axis) and validation accuracy (right) per step."""
     steps = [r["step"] for r in history]
-    fig, ax = plt.subplots(figsize=(6.4, 4))
-    ax.plot(steps, [r["train_loss"] for r in history], "o-", label="train loss")
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    lines = ax.plot(steps, [r["train_loss"] for r in history], "o-", label="train loss")
     if history and "val_loss" in history[0]:
-        ax.plot(steps, [r["val_loss"] for r in history], "s-", label="validation loss")
+        lines += ax.plot(steps, [r["val_loss"] for r in history], "s-", label="validation loss")
         ax2 = ax.twinx()
-        ax2.plot(steps, [r["val_accuracy"] for r in history], "^--", color="tab:green",
-                 label="validation accuracy")  # fmt: skip
+        lines += ax2.plot(steps, [r["val_accuracy"] for r in history], "^--", color="tab:green",
+                          label="validation accuracy")  # fmt: skip
         ax2.set_ylabel("accuracy")
         ax2.set_ylim(0, 1)
-        ax2.legend(loc="center right")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.set_title(title)
-    ax.legend(loc="upper right")
+    # One legend under the plot, so it never hides a curve.
+    ax.legend(lines, [ln.get_label() for ln in lines], loc="upper center",
+              bbox_to_anchor=(0.5, -0.14), ncol=3, frameon=False)  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
