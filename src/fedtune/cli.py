@@ -78,6 +78,10 @@ def train_cmd(
     batch_size: Annotated[int | None, typer.Option()] = None,
     lr: Annotated[float | None, typer.Option(help="Learning rate (default: the method's).")] = None,
     max_length: Annotated[int | None, typer.Option()] = None,
+    bf16: Annotated[
+        bool | None, typer.Option("--bf16/--no-bf16", help="bfloat16 autocast (faster).")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = None,
     seed: Annotated[int | None, typer.Option()] = None,
     name: Annotated[str | None, typer.Option(help="Run directory name.")] = None,
     output_dir: Annotated[str | None, typer.Option(help="Parent of run directories.")] = None,
@@ -91,6 +95,7 @@ def train_cmd(
         "data.label_column": label_column, "data.limit": limit, "train.epochs": epochs,
         "train.max_steps": max_steps, "train.batch_size": batch_size,
         "model.name": model, "model.max_length": max_length, "seed": seed, "name": name,
+        "train.bf16": bf16, "train.device": device,
         "output_dir": output_dir,
     }  # fmt: skip
     overrides = [] if method is None else [f"method.name={method}"]
@@ -102,6 +107,8 @@ def train_cmd(
 
 def _literal(v: object) -> str:
     # Strings are quoted so `--data-path 50` stays a string; TOML reads the rest.
+    if isinstance(v, bool):
+        return "true" if v else "false"
     return f'"{v}"' if isinstance(v, str) else repr(v)
 
 

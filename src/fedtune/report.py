@@ -29,7 +29,7 @@ def plot_curves(history: list[dict[str, Any]], path: Path, title: str) -> None:
     ax.set_ylabel("loss")
     ax.set_title(title)
     # One legend under the plot, so it never hides a curve.
-    ax.legend(lines, [ln.get_label() for ln in lines], loc="upper center",
+    ax.legend(lines, [str(ln.get_label()) for ln in lines], loc="upper center",
               bbox_to_anchor=(0.5, -0.14), ncol=3, frameon=False)  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=110)
