@@ -10,6 +10,8 @@ Parts:
   methods     every method on FPB all-agree (default DataConfig) with MiniLM, through
               `run_centralized`, the split loaded once; hyperparameters from HPARAMS.
   fingpt      lora and full on the FinGPT split (50% agreement, 1,212 test sentences).
+  reference   LoRA trained by the plain PyTorch loop (below) for the lora row's epochs,
+              tested on the same all-agree split: the accuracy reference.
   throughput  training samples/s of fedtune's `train()`, a minimal hand-written loop and
               `transformers.Trainer` on the same model, data, batch size and step count,
               interleaved over several rounds (medians reported).
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import math
 import os
 import platform
 import shlex
@@ -57,6 +60,7 @@ from transformers import (
 from fedtune.adapted import AdaptedModel
 from fedtune.config import DataConfig, ModelConfig, RunConfig, TrainConfig, method_config
 from fedtune.data import Splits, make_splits
+from fedtune.evaluate import evaluate
 from fedtune.regimes import run_centralized
 from fedtune.train import train
 
@@ -84,7 +88,7 @@ HPARAMS: dict[str, dict[str, Any]] = {
 }
 FINGPT_METHODS = ["lora", "full"]
 THROUGHPUT_METHODS = ["lora", "full"]
-PARTS = ["methods", "fingpt", "throughput"]
+PARTS = ["methods", "fingpt", "reference", "throughput"]
 SEED = 42
 BATCH_SIZE = 32
 WARMUP_RATIO = TrainConfig().warmup_ratio  # the same warmup for all three loops
@@ -257,6 +261,32 @@ def plain_loop(
             if step == steps:
                 break
     return seen, time.perf_counter() - t0
+
+
+def plain_reference(splits: Splits, s: Settings, console: Console) -> Record:
+    """LoRA trained by `plain_loop` for the same epochs as the `lora` row, tested on
+    the same split: the accuracy reference for fedtune's loop (which also clips
+    gradients and restores the best validation checkpoint; the plain loop does not)."""
+    t0 = time.perf_counter()
+    hp = HPARAMS["lora"]
+    mcfg = method_config("lora", hp["method"])
+    model = AdaptedModel.build(MODEL, mcfg, splits.labels, seed=SEED)
+    index = {label: i for i, label in enumerate(splits.labels)}
+    texts, labels = [e.text for e in splits.train], [index[e.label] for e in splits.train]
+    epochs = s.epochs if s.epochs is not None else hp["train"]["epochs"]
+    steps = math.ceil(epochs * math.ceil(len(texts) / BATCH_SIZE))
+    torch.set_num_threads(s.threads)
+    seen, seconds = plain_loop(model, texts, labels, steps, mcfg.lr)
+    model.module.eval()
+    test = evaluate(model, [e.text for e in splits.test], [index[e.label] for e in splits.test])
+    n = model.trainable_parameters()
+    console.print(f"plain loop (lora): test accuracy {test.accuracy:.4f}")
+    return {
+        "method": "plain loop (lora)", **test.summary(), "trainable_parameters": n,
+        "trainable_percent": 100 * n / model.base_parameters, "epochs": float(epochs),
+        "steps": steps, "best_step": steps, "wall_seconds": time.perf_counter() - t0,
+        "samples_per_second": seen / seconds,
+    }  # fmt: skip
 
 
 def hf_trainer(
@@ -511,6 +541,12 @@ def main(argv: list[str] | None = None) -> None:
         fingpt = DataConfig(agreement="50", split="fingpt", limit=s.limit)
         title = "FinGPT split (FPB 50% agreement)"
         body.append(part_methods(fingpt, FINGPT_METHODS, "fingpt", title, s, console)[2])
+    if "reference" in parts:
+        splits = splits or make_splits(allagree)
+        title = "Plain PyTorch loop, LoRA, FPB all-agree"
+        console.rule(f"[bold]{title}")
+        ref = [plain_reference(splits, s, console)]
+        body.append(f"### {title}\n\n" + show(console, title, RESULT_HEADERS, result_rows(ref)))
     if "throughput" in parts:
         records, md = part_throughput(splits or make_splits(allagree), s, console)
         path, img = image("throughput", "training samples/s per training loop")

@@ -94,3 +94,26 @@ def test_encoder_head_truncates_and_pads(tiny_models: dict[str, str]) -> None:
     batch = form.collate(feats)
     assert batch["input_ids"].shape == (len(TEXTS), 5)
     assert batch["labels"].tolist() == Y
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt", "ptuning", "prefix"])
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_scores_with_virtual_tokens_and_padding(
+    tiny_models: dict[str, str], family: str, method: str
+) -> None:
+    """Prompt-learning methods prepend virtual tokens to the logits and batches are
+    right-padded: a text scored alone, in a padded batch, and by hand (the real
+    positions are the last T of the logits) must agree."""
+    model = AdaptedModel.build(ModelConfig(name=tiny_models[family]), method_config(method), LABELS)
+    model.module.eval()
+    form = model.formulation
+    assert isinstance(form, GenerativeClassifier)
+    batch_scores = model.predict_scores(TEXTS)  # lengths differ: padding in every batch
+    for i, text in enumerate(TEXTS[:3]):
+        alone = model.predict_scores([text])[0]
+        np.testing.assert_allclose(batch_scores[i], alone, atol=1e-5)
+        ids = torch.tensor([form._prompt_ids([text])[0]])
+        with torch.no_grad():
+            logits = model.module(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        logp = logits[0, -ids.shape[1] :][-1].log_softmax(-1)
+        np.testing.assert_allclose(alone, [logp[t[0]].item() for t in form.label_ids], atol=1e-5)

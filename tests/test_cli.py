@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from fedtune.adapted import AdaptedModel
 from fedtune.cli import app
 
 runner = CliRunner()
@@ -69,21 +70,24 @@ def test_train_then_predict(
         "positive",
     ]
 
-    result = runner.invoke(
-        app, ["predict", str(run), "--text", "profit rose", "--text", "sales fell"]
-    )
+    texts = ["profit rose", "sales fell [/note] [bold]"]  # markup-like text is just text
+    result = runner.invoke(app, ["predict", str(run), "--text", texts[0], "--text", texts[1]])
     assert result.exit_code == 0, result.output
-    assert result.output.count("profit rose") == 1
+    expected = AdaptedModel.load(run / "model").predict(texts)
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert [ln.split()[0] for ln in lines] == expected
+    assert lines[1].endswith(texts[1])
 
     inp, outp = tmp_path / "in.csv", tmp_path / "out.csv"
-    pd.DataFrame({"sentence": ["profit rose", "sales fell", "the company"]}).to_csv(
-        inp, index=False
-    )
+    frame = pd.DataFrame({"id": [7, 8, 9], "sentence": ["profit rose", "NA", "the company"]})
+    frame.to_csv(inp, index=False)
     result = runner.invoke(app, ["predict", str(run), "--input", str(inp), "--output", str(outp),
                                  "--text-column", "sentence"])  # fmt: skip
     assert result.exit_code == 0, result.output
-    pred = pd.read_csv(outp)
-    assert list(pred.columns) == ["text", "label", "p_negative", "p_neutral", "p_positive"]
+    pred = pd.read_csv(outp, keep_default_na=False)
+    assert list(pred.columns) == ["id", "sentence", "text", "label", "p_negative", "p_neutral",
+                                  "p_positive"]  # fmt: skip
+    assert pred["id"].tolist() == [7, 8, 9] and pred["text"][1] == "NA"
     assert set(pred["label"]) <= {"negative", "neutral", "positive"}
     assert pred[["p_negative", "p_neutral", "p_positive"]].sum(axis=1).round(4).eq(1).all()
 
@@ -180,3 +184,22 @@ def test_demo_quick_on_real_data(
     rows = json.loads((out / "comparison.json").read_text())
     assert [r["n_train"] for r in rows] == [200, 200]
     assert "report at" in result.output
+
+
+def test_predict_labels_that_are_not_identifiers(
+    tiny_models: dict[str, str], tmp_path: Path
+) -> None:
+    rows = [(f"profit rose {i}", "very-good") for i in range(10)]
+    rows += [(f"sales fell {i}", "very bad") for i in range(10)]
+    table = tmp_path / "d.csv"
+    pd.DataFrame(rows, columns=["text", "label"]).to_csv(table, index=False)
+    args = ["train", "--model", tiny_models["bert"], "--data", "file", "--data-path", str(table),
+            "--max-steps", "2", "--output-dir", str(tmp_path / "runs"), "--name", "r"]  # fmt: skip
+    assert runner.invoke(app, args).exit_code == 0
+    result = runner.invoke(app, ["predict", str(tmp_path / "runs" / "r"), "--text", "profit"])
+    assert result.exit_code == 0, result.output
+    assert "very-good" in result.output and "very bad" in result.output
+    bad_out = runner.invoke(app, ["predict", str(tmp_path / "runs" / "r"), "--input", str(table),
+                                  "--output", str(tmp_path / "p.xlsx")])  # fmt: skip
+    assert bad_out.exit_code == 2 and "unsupported file type" in bad_out.output
+    assert not (tmp_path / "p.xlsx").exists()

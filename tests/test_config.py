@@ -71,3 +71,21 @@ def test_example_configs_parse() -> None:
     for path in examples:
         cfg = load_config(path)
         assert cfg.name and cfg.method_name in ("lora", "full", "ptuning")
+
+
+def test_set_values_keep_text_for_string_fields() -> None:
+    """String fields take the text as typed; a quoted TOML string gives escapes."""
+    cfg = load_config(
+        None,
+        [
+            r'model.template="News: {text}\nTone:"',
+            "data.text_column=true",
+            r"data.path=C:\temp\new.csv",
+            'name=a"b',
+            "data.agreement=50",
+            'method.name="prompt"',
+        ],
+    )
+    assert cfg.model.template == "News: {text}\nTone:"
+    assert cfg.data.text_column == "true" and cfg.data.path == r"C:\temp\new.csv"
+    assert cfg.name == 'a"b' and cfg.data.agreement == "50" and cfg.method_name == "prompt"

@@ -75,3 +75,49 @@ def test_full_model_loads_with_plain_transformers(
     with torch.no_grad():
         logits = plain(**enc).logits.log_softmax(-1).numpy()
     np.testing.assert_allclose(logits, model.predict_scores(TEXTS), atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["ptuning", "prefix"])
+def test_prompt_learning_encoder_adapters_load_with_plain_peft(
+    tiny_models: dict[str, str], method: str, tmp_path: Path
+) -> None:
+    model = _trained(tiny_models["bert"], method)
+    model.save(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    auto = AutoPeftModelForSequenceClassification.from_pretrained(tmp_path, num_labels=3).eval()
+    enc = tok(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = auto(**enc).logits.log_softmax(-1).numpy()
+    np.testing.assert_allclose(logits, model.predict_scores(TEXTS), atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["ptuning", "prefix", "prompt"])
+def test_prompt_learning_decoder_adapters_load_with_plain_peft(
+    tiny_models: dict[str, str], method: str, tmp_path: Path
+) -> None:
+    model = _trained(tiny_models["llama"], method)
+    model.save(tmp_path)
+    plain = AutoPeftModelForCausalLM.from_pretrained(tmp_path).eval()
+    form = model.formulation
+    prompt = form._prompt_ids(TEXTS[:1])[0]  # type: ignore[attr-defined]
+    with torch.no_grad():
+        logp = plain(input_ids=torch.tensor([prompt])).logits[0, -1].log_softmax(-1)
+    label_first = [ids[0] for ids in form.label_ids]  # type: ignore[attr-defined]
+    np.testing.assert_allclose(
+        logp[label_first].numpy(), model.predict_scores(TEXTS[:1])[0], atol=1e-5
+    )
+
+
+def test_reload_for_training(tiny_models: dict[str, str], tmp_path: Path) -> None:
+    """LoRA adapters reload trainable; PEFT keeps prompt-learning adapters for
+    inference only, which fedtune says instead of failing deep inside PEFT."""
+    from fedtune.errors import ModelError
+
+    lora = _trained(tiny_models["bert"], "lora")
+    lora.save(tmp_path / "lora")
+    again = AdaptedModel.load(tmp_path / "lora", trainable=True)
+    assert set(again.trainable_state()) == set(lora.trainable_state())
+    prompt = _trained(tiny_models["bert"], "prompt")
+    prompt.save(tmp_path / "prompt")
+    with pytest.raises(ModelError, match="loads for prediction only"):
+        AdaptedModel.load(tmp_path / "prompt", trainable=True)

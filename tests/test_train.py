@@ -82,7 +82,9 @@ def test_warmup_then_linear_decay(tiny_models: dict[str, str]) -> None:
     cfg = TrainConfig(max_steps=10, batch_size=4, warmup_ratio=0.3, eval_every=1, progress=False)
     _, result = _run(tiny_models["bert"], cfg)
     lrs = [r["lr"] for r in result.history]
-    assert len(lrs) == 10 and lrs[-1] == pytest.approx(0.0, abs=1e-12)
+    # The rate used by each step: 0 at the first warmup step (as in transformers),
+    # 1e-2 after 3 warmup steps, then linearly down to 1/7 of it at the last step.
+    assert len(lrs) == 10 and lrs[0] == 0.0 and lrs[-1] == pytest.approx(1e-2 / 7)
     assert lrs[0] < lrs[2] and max(lrs) == pytest.approx(1e-2)
     assert all(x >= y for x, y in itertools.pairwise(lrs[3:]))
 
@@ -119,10 +121,12 @@ def test_early_stopping_restores_best_state(tiny_models: dict[str, str]) -> None
 
 
 def test_training_learns_the_toy_task(tiny_models: dict[str, str]) -> None:
-    model = _model(tiny_models["bert"], "lora")
+    # LoRA on query/value, rank 8: learns the six toy sentences reliably.
+    small_lora = method_config("lora", {"target_modules": [], "r": 8, "alpha": 16})
+    model = AdaptedModel.build(ModelConfig(name=tiny_models["bert"]), small_lora, LABELS)
     before = evaluate_features(model, _feats(model, 1))
-    train(model, _feats(model, 8), None, TrainConfig(epochs=30, batch_size=8, progress=False),
-          lr=1e-2, seed=0)  # fmt: skip
+    cfg = TrainConfig(epochs=30, batch_size=8, progress=False)
+    train(model, _feats(model, 8), None, cfg, lr=1e-2, seed=0)
     after = evaluate_features(model, _feats(model, 1))
     assert after.loss < before.loss and after.accuracy == 1.0
 
@@ -161,3 +165,35 @@ def test_unusable_device_is_a_config_error(tiny_models: dict[str, str]) -> None:
     cfg = TrainConfig(max_steps=1, device="nodevice", progress=False)
     with pytest.raises(ConfigError, match="device 'nodevice' is not usable"):
         train(model, _feats(model), None, cfg, lr=1e-3)
+
+
+def test_uneven_accumulation_keeps_epochs_exact(tiny_models: dict[str, str]) -> None:
+    """24 examples in batches of 5 (5,5,5,5,4) with grad_accum=2: 2 epochs are 10
+    micro-batches = 5 steps, evaluated when each pass over the data completes."""
+    cfg = TrainConfig(epochs=2, batch_size=5, grad_accum=2, progress=False)
+    _, result = _run(tiny_models["bert"], cfg)
+    assert result.steps == 5 and result.epochs == 2.0
+    assert result.samples_seen == 48
+    assert [r["step"] for r in result.history] == [3, 5]
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"epochs": 0}, "train.epochs must be > 0"),
+        ({"warmup_ratio": 1.5}, "warmup_ratio"),
+        ({"eval_every": -1}, "eval_every"),
+    ],
+)
+def test_settings_that_would_do_something_else(
+    tiny_models: dict[str, str], changes: dict, match: str
+) -> None:
+    model = _model(tiny_models["bert"])
+    with pytest.raises(ConfigError, match=match):
+        train(model, _feats(model), None, TrainConfig(progress=False, **changes), lr=1e-3)
+
+
+def test_patience_needs_validation(tiny_models: dict[str, str]) -> None:
+    model = _model(tiny_models["bert"])
+    with pytest.raises(ConfigError, match="patience needs a validation set"):
+        train(model, _feats(model), None, TrainConfig(patience=2, progress=False), lr=1e-3)

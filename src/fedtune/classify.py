@@ -112,13 +112,24 @@ class GenerativeClassifier(Formulation):
                 f"({', '.join(labels)}); give one word per label, in label order"
             )
         self.template = template
-        # The label word follows the prompt after a space, as it would in running text.
-        self.label_ids = [tokenizer(" " + w, add_special_tokens=False)["input_ids"] for w in words]
+        self.label_ids = [self._label_tokens(w) for w in words]
         if len({tuple(ids) for ids in self.label_ids}) != len(words):
             raise ConfigError(f"model.label_words {words} tokenize identically; use distinct words")
         # All labels one distinct token (the usual case): one forward pass on the
         # prompt scores every label at once. Otherwise each label is scored in turn.
         self.single_token = all(len(ids) == 1 for ids in self.label_ids)
+
+    def _label_tokens(self, word: str) -> list[int]:
+        """Tokens of " word" as they come after the template's end: tokenized in
+        context, because SentencePiece tokenizers (Llama-2, Mistral) tokenize a
+        lone " word" with an extra leading-space token."""
+        tok = self.tokenizer
+        tail = self.template.split("{text}")[-1] or " "
+        context = tok(tail, add_special_tokens=False)["input_ids"]
+        full = tok(tail + " " + word, add_special_tokens=False)["input_ids"]
+        if full[: len(context)] == context and len(full) > len(context):
+            return full[len(context) :]
+        return tok(" " + word, add_special_tokens=False)["input_ids"]
 
     def _prompt_ids(self, texts: list[str]) -> list[list[int]]:
         tok = self.tokenizer
@@ -167,14 +178,14 @@ class GenerativeClassifier(Formulation):
         return batch
 
     @staticmethod
-    def _token_logprobs(model: nn.Module, ids: Tensor, mask: Tensor) -> Tensor:
-        """log p(ids[:, t] | ids[:, :t]) for t >= 1 -> [B, T-1]."""
+    def _target_logprobs(model: nn.Module, ids: Tensor, mask: Tensor, tmask: Tensor) -> Tensor:
+        """log p(ids[:, t] | ids[:, :t]) at the label positions (tmask [B, T-1]) -> [N]."""
         logits = model(input_ids=ids, attention_mask=mask).logits
         # Prompt-learning methods prepend virtual tokens; the last T positions are
-        # the real ones.
-        logits = logits[:, -ids.shape[1] :].float()
-        logp = logits[:, :-1].log_softmax(-1)
-        return logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+        # the real ones. Only the N label positions get a softmax over the
+        # vocabulary ([N, V], not [B, T, V]: 150k-token vocabularies are large).
+        picked = logits[:, -ids.shape[1] :][:, :-1][tmask].float()
+        return picked.log_softmax(-1).gather(-1, ids[:, 1:][tmask][:, None]).squeeze(-1)
 
     def _target_mask(self, batch: dict[str, Tensor]) -> Tensor:
         """[B, T-1]: True where the next token is a label token."""
@@ -183,9 +194,9 @@ class GenerativeClassifier(Formulation):
         return (pos >= plen[:, None]) & mask[:, 1:].bool()
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-        logp = self._token_logprobs(model, batch["input_ids"], batch["attention_mask"])
         tmask = self._target_mask(batch)
-        return -(logp * tmask).sum() / tmask.sum()
+        logp = self._target_logprobs(model, batch["input_ids"], batch["attention_mask"], tmask)
+        return -logp.mean()
 
     def evaluate(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         ids, mask, plen = batch["input_ids"], batch["attention_mask"], batch["prompt_len"]
@@ -214,6 +225,7 @@ class GenerativeClassifier(Formulation):
         """Sum of log p(label k's tokens | prompt) for every row -> [B]."""
         seqs = [ids[i, : plen[i]].tolist() + self.label_ids[k] for i in range(len(ids))]
         kids, kmask = (t.to(ids.device) for t in self._pad(seqs))
-        logp = self._token_logprobs(model, kids, kmask)
         tmask = self._target_mask({"input_ids": kids, "attention_mask": kmask, "prompt_len": plen})
-        return (logp * tmask).sum(-1)
+        per_row = torch.zeros(tmask.shape, device=ids.device)
+        per_row[tmask] = self._target_logprobs(model, kids, kmask, tmask)
+        return per_row.sum(-1)

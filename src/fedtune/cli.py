@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fedtune.errors import FedtuneError
@@ -37,7 +38,7 @@ def _quiet_libraries() -> None:
 
 
 def _fail(e: FedtuneError) -> None:
-    err_console.print(f"[bold red]error:[/] {e}", soft_wrap=True, highlight=False)
+    err_console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True, highlight=False)
     raise typer.Exit(2)
 
 
@@ -106,10 +107,10 @@ def train_cmd(
 
 
 def _literal(v: object) -> str:
-    # Strings are quoted so `--data-path 50` stays a string; TOML reads the rest.
+    # As typed on a --set: string fields take the text as it is (config.SetValue).
     if isinstance(v, bool):
         return "true" if v else "false"
-    return f'"{v}"' if isinstance(v, str) else repr(v)
+    return str(v) if isinstance(v, str) else repr(v)
 
 
 def _train(config: Path | None, overrides: list[str]) -> None:
@@ -118,15 +119,10 @@ def _train(config: Path | None, overrides: list[str]) -> None:
 
     _quiet_libraries()
     try:
-        cfg = load_config(config, _method_first(overrides))
+        cfg = load_config(config, overrides)
         run_centralized(cfg, console)
     except FedtuneError as e:
         _fail(e)
-
-
-def _method_first(overrides: list[str]) -> list[str]:
-    # `method.name` picks the dataclass the other method.* keys belong to.
-    return sorted(overrides, key=lambda o: not o.startswith("method.name="))
 
 
 @app.command("predict")
@@ -140,7 +136,7 @@ def predict_cmd(
 ) -> None:
     """Predict labels with a saved run, for --text or an --input file."""
     from fedtune.adapted import AdaptedModel
-    from fedtune.predict import predict_table, read_texts, write_predictions
+    from fedtune.predict import check_output_path, predict_table, read_texts, write_predictions
     from fedtune.runs import find_model_dir
 
     _quiet_libraries()
@@ -149,18 +145,23 @@ def predict_cmd(
             raise FedtuneError("give either --text (repeatable) or --input FILE, not both")
         if input is not None and output is None:
             raise FedtuneError("--input needs --output FILE for the predictions")
-        texts = list(text or [])
+        texts, source = list(text or []), None
+        if output is not None:
+            check_output_path(output)  # before the (slow) model load
         if input is not None:
-            _, texts = read_texts(input, text_column)
+            source, texts = read_texts(input, text_column)
         model = AdaptedModel.load(find_model_dir(run_dir))
-        table = predict_table(model, texts, batch_size)
+        table = predict_table(model, texts, batch_size, source)
         if output is not None:
             write_predictions(table, output)
             console.print(f"{len(table)} predictions written to {output}")
         else:
-            for row in table.itertuples(index=False):
-                probs = "  ".join(f"{lab} {getattr(row, 'p_' + lab):.3f}" for lab in model.labels)
-                console.print(f"[bold]{row.label}[/]  ({probs})  {row.text}")
+            for row in table.to_dict("records"):
+                probs = "  ".join(f"{lab} {row['p_' + lab]:.3f}" for lab in model.labels)
+                console.print(
+                    f"[bold]{escape(row['label'])}[/]  ({escape(probs)})  {escape(row['text'])}",
+                    soft_wrap=True,
+                )
     except FedtuneError as e:
         _fail(e)
 

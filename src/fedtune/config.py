@@ -152,7 +152,7 @@ class RunConfig:
         if not isinstance(method, dict):
             raise ConfigError(f"[method] must be a table with a `name`, got {method!r}")
         method = dict(method)
-        mname = method.pop("name", "lora")
+        mname = _coerce(method.pop("name", "lora"), str, "method.name")
         run = _from_dict(cls, data, "")
         return dataclasses.replace(run, method=method_config(mname, method))
 
@@ -181,7 +181,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.epochs=5")
-        _set_path(data, key.strip(), _parse_literal(raw.strip()))
+        _set_path(data, key.strip(), SetValue(raw.strip()))
     return RunConfig.from_dict(data)
 
 
@@ -212,13 +212,25 @@ def _set_path(data: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _parse_literal(raw: str) -> Any:
-    """`--set` values: TOML literals when they parse (5, 1e-3, true, ["a","b"]),
-    otherwise the raw string (so `model.name=gpt2` needs no quotes)."""
-    try:
-        return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        return raw
+class SetValue(str):
+    """A `--set` value as typed, interpreted once the field's type is known:
+    string fields take the text as it is (`model.name=gpt2`, `data.text_column=true`,
+    a Windows path) unless it is a quoted TOML string (`'model.template="a\\nb"'`
+    for escapes); other fields take it as a TOML literal (5, 1e-3, true, ["a","b"]);
+    lists also take `a,b,c`."""
+
+    def as_toml(self) -> Any:
+        try:
+            return tomllib.loads(f"v = {self}")["v"]
+        except tomllib.TOMLDecodeError:
+            return str(self)
+
+    def as_text(self) -> str:
+        if self[:1] in ('"', "'"):
+            parsed = self.as_toml()
+            if isinstance(parsed, str):
+                return parsed
+        return str(self)
 
 
 def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
@@ -244,6 +256,16 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
+    if isinstance(value, SetValue):
+        stringy = tp is str or (
+            origin is Literal and all(isinstance(c, str) for c in typing.get_args(tp))
+        )
+        if stringy:
+            value = value.as_text()
+        elif origin is tuple and value[:1] != "[":
+            value = str(value)  # comma-separated, split below
+        else:
+            value = value.as_toml()
     if origin is Literal:
         choices = typing.get_args(tp)
         if isinstance(value, int | float) and not isinstance(value, bool):

@@ -11,13 +11,21 @@ import pandas as pd
 from fedtune.adapted import AdaptedModel
 from fedtune.errors import DataError
 
+# Cells read as text: "NA" or "null" in a news headline stays a word.
 _READERS = {
-    ".csv": lambda p: pd.read_csv(p),
-    ".tsv": lambda p: pd.read_csv(p, sep="\t"),
-    ".jsonl": lambda p: pd.read_json(p, lines=True),
-    ".json": lambda p: pd.read_json(p, lines=True),
+    ".csv": lambda p: pd.read_csv(p, dtype=str, keep_default_na=False),
+    ".tsv": lambda p: pd.read_csv(p, sep="\t", dtype=str, keep_default_na=False),
+    ".jsonl": lambda p: pd.read_json(p, lines=True, dtype=False),
+    ".json": lambda p: pd.read_json(p, lines=True, dtype=False),
     ".parquet": lambda p: pd.read_parquet(p),
 }
+
+
+def check_output_path(output: str | Path) -> Path:
+    out = Path(output)
+    if out.suffix.lower() not in _READERS:
+        raise DataError(f"--output {out}: unsupported file type; use one of {', '.join(_READERS)}")
+    return out
 
 
 def read_texts(path: str | Path, column: str = "text") -> tuple[pd.DataFrame, list[str]]:
@@ -36,13 +44,25 @@ def read_texts(path: str | Path, column: str = "text") -> tuple[pd.DataFrame, li
             f"{p}: no column {column!r}; available: {', '.join(map(str, df.columns))}. "
             "Choose one with --text-column"
         )
-    texts = df[column].astype(str).tolist()
-    if not texts:
+    if df.empty:
         raise DataError(f"{p}: no rows to predict")
+    texts = ["" if v is None else str(v) for v in df[column].tolist()]
+    for i, t in enumerate(texts):
+        if not t.strip():
+            row = i + 2 if p.suffix.lower() in (".csv", ".tsv") else i + 1
+            where = "line" if p.suffix.lower() in (".csv", ".tsv") else "record"
+            raise DataError(f"{p}: {where} {row}: empty {column!r}; remove the row or fill it")
     return df, texts
 
 
-def predict_table(model: AdaptedModel, texts: list[str], batch_size: int = 64) -> pd.DataFrame:
+def predict_table(
+    model: AdaptedModel,
+    texts: list[str],
+    batch_size: int = 64,
+    source: pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    """`text`, `label` and one `p_<label>` column per label; with `source` (the
+    input table), its other columns come first, so ids travel with predictions."""
     scores = model.predict_scores(texts, batch_size)
     # Scores are log-probabilities (normalised over the labels for the encoder head,
     # over the vocabulary for the generative classifier): renormalise over labels.
@@ -51,15 +71,16 @@ def predict_table(model: AdaptedModel, texts: list[str], batch_size: int = 64) -
     out = pd.DataFrame({"text": texts, "label": [model.labels[i] for i in scores.argmax(-1)]})
     for k, name in enumerate(model.labels):
         out[f"p_{name}"] = probs[:, k].round(6)
+    if source is not None:
+        rest = source.drop(columns=[c for c in source.columns if c in out.columns])
+        out = pd.concat([rest.reset_index(drop=True), out], axis=1)
     return out
 
 
 def write_predictions(df: pd.DataFrame, output: str | Path) -> Path:
     """Write CSV/TSV/JSONL/Parquet by suffix, atomically (temp file, then rename)."""
-    out = Path(output)
+    out = check_output_path(output)
     suffix = out.suffix.lower()
-    if suffix not in _READERS:
-        raise DataError(f"--output {out}: unsupported file type; use one of {', '.join(_READERS)}")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     try:

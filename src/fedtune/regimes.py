@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from fedtune.adapted import AdaptedModel
 from fedtune.config import RunConfig, method_config
 from fedtune.data import Example, Splits, make_splits
+from fedtune.data.sources import fpb_file_agreement
 from fedtune.evaluate import evaluate_features
 from fedtune.report import write_comparison_report, write_run_report
 from fedtune.runs import (
@@ -45,7 +47,8 @@ def describe_data(cfg: RunConfig) -> str:
             if os.environ.get("FEDTUNE_DATA_DIR")
             else "Hub: takala/financial_phrasebank"
         )
-        return f"Financial PhraseBank ({d.agreement} agree, {where}), split `{d.split}`"
+        agreement = (fpb_file_agreement(d.path) if d.path else None) or d.agreement
+        return f"Financial PhraseBank ({agreement} agree, {where}), split `{d.split}`"
     return f"{d.source}: {d.path or d.name}, split `{d.split}`"
 
 
@@ -125,7 +128,7 @@ def run_centralized(
         write_run_report(run_dir, summary, test, result.history, splits.labels)
     console.print(
         f"[bold green]test[/] accuracy {test.accuracy:.4f}  macro-F1 {test.macro_f1:.4f}  "
-        f"weighted F1 {test.weighted_f1:.4f}  ({summary['wall_seconds']:.0f} s) -> {final}"
+        f"weighted F1 {test.weighted_f1:.4f}  ({summary['wall_seconds']:.0f} s) -> {escape(str(final))}"
     )
     summary["run_dir"] = str(final)
     return summary

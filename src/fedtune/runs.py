@@ -51,10 +51,12 @@ def staged_run_dir(final: Path) -> Iterator[Path]:
     staging.mkdir(parents=True)
     try:
         yield staging
+        if final.exists():
+            raise ConfigError(f"run directory {final} appeared while this run was going on")
+        staging.rename(final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    staging.rename(final)
 
 
 def _clean(value: Any) -> Any:

@@ -98,8 +98,7 @@ def train(
     validation loss and restores the best trainable state."""
     if not train_feats:
         raise ConfigError("no training examples: check data.limit and the split sizes")
-    if cfg.batch_size < 1 or cfg.grad_accum < 1:
-        raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
+    _check(cfg, has_validation=bool(val_feats))
     threads_before = torch.get_num_threads()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -107,6 +106,23 @@ def train(
         return _train(model, train_feats, val_feats, cfg, lr, seed, on_eval, description)
     finally:
         torch.set_num_threads(threads_before)
+
+
+def _check(cfg: TrainConfig, has_validation: bool) -> None:
+    """Settings that would silently do something else than asked."""
+    problems = []
+    if cfg.batch_size < 1 or cfg.grad_accum < 1:
+        problems.append("train.batch_size and train.grad_accum must be >= 1")
+    if cfg.max_steps < 0 or (cfg.max_steps == 0 and cfg.epochs <= 0):
+        problems.append("train.epochs must be > 0 (or train.max_steps > 0)")
+    if not 0 <= cfg.warmup_ratio < 1:
+        problems.append(f"train.warmup_ratio = {cfg.warmup_ratio} must be in [0, 1)")
+    if cfg.eval_every < 0:
+        problems.append("train.eval_every must be >= 0 (0 = once per epoch)")
+    if cfg.patience and not has_validation:
+        problems.append("train.patience needs a validation set (data.val_size > 0)")
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 def _train(
@@ -130,9 +146,11 @@ def _train(
 
     lengths = [f["length"] for f in train_feats]
     batches_per_epoch = math.ceil(len(train_feats) / cfg.batch_size)
-    steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    eval_every = cfg.eval_every or steps_per_epoch
+    # The budget counts micro-batches, so `epochs` means passes over the data even
+    # when grad_accum does not divide an epoch's batches.
+    total_steps = cfg.max_steps or max(
+        1, math.ceil(cfg.epochs * batches_per_epoch / cfg.grad_accum)
+    )
 
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     scheduler = get_scheduler(
@@ -152,38 +170,47 @@ def _train(
     result = TrainResult(steps=0, epochs=0.0)
     best_state: dict[str, torch.Tensor] | None = None
     bad_evals = 0
-    running, running_n = 0.0, 0
+    running, running_n = 0.0, 0  # example-weighted train loss since the last evaluation
+    micro_seen = 0
     batches = micro_batches()
     module.train()
     with _progress(cfg.progress) as bar:
         task = bar.add_task(description, total=total_steps, info="")
         while result.steps < total_steps:
             t0 = time.perf_counter()
-            for _ in range(cfg.grad_accum):
-                mb = next(batches)
+            step_batches = [next(batches) for _ in range(cfg.grad_accum)]
+            n_step = sum(len(mb) for mb in step_batches)
+            for mb in step_batches:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                     loss = loss_fn(module, to_device(collate(mb), device))
-                (loss / cfg.grad_accum).backward()
-                running += loss.item()
-                running_n += 1
-                result.samples_seen += len(mb)
+                # Weighted by examples: a short last batch counts for what it holds.
+                (loss * (len(mb) / n_step)).backward()
+                running += loss.item() * len(mb)
+                running_n += len(mb)
+            result.samples_seen += n_step
+            micro_seen += len(step_batches)
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            lr_used = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             result.steps += 1
             result.train_seconds += time.perf_counter() - t0
-            result.epochs = result.steps / steps_per_epoch
+            epochs_before, result.epochs = result.epochs, micro_seen / batches_per_epoch
             bar.update(task, advance=1, info=f"loss {running / max(running_n, 1):.4f}")
 
-            if result.steps % eval_every and result.steps != total_steps:
+            if cfg.eval_every:
+                due = result.steps % cfg.eval_every == 0
+            else:  # once per pass over the data
+                due = math.floor(result.epochs) > math.floor(epochs_before)
+            if not due and result.steps != total_steps:
                 continue
             record: dict[str, Any] = {
                 "step": result.steps,
                 "epoch": round(result.epochs, 4),
                 "train_loss": running / max(running_n, 1),
-                "lr": scheduler.get_last_lr()[0],
+                "lr": lr_used,
                 "train_seconds": round(result.train_seconds, 3),
             }
             running, running_n = 0.0, 0

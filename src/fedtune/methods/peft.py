@@ -19,6 +19,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from fedtune.config import MethodConfig
+from fedtune.errors import ModelError
 from fedtune.methods import register
 from fedtune.methods.base import BaseLoader, Method
 from fedtune.models import Kind
@@ -119,9 +120,15 @@ class _PeftMethod(Method[PeftMethodConfig]):
         module.save_pretrained(str(directory))
 
     def load(self, directory: Path, kind: Kind, base: BaseLoader, trainable: bool) -> nn.Module:
-        # P-tuning saves the prompt encoder's output embeddings, not the encoder
-        # itself: a reloaded P-tuning adapter predicts exactly, but training it
-        # again starts a fresh encoder (use trainable_state() to continue training).
+        if trainable and self.name in ("ptuning", "prompt", "prefix"):
+            # PEFT saves prompt-learning adapters for inference only (P-tuning keeps
+            # the encoder's output embeddings, not the encoder) and refuses to make
+            # them trainable again.
+            raise ModelError(
+                f"a saved {self.name} adapter ({directory}) loads for prediction only; to "
+                "continue training, build the model again (AdaptedModel.build) and load "
+                "a trainable state with load_trainable_state()"
+            )
         return hf_peft.PeftModel.from_pretrained(base(), directory, is_trainable=trainable)
 
 
