@@ -53,7 +53,10 @@ def describe_data(cfg: RunConfig) -> str:
 
 
 def run_centralized(
-    cfg: RunConfig, console: Console | None = None, splits: Splits | None = None
+    cfg: RunConfig,
+    console: Console | None = None,
+    splits: Splits | None = None,
+    shown_as: Path | None = None,
 ) -> dict[str, Any]:
     """Train one model on the pooled training set, evaluate on the test set and
     write the run directory. Returns the run summary (also in metrics.jsonl)."""
@@ -128,7 +131,8 @@ def run_centralized(
         write_run_report(run_dir, summary, test, result.history, splits.labels)
     console.print(
         f"[bold green]test[/] accuracy {test.accuracy:.4f}  macro-F1 {test.macro_f1:.4f}  "
-        f"weighted F1 {test.weighted_f1:.4f}  ({summary['wall_seconds']:.0f} s) -> {escape(str(final))}"
+        f"weighted F1 {test.weighted_f1:.4f}  ({summary['wall_seconds']:.0f} s) "
+        f"-> {escape(str(shown_as or final))}"
     )
     summary["run_dir"] = str(final)
     return summary
@@ -155,7 +159,7 @@ def compare_methods(
             run_cfg = dataclasses.replace(
                 cfg, method=mcfg, train=tcfg, name=name, output_dir=str(staging)
             )
-            rows.append(run_centralized(run_cfg, console, splits))
+            rows.append(run_centralized(run_cfg, console, splits, shown_as=out / name))
         write_comparison_report(staging, rows, f"Methods on {describe_data(cfg)}")
         write_json(staging / "comparison.json", [
             {k: v for k, v in r.items() if k not in ("report", "confusion", "run_dir")}
