@@ -47,11 +47,15 @@ def test_encoder_adapter_loads_with_plain_peft(
             np.testing.assert_allclose(logits, ours, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize(
+    ("family", "method"),
+    [("gpt2", "lora"), ("llama", "lora"), ("llama", "ptuning"), ("llama", "prefix"),
+     ("llama", "prompt")],
+)  # fmt: skip
 def test_decoder_adapter_loads_with_plain_peft(
-    tiny_models: dict[str, str], family: str, tmp_path: Path
+    tiny_models: dict[str, str], family: str, method: str, tmp_path: Path
 ) -> None:
-    model = _trained(tiny_models[family], "lora")
+    model = _trained(tiny_models[family], method)
     model.save(tmp_path)
     plain = AutoPeftModelForCausalLM.from_pretrained(tmp_path).eval()
     form = model.formulation
@@ -89,23 +93,6 @@ def test_prompt_learning_encoder_adapters_load_with_plain_peft(
     with torch.no_grad():
         logits = auto(**enc).logits.log_softmax(-1).numpy()
     np.testing.assert_allclose(logits, model.predict_scores(TEXTS), atol=1e-5)
-
-
-@pytest.mark.parametrize("method", ["ptuning", "prefix", "prompt"])
-def test_prompt_learning_decoder_adapters_load_with_plain_peft(
-    tiny_models: dict[str, str], method: str, tmp_path: Path
-) -> None:
-    model = _trained(tiny_models["llama"], method)
-    model.save(tmp_path)
-    plain = AutoPeftModelForCausalLM.from_pretrained(tmp_path).eval()
-    form = model.formulation
-    prompt = form._prompt_ids(TEXTS[:1])[0]  # type: ignore[attr-defined]
-    with torch.no_grad():
-        logp = plain(input_ids=torch.tensor([prompt])).logits[0, -1].log_softmax(-1)
-    label_first = [ids[0] for ids in form.label_ids]  # type: ignore[attr-defined]
-    np.testing.assert_allclose(
-        logp[label_first].numpy(), model.predict_scores(TEXTS[:1])[0], atol=1e-5
-    )
 
 
 def test_reload_for_training(tiny_models: dict[str, str], tmp_path: Path) -> None:

@@ -225,26 +225,21 @@ def build_tiny_model(
                 bos_token_id=eos, eos_token_id=eos, architectures=["GPT2LMHeadModel"],
             )
         )  # fmt: skip
-    elif family == "qwen2":
+    else:  # Llama-style decoders: Llama (untied LM head) and Qwen2 (tied)
         eos = tok.eos_token_id
-        model = Qwen2ForCausalLM(
-            Qwen2Config(
-                vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                bos_token_id=eos, eos_token_id=eos, tie_word_embeddings=True,
-                architectures=["Qwen2ForCausalLM"],
-            )
+        shape = dict(
+            vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+            bos_token_id=eos, eos_token_id=eos,
         )  # fmt: skip
-    else:
-        eos = tok.eos_token_id
-        model = LlamaForCausalLM(
-            LlamaConfig(
-                vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                bos_token_id=eos, eos_token_id=eos, tie_word_embeddings=False,
-                architectures=["LlamaForCausalLM"],
+        if family == "qwen2":
+            model = Qwen2ForCausalLM(
+                Qwen2Config(**shape, tie_word_embeddings=True, architectures=["Qwen2ForCausalLM"])
             )
-        )  # fmt: skip
+        else:
+            model = LlamaForCausalLM(
+                LlamaConfig(**shape, tie_word_embeddings=False, architectures=["LlamaForCausalLM"])
+            )
     model.save_pretrained(out)
     (out / "fedtune_tiny.json").write_text(json.dumps({"family": family, "seed": seed}))
     return str(out)
