@@ -23,7 +23,7 @@ DEMO_PLAN: dict[str, dict[str, dict[str, Any]]] = {
     "head": {"method": {"lr": 1e-2}, "train": {"epochs": 3}},
     "lora": {"method": {}, "train": {"epochs": 4}},
     "ptuning": {"method": {"lr": 1e-2}, "train": {"epochs": 4}},
-    "full": {"method": {"lr": 5e-5}, "train": {"epochs": 2}},
+    "full": {"method": {"lr": 5e-5}, "train": {"epochs": 4}},
 }
 QUICK_LIMIT = 200  # training examples in --quick mode
 
