@@ -5,6 +5,7 @@ and the CLI `--set` keys at once.
     [model]  the base model and how text becomes model input    -> ModelConfig
     [method] the adaptation method; `name` picks its dataclass  -> methods.<name>
     [train]  the local training loop                            -> TrainConfig
+    [federated] sites, partitioning, rounds, strategy, transport -> FederatedConfig
 
 Unknown keys are errors that list the valid ones. Values given as strings (from
 `--set key=value`) are coerced to the field's type.
@@ -44,6 +45,8 @@ class DataConfig:
     """hf: which split of the dataset to read (fedtune makes its own splits)."""
     text_column: str = "text"
     label_column: str = "label"
+    site_column: str = ""
+    """file: the column naming each row's site, for `federated.partition = "column"`."""
     encoding: str = "auto"
     """Text encoding of fpb/file sources; `auto` tries UTF-8, then Latin-1."""
     labels: tuple[str, ...] = ()
@@ -112,6 +115,59 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class FederatedConfig:
+    """Sites, partitioning and the federation (fedtune.federated)."""
+
+    sites: int = 3
+    partition: Literal["iid", "dirichlet", "quantity", "sizes", "column"] = "iid"
+    """How the training set is divided among sites: `iid` (equal random shares),
+    `dirichlet` (label skew, `alpha`), `quantity` (sizes drawn from Dirichlet(`alpha`),
+    labels IID), `sizes` (exactly `sizes` random examples per site, the rest unused),
+    `column` (one site per value of `data.site_column`)."""
+    alpha: float = 0.5
+    sizes: tuple[int, ...] = ()
+    min_site_size: int = 10
+    """dirichlet/quantity: redraw until every site holds at least this many examples."""
+    validation: Literal["shared", "site"] = "shared"
+    """`shared`: one validation set, evaluated by the server (the source post's setup);
+    `site`: each site also holds out `site_val_size` of its data, evaluated by the sites."""
+    site_val_size: float = 0.1
+    rounds: int = 3
+    local_epochs: float = 1.0
+    local_steps: int = 0
+    """Optimizer steps per round per site; if > 0 it overrides `local_epochs`."""
+    strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm"] = "fedavg"
+    fraction: float = 1.0
+    """Share of sites sampled each round."""
+    min_sites: int = 1
+    """A round needs replies from at least this many sites, else it is abandoned."""
+    proximal_mu: float = 0.01
+    """fedprox: weight of the proximal term."""
+    server_lr: float = 0.0
+    """Server learning rate of fedadam/fedyogi (eta) and fedavgm; 0 = the strategy's
+    default (fedadam/fedyogi 0.01, fedavgm 1.0)."""
+    server_momentum: float = 0.9
+    """fedavgm: server momentum."""
+    beta_1: float = 0.9
+    beta_2: float = 0.99
+    tau: float = 1e-3
+    """fedadam/fedyogi: adaptivity (Reddi et al., 2021)."""
+    site_state: Literal["keep", "reset"] = "keep"
+    """`keep`: each site keeps its optimizer state and learning-rate schedule across
+    rounds (one site, one epoch per round == centralized training); `reset`: a fresh
+    optimizer every round."""
+    transport: Literal["fp32", "fp16", "bf16"] = "fp32"
+    """Element type of the trainable state on the wire (both directions)."""
+    patience: int = 0
+    """Stop after this many rounds without a lower shared validation loss (0 = never)."""
+    personalize_epochs: float = 0.0
+    """After federation each site fine-tunes the global model on its own data for this
+    many epochs and reports it on its own validation set (0 = off)."""
+    timeout: float = 3600.0
+    """Seconds the server waits for the replies of one round."""
+
+
+@dataclass(frozen=True)
 class MethodConfig:
     """Base of every method's config; each method module defines its subclass."""
 
@@ -130,6 +186,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=lambda: method_config("lora"))
     train: TrainConfig = field(default_factory=TrainConfig)
+    federated: FederatedConfig = field(default_factory=FederatedConfig)
 
     @property
     def method_name(self) -> str:

@@ -153,3 +153,124 @@ def write_comparison_report(out_dir: Path, rows: list[dict[str, Any]], title: st
     path = out_dir / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.3f} MB"
+
+
+def plot_rounds(history: list[dict[str, Any]], path: Path, title: str) -> None:
+    """A federation's global model per round: shared validation loss and accuracy,
+    mean site training loss."""
+    rounds = [r for r in history if "val_loss" in r or "train_loss" in r]
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    lines = []
+    trained = [r for r in rounds if "train_loss" in r]
+    if trained:
+        lines += ax.plot([r["round"] for r in trained], [r["train_loss"] for r in trained], "o-",
+                         label="site train loss (mean)")  # fmt: skip
+    with_val = [r for r in rounds if "val_loss" in r]
+    if with_val:
+        x = [r["round"] for r in with_val]
+        lines += ax.plot(x, [r["val_loss"] for r in with_val], "s-", label="validation loss")
+        ax2 = ax.twinx()
+        lines += ax2.plot(x, [r["val_accuracy"] for r in with_val], "^--", color="tab:green",
+                          label="validation accuracy")  # fmt: skip
+        ax2.set_ylabel("accuracy")
+        ax2.set_ylim(0, 1)
+    ax.set_xlabel("round")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend(lines, [str(ln.get_label()) for ln in lines], loc="upper center",
+              bbox_to_anchor=(0.5, -0.14), ncol=3, frameon=False)  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_federated_report(
+    run_dir: Path,
+    s: dict[str, Any],
+    test: Metrics,
+    history: list[dict[str, Any]],
+    labels: tuple[str, ...],
+) -> None:
+    """`report.md`, `rounds.png` and `confusion.png` of a federated run."""
+    title = f"{s['method']} on {s['model']}, federated ({s['strategy']})"
+    plot_rounds(history, run_dir / "rounds.png", title)
+    plot_confusion(test, labels, run_dir / "confusion.png", f"test, {title}")
+    early = " (stopped early)" if s["stopped_early"] else ""
+    facts = [
+        ("method", f"`{s['method']}`"),
+        ("base model", f"`{s['model']}` ({s['kind']})"),
+        ("data", s["data"]),
+        ("sites", ", ".join(s["sites"])),
+        ("examples train (all sites) / shared validation / test",
+         f"{s['n_train']} / {s['n_validation']} / {s['n_test']}"),
+        ("trainable parameters", f"{s['trainable_parameters']:,} "
+         f"({s['trainable_percent']:.3f}% of {s['base_parameters']:,})"),
+        ("strategy / transport", f"{s['strategy']} / {s['transport']}"),
+        ("rounds (best)", f"{s['rounds']}{early} ({s['best_round']})"),
+        ("bytes per site per round, down / up",
+         f"{_mb(s['bytes_down_per_site_round'])} / {_mb(s['bytes_up_per_site_round'])}"),
+        ("bytes in total", _mb(s["bytes_total"])),
+        ("wall time", f"{s['wall_seconds']:.1f} s"),
+    ]  # fmt: skip
+    rows = "\n".join(f"| {k} | {v} |" for k, v in facts)
+    per_round = ["| round | sites | train loss | val loss | val accuracy | down | up | s |",
+                 "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in history:
+        if r["round"] == 0:
+            continue
+        per_round.append(
+            f"| {r['round']} | {r.get('sites', '')}/{r.get('sampled', '')} "
+            f"| {r.get('train_loss', float('nan')):.4f} | {r.get('val_loss', float('nan')):.4f} "
+            f"| {_pct(r.get('val_accuracy', float('nan')))} | {_mb(r.get('bytes_down', 0))} "
+            f"| {_mb(r.get('bytes_up', 0))} | {r.get('seconds', 0):.1f} |"
+            + (" abandoned" if r.get("abandoned") else "")
+        )
+    text = f"""# Run {s["name"]}: {title}
+
+| | |
+|---|---|
+{rows}
+
+The global model is the round with the lowest shared validation loss.
+
+## Test set (global model)
+
+| accuracy | macro-F1 | weighted F1 | loss |
+|---|---|---|---|
+| {_pct(test.accuracy)} | {_pct(test.macro_f1)} | {_pct(test.weighted_f1)} | {test.loss:.4f} |
+
+{metrics_table(test, labels)}
+
+![rounds](rounds.png)
+
+![confusion matrix](confusion.png)
+
+## Rounds
+
+{chr(10).join(per_round)}
+"""
+    if s.get("personalized"):
+        text += "\n" + personalized_table(s["personalized"]) + "\n"
+    if s.get("notes"):
+        text += "\n## Data notes\n\n" + "\n".join(f"- {n}" for n in s["notes"]) + "\n"
+    (run_dir / "report.md").write_text(text)
+
+
+def personalized_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["## Global and personalized models (each site's own validation set)", "",
+             "| site | global accuracy | personalized accuracy | global loss | personalized loss |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['site']} | failed: {r['error']} | | | |")
+            continue
+        lines.append(
+            f"| {r['site']} | {_pct(r['global_val_accuracy'])} | "
+            f"{_pct(r['personal_val_accuracy'])} | {r['global_val_loss']:.4f} | "
+            f"{r['personal_val_loss']:.4f} |"
+        )
+    return "\n".join(lines)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,6 +82,113 @@ def _progress(enabled: bool) -> Progress:
     )
 
 
+@dataclass
+class TrainSession:
+    """The loop's state between `train()` calls: optimizer and schedule, the batch
+    order (the rest of the current epoch and the shuffling generator), the dropout
+    generator and the step counters. A federated site keeps one across rounds, so
+    that one site training one epoch per round takes exactly the steps centralized
+    training takes; `to_state`/`from_state` turn it into tensors + JSON for a
+    Flower `RecordDict` or a checkpoint."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    rng: np.random.Generator
+    total_steps: int
+    batches_per_epoch: int
+    steps: int = 0
+    micro_seen: int = 0
+    pending: list[np.ndarray] = field(default_factory=list)
+    torch_rng: torch.Tensor | None = None
+
+    @classmethod
+    def new(
+        cls, model: AdaptedModel, n_train: int, cfg: TrainConfig, lr: float, seed: int | None,
+        total_steps: int | None = None,
+    ) -> TrainSession:  # fmt: skip
+        """A fresh session; `total_steps` (default: the budget of `cfg`) sets the
+        length of the warmup + decay schedule."""
+        params = [p for p in model.module.parameters() if p.requires_grad]
+        if not params:
+            raise ConfigError(f"method {model.method.name!r} left no trainable parameters")
+        batches_per_epoch = math.ceil(n_train / cfg.batch_size)
+        # The budget counts micro-batches, so `epochs` means passes over the data even
+        # when grad_accum does not divide an epoch's batches.
+        total = (
+            total_steps
+            or cfg.max_steps
+            or max(1, math.ceil(cfg.epochs * batches_per_epoch / cfg.grad_accum))
+        )
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+        scheduler = get_scheduler(
+            cfg.scheduler if cfg.scheduler != "constant" else "constant_with_warmup",
+            optimizer,
+            num_warmup_steps=int(cfg.warmup_ratio * total),
+            num_training_steps=total,
+        )
+        if seed is not None:  # None: the caller restores the generators
+            torch.manual_seed(seed)  # dropout masks
+        return cls(
+            optimizer, scheduler, np.random.default_rng(seed or 0), total, batches_per_epoch,
+            torch_rng=torch.get_rng_state(),
+        )  # fmt: skip
+
+    def next_micro_batch(self, lengths: list[int], cfg: TrainConfig) -> np.ndarray:
+        if not self.pending:  # a new epoch: reshuffle
+            self.pending = length_bucketed_batches(
+                lengths, cfg.batch_size, cfg.bucket_size, self.rng
+            )
+        return self.pending.pop(0)
+
+    def to_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(tensors, JSON-able values) holding everything needed to continue."""
+        opt = self.optimizer.state_dict()
+        tensors = {
+            f"opt/{i}/{k}": v.detach().cpu()
+            for i, st in opt["state"].items()
+            for k, v in st.items()
+            if isinstance(v, torch.Tensor)
+        }
+        if self.torch_rng is not None:
+            tensors["torch_rng"] = self.torch_rng
+        meta = {
+            "param_groups": opt["param_groups"],
+            "scheduler": self.scheduler.state_dict(),
+            "rng": self.rng.bit_generator.state,
+            "total_steps": self.total_steps,
+            "batches_per_epoch": self.batches_per_epoch,
+            "steps": self.steps,
+            "micro_seen": self.micro_seen,
+            "pending": [b.tolist() for b in self.pending],
+        }
+        return tensors, meta
+
+    @classmethod
+    def from_state(
+        cls, model: AdaptedModel, cfg: TrainConfig, lr: float,
+        tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+    ) -> TrainSession:  # fmt: skip
+        session = cls.new(model, meta["batches_per_epoch"] * cfg.batch_size, cfg, lr, None,
+                          total_steps=meta["total_steps"])  # fmt: skip
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, v in tensors.items():
+            if key.startswith("opt/"):
+                _, i, name = key.split("/", 2)
+                state.setdefault(int(i), {})[name] = v
+        session.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        session.scheduler.load_state_dict(meta["scheduler"])
+        session.rng.bit_generator.state = meta["rng"]
+        session.batches_per_epoch = meta["batches_per_epoch"]
+        session.steps, session.micro_seen = meta["steps"], meta["micro_seen"]
+        session.pending = [np.asarray(b, dtype=np.int64) for b in meta["pending"]]
+        session.torch_rng = tensors.get("torch_rng")
+        return session
+
+
+Proximal = tuple[float, dict[str, torch.Tensor]]
+"""FedProx: (mu, the global trainable state the round started from)."""
+
+
 def train(
     model: AdaptedModel,
     train_feats: list[Feature],
@@ -91,11 +198,17 @@ def train(
     seed: int = 0,
     on_eval: EvalCallback | None = None,
     description: str = "train",
+    session: TrainSession | None = None,
+    steps: int | None = None,
+    proximal: Proximal | None = None,
 ) -> TrainResult:
     """Train `model`'s trainable parameters on encoded features (see
     `Formulation.encode`). With `val_feats`, evaluates every `eval_every` steps
     (or each epoch), stops early after `patience` evaluations without a lower
-    validation loss and restores the best trainable state."""
+    validation loss and restores the best trainable state.
+
+    Federated sites pass their `session` (continued in place) and the number of
+    optimizer `steps` this round; `proximal` adds FedProx's (mu/2)·||w - w_global||²."""
     if not train_feats:
         raise ConfigError("no training examples: check data.limit and the split sizes")
     _check(cfg, has_validation=bool(val_feats))
@@ -103,7 +216,12 @@ def train(
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     try:
-        return _train(model, train_feats, val_feats, cfg, lr, seed, on_eval, description)
+        model.to(cfg.device)
+        if session is None:
+            session = TrainSession.new(model, len(train_feats), cfg, lr, seed)
+        return _train(
+            model, train_feats, val_feats, cfg, session, steps, proximal, on_eval, description
+        )
     finally:
         torch.set_num_threads(threads_before)
 
@@ -130,84 +248,79 @@ def _train(
     train_feats: list[Feature],
     val_feats: list[Feature] | None,
     cfg: TrainConfig,
-    lr: float,
-    seed: int,
+    session: TrainSession,
+    steps: int | None,
+    proximal: Proximal | None,
     on_eval: EvalCallback | None,
     description: str,
 ) -> TrainResult:
-    model.to(cfg.device)
     device = model.device
-    torch.manual_seed(seed)  # dropout masks
-    rng = np.random.default_rng(seed)  # batch order
+    if session.torch_rng is not None:
+        torch.set_rng_state(session.torch_rng)
     module = model.module
     params = [p for p in module.parameters() if p.requires_grad]
-    if not params:
-        raise ConfigError(f"method {model.method.name!r} left no trainable parameters")
-
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     lengths = [f["length"] for f in train_feats]
-    batches_per_epoch = math.ceil(len(train_feats) / cfg.batch_size)
-    # The budget counts micro-batches, so `epochs` means passes over the data even
-    # when grad_accum does not divide an epoch's batches.
-    total_steps = cfg.max_steps or max(
-        1, math.ceil(cfg.epochs * batches_per_epoch / cfg.grad_accum)
-    )
-
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
-    scheduler = get_scheduler(
-        cfg.scheduler if cfg.scheduler != "constant" else "constant_with_warmup",
-        optimizer,
-        num_warmup_steps=int(cfg.warmup_ratio * total_steps),
-        num_training_steps=total_steps,
-    )
+    batches_per_epoch = session.batches_per_epoch
+    end_step = min(session.total_steps, session.steps + steps) if steps else session.total_steps
+    this_call = end_step - session.steps
+    optimizer, scheduler = session.optimizer, session.scheduler
     collate = model.formulation.collate
     loss_fn = model.formulation.loss
-
-    def micro_batches() -> Iterator[list[Feature]]:
-        while True:  # epochs until the step budget is spent
-            for idx in length_bucketed_batches(lengths, cfg.batch_size, cfg.bucket_size, rng):
-                yield [train_feats[i] for i in idx]
+    anchor = None
+    if proximal and proximal[0] > 0:
+        anchor = [proximal[1][n].to(device) for n, _ in named]
 
     result = TrainResult(steps=0, epochs=0.0)
     best_state: dict[str, torch.Tensor] | None = None
     bad_evals = 0
     running, running_n = 0.0, 0  # example-weighted train loss since the last evaluation
-    micro_seen = 0
-    batches = micro_batches()
+    start_step = session.steps
+    result.epochs = session.micro_seen / batches_per_epoch
     module.train()
     with _progress(cfg.progress) as bar:
-        task = bar.add_task(description, total=total_steps, info="")
-        while result.steps < total_steps:
+        task = bar.add_task(description, total=this_call, info="")
+        while session.steps < end_step:
             t0 = time.perf_counter()
-            step_batches = [next(batches) for _ in range(cfg.grad_accum)]
+            step_batches = [
+                [train_feats[i] for i in session.next_micro_batch(lengths, cfg)]
+                for _ in range(cfg.grad_accum)
+            ]
             n_step = sum(len(mb) for mb in step_batches)
             for mb in step_batches:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                     loss = loss_fn(module, to_device(collate(mb), device))
                 # Weighted by examples: a short last batch counts for what it holds.
-                (loss * (len(mb) / n_step)).backward()
                 running += loss.item() * len(mb)
                 running_n += len(mb)
+                if anchor is not None:
+                    mu = proximal[0]  # type: ignore[index]
+                    loss = loss + mu / 2 * sum(
+                        (p - a).pow(2).sum() for (_, p), a in zip(named, anchor, strict=True)
+                    )
+                (loss * (len(mb) / n_step)).backward()
             result.samples_seen += n_step
-            micro_seen += len(step_batches)
+            session.micro_seen += len(step_batches)
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             lr_used = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            result.steps += 1
+            session.steps += 1
+            result.steps = session.steps - start_step
             result.train_seconds += time.perf_counter() - t0
-            epochs_before, result.epochs = result.epochs, micro_seen / batches_per_epoch
+            epochs_before, result.epochs = result.epochs, session.micro_seen / batches_per_epoch
             bar.update(task, advance=1, info=f"loss {running / max(running_n, 1):.4f}")
 
             if cfg.eval_every:
-                due = result.steps % cfg.eval_every == 0
+                due = session.steps % cfg.eval_every == 0
             else:  # once per pass over the data
                 due = math.floor(result.epochs) > math.floor(epochs_before)
-            if not due and result.steps != total_steps:
+            if not due and session.steps != end_step:
                 continue
             record: dict[str, Any] = {
-                "step": result.steps,
+                "step": session.steps,
                 "epoch": round(result.epochs, 4),
                 "train_loss": running / max(running_n, 1),
                 "lr": lr_used,
@@ -218,7 +331,7 @@ def _train(
                 m: Metrics = evaluate_features(model, val_feats, cfg.eval_batch_size)
                 record.update({f"val_{k}": v for k, v in m.summary().items()})
                 if result.best_step == 0 or m.loss < result.best_val_loss:
-                    result.best_val_loss, result.best_step = m.loss, result.steps
+                    result.best_val_loss, result.best_step = m.loss, session.steps
                     best_state = model.trainable_state()
                     bad_evals = 0
                 else:
@@ -229,7 +342,8 @@ def _train(
             if cfg.patience and bad_evals >= cfg.patience:
                 result.stopped_early = True
                 break
-    if best_state is not None and result.best_step != result.steps:
+    if best_state is not None and result.best_step != session.steps:
         model.load_trainable_state(best_state)
+    session.torch_rng = torch.get_rng_state()
     module.eval()
     return result

@@ -41,6 +41,8 @@ class Example:
     text: str
     label: str
     origin: str = ""
+    site: str = ""
+    """The site the row belongs to, from `data.site_column` (federated `column` partitioning)."""
 
 
 # --- decoding ----------------------------------------------------------------------
@@ -204,6 +206,7 @@ def load_table(
     text_column: str = "text",
     label_column: str = "label",
     encoding: str = "auto",
+    site_column: str = "",
 ) -> list[Example]:
     """A CSV, TSV, JSON-lines or Parquet table chosen by suffix. All cells are read as
     strings so that texts like "NA" survive and labels 1 and "1" are the same label."""
@@ -237,7 +240,10 @@ def load_table(
         raise
     except Exception as e:  # pandas/pyarrow parse errors: malformed user file
         raise DataError(f"{p}: cannot parse as {suffix[1:]} ({e}); fix the file") from e
-    for col, key in ((text_column, "data.text_column"), (label_column, "data.label_column")):
+    columns = [(text_column, "data.text_column"), (label_column, "data.label_column")]
+    if site_column:
+        columns.append((site_column, "data.site_column"))
+    for col, key in columns:
         if col not in df.columns:
             avail = ", ".join(map(str, df.columns)) or "(none)"
             raise DataError(f"{p}: unknown column {col!r}; available columns: {avail}; set {key}")
@@ -249,7 +255,10 @@ def load_table(
             raise DataError(f"{p}: {unit} {row}: empty text in column {text_column!r}")
         if not label_s:
             raise DataError(f"{p}: {unit} {row}: empty label in column {label_column!r}")
-        out.append(Example(text_s, label_s, f"{p.name}:{row}"))
+        site = _cell(df[site_column].iloc[i]) if site_column else ""
+        if site_column and not site:
+            raise DataError(f"{p}: {unit} {row}: empty site in column {site_column!r}")
+        out.append(Example(text_s, label_s, f"{p.name}:{row}", site))
     if not out:
         raise DataError(f"{p}: empty dataset (no rows); check the file")
     return out
@@ -331,7 +340,9 @@ def load_examples(cfg: DataConfig) -> list[Example]:
     if cfg.source == "file":
         if not cfg.path:
             raise DataError("data.source=file needs data.path (a .csv/.tsv/.jsonl/.parquet)")
-        return load_table(cfg.path, cfg.text_column, cfg.label_column, cfg.encoding)
+        return load_table(
+            cfg.path, cfg.text_column, cfg.label_column, cfg.encoding, cfg.site_column
+        )
     if cfg.source == "hf":
         return load_hf(cfg.name, cfg.subset, cfg.hf_split, cfg.text_column, cfg.label_column)
     raise DataError(f"data.source={cfg.source!r} is not one of fpb, file, hf")

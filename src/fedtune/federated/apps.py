@@ -1,0 +1,269 @@
+"""fedtune's Flower apps: one `ClientApp` (a site) and one `ServerApp` (the
+aggregator) that federate every trainable method. Only the method's trainable
+state crosses the wire; the frozen base model never does.
+
+The same objects run in three places:
+- in process (`fedtune federate`, `fedtune compare`, `fedtune demo`): the
+  `InProcessGrid` calls the ClientApp directly, one site after another;
+- under Flower's simulation engine: `flwr run .` (pyproject's `[tool.flwr.app]`);
+- under Flower's deployment engine (SuperLink + one SuperNode per site).
+
+Each process keeps one `Workspace` (base model, splits, encoded features), so a
+process serving many sites, or many rounds, loads the base model once.
+
+Run config keys (Flower `run_config`): `fedtune-config` (the RunConfig as JSON,
+set by the in-process runner) or `config` (path of a TOML file) plus `set`
+(`;`-separated `key=value` overrides); `output-dir` and `resume` for the server.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from fedtune.adapted import AdaptedModel
+from fedtune.classify import Feature
+from fedtune.config import RunConfig, TrainConfig, load_config
+from fedtune.data import Example, Splits, make_splits
+from fedtune.errors import ConfigError
+from fedtune.evaluate import evaluate_features
+from fedtune.federated.partition import Partition, Site, partition_examples
+from fedtune.federated.wire import (
+    arrays_of,
+    config_of,
+    decode_state,
+    encode_state,
+    load_session,
+    save_session,
+)
+from fedtune.train import TrainSession, train
+
+CONFIG_KEY = "fedtune-config"
+
+
+def config_from_run_config(run_config: dict[str, Any]) -> RunConfig:
+    """The RunConfig a Flower run_config describes (see the module docstring)."""
+    if CONFIG_KEY in run_config:
+        return RunConfig.from_dict(json.loads(str(run_config[CONFIG_KEY])))
+    path = str(run_config.get("config", "") or "") or None
+    overrides = [s for s in shlex.split(str(run_config.get("set", "")).replace(";", " ")) if s]
+    return load_config(path, overrides)
+
+
+# --- what one process keeps: base model, data, encoded features ----------------
+
+
+@dataclass
+class Workspace:
+    cfg: RunConfig
+    splits: Splits
+    partition: Partition
+    model: AdaptedModel
+    initial_state: dict[str, torch.Tensor]
+    """The trainable state right after `build` (seeded): round 0's global state."""
+    _features: dict[str, list[Feature]] = field(default_factory=dict)
+
+    def features(self, key: str, examples: list[Example]) -> list[Feature]:
+        if key not in self._features:
+            index = {label: i for i, label in enumerate(self.model.labels)}
+            self._features[key] = self.model.formulation.encode(
+                [e.text for e in examples], [index[e.label] for e in examples]
+            )
+        return self._features[key]
+
+
+_WORKSPACE: dict[str, Workspace] = {}
+
+
+def _workspace_key(cfg: RunConfig) -> str:
+    fed = cfg.federated
+    part = (fed.sites, fed.partition, fed.alpha, fed.sizes, fed.min_site_size, fed.validation,
+            fed.site_val_size)  # fmt: skip
+    return json.dumps([cfg.to_dict()[k] for k in ("data", "model", "method", "seed")] + [part])
+
+
+def workspace(cfg: RunConfig, splits: Splits | None = None) -> Workspace:
+    """This process's workspace for `cfg` (built on first use; one at a time, so
+    that a comparison of several methods does not keep every model in memory)."""
+    key = _workspace_key(cfg)
+    ws = _WORKSPACE.get(key)
+    if ws is None:
+        _WORKSPACE.clear()
+        splits = splits or make_splits(cfg.data)
+        partition = partition_examples(splits.train, splits.labels, cfg.federated, cfg.seed)
+        model = AdaptedModel.build(cfg.model, cfg.method, splits.labels, seed=cfg.seed)
+        model.to(cfg.train.device)
+        ws = Workspace(cfg, splits, partition, model, model.trainable_state())
+        _WORKSPACE[key] = ws
+    return ws
+
+
+def clear_workspace() -> None:
+    _WORKSPACE.clear()
+
+
+def local_steps(cfg: RunConfig, n_train: int) -> int:
+    """Optimizer steps a site takes per round."""
+    fed, t = cfg.federated, cfg.train
+    if fed.local_steps > 0:
+        return fed.local_steps
+    if fed.local_epochs <= 0:
+        raise ConfigError("federated.local_epochs must be > 0 (or federated.local_steps > 0)")
+    return max(1, math.ceil(fed.local_epochs * math.ceil(n_train / t.batch_size) / t.grad_accum))
+
+
+def site_train_config(cfg: RunConfig) -> TrainConfig:
+    # Sites have no validation set inside the loop: the server evaluates rounds.
+    return replace(cfg.train, patience=0)
+
+
+# --- the ClientApp ---------------------------------------------------------------
+
+client_app = ClientApp()
+
+
+def _site(context: Context) -> tuple[RunConfig, Workspace, int, Site]:
+    cfg = config_from_run_config(dict(context.run_config))
+    ws = workspace(cfg)
+    pid = int(context.node_config.get("partition-id", 0))
+    if not 0 <= pid < len(ws.partition.sites):
+        raise ConfigError(
+            f"node partition-id {pid} but the data has {len(ws.partition.sites)} sites; "
+            "set federated.sites to the number of SuperNodes / simulated nodes"
+        )
+    return cfg, ws, pid, ws.partition.sites[pid]
+
+
+@client_app.train()
+def site_train(msg: Message, context: Context) -> Message:
+    """One round at one site: load the global state, train locally, send back the
+    trainable state and the number of examples it was trained on."""
+    cfg, ws, pid, site = _site(context)
+    fed, model = cfg.federated, ws.model
+    conf = config_of(msg)
+    transport = str(conf.get("transport", "fp32"))
+    server_round = int(conf.get("server-round", 1))
+    global_state = decode_state(arrays_of(msg), transport)
+    model.load_trainable_state(global_state)
+    feats = ws.features(f"train-{pid}", site.train)
+    tcfg = site_train_config(cfg)
+    steps = local_steps(cfg, len(feats))
+    session = None
+    if fed.site_state == "keep":
+        saved = load_session(context.state)
+        if saved is not None:
+            session = TrainSession.from_state(model, tcfg, cfg.method.lr, *saved)
+        else:  # one schedule over the whole federation
+            session = TrainSession.new(model, len(feats), tcfg, cfg.method.lr, cfg.seed + pid,
+                                       total_steps=steps * fed.rounds)  # fmt: skip
+    else:  # fresh optimizer and schedule each round; new batch order and dropout
+        seed = cfg.seed + pid + 1000 * server_round
+        session = TrainSession.new(model, len(feats), tcfg, cfg.method.lr, seed, total_steps=steps)
+    mu = float(conf.get("proximal-mu", 0.0))
+    result = train(
+        model, feats, None, tcfg, cfg.method.lr, session=session, steps=steps,
+        proximal=(mu, global_state) if mu > 0 else None,
+        description=f"{site.name} round {server_round}",
+    )  # fmt: skip
+    if fed.site_state == "keep":
+        save_session(context.state, *session.to_state())
+    train_loss = result.history[-1]["train_loss"] if result.history else float("nan")
+    content = RecordDict(
+        {
+            "arrays": encode_state(model.trainable_state(), transport),
+            "metrics": MetricRecord(
+                {
+                    "num-examples": len(feats),
+                    "train_loss": float(train_loss),
+                    "train_seconds": result.train_seconds,
+                    "steps": result.steps,
+                }
+            ),
+            "site": ConfigRecord({"name": site.name}),
+        }
+    )
+    return Message(content, reply_to=msg)
+
+
+def _evaluate_on(ws: Workspace, key: str, examples: list[Example], batch: int) -> dict[str, float]:
+    m = evaluate_features(ws.model, ws.features(key, examples), batch)
+    return {"val_loss": m.loss, "val_accuracy": m.accuracy, "val_macro_f1": m.macro_f1}
+
+
+@client_app.evaluate()
+def site_evaluate(msg: Message, context: Context) -> Message:
+    """The global model on this site's own validation set."""
+    cfg, ws, pid, site = _site(context)
+    conf = config_of(msg)
+    ws.model.load_trainable_state(decode_state(arrays_of(msg), str(conf.get("transport", "fp32"))))
+    if not site.validation:
+        raise ConfigError(f"{site.name} has no validation set; set federated.validation = 'site'")
+    metrics = _evaluate_on(ws, f"val-{pid}", site.validation, cfg.train.eval_batch_size)
+    content = RecordDict(
+        {
+            "metrics": MetricRecord({"num-examples": len(site.validation), **metrics}),
+            "site": ConfigRecord({"name": site.name}),
+        }
+    )
+    return Message(content, reply_to=msg)
+
+
+@client_app.query("personalize")
+def site_personalize(msg: Message, context: Context) -> Message:
+    """Fine-tune the global model on this site's data and report both on the
+    site's validation set. The personalized state stays at the site (written to
+    the node's `output-dir` when it has one); only metrics leave."""
+    cfg, ws, pid, site = _site(context)
+    conf = config_of(msg)
+    epochs = float(conf["epochs"])
+    model = ws.model
+    model.load_trainable_state(decode_state(arrays_of(msg), str(conf.get("transport", "fp32"))))
+    if not site.validation:
+        raise ConfigError(
+            "personalization is evaluated on each site's own validation set: set "
+            "federated.validation = 'site'"
+        )
+    before = _evaluate_on(ws, f"val-{pid}", site.validation, cfg.train.eval_batch_size)
+    tcfg = replace(site_train_config(cfg), epochs=epochs, max_steps=0)
+    feats = ws.features(f"train-{pid}", site.train)
+    train(model, feats, None, tcfg, cfg.method.lr, seed=cfg.seed + pid,
+          description=f"{site.name} personalize")  # fmt: skip
+    after = _evaluate_on(ws, f"val-{pid}", site.validation, cfg.train.eval_batch_size)
+    out = str(context.node_config.get("output-dir", "") or "")
+    if out:
+        model.save(Path(out) / "model")
+    metrics = {f"global_{k}": v for k, v in before.items()}
+    metrics |= {f"personal_{k}": v for k, v in after.items()}
+    content = RecordDict(
+        {
+            "metrics": MetricRecord({"num-examples": len(site.validation), **metrics}),
+            "site": ConfigRecord({"name": site.name}),
+        }
+    )
+    return Message(content, reply_to=msg)
+
+
+# --- the ServerApp ---------------------------------------------------------------
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def server_main(grid: Grid, context: Context) -> None:
+    """Under `flwr run`: the federation of the config named by the run config,
+    written to `output-dir` (default: the config's output_dir/name)."""
+    from fedtune.federated.server import run_server
+
+    cfg = config_from_run_config(dict(context.run_config))
+    out = str(context.run_config.get("output-dir", "") or "")
+    resume = str(context.run_config.get("resume", "") or "")
+    run_server(grid, cfg, Path(out) if out else None, resume=Path(resume) if resume else None)

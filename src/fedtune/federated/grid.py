@@ -1,0 +1,103 @@
+"""A Flower `Grid` that runs every site's `ClientApp` in this process, one after
+another, without Ray or a SuperLink. Flower's own in-memory grid needs a LinkState
+and a simulation engine that starts one worker per site, each loading the base
+model; here the model is loaded once (fedtune.federated.apps keeps it) and each
+site owns only its `Context` (its loop state between rounds).
+
+Messages still go through Flower's protobuf serialization in both directions, so
+a site only ever sees what a real transport would deliver.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Iterable
+from uuid import uuid4
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedtune.errors import FedtuneError
+from fedtune.federated.wire import roundtrip
+
+log = logging.getLogger("fedtune.federated")
+
+CLIENT_EXCEPTION = 1
+"""Error code of a reply whose ClientApp raised."""
+
+
+class InProcessGrid(Grid):
+    """Sites are node ids 1000+i; `contexts[node_id]` is that site's Flower Context."""
+
+    def __init__(self, client_app: ClientApp, contexts: dict[int, Context], run_id: int) -> None:
+        self.client_app = client_app
+        self.contexts = contexts
+        self._run = Run.create_empty(run_id)
+        self._inbox: dict[str, Message] = {}
+        # Messages created by the ServerApp carry this identity (as under a SuperLink).
+        TaskIdentity.task_id = 1
+        TaskIdentity.run_id = run_id
+        TaskIdentity.node_id = SUPERLINK_NODE_ID
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for msg in messages:
+            if msg.metadata.dst_node_id not in self.contexts:
+                raise ValueError(f"no site with node id {msg.metadata.dst_node_id}")
+            msg.metadata.__dict__["_message_id"] = str(uuid4())
+            self._inbox[msg.metadata.message_id] = roundtrip(msg)
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Runs the ClientApp for each pending message (in order) and returns the
+        replies. An exception in a site becomes an error reply, as a SuperNode
+        would report it; fedtune's own input errors stop the run instead."""
+        replies = []
+        for mid in message_ids:
+            msg = self._inbox.pop(mid, None)
+            if msg is None:
+                continue
+            context = self.contexts[msg.metadata.dst_node_id]
+            try:
+                reply = self.client_app(msg, context)
+            except FedtuneError:
+                raise
+            except Exception as e:
+                log.error("site %s failed:\n%s", msg.metadata.dst_node_id, traceback.format_exc())
+                reply = Message(Error(CLIENT_EXCEPTION, f"{type(e).__name__}: {e}"), reply_to=msg)
+            reply.metadata.__dict__["_message_id"] = str(uuid4())
+            replies.append(roundtrip(reply))
+        return replies
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        """Sites run one after another in this process, so `timeout` has nothing
+        to bound here; the deployment engine's grid applies it."""
+        return list(self.pull_messages(list(self.push_messages(messages))))

@@ -1,0 +1,200 @@
+"""A federation on one machine: fedtune's ServerApp and ClientApp over the
+in-process grid, with a run directory, checkpoints and `--resume`.
+
+Run directory: config.json, labels.json, sites.json, metrics.jsonl (one line per
+round, then the test result), checkpoint/ (after every round: global and best
+state, strategy state, RNG, history, each site's loop state), model/ (the global
+model, loads like a centralized run's), sites/<site>/model (personalized models),
+report.md with its plots. An interrupted run keeps its directory: continue it with
+`fedtune federate --resume RUN_DIR`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context, RecordDict
+from rich.console import Console
+from rich.markup import escape
+
+from fedtune.config import RunConfig
+from fedtune.data import Splits
+from fedtune.errors import ConfigError
+from fedtune.federated.apps import CONFIG_KEY, client_app, workspace
+from fedtune.federated.grid import InProcessGrid
+from fedtune.federated.partition import describe_partition
+from fedtune.federated.server import Outcome, build_strategy, find_checkpoint, run_server
+from fedtune.federated.wire import recorddict_bytes, recorddict_from_bytes
+from fedtune.runs import (
+    CONFIG_FILE,
+    LABELS_FILE,
+    METRICS_FILE,
+    append_jsonl,
+    final_run_dir,
+    write_json,
+)
+
+FIRST_NODE_ID = 1000
+
+
+def make_contexts(
+    cfg: RunConfig, n_sites: int, site_names: list[str], out: Path | None
+) -> dict[int, Context]:
+    run_config = {CONFIG_KEY: json.dumps(cfg.to_dict())}
+    contexts = {}
+    for i in range(n_sites):
+        node_config: dict[str, Any] = {"partition-id": i, "num-partitions": n_sites}
+        if out is not None:
+            node_config["output-dir"] = str(out / "sites" / site_names[i])
+        contexts[FIRST_NODE_ID + i] = Context(
+            run_id=_run_id(cfg), node_id=FIRST_NODE_ID + i, node_config=node_config,
+            state=RecordDict(), run_config=dict(run_config),
+        )  # fmt: skip
+    return contexts
+
+
+def _run_id(cfg: RunConfig) -> int:
+    return zlib.crc32(cfg.to_json().encode()) or 1
+
+
+def run_federated(
+    cfg: RunConfig,
+    console: Console | None = None,
+    splits: Splits | None = None,
+    shown_as: Path | None = None,
+    resume: str | Path | None = None,
+    write: bool = True,
+) -> dict[str, Any]:
+    """Federate `cfg.method` across `cfg.federated.sites` sites in this process.
+    Returns the run summary (also the last line of metrics.jsonl)."""
+    console = console or Console()
+    t_start = time.perf_counter()
+    out: Path | None
+    if resume is not None:
+        out = Path(resume)
+        if not (out / CONFIG_FILE).is_file() or find_checkpoint(out) is None:
+            raise ConfigError(
+                f"{out} is not an interrupted federated run (needs {CONFIG_FILE} and a "
+                "checkpoint); pass the run directory printed when the run started"
+            )
+        cfg = RunConfig.from_dict(json.loads((out / CONFIG_FILE).read_text(encoding="utf-8")))
+    else:
+        out = final_run_dir(cfg) if write else None
+    # Everything a user can get wrong is checked before anything is written.
+    build_strategy(cfg.federated, cfg.method.lr)
+    ws = workspace(cfg, splits)
+    sites = ws.partition.sites
+    names = [s.name for s in sites]
+    n_train = ws.model.trainable_parameters()
+    console.print(
+        f"[bold]{cfg.method_name}[/], federated ({cfg.federated.strategy}, "
+        f"{cfg.federated.rounds} rounds, {cfg.federated.transport} transport): "
+        f"{n_train:,} trainable parameters, {len(sites)} sites, "
+        f"{len(ws.splits.validation)} shared validation / {len(ws.splits.test)} test examples"
+    )
+    for line in describe_partition(ws.partition, ws.splits.labels):
+        console.print(f"  {line}")
+    contexts = make_contexts(cfg, len(sites), names, out)
+    if resume is not None and out is not None:
+        ckpt = find_checkpoint(out)
+        assert ckpt is not None
+        for node, ctx in contexts.items():
+            f = ckpt / "sites" / f"{node}.bin"
+            if f.is_file():
+                ctx.state = recorddict_from_bytes(f.read_bytes())
+    elif out is not None:
+        out.mkdir(parents=True)
+        write_json(out / CONFIG_FILE, cfg.to_dict())
+        write_json(out / LABELS_FILE, {"labels": list(ws.splits.labels)})
+        write_json(out / "sites.json", [
+            {"name": s.name, "train": len(s.train), "validation": len(s.validation)}
+            for s in sites
+        ])  # fmt: skip
+        console.print(f"  run directory: {escape(str(shown_as or out))}")
+
+    def save_sites(ckpt: Path) -> None:
+        (ckpt / "sites").mkdir()
+        for node, ctx in contexts.items():
+            (ckpt / "sites" / f"{node}.bin").write_bytes(recorddict_bytes(ctx.state))
+
+    grid = InProcessGrid(client_app, contexts, _run_id(cfg))
+    try:
+        outcome = run_server(grid, cfg, out, console, resume=out if resume else None,
+                             save_extra=save_sites)  # fmt: skip
+    except KeyboardInterrupt:
+        if out is not None:
+            console.print(
+                f"[yellow]interrupted; continue with: fedtune federate --resume {escape(str(out))}"
+            )
+        raise
+    summary = summarize(cfg, outcome, time.perf_counter() - t_start, out, shown_as)
+    if out is not None:
+        append_jsonl(out / METRICS_FILE, summary)
+        from fedtune.report import write_federated_report
+
+        write_federated_report(out, summary, outcome.test, outcome.state.history, ws.splits.labels)
+    t = outcome.test
+    console.print(
+        f"[bold green]test[/] accuracy {t.accuracy:.4f}  macro-F1 {t.macro_f1:.4f}  "
+        f"weighted F1 {t.weighted_f1:.4f}  ({summary['wall_seconds']:.0f} s)"
+        + (f" -> {escape(str(shown_as or out))}" if out is not None else "")
+    )
+    summary["run_dir"] = str(out) if out is not None else ""
+    return summary
+
+
+def summarize(
+    cfg: RunConfig, outcome: Outcome, wall: float, out: Path | None, shown_as: Path | None
+) -> dict[str, Any]:
+    from fedtune.regimes import describe_data
+
+    st, ws, test = outcome.state, outcome.workspace, outcome.test
+    train_traffic = [t for t in st.traffic if t["kind"] == "train"]
+    rounds_run = max(1, len({t["round"] for t in train_traffic}))
+    sites = ws.partition.sites
+    per_site_round = {
+        d: sum(t["bytes"] for t in train_traffic if t["direction"] == d) / rounds_run / len(sites)
+        for d in ("down", "up")
+    }
+    n_train = ws.model.trainable_parameters()
+    return {
+        "event": "test",
+        "regime": "federated",
+        "name": (shown_as or out or Path(cfg.name or "federated")).name,
+        "method": cfg.method_name,
+        "model": cfg.model.name,
+        "kind": ws.model.kind,
+        "data": describe_data(cfg),
+        "strategy": cfg.federated.strategy,
+        "transport": cfg.federated.transport,
+        "sites": [s.name for s in sites],
+        "n_train": sum(len(s.train) for s in sites),
+        "n_validation": len(ws.splits.validation),
+        "n_test": len(ws.splits.test),
+        "trainable_parameters": n_train,
+        "base_parameters": ws.model.base_parameters,
+        "trainable_percent": 100 * n_train / ws.model.base_parameters,
+        "rounds": st.round,
+        "best_round": st.best_round,
+        "best_val_loss": st.best_val_loss,
+        "stopped_early": st.stopped_early,
+        "bytes_down_per_site_round": per_site_round["down"],
+        "bytes_up_per_site_round": per_site_round["up"],
+        "payload_up_per_site_round": sum(
+            t["payload_bytes"] for t in train_traffic if t["direction"] == "up"
+        )
+        / rounds_run
+        / len(sites),
+        "bytes_total": sum(t["bytes"] for t in st.traffic),
+        "personalized": outcome.personalized,
+        **test.summary(),
+        "report": test.report,
+        "confusion": test.confusion,
+        "notes": list(ws.splits.notes) + list(ws.partition.notes),
+        "wall_seconds": wall,
+        "history": st.history,
+    }

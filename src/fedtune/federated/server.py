@@ -1,0 +1,451 @@
+"""The server side of a federation: strategies, the round loop, byte accounting,
+checkpoints and resume.
+
+The aggregation rules are Flower's (`flwr.serverapp.strategy`: FedAvg, FedProx,
+FedAdam, FedYogi, FedAvgM). The round loop is written here instead of calling
+`Strategy.start`, because `start` always begins at round 1 and keeps the server
+optimizer's state to itself: fedtune checkpoints after every round (global
+state, strategy state, round, RNG, metrics) and resumes from there, measures
+every message, encodes the transport type, and stops on a validation plateau.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
+from rich.console import Console
+from rich.markup import escape
+from safetensors.torch import load_file, save_file
+
+from fedtune.config import FederatedConfig, RunConfig
+from fedtune.errors import ConfigError
+from fedtune.evaluate import Metrics, evaluate_features
+from fedtune.federated.apps import Workspace, workspace
+from fedtune.federated.wire import (
+    arrays_of,
+    decode_record,
+    decode_state,
+    encode_state,
+    message_bytes,
+    message_payload_bytes,
+    metrics_of,
+)
+from fedtune.runs import METRICS_FILE, MODEL_DIR, append_jsonl
+
+CHECKPOINT_DIR = "checkpoint"
+STATE_FILE = "state.json"
+
+
+def build_strategy(fed: FederatedConfig, lr: float) -> FedAvg:
+    """Flower's strategy for `fed.strategy`, configured from the run config."""
+    # Flower logs each sampling/aggregation step (and a warning when federated
+    # evaluation is off, which is the shared-validation setup); fedtune prints
+    # one line per round instead.
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    common: dict[str, Any] = {
+        "fraction_train": fed.fraction,
+        "fraction_evaluate": 1.0 if fed.validation == "site" else 0.0,
+        "min_train_nodes": max(1, fed.min_sites),
+        "min_evaluate_nodes": max(1, fed.min_sites) if fed.validation == "site" else 0,
+        "min_available_nodes": max(1, fed.min_sites),
+    }
+    if not 0 < fed.fraction <= 1:
+        raise ConfigError(f"federated.fraction = {fed.fraction} must be in (0, 1]")
+    if fed.min_sites > fed.sites and fed.partition != "column":
+        raise ConfigError(f"federated.min_sites = {fed.min_sites} > federated.sites = {fed.sites}")
+    if fed.rounds < 1:
+        raise ConfigError(f"federated.rounds = {fed.rounds} must be at least 1")
+    if fed.strategy == "fedavg":
+        return FedAvg(**common)
+    if fed.strategy == "fedprox":
+        return FedProx(**common, proximal_mu=fed.proximal_mu)
+    if fed.strategy in ("fedadam", "fedyogi"):
+        cls = FedAdam if fed.strategy == "fedadam" else FedYogi
+        return cls(**common, eta=fed.server_lr or 1e-2, eta_l=lr, beta_1=fed.beta_1,
+                   beta_2=fed.beta_2, tau=fed.tau)  # fmt: skip
+    if fed.strategy == "fedavgm":
+        return FedAvgM(**common, server_learning_rate=fed.server_lr or 1.0,
+                       server_momentum=fed.server_momentum)  # fmt: skip
+    raise ConfigError(f"unknown federated.strategy {fed.strategy!r}")  # pragma: no cover
+
+
+# --- strategy state: the server optimizer's moments, for checkpoints ------------
+
+
+def strategy_state(strategy: FedAvg) -> dict[str, torch.Tensor]:
+    """Every array-valued attribute of a Flower strategy (FedOpt's m_t/v_t and
+    current arrays, FedAvgM's momentum), found generically so that a strategy
+    added later is checkpointed too."""
+    out: dict[str, torch.Tensor] = {}
+    for attr, v in vars(strategy).items():
+        if isinstance(v, ArrayRecord):
+            out |= {f"{attr}|rec|{k}": torch.from_numpy(np.array(a.numpy())) for k, a in v.items()}
+        elif isinstance(v, dict) and v and all(isinstance(x, np.ndarray) for x in v.values()):
+            out |= {f"{attr}|dict|{k}": torch.from_numpy(np.array(x)) for k, x in v.items()}
+        elif isinstance(v, list) and v and all(isinstance(x, np.ndarray) for x in v):
+            out |= {f"{attr}|list|{i:06d}": torch.from_numpy(np.array(x)) for i, x in enumerate(v)}
+    return out
+
+
+def load_strategy_state(strategy: FedAvg, tensors: dict[str, torch.Tensor]) -> None:
+    from flwr.app import Array
+
+    found: dict[str, dict[str, Any]] = {}
+    for key, t in tensors.items():
+        attr, kind, name = key.split("|", 2)
+        found.setdefault(attr, {"kind": kind, "items": {}})["items"][name] = t.numpy()
+    for attr, spec in found.items():
+        items = spec["items"]
+        if spec["kind"] == "rec":
+            value: Any = ArrayRecord({k: Array(v) for k, v in items.items()})
+        elif spec["kind"] == "dict":
+            value = dict(items)
+        else:
+            value = [items[k] for k in sorted(items)]
+        setattr(strategy, attr, value)
+
+
+# --- the state a checkpoint holds ------------------------------------------------
+
+
+@dataclass
+class FederationState:
+    round: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    """One record per round: val metrics (shared and/or site), train loss, sites, bytes."""
+    traffic: list[dict[str, Any]] = field(default_factory=list)
+    """One record per message: round, site, direction, bytes, payload_bytes."""
+    best_round: int = 0
+    best_val_loss: float = float("inf")
+    stopped_early: bool = False
+    complete: bool = False
+    seconds: float = 0.0
+
+
+def write_checkpoint(
+    out: Path,
+    state: FederationState,
+    arrays: ArrayRecord,
+    best: ArrayRecord,
+    strategy: FedAvg,
+    extra: Callable[[Path], None] | None = None,
+) -> None:
+    """Atomically replace `out/checkpoint` (written beside it, then renamed)."""
+    tmp, final, old = (out / f"{CHECKPOINT_DIR}{s}" for s in (".tmp", "", ".old"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(decode_state(arrays), str(tmp / "global.safetensors"))
+    save_file(decode_state(best), str(tmp / "best.safetensors"))
+    sstate = strategy_state(strategy)
+    if sstate:
+        save_file({k: v.contiguous() for k, v in sstate.items()}, str(tmp / "strategy.safetensors"))
+    meta = {
+        "state": state.__dict__,
+        "python_random": _random_state(),
+        "torch_rng": torch.get_rng_state().tolist(),
+        "strategy": type(strategy).__name__,
+    }
+    (tmp / STATE_FILE).write_text(json.dumps(meta, default=float), encoding="utf-8")
+    if extra:
+        extra(tmp)
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(out: Path) -> Path | None:
+    for name in (CHECKPOINT_DIR, f"{CHECKPOINT_DIR}.old"):
+        if (out / name / STATE_FILE).is_file():
+            return out / name
+    return None
+
+
+def _random_state() -> list[Any]:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def read_checkpoint(
+    ckpt: Path, strategy: FedAvg
+) -> tuple[FederationState, ArrayRecord, ArrayRecord]:
+    meta = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
+    if meta["strategy"] != type(strategy).__name__:
+        raise ConfigError(
+            f"{ckpt} was written by strategy {meta['strategy']}, not {type(strategy).__name__}; "
+            "resume with the run's own config"
+        )
+    state = FederationState(**meta["state"])
+    version, internal, gauss = meta["python_random"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(torch.tensor(meta["torch_rng"], dtype=torch.uint8))
+    if (ckpt / "strategy.safetensors").is_file():
+        load_strategy_state(strategy, load_file(str(ckpt / "strategy.safetensors")))
+    arrays = encode_state(load_file(str(ckpt / "global.safetensors")))
+    best = encode_state(load_file(str(ckpt / "best.safetensors")))
+    return state, arrays, best
+
+
+# --- the round loop --------------------------------------------------------------
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} GB"  # pragma: no cover
+
+
+@dataclass
+class Outcome:
+    state: FederationState
+    final: ArrayRecord
+    best: ArrayRecord
+    test: Metrics
+    personalized: list[dict[str, Any]]
+    workspace: Workspace
+
+
+def _site_name(msg: Message, fallback: int) -> str:
+    if msg.has_content() and "site" in msg.content:
+        return str(msg.content["site"]["name"])
+    return f"node-{fallback}"
+
+
+def _send(
+    grid: Grid, messages: list[Message], state: FederationState, rnd: int, kind: str,
+    transport: str, timeout: float, names: dict[int, str],
+) -> list[Message]:  # fmt: skip
+    """Send, receive, account every message in both directions; replies decoded to fp32."""
+    for m in messages:
+        state.traffic.append({
+            "round": rnd, "kind": kind, "direction": "down",
+            "site": names.get(m.metadata.dst_node_id, f"node-{m.metadata.dst_node_id}"),
+            "bytes": message_bytes(m), "payload_bytes": message_payload_bytes(m),
+        })  # fmt: skip
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    for r in replies:
+        name = _site_name(r, r.metadata.src_node_id)
+        names.setdefault(r.metadata.src_node_id, name)
+        state.traffic.append({
+            "round": rnd, "kind": kind, "direction": "up", "site": name,
+            "bytes": message_bytes(r), "payload_bytes": message_payload_bytes(r),
+            "error": r.error.reason if r.has_error() else "",
+        })  # fmt: skip
+        if r.has_content() and "arrays" in r.content:
+            r.content["arrays"] = decode_record(arrays_of(r), transport)
+    return replies
+
+
+def _encode_messages(messages: list[Message], transport: str, extra: dict[str, Any]) -> None:
+    for m in messages:
+        m.content["arrays"] = encode_state(decode_state(arrays_of(m)), transport)
+        conf = m.content.config_records["config"]
+        for k, v in extra.items():
+            conf[k] = v
+
+
+def run_server(
+    grid: Grid,
+    cfg: RunConfig,
+    out: Path | None,
+    console: Console | None = None,
+    resume: Path | None = None,
+    save_extra: Callable[[Path], None] | None = None,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+) -> Outcome:
+    """Run the federation of `cfg` over `grid`; with `out`, write checkpoints
+    (every round), metrics.jsonl and the global model there. `resume` is a run
+    directory whose checkpoint to continue from."""
+    console = console or Console()
+    fed = cfg.federated
+    ws = workspace(cfg)
+    model = ws.model
+    strategy = build_strategy(fed, cfg.method.lr)
+    val_feats = ws.features("shared-val", ws.splits.validation) if ws.splits.validation else []
+    state = FederationState()
+    arrays = encode_state(ws.initial_state)
+    best = arrays
+    if resume is not None:
+        ckpt = find_checkpoint(resume)
+        if ckpt is None:
+            raise ConfigError(f"{resume} holds no checkpoint to resume from")
+        state, arrays, best = read_checkpoint(ckpt, strategy)
+        console.print(f"resuming after round {state.round} from {escape(str(ckpt))}")
+    names: dict[int, str] = {}
+    t_start = time.perf_counter() - state.seconds
+
+    def evaluate_global(record: ArrayRecord) -> Metrics | None:
+        if not val_feats:
+            return None
+        model.load_trainable_state(decode_state(record))
+        return evaluate_features(model, val_feats, cfg.train.eval_batch_size)
+
+    if state.round == 0 and not state.history:
+        m0 = evaluate_global(arrays)
+        rec0: dict[str, Any] = {"round": 0}
+        if m0 is not None:
+            rec0 |= {f"val_{k}": v for k, v in m0.summary().items()}
+            console.print(f"  round   0  val loss {m0.loss:.4f}  acc {m0.accuracy:.4f}")
+        state.history.append(rec0)
+
+    bad_rounds = 0
+    if state.best_round:
+        bad_rounds = state.round - state.best_round
+    for rnd in range(state.round + 1, fed.rounds + 1):
+        if state.stopped_early:
+            break
+        t_round = time.perf_counter()
+        train_msgs = list(strategy.configure_train(rnd, arrays, ConfigRecord(), grid))
+        _encode_messages(train_msgs, fed.transport, {"transport": fed.transport})
+        replies = _send(grid, train_msgs, state, rnd, "train", fed.transport, fed.timeout, names)
+        ok = [r for r in replies if not r.has_error()]
+        failed = {_site_name(r, r.metadata.src_node_id): r.error.reason
+                  for r in replies if r.has_error()}  # fmt: skip
+        record: dict[str, Any] = {
+            "round": rnd, "sites": len(ok), "sampled": len(train_msgs), "failed": failed,
+        }  # fmt: skip
+        if len(ok) < max(1, fed.min_sites):
+            record["abandoned"] = True
+            console.print(
+                f"[yellow]round {rnd}: {len(ok)} of {len(train_msgs)} sites replied, fewer "
+                f"than federated.min_sites = {fed.min_sites}; round abandoned, global state "
+                f"unchanged[/] {escape(str(failed))}"
+            )
+            if not ok and replies and len(failed) == len(replies) and rnd == 1:
+                raise ConfigError(f"every site failed in round 1: {failed}")
+        else:
+            new_arrays, train_metrics = strategy.aggregate_train(rnd, ok)
+            if new_arrays is None:
+                record["abandoned"] = True
+            else:
+                arrays = new_arrays
+            if train_metrics is not None:
+                record["train_loss"] = float(train_metrics["train_loss"])  # type: ignore[arg-type]
+            record["site_train_loss"] = {
+                _site_name(r, r.metadata.src_node_id): metrics_of(r)["train_loss"] for r in ok
+            }
+        m = evaluate_global(arrays)
+        if m is not None:
+            record |= {f"val_{k}": v for k, v in m.summary().items()}
+            if m.loss < state.best_val_loss:
+                state.best_val_loss, state.best_round, best = m.loss, rnd, arrays
+                bad_rounds = 0
+            else:
+                bad_rounds += 1
+        else:
+            best, state.best_round = arrays, rnd
+        if fed.validation == "site":
+            eval_msgs = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(), grid))
+            _encode_messages(eval_msgs, fed.transport, {"transport": fed.transport})
+            ereplies = _send(grid, eval_msgs, state, rnd, "evaluate", fed.transport,
+                             fed.timeout, names)  # fmt: skip
+            eok = [r for r in ereplies if not r.has_error()]
+            agg = strategy.aggregate_evaluate(rnd, eok)
+            if agg is not None:
+                record |= {
+                    f"site_{k}": float(v)  # type: ignore[arg-type]
+                    for k, v in agg.items()
+                    if k.startswith("val_")
+                }
+            record["site_val_loss_by_site"] = {
+                _site_name(r, r.metadata.src_node_id): metrics_of(r)["val_loss"] for r in eok
+            }
+        down = sum(
+            t["bytes"] for t in state.traffic if t["round"] == rnd and t["direction"] == "down"
+        )
+        up = sum(t["bytes"] for t in state.traffic if t["round"] == rnd and t["direction"] == "up")
+        record |= {"bytes_down": down, "bytes_up": up, "seconds": time.perf_counter() - t_round}
+        state.history.append(record)
+        state.round = rnd
+        state.seconds = time.perf_counter() - t_start
+        if fed.patience and bad_rounds >= fed.patience:
+            state.stopped_early = True
+        val = (
+            f"  val loss {record['val_loss']:.4f}  acc {record['val_accuracy']:.4f}  "
+            f"macro-F1 {record['val_macro_f1']:.4f}"
+            if "val_loss" in record
+            else ""
+        )
+        site_val = (
+            f"  site val loss {record['site_val_loss']:.4f}" if "site_val_loss" in record else ""
+        )
+        console.print(
+            f"  round {rnd:>3}/{fed.rounds}  sites {record['sites']}/{record['sampled']}  "
+            f"train loss {record.get('train_loss', float('nan')):.4f}{val}{site_val}  "
+            f"down {_fmt_bytes(down)} up {_fmt_bytes(up)}  {record['seconds']:.1f} s"
+        )
+        if out is not None:
+            append_jsonl(out / METRICS_FILE, {"event": "round", **record})
+            write_checkpoint(out, state, arrays, best, strategy, save_extra)
+        if on_round:
+            on_round(record)
+    if state.stopped_early:
+        console.print(
+            f"  stopped after round {state.round}: no lower validation loss for "
+            f"{fed.patience} rounds (best: round {state.best_round})"
+        )
+
+    # The global model: the round with the lowest shared validation loss (as the
+    # centralized loop restores its best epoch), else the last round.
+    chosen = best if val_feats else arrays
+    model.load_trainable_state(decode_state(chosen))
+    test = evaluate_features(model, ws.features("test", ws.splits.test), cfg.train.eval_batch_size)
+    personalized: list[dict[str, Any]] = []
+    if fed.personalize_epochs > 0:
+        personalized = _personalize(grid, cfg, chosen, state, names)
+        model.load_trainable_state(decode_state(chosen))
+    if out is not None:
+        if (out / MODEL_DIR).exists():
+            shutil.rmtree(out / MODEL_DIR)
+        model.save(out / MODEL_DIR)
+    state.complete = True
+    state.seconds = time.perf_counter() - t_start
+    if out is not None:
+        write_checkpoint(out, state, arrays, best, strategy, save_extra)
+    return Outcome(state, arrays, chosen, test, personalized, ws)
+
+
+def _personalize(
+    grid: Grid, cfg: RunConfig, arrays: ArrayRecord, state: FederationState, names: dict[int, str]
+) -> list[dict[str, Any]]:
+    fed = cfg.federated
+    msgs = [
+        Message(
+            RecordDict(
+                {
+                    "arrays": encode_state(decode_state(arrays), fed.transport),
+                    "config": ConfigRecord(
+                        {"epochs": fed.personalize_epochs, "transport": fed.transport}
+                    ),
+                }
+            ),
+            dst_node_id=node,
+            message_type=f"{MessageType.QUERY}.personalize",
+        )
+        for node in grid.get_node_ids()
+    ]
+    replies = _send(grid, msgs, state, state.round + 1, "personalize", fed.transport,
+                    fed.timeout, names)  # fmt: skip
+    rows: list[dict[str, Any]] = []
+    for r in replies:
+        if r.has_error():
+            rows.append({"site": _site_name(r, r.metadata.src_node_id), "error": r.error.reason})
+            continue
+        rows.append({"site": _site_name(r, 0), **metrics_of(r)})
+    return sorted(rows, key=lambda row: row["site"])
