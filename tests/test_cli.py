@@ -167,22 +167,23 @@ def test_minilm_end_to_end_on_real_data(fpb_dir: Path, tmp_path: Path) -> None:
 def test_demo_quick_on_real_data(
     fpb_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`fedtune demo --quick` end to end (two of its methods, to keep CI short)."""
+    """`fedtune demo --quick` end to end: all three regimes, both figures (LoRA
+    only and one round, to keep CI short)."""
     import fedtune.demo
 
-    plan = {m: fedtune.demo.DEMO_PLAN[m] for m in ("head", "lora")}
+    plan = {"lora": {**fedtune.demo.DEMO_PLAN["lora"], "rounds": 1}}
     monkeypatch.setattr(fedtune.demo, "DEMO_PLAN", plan)
     monkeypatch.setenv("FEDTUNE_DATA_DIR", str(fpb_dir.parent))
     result = runner.invoke(app, ["demo", "--quick", "--output-dir", str(tmp_path)])
     assert result.exit_code == 0, result.output
     (out,) = tmp_path.iterdir()
     report = (out / "report.md").read_text()
-    assert "| head |" in report and "| lora |" in report
-    assert (out / "comparison.png").is_file() and (
-        out / "lora" / "model" / "fedtune.json"
-    ).is_file()
+    assert "| lora | centralized |" in report and "| lora | federated |" in report
+    assert (out / "fig_a_centralized_vs_federated.png").is_file()
+    assert (out / "fig_b_local_vs_federated.png").is_file()
+    assert (out / "lora-federated" / "model" / "fedtune.json").is_file()
     rows = json.loads((out / "comparison.json").read_text())
-    assert [r["n_train"] for r in rows] == [200, 200]
+    assert [r["n_train"] for r in rows] == [150, 50, 50, 50, 150]
     assert "report at" in result.output
 
 
@@ -203,3 +204,22 @@ def test_predict_labels_that_are_not_identifiers(
                                   "--output", str(tmp_path / "p.xlsx")])  # fmt: skip
     assert bad_out.exit_code == 2 and "unsupported file type" in bad_out.output
     assert not (tmp_path / "p.xlsx").exists()
+
+
+def test_federate_command_and_resume_flags(tiny_models: dict[str, str], tmp_path: Path) -> None:
+    rows = [(f"profit rose {i}", "up") for i in range(12)] + [
+        (f"sales fell {i}", "down") for i in range(12)
+    ]
+    table = tmp_path / "d.csv"
+    pd.DataFrame(rows, columns=["text", "label"]).to_csv(table, index=False)
+    args = ["federate", "--set", "data.source=file", "--set", f"data.path={table}",
+            "--set", f"model.name={tiny_models['bert']}", "--set", "federated.sites=2",
+            "--set", "federated.rounds=2", "--set", f"output_dir={tmp_path / 'runs'}",
+            "--set", "name=f", "--set", "train.progress=false"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "round   2/2" in result.output and (tmp_path / "runs" / "f" / "report.md").is_file()
+    result = runner.invoke(app, ["federate", "x.toml", "--resume", str(tmp_path / "runs" / "f")])
+    assert result.exit_code == 2 and "drop CONFIG" in result.output
+    result = runner.invoke(app, ["federate", "--resume", str(tmp_path)])
+    assert result.exit_code == 2 and "not an interrupted federated run" in result.output

@@ -189,6 +189,16 @@ Proximal = tuple[float, dict[str, torch.Tensor]]
 """FedProx: (mu, the global trainable state the round started from)."""
 
 
+def proximal_term(
+    params: list[torch.Tensor], anchor: list[torch.Tensor], mu: float
+) -> torch.Tensor:
+    """FedProx's (mu / 2) * ||w - w_global||^2 over the trainable tensors."""
+    total = params[0].new_zeros(())
+    for p, a in zip(params, anchor, strict=True):
+        total = total + (p - a).pow(2).sum()
+    return mu / 2 * total
+
+
 def train(
     model: AdaptedModel,
     train_feats: list[Feature],
@@ -294,10 +304,7 @@ def _train(
                 running += loss.item() * len(mb)
                 running_n += len(mb)
                 if anchor is not None:
-                    mu = proximal[0]  # type: ignore[index]
-                    loss = loss + mu / 2 * sum(
-                        (p - a).pow(2).sum() for (_, p), a in zip(named, anchor, strict=True)
-                    )
+                    loss = loss + proximal_term([p for _, p in named], anchor, proximal[0])  # type: ignore[index]
                 (loss * (len(mb) / n_step)).backward()
             result.samples_seen += n_step
             session.micro_seen += len(step_batches)

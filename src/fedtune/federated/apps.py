@@ -163,10 +163,12 @@ def site_train(msg: Message, context: Context) -> Message:
         if saved is not None:
             session = TrainSession.from_state(model, tcfg, cfg.method.lr, *saved)
         else:  # one schedule over the whole federation
-            session = TrainSession.new(model, len(feats), tcfg, cfg.method.lr, cfg.seed + pid,
+            # Every site uses the run's seed: sites holding the same data then make
+            # the same update (their data, not their seeds, tell them apart).
+            session = TrainSession.new(model, len(feats), tcfg, cfg.method.lr, cfg.seed,
                                        total_steps=steps * fed.rounds)  # fmt: skip
     else:  # fresh optimizer and schedule each round; new batch order and dropout
-        seed = cfg.seed + pid + 1000 * server_round
+        seed = cfg.seed + 1000 * server_round
         session = TrainSession.new(model, len(feats), tcfg, cfg.method.lr, seed, total_steps=steps)
     mu = float(conf.get("proximal-mu", 0.0))
     result = train(

@@ -124,7 +124,8 @@ def run_federated(
     grid = InProcessGrid(client_app, contexts, _run_id(cfg))
     try:
         outcome = run_server(grid, cfg, out, console, resume=out if resume else None,
-                             save_extra=save_sites)  # fmt: skip
+                             save_extra=save_sites,
+                             site_names={n: names[i] for i, n in enumerate(contexts)})  # fmt: skip
     except KeyboardInterrupt:
         if out is not None:
             console.print(

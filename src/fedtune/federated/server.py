@@ -95,7 +95,7 @@ def strategy_state(strategy: FedAvg) -> dict[str, torch.Tensor]:
             out |= {f"{attr}|rec|{k}": torch.from_numpy(np.array(a.numpy())) for k, a in v.items()}
         elif isinstance(v, dict) and v and all(isinstance(x, np.ndarray) for x in v.values()):
             out |= {f"{attr}|dict|{k}": torch.from_numpy(np.array(x)) for k, x in v.items()}
-        elif isinstance(v, list) and v and all(isinstance(x, np.ndarray) for x in v):
+        elif isinstance(v, list) and v and all(isinstance(x, np.ndarray) for x in v):  # FedAvgM
             out |= {f"{attr}|list|{i:06d}": torch.from_numpy(np.array(x)) for i, x in enumerate(v)}
     return out
 
@@ -240,8 +240,9 @@ def _send(
         })  # fmt: skip
     replies = list(grid.send_and_receive(messages, timeout=timeout))
     for r in replies:
-        name = _site_name(r, r.metadata.src_node_id)
-        names.setdefault(r.metadata.src_node_id, name)
+        node = r.metadata.src_node_id
+        name = names.get(node) or _site_name(r, node)
+        names.setdefault(node, name)
         state.traffic.append({
             "round": rnd, "kind": kind, "direction": "up", "site": name,
             "bytes": message_bytes(r), "payload_bytes": message_payload_bytes(r),
@@ -268,6 +269,7 @@ def run_server(
     resume: Path | None = None,
     save_extra: Callable[[Path], None] | None = None,
     on_round: Callable[[dict[str, Any]], None] | None = None,
+    site_names: dict[int, str] | None = None,
 ) -> Outcome:
     """Run the federation of `cfg` over `grid`; with `out`, write checkpoints
     (every round), metrics.jsonl and the global model there. `resume` is a run
@@ -279,6 +281,9 @@ def run_server(
     strategy = build_strategy(fed, cfg.method.lr)
     val_feats = ws.features("shared-val", ws.splits.validation) if ws.splits.validation else []
     state = FederationState()
+    # Flower's strategies sample sites with the global `random` module: seed it, so
+    # that a run is reproducible (the checkpoint carries its state on from there).
+    random.seed(cfg.seed)
     arrays = encode_state(ws.initial_state)
     best = arrays
     if resume is not None:
@@ -287,7 +292,8 @@ def run_server(
             raise ConfigError(f"{resume} holds no checkpoint to resume from")
         state, arrays, best = read_checkpoint(ckpt, strategy)
         console.print(f"resuming after round {state.round} from {escape(str(ckpt))}")
-    names: dict[int, str] = {}
+    # node id -> site name: given in process, else learnt from the sites' replies
+    names: dict[int, str] = dict(site_names or {})
     t_start = time.perf_counter() - state.seconds
 
     def evaluate_global(record: ArrayRecord) -> Metrics | None:
@@ -315,8 +321,8 @@ def run_server(
         _encode_messages(train_msgs, fed.transport, {"transport": fed.transport})
         replies = _send(grid, train_msgs, state, rnd, "train", fed.transport, fed.timeout, names)
         ok = [r for r in replies if not r.has_error()]
-        failed = {_site_name(r, r.metadata.src_node_id): r.error.reason
-                  for r in replies if r.has_error()}  # fmt: skip
+        failed = {names.get(r.metadata.src_node_id, f"node-{r.metadata.src_node_id}"):
+                  r.error.reason for r in replies if r.has_error()}  # fmt: skip
         record: dict[str, Any] = {
             "round": rnd, "sites": len(ok), "sampled": len(train_msgs), "failed": failed,
         }  # fmt: skip
@@ -334,7 +340,9 @@ def run_server(
             if new_arrays is None:
                 record["abandoned"] = True
             else:
-                arrays = new_arrays
+                # Flower averages in float64; the global state is fp32 (as trained,
+                # sent and checkpointed), so a resumed run continues bit for bit.
+                arrays = encode_state(decode_state(new_arrays))
             if train_metrics is not None:
                 record["train_loss"] = float(train_metrics["train_loss"])  # type: ignore[arg-type]
             record["site_train_loss"] = {
@@ -445,7 +453,8 @@ def _personalize(
     rows: list[dict[str, Any]] = []
     for r in replies:
         if r.has_error():
-            rows.append({"site": _site_name(r, r.metadata.src_node_id), "error": r.error.reason})
+            node = r.metadata.src_node_id
+            rows.append({"site": names.get(node, f"node-{node}"), "error": r.error.reason})
             continue
         rows.append({"site": _site_name(r, 0), **metrics_of(r)})
     return sorted(rows, key=lambda row: row["site"])

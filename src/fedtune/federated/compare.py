@@ -1,0 +1,197 @@
+"""Centralized vs local-only vs federated: the source post's experiment.
+
+All regimes use the same split and the same method and training budget:
+centralized trains on the union of the sites' data for `rounds x local_epochs`
+epochs; each local-only site trains on its own data for as many epochs; the
+federation runs `rounds` rounds of `local_epochs` at every site. Everyone is
+validated on the shared validation set and tested on the held-out test set.
+
+The report reproduces the post's two figures — (a) validation loss of centralized
+vs federated training over epochs/rounds, (b) each local-only site vs the
+federated global model — and a table with accuracy, macro-F1, weighted F1,
+trainable parameters, bytes per site per round and in total, and wall time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+from rich.console import Console
+
+from fedtune.config import FederatedConfig, RunConfig, method_config
+from fedtune.data import Splits, make_splits
+from fedtune.errors import ConfigError
+from fedtune.federated.partition import partition_examples
+from fedtune.federated.runner import run_federated
+from fedtune.federated.server import build_strategy
+from fedtune.regimes import describe_data, run_centralized
+from fedtune.report import _pct, personalized_table
+from fedtune.runs import final_run_dir, read_jsonl, staged_run_dir, write_json
+
+REGIMES = ("centralized", "local", "federated")
+
+
+def _epochs_budget(fed: FederatedConfig) -> float:
+    if fed.local_steps:
+        raise ConfigError(
+            "compare needs the budget in epochs: set federated.local_epochs and leave "
+            "federated.local_steps = 0"
+        )
+    return fed.rounds * fed.local_epochs
+
+
+def _val_curve(run_dir: Path) -> list[tuple[float, float]]:
+    return [
+        (r["epoch"], r["val_loss"])
+        for r in read_jsonl(run_dir / "metrics.jsonl")
+        if r.get("event") == "eval" and "val_loss" in r
+    ]
+
+
+def run_regimes(
+    cfg: RunConfig,
+    methods: list[str] | None = None,
+    regimes: tuple[str, ...] = REGIMES,
+    console: Console | None = None,
+    method_overrides: dict[str, dict[str, Any]] | None = None,
+    train_overrides: dict[str, dict[str, Any]] | None = None,
+    federated_overrides: dict[str, dict[str, Any]] | None = None,
+) -> Path:
+    """Run every regime for every method on one split; write one report."""
+    console = console or Console()
+    unknown = sorted(set(regimes) - set(REGIMES))
+    if unknown or not regimes:
+        raise ConfigError(f"unknown regime(s) {unknown}; choose from {', '.join(REGIMES)}")
+    out = final_run_dir(cfg, cfg.name or f"regimes-{time.strftime('%Y%m%d-%H%M%S')}")
+    methods = methods or [cfg.method_name]
+    method_cfgs = [method_config(m, (method_overrides or {}).get(m, {})) for m in methods]
+    _epochs_budget(cfg.federated)
+    build_strategy(cfg.federated, cfg.method.lr)
+    splits = make_splits(cfg.data)
+    partition = partition_examples(splits.train, splits.labels, cfg.federated, cfg.seed)
+    pooled = Splits(partition.pooled_train, splits.validation, splits.test, splits.labels,
+                    splits.notes + partition.notes)  # fmt: skip
+    rows: list[dict[str, Any]] = []
+    curves: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    with staged_run_dir(out) as staging:
+        for mcfg in method_cfgs:
+            mname = dataclasses.replace(cfg, method=mcfg).method_name
+            fcfg = dataclasses.replace(cfg.federated, **(federated_overrides or {}).get(mname, {}))
+            tcfg = dataclasses.replace(
+                cfg.train, epochs=_epochs_budget(fcfg), max_steps=0,
+                **(train_overrides or {}).get(mname, {}),
+            )  # fmt: skip
+            base = dataclasses.replace(cfg, method=mcfg, train=tcfg, federated=fcfg,
+                                       output_dir=str(staging))  # fmt: skip
+            curves[mname] = {}
+            if "centralized" in regimes:
+                console.rule(f"{mname}: centralized ({len(pooled.train)} pooled examples)")
+                name = f"{mname}-centralized"
+                r = run_centralized(dataclasses.replace(base, name=name), console, pooled,
+                                    shown_as=out / name)  # fmt: skip
+                rows.append({**r, "regime": "centralized", "site": "all"})
+                curves[mname]["centralized"] = _val_curve(staging / name)
+            if "local" in regimes:
+                for site in partition.sites:
+                    console.rule(f"{mname}: local only, {site.name} ({len(site.train)} examples)")
+                    name = f"{mname}-local-{site.name}"
+                    local = Splits(site.train, splits.validation, splits.test, splits.labels)
+                    r = run_centralized(dataclasses.replace(base, name=name), console, local,
+                                        shown_as=out / name)  # fmt: skip
+                    rows.append({**r, "regime": "local", "site": site.name})
+                    curves[mname][f"local {site.name}"] = _val_curve(staging / name)
+            if "federated" in regimes:
+                console.rule(f"{mname}: federated ({len(partition.sites)} sites)")
+                name = f"{mname}-federated"
+                r = run_federated(dataclasses.replace(base, name=name), console, splits,
+                                  shown_as=out / name)  # fmt: skip
+                rows.append({**r, "regime": "federated", "site": "all"})
+                curves[mname]["federated"] = [
+                    (h["round"] * fcfg.local_epochs, h["val_loss"])
+                    for h in r["history"]
+                    if h["round"] > 0 and "val_loss" in h
+                ]
+        title = f"Centralized vs local vs federated on {describe_data(cfg)}"
+        write_regimes_report(staging, rows, curves, title, cfg)
+        write_json(staging / "comparison.json", [
+            {k: v for k, v in r.items() if k not in ("report", "confusion", "run_dir", "history")}
+            for r in rows
+        ])  # fmt: skip
+    console.print(f"[bold]comparison report:[/] {out / 'report.md'}")
+    return out
+
+
+def _plot(curves: dict[str, dict[str, list[tuple[float, float]]]], keep: str, path: Path,
+          title: str) -> None:  # fmt: skip
+    methods = list(curves)
+    fig, axes = plt.subplots(1, len(methods), figsize=(5.6 * len(methods), 4.2), squeeze=False)
+    for ax, m in zip(axes[0], methods, strict=True):
+        for label, pts in curves[m].items():
+            if not pts or (not label.startswith(keep) and label != "federated"):
+                continue
+            style = "s-" if label == "federated" else ("o-" if label == "centralized" else ".--")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
+        ax.set_title(m)
+        ax.set_xlabel("epochs of training (federated: rounds x local epochs)")
+        ax.set_ylabel("validation loss (shared set)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_regimes_report(out: Path, rows: list[dict[str, Any]],
+                         curves: dict[str, dict[str, list[tuple[float, float]]]], title: str,
+                         cfg: RunConfig) -> Path:  # fmt: skip
+    _plot(curves, "centralized", out / "fig_a_centralized_vs_federated.png",
+          "(a) centralized vs federated")  # fmt: skip
+    _plot(curves, "local", out / "fig_b_local_vs_federated.png",
+          "(b) each local-only site vs the federated global model")  # fmt: skip
+    fed = cfg.federated
+    lines = [
+        f"# {title}",
+        "",
+        f"Same split, method and budget for every regime: {fed.rounds} rounds x "
+        f"{fed.local_epochs:g} local epochs federated ({fed.strategy}, {fed.transport} "
+        f"transport, partition `{fed.partition}`), the same number of epochs centralized "
+        "and at each local-only site. Validation: the shared set; test: the held-out set.",
+        "",
+        "| method | regime | site | train examples | accuracy | macro-F1 | weighted F1 "
+        "| trainable params | bytes/site/round down / up | bytes total | wall time (s) | run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["regime"] == "federated":
+            traffic = (f"{r['bytes_down_per_site_round'] / 1e6:.3f} MB / "
+                       f"{r['bytes_up_per_site_round'] / 1e6:.3f} MB")  # fmt: skip
+            total = f"{r['bytes_total'] / 1e6:.2f} MB"
+        else:
+            traffic, total = "-", "-"
+        lines.append(
+            f"| {r['method']} | {r['regime']} | {r['site']} | {r['n_train']} "
+            f"| {_pct(r['accuracy'])} | {_pct(r['macro_f1'])} | {_pct(r['weighted_f1'])} "
+            f"| {r['trainable_parameters']:,} | {traffic} | {total} | {r['wall_seconds']:.1f} "
+            f"| [{r['name']}]({r['name']}/report.md) |"
+        )
+    lines += [
+        "",
+        "![(a) centralized vs federated](fig_a_centralized_vs_federated.png)",
+        "",
+        "![(b) local-only sites vs federated](fig_b_local_vs_federated.png)",
+        "",
+    ]
+    for r in rows:
+        if r["regime"] == "federated" and r.get("personalized"):
+            lines += [f"### {r['method']}", "", personalized_table(r["personalized"]), ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,333 @@
+"""The federated regime: equivalences with centralized training, Flower's
+aggregation rules against hand-computed numbers, partitioners, byte accounting,
+checkpoint + resume, the compare pipeline and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import LABELS, TEXTS, Y
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from safetensors.torch import load_file
+
+import fedtune.federated.apps as apps
+from fedtune.config import FederatedConfig, RunConfig, load_config
+from fedtune.data import Example
+from fedtune.errors import ConfigError, DataError
+from fedtune.federated.compare import run_regimes
+from fedtune.federated.grid import InProcessGrid
+from fedtune.federated.partition import Partition, partition_examples
+from fedtune.federated.runner import run_federated
+from fedtune.federated.server import build_strategy
+from fedtune.federated.wire import decode_state, encode_state, payload_bytes
+from fedtune.regimes import run_centralized
+from fedtune.runs import read_jsonl
+from fedtune.train import proximal_term
+
+
+@pytest.fixture
+def table(tmp_path: Path) -> Path:
+    rows = [
+        {"text": f"{TEXTS[i % 6]} {i}", "label": LABELS[Y[i % 6]], "site": f"org-{i % 3}"}
+        for i in range(90)
+    ]
+    path = tmp_path / "d.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def _cfg(tiny: dict[str, str], table: Path, out: Path, *extra: str) -> RunConfig:
+    apps.clear_workspace()
+    return load_config(None, [
+        "data.source=file", f"data.path={table}", f"model.name={tiny['bert']}",
+        "train.progress=false", "train.batch_size=8", f"output_dir={out}",
+        "method.name=lora", "method.lr=0.01", *extra,
+    ])  # fmt: skip
+
+
+def _history(run_dir: Path) -> list[dict]:
+    return [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["event"] == "round"]
+
+
+def test_one_site_one_epoch_per_round_equals_centralized(
+    tiny_models: dict[str, str], table: Path, tmp_path: Path
+) -> None:
+    common = ["federated.sites=1", "train.epochs=3", "federated.rounds=3"]
+    cen = run_centralized(_cfg(tiny_models, table, tmp_path, *common, "name=c"))
+    run_federated(_cfg(tiny_models, table, tmp_path, *common, "name=f"))
+    c = [r for r in read_jsonl(tmp_path / "c" / "metrics.jsonl") if r["event"] == "eval"]
+    f = _history(tmp_path / "f")
+    assert len(c) == len(f) == 3
+    for a, b in zip(c, f, strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-6, abs=1e-7)
+        assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-6, abs=1e-7)
+    last = json.loads((tmp_path / "f" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["accuracy"] == pytest.approx(cen["accuracy"])
+
+
+def test_identical_sites_equal_one_site(
+    tiny_models: dict[str, str], table: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = apps.partition_examples
+
+    def cloned(examples, labels, fed, seed):  # type: ignore[no-untyped-def]
+        one = real(examples, labels, FederatedConfig(sites=1), seed).sites[0]
+        return Partition([one] * fed.sites)
+
+    monkeypatch.setattr(apps, "partition_examples", cloned)
+    run_federated(_cfg(tiny_models, table, tmp_path, "federated.sites=1", "name=one",
+                       "federated.rounds=2"))  # fmt: skip
+    run_federated(_cfg(tiny_models, table, tmp_path, "federated.sites=3", "name=three",
+                       "federated.rounds=2"))  # fmt: skip
+    for a, b in zip(_history(tmp_path / "one"), _history(tmp_path / "three"), strict=True):
+        assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-5)
+    one = load_file(str(tmp_path / "one" / "checkpoint" / "global.safetensors"))
+    three = load_file(str(tmp_path / "three" / "checkpoint" / "global.safetensors"))
+    for k in one:
+        torch.testing.assert_close(three[k], one[k], rtol=1e-5, atol=1e-6)
+
+
+def _reply(arrays: dict[str, list[float]], n: int) -> Message:
+    msg = Message(RecordDict({"config": ConfigRecord()}), dst_node_id=1000, message_type="train")
+    msg.metadata.__dict__["_message_id"] = "m"
+    content = RecordDict({
+        "arrays": ArrayRecord({k: Array(np.array(v, dtype=np.float32)) for k, v in arrays.items()}),
+        "metrics": MetricRecord({"num-examples": n, "train_loss": 1.0}),
+    })  # fmt: skip
+    return Message(content, reply_to=msg)
+
+
+@pytest.fixture
+def identity() -> None:
+    InProcessGrid(apps.client_app, {}, run_id=7)  # sets Flower's task identity
+
+
+def test_fedavg_weights_by_examples(identity: None) -> None:
+    strategy = build_strategy(FederatedConfig(strategy="fedavg"), lr=0.1)
+    agg, metrics = strategy.aggregate_train(1, [_reply({"w": [1, 2]}, 1), _reply({"w": [4, 8]}, 3)])
+    assert agg is not None and metrics is not None
+    # (1 * 1 + 4 * 3) / 4, (2 * 1 + 8 * 3) / 4
+    np.testing.assert_allclose(agg["w"].numpy(), [3.25, 6.5])
+
+
+def test_fedadam_update_rule(identity: None) -> None:
+    fed = FederatedConfig(strategy="fedadam", server_lr=0.01, beta_1=0.9, beta_2=0.99, tau=1e-3)
+    strategy = build_strategy(fed, lr=0.1)
+    strategy.current_arrays = {"w": np.array([0.0], dtype=np.float32)}
+    agg, _ = strategy.aggregate_train(1, [_reply({"w": [1.0]}, 2)])
+    assert agg is not None
+    # delta 1; m = 0.1; v = 0.01; eta_norm = 0.01 * sqrt(1 - 0.99^2) / (1 - 0.9^2)
+    eta_norm = 0.01 * np.sqrt(1 - 0.99**2) / (1 - 0.9**2)
+    expected = eta_norm * 0.1 / (np.sqrt(0.01) + 1e-3)
+    np.testing.assert_allclose(agg["w"].numpy(), [expected], rtol=1e-5)
+    assert expected == pytest.approx(0.0073511, rel=1e-4)
+
+
+def test_fedprox_term_and_config() -> None:
+    w = [torch.tensor([1.0, 2.0]), torch.tensor([[3.0]])]
+    a = [torch.tensor([0.0, 0.0]), torch.tensor([[1.0]])]
+    # mu / 2 * (1 + 4 + 4) with mu = 0.5
+    assert proximal_term(w, a, 0.5).item() == pytest.approx(2.25)
+    strategy = build_strategy(FederatedConfig(strategy="fedprox", proximal_mu=0.3), lr=0.1)
+    assert strategy.proximal_mu == pytest.approx(0.3)  # type: ignore[attr-defined]
+
+
+def test_fedprox_pulls_sites_towards_the_global_model(
+    tiny_models: dict[str, str], table: Path, tmp_path: Path
+) -> None:
+    def drift(name: str, *extra: str) -> float:
+        cfg = _cfg(tiny_models, table, tmp_path, f"name={name}", "federated.rounds=1",
+                   "train.max_steps=0", "federated.local_epochs=3", *extra)  # fmt: skip
+        init = {k: v.clone() for k, v in apps.workspace(cfg).initial_state.items()}
+        run_federated(cfg)
+        final = load_file(str(tmp_path / name / "checkpoint" / "global.safetensors"))
+        return sum(float((final[k] - init[k]).pow(2).sum()) for k in init)
+
+    plain = drift("avg")
+    prox = drift("prox", "federated.strategy=fedprox", "federated.proximal_mu=50")
+    assert prox < plain
+
+
+def _examples(n: int = 60) -> list[Example]:
+    return [Example(f"t{i}", LABELS[i % 3], f"row {i}", f"s{i % 4}") for i in range(n)]
+
+
+@pytest.mark.parametrize(
+    ("over", "sizes"),
+    [
+        ({"partition": "iid", "sites": 3}, [20, 20, 20]),
+        ({"partition": "sizes", "sites": 2, "sizes": (10, 25)}, [10, 25]),
+        ({"partition": "column"}, [15, 15, 15, 15]),
+    ],
+)
+def test_partitions_are_disjoint_and_sized(over: dict, sizes: list[int]) -> None:
+    p = partition_examples(_examples(), LABELS, FederatedConfig(**over), seed=1)
+    assert [len(s.train) for s in p.sites] == sizes
+    texts = [e.text for s in p.sites for e in s.train]
+    assert len(texts) == len(set(texts))
+    again = partition_examples(_examples(), LABELS, FederatedConfig(**over), seed=1)
+    assert [[e.text for e in s.train] for s in again.sites] == [
+        [e.text for e in s.train] for s in p.sites
+    ]
+
+
+def test_dirichlet_and_quantity_skew() -> None:
+    ex = _examples(600)
+    p = partition_examples(ex, LABELS, FederatedConfig(partition="dirichlet", alpha=0.1), seed=0)
+    assert sum(len(s.train) for s in p.sites) == 600
+    mixes = [[sum(e.label == lab for e in s.train) / len(s.train) for lab in LABELS]
+             for s in p.sites]  # fmt: skip
+    assert max(max(m) for m in mixes) > 0.6  # skewed: some site dominated by one label
+    q = partition_examples(ex, LABELS, FederatedConfig(partition="quantity", alpha=0.5), seed=0)
+    sizes = sorted(len(s.train) for s in q.sites)
+    assert sum(sizes) == 600 and sizes[-1] > sizes[0] and sizes[0] >= 10
+
+
+def test_site_validation_holdout() -> None:
+    fed = FederatedConfig(partition="iid", sites=2, validation="site", site_val_size=0.2)
+    p = partition_examples(_examples(), LABELS, fed, seed=0)
+    assert [(len(s.train), len(s.validation)) for s in p.sites] == [(24, 6), (24, 6)]
+
+
+def test_partition_errors_name_the_fix() -> None:
+    with pytest.raises(ConfigError, match=r"federated.sizes has 2 entries"):
+        partition_examples(_examples(), LABELS, FederatedConfig(partition="sizes", sizes=(5, 5)), 0)
+    with pytest.raises(ConfigError, match=r"add up to at most the 60"):
+        fed = FederatedConfig(partition="sizes", sites=2, sizes=(50, 50))
+        partition_examples(_examples(), LABELS, fed, 0)
+    no_site = [Example("a", "neutral", "f.csv:2")]
+    with pytest.raises(DataError, match=r"f.csv:2.*data.site_column"):
+        partition_examples(no_site, LABELS, FederatedConfig(partition="column"), 0)
+
+
+@pytest.mark.parametrize(("transport", "width"), [("fp32", 4), ("fp16", 2), ("bf16", 2)])
+def test_bytes_accounted_exactly(
+    tiny_models: dict[str, str], table: Path, tmp_path: Path, transport: str, width: int
+) -> None:
+    cfg = _cfg(tiny_models, table, tmp_path, "name=b", "federated.rounds=2",
+               f"federated.transport={transport}")  # fmt: skip
+    summary = run_federated(cfg)
+    n_params = summary["trainable_parameters"]
+    assert summary["payload_up_per_site_round"] == n_params * width
+    state = json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())["state"]
+    traffic = state["traffic"]
+    assert len(traffic) == 2 * 3 * 2  # rounds x sites x (down + up)
+    assert all(t["payload_bytes"] == n_params * width for t in traffic)
+    assert sum(t["payload_bytes"] for t in traffic) == n_params * width * len(traffic)
+    # The serialized message carries the payload plus bounded framing.
+    assert all(0 < t["bytes"] - t["payload_bytes"] < 200 * 40 for t in traffic)
+
+
+def test_transport_roundtrip_precision() -> None:
+    state = {"a": torch.randn(64, 8), "b": torch.randn(5)}
+    for transport, tol in (("fp32", 0.0), ("fp16", 1e-2), ("bf16", 2e-2)):
+        record = encode_state(state, transport)
+        back = decode_state(record, transport)
+        assert payload_bytes(record) == (64 * 8 + 5) * (4 if transport == "fp32" else 2)
+        for k in state:
+            assert back[k].dtype == torch.float32
+            torch.testing.assert_close(back[k], state[k], rtol=tol, atol=tol)
+
+
+def test_kill_and_resume_reproduces_the_uninterrupted_run(
+    tiny_models: dict[str, str], table: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    extra = ("federated.rounds=3", "federated.strategy=fedadam", "federated.fraction=0.67",
+             "federated.min_sites=2")  # fmt: skip
+    run_federated(_cfg(tiny_models, table, tmp_path, "name=full", *extra))
+
+    calls = {"n": 0}
+    real = InProcessGrid.send_and_receive
+
+    def dies_in_round_3(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(self, messages, timeout=timeout)
+
+    monkeypatch.setattr(InProcessGrid, "send_and_receive", dies_in_round_3)
+    with pytest.raises(KeyboardInterrupt):
+        run_federated(_cfg(tiny_models, table, tmp_path, "name=cut", *extra))
+    assert len(_history(tmp_path / "cut")) == 2
+    monkeypatch.setattr(InProcessGrid, "send_and_receive", real)
+    apps.clear_workspace()  # as a fresh process would
+    run_federated(load_config(None, []), resume=tmp_path / "cut")
+    full = load_file(str(tmp_path / "full" / "checkpoint" / "global.safetensors"))
+    cut = load_file(str(tmp_path / "cut" / "checkpoint" / "global.safetensors"))
+    for k in full:
+        torch.testing.assert_close(cut[k], full[k], rtol=0, atol=0)
+    assert [h["val_loss"] for h in _history(tmp_path / "cut")] == [
+        h["val_loss"] for h in _history(tmp_path / "full")
+    ]
+    assert (tmp_path / "cut" / "model" / "fedtune.json").is_file()
+
+
+def test_resume_refuses_what_is_not_a_run(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not an interrupted federated run"):
+        run_federated(load_config(None, []), resume=tmp_path)
+
+
+def test_personalized_models_and_site_validation(
+    tiny_models: dict[str, str], table: Path, tmp_path: Path
+) -> None:
+    cfg = _cfg(tiny_models, table, tmp_path, "name=p", "federated.rounds=1",
+               "federated.validation=site", "federated.personalize_epochs=1",
+               "federated.strategy=fedavgm")  # fmt: skip
+    summary = run_federated(cfg)
+    assert [r["site"] for r in summary["personalized"]] == ["site-1", "site-2", "site-3"]
+    assert all("personal_val_accuracy" in r for r in summary["personalized"])
+    assert "site_val_loss" in summary["history"][-1]
+    assert (tmp_path / "p" / "sites" / "site-2" / "model" / "fedtune.json").is_file()
+    assert "personalized" in (tmp_path / "p" / "report.md").read_text()
+
+
+def test_compare_pipeline_writes_both_figures(
+    tiny_models: dict[str, str], table: Path, tmp_path: Path
+) -> None:
+    cfg = _cfg(tiny_models, table, tmp_path, "name=cmp", "federated.rounds=2",
+               "federated.partition=column", "data.site_column=site")  # fmt: skip
+    out = run_regimes(cfg, ["lora", "ptuning"])
+    report = (out / "report.md").read_text()
+    for name in ("fig_a_centralized_vs_federated.png", "fig_b_local_vs_federated.png"):
+        assert (out / name).stat().st_size > 10_000 and name in report
+    rows = json.loads((out / "comparison.json").read_text())
+    assert [(r["method"], r["regime"]) for r in rows] == [
+        (m, reg) for m in ("lora", "ptuning")
+        for reg in ("centralized", "local", "local", "local", "federated")
+    ]  # fmt: skip
+    fed = [r for r in rows if r["regime"] == "federated"]
+    assert all(r["bytes_total"] > 0 and r["sites"] == ["org-0", "org-1", "org-2"] for r in fed)
+    cen = [r for r in rows if r["regime"] == "centralized"]
+    assert all(r["epochs"] == pytest.approx(2.0) for r in cen)  # same budget
+
+
+def test_a_failing_site_drops_out_and_min_sites_abandons_the_round(
+    tiny_models: dict[str, str], table: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = apps.train
+
+    def site_2_crashes(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if str(kwargs.get("description", "")).startswith("site-2"):
+            raise RuntimeError("disk full")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(apps, "train", site_2_crashes)
+    run_federated(_cfg(tiny_models, table, tmp_path, "name=two", "federated.rounds=1",
+                       "federated.min_sites=2"))  # fmt: skip
+    (rec,) = _history(tmp_path / "two")
+    assert rec["sites"] == 2 and rec["failed"] == {"site-2": "RuntimeError: disk full"}
+    assert not rec.get("abandoned")
+
+    cfg = _cfg(tiny_models, table, tmp_path, "name=three", "federated.rounds=2",
+               "federated.min_sites=3")  # fmt: skip
+    init = {k: v.clone() for k, v in apps.workspace(cfg).initial_state.items()}
+    run_federated(cfg)
+    assert all(r["abandoned"] for r in _history(tmp_path / "three"))
+    final = load_file(str(tmp_path / "three" / "checkpoint" / "global.safetensors"))
+    for k in init:
+        torch.testing.assert_close(final[k], init[k], rtol=0, atol=0)
