@@ -163,21 +163,27 @@ def write_regimes_report(out: Path, rows: list[dict[str, Any]],
         f"Same split, method and budget for every regime: {fed.rounds} rounds x "
         f"{fed.local_epochs:g} local epochs federated ({fed.strategy}, {fed.transport} "
         f"transport, partition `{fed.partition}`), the same number of epochs centralized "
-        "and at each local-only site. Validation: the shared set; test: the held-out set.",
+        "and at each local-only site. Validation: the shared set; test: the held-out set. "
+        "`trained (best)`: epochs or rounds run, and the one with the lowest validation loss "
+        "(the model that is tested).",
         "",
-        "| method | regime | site | train examples | accuracy | macro-F1 | weighted F1 "
-        "| trainable params | bytes/site/round down / up | bytes total | wall time (s) | run |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | regime | site | train examples | trained (best) | accuracy | macro-F1 "
+        "| weighted F1 | trainable params | bytes/site/round down / up | bytes total "
+        "| wall time (s) | run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r["regime"] == "federated":
             traffic = (f"{r['bytes_down_per_site_round'] / 1e6:.3f} MB / "
                        f"{r['bytes_up_per_site_round'] / 1e6:.3f} MB")  # fmt: skip
             total = f"{r['bytes_total'] / 1e6:.2f} MB"
+            trained = f"{r['rounds']} rounds ({r['best_round']})"
         else:
             traffic, total = "-", "-"
+            best = r["best_step"] / max(r["steps"], 1) * r["epochs"]
+            trained = f"{r['epochs']:.0f} epochs ({best:.0f})"
         lines.append(
-            f"| {r['method']} | {r['regime']} | {r['site']} | {r['n_train']} "
+            f"| {r['method']} | {r['regime']} | {r['site']} | {r['n_train']} | {trained} "
             f"| {_pct(r['accuracy'])} | {_pct(r['macro_f1'])} | {_pct(r['weighted_f1'])} "
             f"| {r['trainable_parameters']:,} | {traffic} | {total} | {r['wall_seconds']:.1f} "
             f"| [{r['name']}]({r['name']}/report.md) |"

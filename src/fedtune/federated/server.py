@@ -345,6 +345,9 @@ def run_server(
                 arrays = encode_state(decode_state(new_arrays))
             if train_metrics is not None:
                 record["train_loss"] = float(train_metrics["train_loss"])  # type: ignore[arg-type]
+            record["site_train_seconds"] = {
+                _site_name(r, r.metadata.src_node_id): metrics_of(r)["train_seconds"] for r in ok
+            }
             record["site_train_loss"] = {
                 _site_name(r, r.metadata.src_node_id): metrics_of(r)["train_loss"] for r in ok
             }
