@@ -262,10 +262,27 @@ server_app = ServerApp()
 @server_app.main()
 def server_main(grid: Grid, context: Context) -> None:
     """Under `flwr run`: the federation of the config named by the run config,
-    written to `output-dir` (default: the config's output_dir/name)."""
-    from fedtune.federated.server import run_server
+    written to `output-dir` (default: the config's output_dir/name), or continued
+    from the run directory in `resume`. Sites keep their loop state in their
+    `Context` for the life of a run; a resumed run restarts it at the sites."""
+    import time
 
+    from rich.console import Console
+
+    from fedtune.federated.runner import finish_run, prepare_run_dir
+    from fedtune.federated.server import run_server
+    from fedtune.runs import final_run_dir
+
+    t_start = time.perf_counter()
+    console = Console()
     cfg = config_from_run_config(dict(context.run_config))
-    out = str(context.run_config.get("output-dir", "") or "")
     resume = str(context.run_config.get("resume", "") or "")
-    run_server(grid, cfg, Path(out) if out else None, resume=Path(resume) if resume else None)
+    out_key = str(context.run_config.get("output-dir", "") or "")
+    if resume:
+        out = Path(resume)
+    else:
+        out = Path(out_key) if out_key else final_run_dir(cfg)
+        ws = workspace(cfg)
+        prepare_run_dir(cfg, out, ws.splits.labels, ws.partition.sites)
+    outcome = run_server(grid, cfg, out, console, resume=out if resume else None)
+    finish_run(cfg, outcome, time.perf_counter() - t_start, out, console)

@@ -26,7 +26,7 @@ from fedtune.data import Splits
 from fedtune.errors import ConfigError
 from fedtune.federated.apps import CONFIG_KEY, client_app, workspace
 from fedtune.federated.grid import InProcessGrid
-from fedtune.federated.partition import describe_partition
+from fedtune.federated.partition import Site, describe_partition
 from fedtune.federated.server import Outcome, build_strategy, find_checkpoint, run_server
 from fedtune.federated.wire import recorddict_bytes, recorddict_from_bytes
 from fedtune.runs import (
@@ -107,13 +107,7 @@ def run_federated(
             if f.is_file():
                 ctx.state = recorddict_from_bytes(f.read_bytes())
     elif out is not None:
-        out.mkdir(parents=True)
-        write_json(out / CONFIG_FILE, cfg.to_dict())
-        write_json(out / LABELS_FILE, {"labels": list(ws.splits.labels)})
-        write_json(out / "sites.json", [
-            {"name": s.name, "train": len(s.train), "validation": len(s.validation)}
-            for s in sites
-        ])  # fmt: skip
+        prepare_run_dir(cfg, out, ws.splits.labels, sites)
         console.print(f"  run directory: {escape(str(shown_as or out))}")
 
     def save_sites(ckpt: Path) -> None:
@@ -132,11 +126,32 @@ def run_federated(
                 f"[yellow]interrupted; continue with: fedtune federate --resume {escape(str(out))}"
             )
         raise
-    summary = summarize(cfg, outcome, time.perf_counter() - t_start, out, shown_as)
+    summary = finish_run(cfg, outcome, time.perf_counter() - t_start, out, console, shown_as)
+    return summary
+
+
+def prepare_run_dir(
+    cfg: RunConfig, out: Path, labels: tuple[str, ...], sites: list[Site]
+) -> None:
+    out.mkdir(parents=True)
+    write_json(out / CONFIG_FILE, cfg.to_dict())
+    write_json(out / LABELS_FILE, {"labels": list(labels)})
+    write_json(out / "sites.json", [
+        {"name": s.name, "train": len(s.train), "validation": len(s.validation)} for s in sites
+    ])  # fmt: skip
+
+
+def finish_run(
+    cfg: RunConfig, outcome: Outcome, wall: float, out: Path | None, console: Console,
+    shown_as: Path | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """The summary (last line of metrics.jsonl), the report and the final console line."""
+    summary = summarize(cfg, outcome, wall, out, shown_as)
     if out is not None:
         append_jsonl(out / METRICS_FILE, summary)
         from fedtune.report import write_federated_report
 
+        ws = outcome.workspace
         write_federated_report(out, summary, outcome.test, outcome.state.history, ws.splits.labels)
     t = outcome.test
     console.print(
