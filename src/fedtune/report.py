@@ -13,19 +13,32 @@ import matplotlib.pyplot as plt
 from fedtune.evaluate import Metrics
 
 
-def plot_curves(history: list[dict[str, Any]], path: Path, title: str) -> None:
-    """Train and validation loss (left axis) and validation accuracy (right) per step."""
-    steps = [r["step"] for r in history]
+def plot_curves(
+    history: list[dict[str, Any]],
+    path: Path,
+    title: str,
+    x: str = "step",
+    train_label: str = "train loss",
+) -> None:
+    """Train and validation loss (left axis) and validation accuracy (right) per
+    optimizer step, or per round (`x="round"`) for a federation; records without
+    a value (round 0, an abandoned round) are skipped."""
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    lines = ax.plot(steps, [r["train_loss"] for r in history], "o-", label="train loss")
-    if history and "val_loss" in history[0]:
-        lines += ax.plot(steps, [r["val_loss"] for r in history], "s-", label="validation loss")
+    lines = []
+    trained = [r for r in history if "train_loss" in r]
+    if trained:
+        lines += ax.plot([r[x] for r in trained], [r["train_loss"] for r in trained], "o-",
+                         label=train_label)  # fmt: skip
+    with_val = [r for r in history if "val_loss" in r]
+    if with_val:
+        xs = [r[x] for r in with_val]
+        lines += ax.plot(xs, [r["val_loss"] for r in with_val], "s-", label="validation loss")
         ax2 = ax.twinx()
-        lines += ax2.plot(steps, [r["val_accuracy"] for r in history], "^--", color="tab:green",
+        lines += ax2.plot(xs, [r["val_accuracy"] for r in with_val], "^--", color="tab:green",
                           label="validation accuracy")  # fmt: skip
         ax2.set_ylabel("accuracy")
         ax2.set_ylim(0, 1)
-    ax.set_xlabel("optimizer step")
+    ax.set_xlabel("optimizer step" if x == "step" else x)
     ax.set_ylabel("loss")
     ax.set_title(title)
     # One legend under the plot, so it never hides a curve.
@@ -159,35 +172,6 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:.3f} MB"
 
 
-def plot_rounds(history: list[dict[str, Any]], path: Path, title: str) -> None:
-    """A federation's global model per round: shared validation loss and accuracy,
-    mean site training loss."""
-    rounds = [r for r in history if "val_loss" in r or "train_loss" in r]
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    lines = []
-    trained = [r for r in rounds if "train_loss" in r]
-    if trained:
-        lines += ax.plot([r["round"] for r in trained], [r["train_loss"] for r in trained], "o-",
-                         label="site train loss (mean)")  # fmt: skip
-    with_val = [r for r in rounds if "val_loss" in r]
-    if with_val:
-        x = [r["round"] for r in with_val]
-        lines += ax.plot(x, [r["val_loss"] for r in with_val], "s-", label="validation loss")
-        ax2 = ax.twinx()
-        lines += ax2.plot(x, [r["val_accuracy"] for r in with_val], "^--", color="tab:green",
-                          label="validation accuracy")  # fmt: skip
-        ax2.set_ylabel("accuracy")
-        ax2.set_ylim(0, 1)
-    ax.set_xlabel("round")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    ax.legend(lines, [str(ln.get_label()) for ln in lines], loc="upper center",
-              bbox_to_anchor=(0.5, -0.14), ncol=3, frameon=False)  # fmt: skip
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def write_federated_report(
     run_dir: Path,
     s: dict[str, Any],
@@ -197,7 +181,8 @@ def write_federated_report(
 ) -> None:
     """`report.md`, `rounds.png` and `confusion.png` of a federated run."""
     title = f"{s['method']} on {s['model']}, federated ({s['strategy']})"
-    plot_rounds(history, run_dir / "rounds.png", title)
+    plot_curves(history, run_dir / "rounds.png", title, x="round",
+                train_label="site train loss (mean)")  # fmt: skip
     plot_confusion(test, labels, run_dir / "confusion.png", f"test, {title}")
     early = " (stopped early)" if s["stopped_early"] else ""
     facts = [

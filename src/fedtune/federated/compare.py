@@ -91,22 +91,23 @@ def run_regimes(
             base = dataclasses.replace(cfg, method=mcfg, train=tcfg, federated=fcfg,
                                        output_dir=str(staging))  # fmt: skip
             curves[mname] = {}
+            runs: list[tuple[Splits, str, str]] = []  # (data, regime, site)
             if "centralized" in regimes:
-                console.rule(f"{mname}: centralized ({len(pooled.train)} pooled examples)")
-                name = f"{mname}-centralized"
-                r = run_centralized(dataclasses.replace(base, name=name), console, pooled,
-                                    shown_as=out / name)  # fmt: skip
-                rows.append({**r, "regime": "centralized", "site": "all"})
-                curves[mname]["centralized"] = _val_curve(staging / name)
+                runs.append((pooled, "centralized", "all"))
             if "local" in regimes:
-                for site in partition.sites:
-                    console.rule(f"{mname}: local only, {site.name} ({len(site.train)} examples)")
-                    name = f"{mname}-local-{site.name}"
-                    local = Splits(site.train, splits.validation, splits.test, splits.labels)
-                    r = run_centralized(dataclasses.replace(base, name=name), console, local,
-                                        shown_as=out / name)  # fmt: skip
-                    rows.append({**r, "regime": "local", "site": site.name})
-                    curves[mname][f"local {site.name}"] = _val_curve(staging / name)
+                for st in partition.sites:
+                    own = Splits(st.train, splits.validation, splits.test, splits.labels)
+                    runs.append((own, "local", st.name))
+            for data, regime, site in runs:
+                # Centralized = one model on the pooled data; local = one per site.
+                what = "pooled data" if site == "all" else f"{site}, local only"
+                console.rule(f"{mname}: {regime}, {what} ({len(data.train)} examples)")
+                name = f"{mname}-{regime}" + ("" if site == "all" else f"-{site}")
+                r = run_centralized(dataclasses.replace(base, name=name), console, data,
+                                    shown_as=out / name)  # fmt: skip
+                rows.append({**r, "regime": regime, "site": site})
+                key = regime if site == "all" else f"local {site}"
+                curves[mname][key] = _val_curve(staging / name)
             if "federated" in regimes:
                 console.rule(f"{mname}: federated ({len(partition.sites)} sites)")
                 name = f"{mname}-federated"
