@@ -223,3 +223,5 @@ def test_federate_command_and_resume_flags(tiny_models: dict[str, str], tmp_path
     assert result.exit_code == 2 and "drop CONFIG" in result.output
     result = runner.invoke(app, ["federate", "--resume", str(tmp_path)])
     assert result.exit_code == 2 and "not an interrupted federated run" in result.output
+    result = runner.invoke(app, ["federate", "--resume", str(tmp_path / "runs" / "f")])
+    assert result.exit_code == 2 and "finished run" in result.output

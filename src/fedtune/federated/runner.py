@@ -130,9 +130,7 @@ def run_federated(
     return summary
 
 
-def prepare_run_dir(
-    cfg: RunConfig, out: Path, labels: tuple[str, ...], sites: list[Site]
-) -> None:
+def prepare_run_dir(cfg: RunConfig, out: Path, labels: tuple[str, ...], sites: list[Site]) -> None:
     out.mkdir(parents=True)
     write_json(out / CONFIG_FILE, cfg.to_dict())
     write_json(out / LABELS_FILE, {"labels": list(labels)})

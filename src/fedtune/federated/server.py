@@ -214,7 +214,6 @@ def _fmt_bytes(n: float) -> str:
 @dataclass
 class Outcome:
     state: FederationState
-    final: ArrayRecord
     best: ArrayRecord
     test: Metrics
     personalized: list[dict[str, Any]]
@@ -253,12 +252,13 @@ def _send(
     return replies
 
 
-def _encode_messages(messages: list[Message], transport: str, extra: dict[str, Any]) -> None:
+def _set_payload(messages: list[Message], arrays: ArrayRecord, transport: str) -> None:
+    """Put the global state, encoded once in the transport type, into every message
+    (Flower's strategies may share one content record among the messages)."""
+    wire = encode_state(decode_state(arrays), transport)
     for m in messages:
-        m.content["arrays"] = encode_state(decode_state(arrays_of(m)), transport)
-        conf = m.content.config_records["config"]
-        for k, v in extra.items():
-            conf[k] = v
+        m.content["arrays"] = wire
+        m.content.config_records["config"]["transport"] = transport
 
 
 def run_server(
@@ -268,7 +268,6 @@ def run_server(
     console: Console | None = None,
     resume: Path | None = None,
     save_extra: Callable[[Path], None] | None = None,
-    on_round: Callable[[dict[str, Any]], None] | None = None,
     site_names: dict[int, str] | None = None,
 ) -> Outcome:
     """Run the federation of `cfg` over `grid`; with `out`, write checkpoints
@@ -291,6 +290,8 @@ def run_server(
         if ckpt is None:
             raise ConfigError(f"{resume} holds no checkpoint to resume from")
         state, arrays, best = read_checkpoint(ckpt, strategy)
+        if state.complete:
+            raise ConfigError(f"{resume} is a finished run (all rounds done); nothing to resume")
         console.print(f"resuming after round {state.round} from {escape(str(ckpt))}")
     # node id -> site name: given in process, else learnt from the sites' replies
     names: dict[int, str] = dict(site_names or {})
@@ -318,7 +319,7 @@ def run_server(
             break
         t_round = time.perf_counter()
         train_msgs = list(strategy.configure_train(rnd, arrays, ConfigRecord(), grid))
-        _encode_messages(train_msgs, fed.transport, {"transport": fed.transport})
+        _set_payload(train_msgs, arrays, fed.transport)
         replies = _send(grid, train_msgs, state, rnd, "train", fed.transport, fed.timeout, names)
         ok = [r for r in replies if not r.has_error()]
         failed = {names.get(r.metadata.src_node_id, f"node-{r.metadata.src_node_id}"):
@@ -363,7 +364,7 @@ def run_server(
             best, state.best_round = arrays, rnd
         if fed.validation == "site":
             eval_msgs = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(), grid))
-            _encode_messages(eval_msgs, fed.transport, {"transport": fed.transport})
+            _set_payload(eval_msgs, arrays, fed.transport)
             ereplies = _send(grid, eval_msgs, state, rnd, "evaluate", fed.transport,
                              fed.timeout, names)  # fmt: skip
             eok = [r for r in ereplies if not r.has_error()]
@@ -404,8 +405,6 @@ def run_server(
         if out is not None:
             append_jsonl(out / METRICS_FILE, {"event": "round", **record})
             write_checkpoint(out, state, arrays, best, strategy, save_extra)
-        if on_round:
-            on_round(record)
     if state.stopped_early:
         console.print(
             f"  stopped after round {state.round}: no lower validation loss for "
@@ -429,7 +428,7 @@ def run_server(
     state.seconds = time.perf_counter() - t_start
     if out is not None:
         write_checkpoint(out, state, arrays, best, strategy, save_extra)
-    return Outcome(state, arrays, chosen, test, personalized, ws)
+    return Outcome(state, chosen, test, personalized, ws)
 
 
 def _personalize(
