@@ -88,7 +88,8 @@ def _workspace_key(cfg: RunConfig) -> str:
     fed = cfg.federated
     part = (fed.sites, fed.partition, fed.alpha, fed.sizes, fed.min_site_size, fed.validation,
             fed.site_val_size)  # fmt: skip
-    return json.dumps([cfg.to_dict()[k] for k in ("data", "model", "method", "seed")] + [part])
+    d = cfg.to_dict()
+    return json.dumps([d[k] for k in ("data", "model", "method", "seed")] + [part])
 
 
 def workspace(cfg: RunConfig, splits: Splits | None = None) -> Workspace:
