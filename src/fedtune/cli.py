@@ -49,7 +49,8 @@ def methods_cmd() -> None:
 
     table = Table("method", "description", "default lr")
     for name, cls in available_methods().items():
-        table.add_row(name, cls.description, f"{cls.config_class().lr:g}")
+        lr = cls.config_class().lr
+        table.add_row(name, cls.description, f"{lr:g}" if lr else "-")
     console.print(table)
 
 
@@ -189,8 +190,13 @@ def predict_cmd(
     batch_size: int = 64,
 ) -> None:
     """Predict labels with a saved run, for --text or an --input file."""
-    from fedtune.adapted import AdaptedModel
-    from fedtune.predict import check_output_path, predict_table, read_texts, write_predictions
+    from fedtune.predict import (
+        check_output_path,
+        load_predictor,
+        predict_table,
+        read_texts,
+        write_predictions,
+    )
     from fedtune.runs import find_model_dir
 
     _quiet_libraries()
@@ -204,7 +210,7 @@ def predict_cmd(
             check_output_path(output)  # before the (slow) model load
         if input is not None:
             source, texts = read_texts(input, text_column)
-        model = AdaptedModel.load(find_model_dir(run_dir))
+        model = load_predictor(find_model_dir(run_dir))
         table = predict_table(model, texts, batch_size, source)
         if output is not None:
             write_predictions(table, output)

@@ -15,3 +15,11 @@ class DataError(FedtuneError):
 
 class ModelError(FedtuneError):
     """A base model or saved run cannot be loaded."""
+
+
+class IndexStoreError(FedtuneError):
+    """A retrieval index is missing, empty, or was built with another embedding model."""
+
+
+class EndpointError(FedtuneError):
+    """A remote model endpoint is unreachable, times out or keeps returning errors."""

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from fedtune.adapted import AdaptedModel
 from fedtune.errors import DataError
+from fedtune.methods.frozen import FrozenMethod, is_frozen_dir, load_frozen
+
+Predictor = AdaptedModel | FrozenMethod[Any]
+
+
+def load_predictor(model_dir: Path) -> Predictor:
+    """A saved model directory: a trained adapter/model or a frozen-model method."""
+    return load_frozen(model_dir) if is_frozen_dir(model_dir) else AdaptedModel.load(model_dir)
 
 # Cells read as text: "NA" or "null" in a news headline stays a word.
 _READERS = {
@@ -56,14 +65,17 @@ def read_texts(path: str | Path, column: str = "text") -> tuple[pd.DataFrame, li
 
 
 def predict_table(
-    model: AdaptedModel,
+    model: Predictor,
     texts: list[str],
     batch_size: int = 64,
     source: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """`text`, `label` and one `p_<label>` column per label; with `source` (the
     input table), its other columns come first, so ids travel with predictions."""
-    scores = model.predict_scores(texts, batch_size)
+    if isinstance(model, AdaptedModel):
+        scores = model.predict_scores(texts, batch_size)
+    else:
+        scores = model.predict_scores(texts)
     # Scores are log-probabilities (normalised over the labels for the encoder head,
     # over the vocabulary for the generative classifier): renormalise over labels.
     probs = np.exp(scores - scores.max(-1, keepdims=True))

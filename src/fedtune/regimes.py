@@ -20,6 +20,7 @@ from fedtune.config import RunConfig, method_config
 from fedtune.data import Example, Splits, make_splits
 from fedtune.data.sources import fpb_file_agreement
 from fedtune.evaluate import evaluate_features
+from fedtune.methods import FrozenMethod, get_method, is_frozen
 from fedtune.report import write_comparison_report, write_run_report
 from fedtune.runs import (
     CONFIG_FILE,
@@ -61,6 +62,8 @@ def run_centralized(
     """Train one model on the pooled training set, evaluate on the test set and
     write the run directory. Returns the run summary (also in metrics.jsonl)."""
     console = console or Console()
+    if is_frozen(cfg.method_name):
+        return run_frozen(cfg, console, splits, shown_as)
     t_start = time.perf_counter()
     # Everything a user can get wrong is checked before anything is written.
     final = final_run_dir(cfg)
@@ -129,6 +132,89 @@ def run_centralized(
         summary["wall_seconds"] = time.perf_counter() - t_start
         append_jsonl(metrics_path, summary)
         write_run_report(run_dir, summary, test, result.history, splits.labels)
+    console.print(
+        f"[bold green]test[/] accuracy {test.accuracy:.4f}  macro-F1 {test.macro_f1:.4f}  "
+        f"weighted F1 {test.weighted_f1:.4f}  ({summary['wall_seconds']:.0f} s) "
+        f"-> {escape(str(shown_as or final))}"
+    )
+    summary["run_dir"] = str(final)
+    return summary
+
+
+def build_frozen(cfg: RunConfig, labels: tuple[str, ...]) -> FrozenMethod[Any]:
+    cls = get_method(cfg.method_name)
+    assert issubclass(cls, FrozenMethod)
+    return cls(cfg.method, cfg.model, labels, seed=cfg.seed)
+
+
+def run_frozen(
+    cfg: RunConfig,
+    console: Console,
+    splits: Splits | None = None,
+    shown_as: Path | None = None,
+) -> dict[str, Any]:
+    """The centralized regime of a frozen-model method: fit on the pooled training
+    set (embed + classifier, fill the index, or nothing), evaluate on the test set,
+    write the same run directory as a trained method."""
+    t_start = time.perf_counter()
+    final = final_run_dir(cfg)
+    splits = splits or make_splits(cfg.data)
+    method = build_frozen(cfg, splits.labels)
+    console.print(
+        f"[bold]{cfg.method_name}[/] ({method.description}) with {cfg.model.name}: "
+        f"{len(splits.train)} train / {len(splits.validation)} validation / "
+        f"{len(splits.test)} test examples"
+    )
+    with staged_run_dir(final) as run_dir:
+        write_json(run_dir / CONFIG_FILE, cfg.to_dict())
+        write_json(run_dir / LABELS_FILE, {"labels": list(splits.labels)})
+        metrics_path = run_dir / METRICS_FILE
+        with console.status(f"{cfg.method_name}: fitting on {len(splits.train)} examples"):
+            method.fit(splits.train, run_dir / MODEL_DIR)
+        history: list[dict[str, Any]] = []
+        if splits.validation:
+            with console.status(f"{cfg.method_name}: validation"):
+                val = method.evaluate(splits.validation)
+            record = {"step": 0, "epoch": 0.0, "train_loss": float("nan"),
+                      "val_loss": val.loss, "val_accuracy": val.accuracy,
+                      "val_macro_f1": val.macro_f1}  # fmt: skip
+            append_jsonl(metrics_path, {"event": "eval", **record})
+            history.append(record)
+            console.print(f"  validation accuracy {val.accuracy:.4f}  macro-F1 {val.macro_f1:.4f}")
+        with console.status(f"{cfg.method_name}: test"):
+            t_test = time.perf_counter()
+            test = method.evaluate(splits.test)
+            test_seconds = time.perf_counter() - t_test
+        method.save(run_dir / MODEL_DIR)
+        n_train = method.trainable_parameters()
+        summary: dict[str, Any] = {
+            "event": "test",
+            "name": final.name,
+            "method": cfg.method_name,
+            "model": cfg.model.name,
+            "kind": method.kind,
+            "data": describe_data(cfg),
+            "n_train": len(splits.train),
+            "n_validation": len(splits.validation),
+            "n_test": len(splits.test),
+            "trainable_parameters": n_train,
+            "base_parameters": method.base_parameters,
+            "trainable_percent": 100 * n_train / max(1, method.base_parameters),
+            "steps": 0,
+            "epochs": 0.0,
+            "stopped_early": False,
+            "best_step": 0,
+            "best_val_loss": history[0]["val_loss"] if history else float("nan"),
+            "train_seconds": method.fit_seconds,
+            "samples_per_second": len(splits.test) / max(test_seconds, 1e-9),
+            **test.summary(),
+            "report": test.report,
+            "confusion": test.confusion,
+            "notes": list(splits.notes) + list(getattr(method, "notes", [])),
+        }
+        summary["wall_seconds"] = time.perf_counter() - t_start
+        append_jsonl(metrics_path, summary)
+        write_run_report(run_dir, summary, test, history, splits.labels)
     console.print(
         f"[bold green]test[/] accuracy {test.accuracy:.4f}  macro-F1 {test.macro_f1:.4f}  "
         f"weighted F1 {test.weighted_f1:.4f}  ({summary['wall_seconds']:.0f} s) "

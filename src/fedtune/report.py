@@ -91,10 +91,18 @@ def write_run_report(run_dir: Path, summary: dict[str, Any], test: Metrics,
                      history: list[dict[str, Any]], labels: tuple[str, ...]) -> None:  # fmt: skip
     """`report.md`, `curves.png` and `confusion.png` in `run_dir`."""
     title = f"{summary['method']} on {summary['model']}"
-    plot_curves(history, run_dir / "curves.png", title)
+    frozen = summary["kind"] == "frozen"  # no training curve: nothing was trained
+    if not frozen:
+        plot_curves(history, run_dir / "curves.png", title)
     plot_confusion(test, labels, run_dir / "confusion.png", f"test, {title}")
     s = summary
     early = " (stopped early)" if s["stopped_early"] else ""
+    fitting = (
+        ("fitting / evaluation", f"{s['train_seconds']:.1f} s fit, "
+         f"{s['samples_per_second']:.1f} test examples/s")
+        if frozen
+        else ("optimizer steps / epochs", f"{s['steps']} / {s['epochs']:.2f}{early}")
+    )  # fmt: skip
     facts = [
         ("method", f"`{s['method']}`"),
         ("base model", f"`{s['model']}` ({s['kind']})"),
@@ -103,7 +111,7 @@ def write_run_report(run_dir: Path, summary: dict[str, Any], test: Metrics,
          f"{s['n_train']} / {s['n_validation']} / {s['n_test']}"),
         ("trainable parameters", f"{s['trainable_parameters']:,} "
          f"({s['trainable_percent']:.3f}% of {s['base_parameters']:,})"),
-        ("optimizer steps / epochs", f"{s['steps']} / {s['epochs']:.2f}{early}"),
+        fitting,
         ("best validation loss (step)", f"{s['best_val_loss']:.4f} ({s['best_step']})"),
         ("wall time", f"{s['wall_seconds']:.1f} s (training {s['train_seconds']:.1f} s, "
          f"{s['samples_per_second']:.1f} samples/s)"),
@@ -123,7 +131,7 @@ def write_run_report(run_dir: Path, summary: dict[str, Any], test: Metrics,
 
 {metrics_table(test, labels)}
 
-![training curves](curves.png)
+{"" if frozen else "![training curves](curves.png)"}
 
 ![confusion matrix](confusion.png)
 """

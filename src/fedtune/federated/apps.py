@@ -21,10 +21,12 @@ from __future__ import annotations
 import json
 import math
 import shlex
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -35,7 +37,7 @@ from fedtune.classify import Feature
 from fedtune.config import RunConfig, TrainConfig, load_config
 from fedtune.data import Example, Splits, make_splits
 from fedtune.errors import ConfigError
-from fedtune.evaluate import evaluate_features
+from fedtune.evaluate import Metrics, evaluate_features
 from fedtune.federated.partition import Partition, Site, partition_examples
 from fedtune.federated.wire import (
     arrays_of,
@@ -45,6 +47,8 @@ from fedtune.federated.wire import (
     load_session,
     save_session,
 )
+from fedtune.methods import is_frozen
+from fedtune.methods.features import Features
 from fedtune.train import TrainSession, train
 
 CONFIG_KEY = "fedtune-config"
@@ -67,12 +71,31 @@ class Workspace:
     cfg: RunConfig
     splits: Splits
     partition: Partition
-    model: AdaptedModel
+    model: AdaptedModel | Features
+    """A trained method's model, or the `features` method (frozen embeddings +
+    a logistic regression whose weights are the exchanged state)."""
     initial_state: dict[str, torch.Tensor]
     """The trainable state right after `build` (seeded): round 0's global state."""
     _features: dict[str, list[Feature]] = field(default_factory=dict)
+    _embeddings: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def embeddings(self, key: str, examples: list[Example]) -> np.ndarray:
+        """`features` method: the frozen embeddings of `examples` [N, D], kept per key."""
+        assert isinstance(self.model, Features)
+        if key not in self._embeddings:
+            self._embeddings[key] = self.model.embed([e.text for e in examples])
+        return self._embeddings[key]
+
+    def evaluate(self, key: str, examples: list[Example]) -> Metrics:
+        """The current model on labelled examples (encoded once per key)."""
+        if isinstance(self.model, Features):
+            x = self.embeddings(key, examples)
+            return self.model.metrics(self.model.scores_of(x), self.model.label_ids(examples))
+        return evaluate_features(self.model, self.features(key, examples),
+                                 self.cfg.train.eval_batch_size)  # fmt: skip
 
     def features(self, key: str, examples: list[Example]) -> list[Feature]:
+        assert isinstance(self.model, AdaptedModel)
         if key not in self._features:
             index = {label: i for i, label in enumerate(self.model.labels)}
             self._features[key] = self.model.formulation.encode(
@@ -101,11 +124,29 @@ def workspace(cfg: RunConfig, splits: Splits | None = None) -> Workspace:
         _WORKSPACE.clear()
         splits = splits or make_splits(cfg.data)
         partition = partition_examples(splits.train, splits.labels, cfg.federated, cfg.seed)
-        model = AdaptedModel.build(cfg.model, cfg.method, splits.labels, seed=cfg.seed)
-        model.to(cfg.train.device)
+        model: AdaptedModel | Features
+        if is_frozen(cfg.method_name):
+            model = _federable_frozen(cfg, splits.labels)
+        else:
+            model = AdaptedModel.build(cfg.model, cfg.method, splits.labels, seed=cfg.seed)
+            model.to(cfg.train.device)
         ws = Workspace(cfg, splits, partition, model, model.trainable_state())
         _WORKSPACE[key] = ws
     return ws
+
+
+def _federable_frozen(cfg: RunConfig, labels: tuple[str, ...]) -> Features:
+    from fedtune.regimes import build_frozen
+
+    method = build_frozen(cfg, labels)
+    if not isinstance(method, Features):
+        raise ConfigError(
+            f"method {cfg.method_name} has no weights to federate in rounds: knn federates "
+            "by query (`fedtune compare --regimes federated` runs it), in-context learning "
+            "does not federate (its demonstrations are the sites' texts)"
+        )
+    method.init_state(method.embedder.dim)  # zeros [K, D], [K]
+    return method
 
 
 def clear_workspace() -> None:
@@ -155,6 +196,8 @@ def site_train(msg: Message, context: Context) -> Message:
     server_round = int(conf.get("server-round", 1))
     global_state = decode_state(arrays_of(msg), transport)
     model.load_trainable_state(global_state)
+    if isinstance(model, Features):
+        return _reply_train(msg, ws, site, transport, *_features_update(ws, pid, site))
     feats = ws.features(f"train-{pid}", site.train)
     tcfg = site_train_config(cfg)
     steps = local_steps(cfg, len(feats))
@@ -180,15 +223,30 @@ def site_train(msg: Message, context: Context) -> Message:
     if fed.site_state == "keep":
         save_session(context.state, *session.to_state())
     train_loss = result.history[-1]["train_loss"] if result.history else float("nan")
+    return _reply_train(msg, ws, site, transport, float(train_loss), result.train_seconds,
+                        result.steps)  # fmt: skip
+
+
+def _features_update(ws: Workspace, pid: int, site: Site) -> tuple[float, float, int]:
+    """`features`: L-BFGS on the site's frozen embeddings from the global weights."""
+    assert isinstance(ws.model, Features)
+    t0 = time.perf_counter()
+    x = ws.embeddings(f"train-{pid}", site.train)
+    loss = ws.model.local_update(x, ws.model.label_ids(site.train))
+    return loss, time.perf_counter() - t0, ws.model.config.local_iters
+
+
+def _reply_train(msg: Message, ws: Workspace, site: Site, transport: str, train_loss: float,
+                 seconds: float, steps: int) -> Message:  # fmt: skip
     content = RecordDict(
         {
-            "arrays": encode_state(model.trainable_state(), transport),
+            "arrays": encode_state(ws.model.trainable_state(), transport),
             "metrics": MetricRecord(
                 {
-                    "num-examples": len(feats),
-                    "train_loss": float(train_loss),
-                    "train_seconds": result.train_seconds,
-                    "steps": result.steps,
+                    "num-examples": len(site.train),
+                    "train_loss": train_loss,
+                    "train_seconds": seconds,
+                    "steps": steps,
                 }
             ),
             "site": ConfigRecord({"name": site.name}),
@@ -197,20 +255,20 @@ def site_train(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
-def _evaluate_on(ws: Workspace, key: str, examples: list[Example], batch: int) -> dict[str, float]:
-    m = evaluate_features(ws.model, ws.features(key, examples), batch)
+def _evaluate_on(ws: Workspace, key: str, examples: list[Example]) -> dict[str, float]:
+    m = ws.evaluate(key, examples)
     return {"val_loss": m.loss, "val_accuracy": m.accuracy, "val_macro_f1": m.macro_f1}
 
 
 @client_app.evaluate()
 def site_evaluate(msg: Message, context: Context) -> Message:
     """The global model on this site's own validation set."""
-    cfg, ws, pid, site = _site(context)
+    _, ws, pid, site = _site(context)
     conf = config_of(msg)
     ws.model.load_trainable_state(decode_state(arrays_of(msg), str(conf.get("transport", "fp32"))))
     if not site.validation:
         raise ConfigError(f"{site.name} has no validation set; set federated.validation = 'site'")
-    metrics = _evaluate_on(ws, f"val-{pid}", site.validation, cfg.train.eval_batch_size)
+    metrics = _evaluate_on(ws, f"val-{pid}", site.validation)
     content = RecordDict(
         {
             "metrics": MetricRecord({"num-examples": len(site.validation), **metrics}),
@@ -235,12 +293,15 @@ def site_personalize(msg: Message, context: Context) -> Message:
             "personalization is evaluated on each site's own validation set: set "
             "federated.validation = 'site'"
         )
-    before = _evaluate_on(ws, f"val-{pid}", site.validation, cfg.train.eval_batch_size)
-    tcfg = replace(site_train_config(cfg), epochs=epochs, max_steps=0)
-    feats = ws.features(f"train-{pid}", site.train)
-    train(model, feats, None, tcfg, cfg.method.lr, seed=cfg.seed + pid,
-          description=f"{site.name} personalize")  # fmt: skip
-    after = _evaluate_on(ws, f"val-{pid}", site.validation, cfg.train.eval_batch_size)
+    before = _evaluate_on(ws, f"val-{pid}", site.validation)
+    if isinstance(model, Features):  # a site's own L-BFGS run from the global weights
+        _features_update(ws, pid, site)
+    else:
+        tcfg = replace(site_train_config(cfg), epochs=epochs, max_steps=0)
+        feats = ws.features(f"train-{pid}", site.train)
+        train(model, feats, None, tcfg, cfg.method.lr, seed=cfg.seed + pid,
+              description=f"{site.name} personalize")  # fmt: skip
+    after = _evaluate_on(ws, f"val-{pid}", site.validation)
     out = str(context.node_config.get("output-dir", "") or "")
     if out:
         model.save(Path(out) / "model")

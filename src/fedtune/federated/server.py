@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from fedtune.config import FederatedConfig, RunConfig
 from fedtune.errors import ConfigError
-from fedtune.evaluate import Metrics, evaluate_features
+from fedtune.evaluate import Metrics
 from fedtune.federated.apps import Workspace, workspace
 from fedtune.federated.wire import (
     arrays_of,
@@ -278,7 +278,7 @@ def run_server(
     ws = workspace(cfg)
     model = ws.model
     strategy = build_strategy(fed, cfg.method.lr)
-    val_feats = ws.features("shared-val", ws.splits.validation) if ws.splits.validation else []
+    has_val = bool(ws.splits.validation)
     state = FederationState()
     # Flower's strategies sample sites with the global `random` module: seed it, so
     # that a run is reproducible (the checkpoint carries its state on from there).
@@ -298,10 +298,10 @@ def run_server(
     t_start = time.perf_counter() - state.seconds
 
     def evaluate_global(record: ArrayRecord) -> Metrics | None:
-        if not val_feats:
+        if not has_val:
             return None
         model.load_trainable_state(decode_state(record))
-        return evaluate_features(model, val_feats, cfg.train.eval_batch_size)
+        return ws.evaluate("shared-val", ws.splits.validation)
 
     if state.round == 0 and not state.history:
         m0 = evaluate_global(arrays)
@@ -413,9 +413,9 @@ def run_server(
 
     # The global model: the round with the lowest shared validation loss (as the
     # centralized loop restores its best epoch), else the last round.
-    chosen = best if val_feats else arrays
+    chosen = best if has_val else arrays
     model.load_trainable_state(decode_state(chosen))
-    test = evaluate_features(model, ws.features("test", ws.splits.test), cfg.train.eval_batch_size)
+    test = ws.evaluate("test", ws.splits.test)
     personalized: list[dict[str, Any]] = []
     if fed.personalize_epochs > 0:
         personalized = _personalize(grid, cfg, chosen, state, names)

@@ -1,0 +1,158 @@
+"""The contract of frozen-model methods: they leave the model's weights alone.
+
+A `FrozenMethod` is the frozen counterpart of `AdaptedModel` + `Method`: it is
+fitted on labelled examples (embed and fit a classifier, fill an index, or
+nothing at all for in-context learning), predicts a score per label, reports the
+same metrics, and saves a directory `fedtune predict` reloads. Its trainable
+state is what would cross a site boundary: the classifier's weights for
+`features`, nothing for `knn` and `icl` (they federate differently, see
+fedtune.federated.frozen).
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, ClassVar, Generic, TypeVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fedtune.config import MethodConfig, ModelConfig, method_config
+from fedtune.data import Example
+from fedtune.errors import ModelError
+from fedtune.evaluate import Metrics, classification_metrics
+
+META_FILE = "fedtune.json"  # the same name AdaptedModel uses
+
+C = TypeVar("C", bound=MethodConfig)
+
+
+def log_normalize(scores: np.ndarray) -> np.ndarray:
+    """Rows of scores -> log-probabilities over the labels (log-softmax) [N, K]."""
+    shifted = scores - scores.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+class FrozenMethod(ABC, Generic[C]):
+    name: ClassVar[str]
+    description: ClassVar[str]
+    config_class: ClassVar[type[MethodConfig]]
+    kind: ClassVar[str] = "frozen"
+
+    def __init__(self, config: C, model_config: ModelConfig, labels: tuple[str, ...],
+                 seed: int = 0):  # fmt: skip
+        self.config = config
+        self.model_config = model_config
+        self.labels = tuple(labels)
+        self.seed = seed
+        self.fit_seconds = 0.0
+
+    # --- fitting and predicting -------------------------------------------------
+
+    @abstractmethod
+    def fit(self, train: list[Example], directory: Path | None = None) -> FrozenMethod[C]:
+        """Learn from `train`; artifacts that live on disk (an index) go to
+        `directory` (the model directory being written), else a temporary one."""
+
+    @abstractmethod
+    def predict_scores(self, texts: list[str]) -> np.ndarray:
+        """A score per label for each text [N, K]; higher is better."""
+
+    def predict(self, texts: list[str]) -> list[str]:
+        return [self.labels[i] for i in self.predict_scores(texts).argmax(-1)]
+
+    def label_ids(self, examples: list[Example]) -> np.ndarray:
+        index = {label: i for i, label in enumerate(self.labels)}
+        return np.array([index[e.label] for e in examples], dtype=np.int64)
+
+    def evaluate(self, examples: list[Example]) -> Metrics:
+        """Metrics on labelled examples; the loss is the negative log-likelihood of
+        the true label under the scores renormalised over the labels."""
+        return self.metrics(self.predict_scores([e.text for e in examples]),
+                            self.label_ids(examples))  # fmt: skip
+
+    def metrics(self, scores: np.ndarray, y: np.ndarray) -> Metrics:
+        """Metrics of scores [N, K] against label ids y [N]."""
+        logp = log_normalize(scores)
+        # Floor at 1e-6 so one confident mistake of a vote-based method cannot make
+        # the loss infinite.
+        loss = float(-np.maximum(logp[np.arange(len(y)), y], np.log(1e-6)).mean())
+        return classification_metrics(y, logp.argmax(-1), self.labels, loss)
+
+    # --- what crosses a site boundary ---------------------------------------------
+
+    def trainable_state(self) -> dict[str, Tensor]:
+        return {}
+
+    def load_trainable_state(self, state: dict[str, Tensor]) -> None:
+        if state:
+            raise ModelError(f"method {self.name} has no trainable state; got {sorted(state)}")
+
+    def trainable_parameters(self) -> int:
+        return sum(t.numel() for t in self.trainable_state().values())
+
+    @property
+    @abstractmethod
+    def base_parameters(self) -> int:
+        """Parameters of the frozen model(s) used."""
+
+    # --- save / load ----------------------------------------------------------------
+
+    def meta(self) -> dict[str, Any]:
+        from fedtune.methods import method_name_of
+
+        return {
+            "format": 1,
+            "kind": self.kind,
+            "labels": list(self.labels),
+            "model": asdict(self.model_config),
+            "method": {"name": method_name_of(self.config), **asdict(self.config)},
+            "base_parameters": self.base_parameters,
+        }
+
+    def save(self, directory: str | Path) -> Path:
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        self._save_state(out)
+        (out / META_FILE).write_text(json.dumps(self.meta(), indent=2, sort_keys=True))
+        return out
+
+    @abstractmethod
+    def _save_state(self, directory: Path) -> None:
+        """Write what `_load_state` reads back (classifier, index, prompts…)."""
+
+    @abstractmethod
+    def _load_state(self, directory: Path) -> None: ...
+
+
+def is_frozen_dir(directory: Path) -> bool:
+    meta = directory / META_FILE
+    return meta.is_file() and json.loads(meta.read_text()).get("kind") == "frozen"
+
+
+def load_frozen(directory: str | Path) -> FrozenMethod[Any]:
+    """A saved frozen method, ready to predict."""
+    from fedtune.methods import get_method
+
+    src = Path(directory)
+    meta = json.loads((src / META_FILE).read_text())
+    mcfg = dict(meta["method"])
+    name = mcfg.pop("name")
+    cls = get_method(name)
+    if not issubclass(cls, FrozenMethod):
+        raise ModelError(f"{src}: method {name} is not a frozen-model method")
+    values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v
+                              for k, v in meta["model"].items()}  # fmt: skip
+    model_cfg = ModelConfig(**values)
+    method = cls(method_config(name, mcfg), model_cfg, tuple(meta["labels"]))
+    method._load_state(src)
+    return method
+
+
+def to_tensors(arrays: dict[str, np.ndarray]) -> dict[str, Tensor]:
+    return {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32))
+            for k, v in arrays.items()}  # fmt: skip

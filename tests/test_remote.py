@@ -1,0 +1,308 @@
+"""The OpenAI-compatible chat client against a local stub server (offline, fast)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from openai_stub import OpenAIStub, closed_port_url
+
+from fedtune.errors import EndpointError
+from fedtune.remote import ChatClient, Endpoint, parse_label
+
+MSGS = [{"role": "user", "content": "Sentiment of: profit rose?"}]
+LABELS = ("negative", "neutral", "positive")
+
+
+@pytest.fixture
+def stub() -> Iterator[OpenAIStub]:
+    with OpenAIStub() as s:
+        yield s
+
+
+def fast(url: str, **kw: Any) -> Endpoint:
+    """An endpoint with test-sized timeouts and backoff."""
+    opts: dict[str, Any] = {"timeout": 0.3, "retries": 3, "backoff": 0.01}
+    opts.update(kw)
+    return Endpoint(url, "stub-model", **opts)
+
+
+def call(ep: Endpoint, **kw: Any) -> tuple[str, ChatClient]:
+    with ChatClient(ep) as client:
+        return client.complete(MSGS, **kw), client
+
+
+# -- success path -----------------------------------------------------------------
+
+
+def test_success_sends_openai_request(stub: OpenAIStub) -> None:
+    stub.push(("ok", "Positive"))
+    answer, client = call(fast(stub.url), max_tokens=4, stop=["\n"])
+    assert answer == "Positive"
+    assert client.stats == {"requests": 1, "retries": 0, "failures": 0}
+    (req,) = stub.requests
+    assert req.method == "POST" and req.path == "/v1/chat/completions"
+    assert req.body == {
+        "model": "stub-model",
+        "messages": MSGS,
+        "max_tokens": 4,
+        "temperature": 0.0,
+        "stop": ["\n"],
+    }
+    assert "authorization" not in req.headers
+
+
+def test_api_key_sent_as_bearer(stub: OpenAIStub) -> None:
+    call(fast(stub.url, api_key="sk-test"))
+    assert stub.requests[0].headers["authorization"] == "Bearer sk-test"
+    assert "stop" not in stub.requests[0].body
+
+
+def test_responder_sees_request(stub: OpenAIStub) -> None:
+    stub.responder = lambda body: body["messages"][-1]["content"].upper()
+    answer, _ = call(fast(stub.url))
+    assert answer == MSGS[0]["content"].upper()
+
+
+@pytest.mark.parametrize("suffix", ["", "/", "/chat/completions"])
+def test_base_url_forms(stub: OpenAIStub, suffix: str) -> None:
+    answer, _ = call(fast(stub.url + suffix))
+    assert answer == "stub answer"
+    assert stub.requests[0].path == "/v1/chat/completions"
+
+
+def test_null_content_is_empty_answer(stub: OpenAIStub) -> None:
+    body = {"choices": [{"index": 0, "message": {"role": "assistant", "content": None}}]}
+    stub.push(("json", body))
+    assert call(fast(stub.url))[0] == ""
+
+
+def test_caller_supplied_client_is_not_closed(stub: OpenAIStub) -> None:
+    with httpx.Client() as http:
+        with ChatClient(fast(stub.url), client=http) as client:
+            assert client.complete(MSGS) == "stub answer"
+        assert not http.is_closed
+
+
+# -- retries ----------------------------------------------------------------------
+
+
+def test_retry_after_500(stub: OpenAIStub) -> None:
+    stub.push(("status", 500), ("ok", "neutral"))
+    answer, client = call(fast(stub.url))
+    assert answer == "neutral"
+    assert client.stats == {"requests": 2, "retries": 1, "failures": 0}
+    assert len(stub.requests) == 2
+
+
+def test_429_honours_retry_after(stub: OpenAIStub) -> None:
+    # Backoff alone would wait 5 s; Retry-After: 0 must replace it.
+    stub.push(("status", 429, {"Retry-After": "0"}), ("ok", "negative"))
+    t0 = time.monotonic()
+    answer, client = call(fast(stub.url, backoff=5.0))
+    assert answer == "negative"
+    assert client.stats["retries"] == 1
+    assert time.monotonic() - t0 < 2.0
+
+
+def test_retry_after_wait_is_used(stub: OpenAIStub, monkeypatch: pytest.MonkeyPatch) -> None:
+    sleeps: list[float] = []
+    monkeypatch.setattr("fedtune.remote.time.sleep", sleeps.append)
+    stub.push(
+        ("status", 429, {"Retry-After": "0.2"}),
+        ("status", 503, {"Retry-After": "3600"}),  # capped at 8 s
+        ("status", 502),  # no header: backoff * 2**2
+        ("ok", "x"),
+    )
+    assert call(fast(stub.url, backoff=0.01))[0] == "x"
+    assert sleeps == [0.2, 8.0, pytest.approx(0.04)]
+
+
+def test_timeout_then_success(stub: OpenAIStub) -> None:
+    stub.push(("sleep", 2.0, "too late"), ("ok", "positive"))
+    t0 = time.monotonic()
+    answer, client = call(fast(stub.url, timeout=0.2))
+    assert answer == "positive"
+    assert client.stats["retries"] == 1
+    assert time.monotonic() - t0 < 1.5
+
+
+def test_dropped_connection_is_retried(stub: OpenAIStub) -> None:
+    stub.push(("drop",), ("ok", "neutral"))
+    assert call(fast(stub.url))[0] == "neutral"
+
+
+def test_persistent_503_gives_up(stub: OpenAIStub) -> None:
+    stub.responder = lambda body: ("status", 503)
+    client = ChatClient(fast(stub.url, retries=2))
+    with client, pytest.raises(EndpointError, match=r"after 3 attempts.*HTTP 503.*error 503"):
+        client.complete(MSGS)
+    assert len(stub.requests) == 3
+    assert client.stats == {"requests": 3, "retries": 2, "failures": 1}
+
+
+def test_persistent_timeout_gives_up(stub: OpenAIStub) -> None:
+    stub.responder = lambda body: ("sleep", 2.0)
+    with pytest.raises(EndpointError, match=r"after 2 attempts.*timeout.*llm.timeout"):
+        call(fast(stub.url, timeout=0.2, retries=1))
+
+
+# -- fatal statuses and bad bodies ----------------------------------------------------
+
+
+def test_401_fails_at_once_naming_the_key(stub: OpenAIStub) -> None:
+    stub.push(("status", 401, {}, {"error": {"message": "Invalid API key"}}))
+    with pytest.raises(EndpointError, match=r"HTTP 401.*Invalid API key.*OPENAI_API_KEY"):
+        call(fast(stub.url, api_key="sk-wrong"))
+    assert len(stub.requests) == 1
+
+
+def test_403_without_key_says_none_was_sent(stub: OpenAIStub) -> None:
+    stub.push(("status", 403))
+    with pytest.raises(EndpointError, match="No API key was sent; set OPENAI_API_KEY"):
+        call(fast(stub.url))
+    assert len(stub.requests) == 1
+
+
+def test_404_wrong_base_url(stub: OpenAIStub) -> None:
+    # The origin without /v1: the stub 404s like vLLM does.
+    client = ChatClient(fast(stub.origin))
+    with client, pytest.raises(EndpointError, match=r"HTTP 404.*llm\.base_url.*llm\.model"):
+        client.complete(MSGS)
+    assert len(stub.requests) == 1
+    assert client.stats == {"requests": 1, "retries": 0, "failures": 1}
+
+
+@pytest.mark.parametrize("code", [400, 422])
+def test_bad_request_not_retried(stub: OpenAIStub, code: int) -> None:
+    stub.push(("status", code, {}, {"detail": "unknown model"}))
+    with pytest.raises(EndpointError, match=rf"HTTP {code}.*unknown model.*model name"):
+        call(fast(stub.url))
+    assert len(stub.requests) == 1
+
+
+def test_garbage_body(stub: OpenAIStub) -> None:
+    stub.push(("garbage", b"<html>not json</html>"))
+    with pytest.raises(EndpointError, match=r"not JSON.*<html>not json</html>"):
+        call(fast(stub.url))
+    assert len(stub.requests) == 1
+
+
+def test_body_without_choices(stub: OpenAIStub) -> None:
+    stub.push(("json", {"object": "list", "data": []}))
+    with pytest.raises(EndpointError, match=r"without choices\[0\]\.message\.content"):
+        call(fast(stub.url))
+    assert len(stub.requests) == 1
+
+
+def test_long_body_is_excerpted(stub: OpenAIStub) -> None:
+    stub.push(("status", 400, {}, b"x" * 5000))
+    with pytest.raises(EndpointError) as info:
+        call(fast(stub.url))
+    assert len(str(info.value)) < 600
+
+
+def test_connection_refused_is_quick_and_clear() -> None:
+    url = closed_port_url()
+    t0 = time.monotonic()
+    with pytest.raises(EndpointError, match=r"after 4 attempts.*unreachable.*server running"):
+        call(fast(url))
+    assert time.monotonic() - t0 < 2.0
+
+
+def test_stub_stops_cleanly_with_a_sleeping_handler() -> None:
+    before = threading.active_count()
+    with OpenAIStub() as stub:
+        stub.push(("sleep", 30.0))
+        with pytest.raises(EndpointError):
+            call(fast(stub.url, timeout=0.1, retries=0))
+        t0 = time.monotonic()
+    assert time.monotonic() - t0 < 1.0
+    assert threading.active_count() == before
+
+
+# -- Endpoint ----------------------------------------------------------------------
+
+
+def test_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://env-host:1234/v1")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-env")
+    monkeypatch.setenv("MY_KEY", "sk-mine")
+    ep = Endpoint.from_env(model="m", timeout=5.0)
+    assert (ep.base_url, ep.model, ep.api_key, ep.timeout) == (
+        "http://env-host:1234/v1",
+        "m",
+        "sk-env",
+        5.0,
+    )
+    ep = Endpoint.from_env("http://cfg:1/v1/", "m", api_key_env="MY_KEY")
+    assert (ep.base_url, ep.api_key) == ("http://cfg:1/v1/", "sk-mine")
+    assert ep.url == "http://cfg:1/v1/chat/completions"
+    monkeypatch.delenv("OPENAI_API_KEY")
+    assert Endpoint.from_env(model="m").api_key == ""
+
+
+def test_from_env_missing_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    with pytest.raises(EndpointError, match=r"llm\.base_url.*OPENAI_BASE_URL"):
+        Endpoint.from_env(model="m")
+    with pytest.raises(EndpointError, match=r"llm\.model"):
+        Endpoint.from_env("http://h/v1")
+
+
+def test_endpoint_validation() -> None:
+    with pytest.raises(EndpointError, match="not an http"):
+        Endpoint("localhost:8000/v1", "m")
+    with pytest.raises(EndpointError, match="timeout"):
+        Endpoint("http://h/v1", "m", timeout=0)
+    with pytest.raises(EndpointError, match="retries"):
+        Endpoint("http://h/v1", "m", retries=-1)
+
+
+# -- parse_label ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        ("positive", "positive"),  # exact
+        ("NEGATIVE", "negative"),  # case
+        ('  "Neutral."  \n', "neutral"),  # whitespace, quotes, punctuation
+        ("**positive**", "positive"),  # markdown emphasis
+        ("Positive sentiment", "positive"),  # prefix
+        ("negative, because profits fell", "negative"),  # prefix with punctuation
+        ("Negative. The neutral tone aside...", "negative"),  # prefix beats later labels
+        ("The sentiment is neutral.", "neutral"),  # single embedded label
+        ("Sentiment: positive", "positive"),
+        ("positively", None),  # not a whole word
+        ("either positive or negative", None),  # ambiguous
+        ("I cannot tell", None),  # nothing
+        ("", None),
+        ("  ...  ", None),
+    ],
+)
+def test_parse_label(answer: str, expected: str | None) -> None:
+    assert parse_label(answer, LABELS) == expected
+
+
+def test_parse_label_words() -> None:
+    labels = ("0", "1", "2")
+    words = ("bad", "okay", "good")
+    assert parse_label("Good.", labels, words) == "2"
+    assert parse_label("2", labels, words) == "2"  # the label itself still counts
+    assert parse_label("it is okay I think", labels, words) == "1"
+    assert parse_label("either bad or good", labels, words) is None
+    assert parse_label("bad or good", labels, words) == "0"  # a leading label wins
+    with pytest.raises(ValueError, match="words"):
+        parse_label("good", labels, ("bad", "good"))
+
+
+def test_parse_label_overlapping_and_underscores() -> None:
+    labels = ("positive", "very positive", "not_equivalent")
+    assert parse_label("very positive news", labels) == "very positive"
+    assert parse_label("This is very positive.", labels) == "very positive"
+    assert parse_label("Not equivalent", labels) == "not_equivalent"
