@@ -226,6 +226,75 @@ def predict_cmd(
         _fail(e)
 
 
+@app.command("index")
+def index_cmd(
+    docs_dir: Annotated[Path, typer.Argument(help="Folder of .txt/.md documents (recursive).")],
+    output: Annotated[Path, typer.Option(help="Where to write the index.")] = Path("index"),
+    embedder: Annotated[str, typer.Option(help="Embedding model: Hub id, dir, or minilm.")] = (
+        "minilm"
+    ),
+    words: Annotated[int, typer.Option(help="Words per passage.")] = 120,
+    overlap: Annotated[int, typer.Option(help="Words shared by consecutive passages.")] = 20,
+    site: Annotated[str, typer.Option(help="Site name stored with every passage.")] = "",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing index.")] = False,
+) -> None:
+    """Split documents into passages, embed them and store them in a vector index
+    (LanceDB) for `fedtune ask`."""
+    from fedtune.rag import build_index
+
+    _quiet_libraries()
+    try:
+        with console.status(f"indexing {docs_dir}"):
+            rep = build_index(docs_dir, output, embedder, words, overlap, site, overwrite)
+        console.print(f"{rep.passages} passages from {rep.documents} documents -> "
+                      f"{escape(str(rep.path))} (embedder {escape(rep.embedder)})")  # fmt: skip
+    except FedtuneError as e:
+        _fail(e)
+
+
+@app.command("ask")
+def ask_cmd(
+    question: Annotated[str, typer.Argument(help="The question.")],
+    index: Annotated[Path, typer.Option(help="Index made by `fedtune index`.")] = Path("index"),
+    k: Annotated[int, typer.Option("-k", help="Passages to retrieve.")] = 4,
+    model: Annotated[str, typer.Option(help="Local causal LM (Hub id or dir) to answer.")] = "",
+    base_url: Annotated[
+        str, typer.Option(help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1.")
+    ] = "",
+    api_model: Annotated[str, typer.Option(help="Model name at the endpoint.")] = "",
+    max_new_tokens: int = 256,
+) -> None:
+    """Retrieve the passages nearest to QUESTION and answer from them with a causal
+    LM (--model) or an OpenAI-compatible endpoint (--base-url / $OPENAI_BASE_URL);
+    without either, print the passages only. The sources are always printed."""
+    from fedtune.rag import answer_local, answer_remote, retrieve
+
+    _quiet_libraries()
+    try:
+        hits = retrieve(index, question, k)
+        remote = base_url or os.environ.get("OPENAI_BASE_URL", "")
+        answer = None
+        if model:
+            with console.status(f"answering with {model}"):
+                answer = answer_local(model, question, hits, max_new_tokens)
+        elif remote:
+            with console.status(f"answering with {remote}"):
+                answer = answer_remote(remote, api_model, question, hits, max_new_tokens)
+        if answer is not None:
+            console.print(f"[bold]answer:[/] {escape(answer.text)}", soft_wrap=True)
+            for note in answer.notes:
+                console.print(f"[yellow]note:[/] {escape(note)}")
+            hits = answer.sources
+        else:
+            console.print("no generator given (--model or --base-url): the passages only")
+        console.print("[bold]sources:[/]")
+        for i, h in enumerate(hits, 1):
+            console.print(f"  [{i}] {h.score:.3f} {escape(h.source)}: {escape(h.text[:160])}"
+                          + ("…" if len(h.text) > 160 else ""), soft_wrap=True)  # fmt: skip
+    except FedtuneError as e:
+        _fail(e)
+
+
 @app.command("config")
 def config_cmd(
     method: Annotated[str, typer.Option(help="Method whose keys to show.")] = "lora",

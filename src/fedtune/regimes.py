@@ -19,6 +19,7 @@ from fedtune.adapted import AdaptedModel
 from fedtune.config import RunConfig, method_config
 from fedtune.data import Example, Splits, make_splits
 from fedtune.data.sources import fpb_file_agreement
+from fedtune.embed import Embedder
 from fedtune.evaluate import evaluate_features
 from fedtune.methods import FrozenMethod, get_method, is_frozen
 from fedtune.report import write_comparison_report, write_run_report
@@ -170,7 +171,7 @@ def run_frozen(
         write_json(run_dir / LABELS_FILE, {"labels": list(splits.labels)})
         metrics_path = run_dir / METRICS_FILE
         with console.status(f"{cfg.method_name}: fitting on {len(splits.train)} examples"):
-            method.fit(splits.train, run_dir / MODEL_DIR)
+            method.fit(splits.train, run_dir / MODEL_DIR, splits.validation)
         history: list[dict[str, Any]] = []
         if splits.validation:
             with console.status(f"{cfg.method_name}: validation"):
@@ -186,6 +187,11 @@ def run_frozen(
             test = method.evaluate(splits.test)
             test_seconds = time.perf_counter() - t_test
         method.save(run_dir / MODEL_DIR)
+        embedder = getattr(method, "embedder", None)
+        if isinstance(embedder, Embedder):  # say what the wall time includes
+            st = embedder.stats
+            method.notes.append(f"embeddings: {st.hits} read from the cache, {st.misses} "
+                                f"encoded ({st.encode_seconds:.1f} s)")  # fmt: skip
         n_train = method.trainable_parameters()
         summary: dict[str, Any] = {
             "event": "test",
@@ -210,7 +216,8 @@ def run_frozen(
             **test.summary(),
             "report": test.report,
             "confusion": test.confusion,
-            "notes": list(splits.notes) + list(getattr(method, "notes", [])),
+            "notes": list(splits.notes) + method.notes,
+            **method.extra_metrics,
         }
         summary["wall_seconds"] = time.perf_counter() - t_start
         append_jsonl(metrics_path, summary)

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
@@ -49,6 +49,7 @@ from fedtune.federated.wire import (
 )
 from fedtune.methods import is_frozen
 from fedtune.methods.features import Features
+from fedtune.methods.retrieval import Knn
 from fedtune.train import TrainSession, train
 
 CONFIG_KEY = "fedtune-config"
@@ -71,24 +72,38 @@ class Workspace:
     cfg: RunConfig
     splits: Splits
     partition: Partition
-    model: AdaptedModel | Features
-    """A trained method's model, or the `features` method (frozen embeddings +
-    a logistic regression whose weights are the exchanged state)."""
+    model: AdaptedModel | Features | Knn
+    """A trained method's model, the `features` method (frozen embeddings + a
+    logistic regression whose weights are the exchanged state), or `knn` (the
+    server's embedder; each site's index is in `site_indexes`)."""
     initial_state: dict[str, torch.Tensor]
     """The trainable state right after `build` (seeded): round 0's global state."""
     _features: dict[str, list[Feature]] = field(default_factory=dict)
     _embeddings: dict[str, np.ndarray] = field(default_factory=dict)
+    site_indexes: dict[int, Knn] = field(default_factory=dict)
+    """knn: each site's own index of its training data (pid -> fitted Knn)."""
+
+    def site_index(self, pid: int, site: Site, directory: str = "") -> Knn:
+        """knn: this site's index, built on first use from the site's own data (in
+        `directory`, the node's `index-dir`, when given; else a temporary folder)."""
+        if pid not in self.site_indexes:
+            from fedtune.regimes import build_frozen
+
+            knn = build_frozen(self.cfg, self.splits.labels)
+            assert isinstance(knn, Knn)
+            self.site_indexes[pid] = knn.fit(site.train, Path(directory) if directory else None)
+        return self.site_indexes[pid]
 
     def embeddings(self, key: str, examples: list[Example]) -> np.ndarray:
         """`features` method: the frozen embeddings of `examples` [N, D], kept per key."""
-        assert isinstance(self.model, Features)
+        assert isinstance(self.model, Features | Knn)
         if key not in self._embeddings:
             self._embeddings[key] = self.model.embed([e.text for e in examples])
         return self._embeddings[key]
 
     def evaluate(self, key: str, examples: list[Example]) -> Metrics:
         """The current model on labelled examples (encoded once per key)."""
-        if isinstance(self.model, Features):
+        if isinstance(self.model, Features | Knn):
             x = self.embeddings(key, examples)
             return self.model.metrics(self.model.scores_of(x), self.model.label_ids(examples))
         return evaluate_features(self.model, self.features(key, examples),
@@ -124,7 +139,7 @@ def workspace(cfg: RunConfig, splits: Splits | None = None) -> Workspace:
         _WORKSPACE.clear()
         splits = splits or make_splits(cfg.data)
         partition = partition_examples(splits.train, splits.labels, cfg.federated, cfg.seed)
-        model: AdaptedModel | Features
+        model: AdaptedModel | Features | Knn
         if is_frozen(cfg.method_name):
             model = _federable_frozen(cfg, splits.labels)
         else:
@@ -135,10 +150,12 @@ def workspace(cfg: RunConfig, splits: Splits | None = None) -> Workspace:
     return ws
 
 
-def _federable_frozen(cfg: RunConfig, labels: tuple[str, ...]) -> Features:
+def _federable_frozen(cfg: RunConfig, labels: tuple[str, ...]) -> Features | Knn:
     from fedtune.regimes import build_frozen
 
     method = build_frozen(cfg, labels)
+    if isinstance(method, Knn):
+        return method
     if not isinstance(method, Features):
         raise ConfigError(
             f"method {cfg.method_name} has no weights to federate in rounds: knn federates "
@@ -191,6 +208,8 @@ def site_train(msg: Message, context: Context) -> Message:
     trainable state and the number of examples it was trained on."""
     cfg, ws, pid, site = _site(context)
     fed, model = cfg.federated, ws.model
+    if isinstance(model, Knn):
+        raise ConfigError("knn is not trained in rounds; it federates by query (query.knn)")
     conf = config_of(msg)
     transport = str(conf.get("transport", "fp32"))
     server_round = int(conf.get("server-round", 1))
@@ -265,6 +284,8 @@ def site_evaluate(msg: Message, context: Context) -> Message:
     """The global model on this site's own validation set."""
     _, ws, pid, site = _site(context)
     conf = config_of(msg)
+    if isinstance(ws.model, Knn):
+        raise ConfigError("knn has no global model to evaluate at the sites")
     ws.model.load_trainable_state(decode_state(arrays_of(msg), str(conf.get("transport", "fp32"))))
     if not site.validation:
         raise ConfigError(f"{site.name} has no validation set; set federated.validation = 'site'")
@@ -296,7 +317,7 @@ def site_personalize(msg: Message, context: Context) -> Message:
     before = _evaluate_on(ws, f"val-{pid}", site.validation)
     if isinstance(model, Features):  # a site's own L-BFGS run from the global weights
         _features_update(ws, pid, site)
-    else:
+    elif isinstance(model, AdaptedModel):
         tcfg = replace(site_train_config(cfg), epochs=epochs, max_steps=0)
         feats = ws.features(f"train-{pid}", site.train)
         train(model, feats, None, tcfg, cfg.method.lr, seed=cfg.seed + pid,
@@ -310,6 +331,27 @@ def site_personalize(msg: Message, context: Context) -> Message:
     content = RecordDict(
         {
             "metrics": MetricRecord({"num-examples": len(site.validation), **metrics}),
+            "site": ConfigRecord({"name": site.name}),
+        }
+    )
+    return Message(content, reply_to=msg)
+
+
+@client_app.query("knn")
+def site_knn(msg: Message, context: Context) -> Message:
+    """Federated kNN: for each query embedding the server sends, the top-k
+    (cosine score, label id) pairs of this site's own index. Only those pairs
+    leave the site: never a text, never an embedding."""
+    _, ws, pid, site = _site(context)
+    if not isinstance(ws.model, Knn):
+        raise ConfigError(f"the run's method is {ws.cfg.method_name}, not knn")
+    index = ws.site_index(pid, site, str(context.node_config.get("index-dir", "") or ""))
+    queries = np.asarray(arrays_of(msg)["queries"].numpy(), dtype=np.float32)  # [Q, D]
+    scores, labels = index.neighbours(queries, int(config_of(msg)["k"]))  # [Q, k] each
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({"scores": Array(scores), "labels": Array(labels)}),
+            "metrics": MetricRecord({"num-examples": len(site.train)}),
             "site": ConfigRecord({"name": site.name}),
         }
     )

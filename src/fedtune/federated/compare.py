@@ -31,11 +31,17 @@ from fedtune.errors import ConfigError
 from fedtune.federated.partition import partition_examples
 from fedtune.federated.runner import run_federated
 from fedtune.federated.server import build_strategy
+from fedtune.methods import get_method
 from fedtune.regimes import describe_data, run_centralized
 from fedtune.report import _pct, personalized_table
 from fedtune.runs import final_run_dir, read_jsonl, staged_run_dir, write_json
 
 REGIMES = ("centralized", "local", "federated")
+
+
+def federates(method: str) -> bool:
+    """In-context learning has no federated form: its demonstrations are texts."""
+    return bool(getattr(get_method(method), "federates", True))
 
 
 def _epochs_budget(fed: FederatedConfig) -> float:
@@ -108,7 +114,10 @@ def run_regimes(
                 rows.append({**r, "regime": regime, "site": site})
                 key = regime if site == "all" else f"local {site}"
                 curves[mname][key] = _val_curve(staging / name)
-            if "federated" in regimes:
+            if "federated" in regimes and not federates(mname):
+                console.print(f"[yellow]{mname} has no federated form; skipped[/] "
+                              f"({get_method(mname).description})")  # fmt: skip
+            elif "federated" in regimes:
                 console.rule(f"{mname}: federated ({len(partition.sites)} sites)")
                 name = f"{mname}-federated"
                 r = run_federated(dataclasses.replace(base, name=name), console, splits,
@@ -150,6 +159,48 @@ def _plot(curves: dict[str, dict[str, list[tuple[float, float]]]], keep: str, pa
     plt.close(fig)
 
 
+def _ranking(rows: list[dict[str, Any]], out: Path) -> list[str]:
+    """Methods ranked by test accuracy per regime, and the cost-versus-quality plot."""
+    pooled = [r for r in rows if r["regime"] in ("centralized", "federated")]
+    pooled.sort(key=lambda r: (r["regime"], -r["accuracy"]))
+    lines = ["## Ranking: quality versus cost", "",
+             "Local-only rows are left out (one per site, each on a third of the data).", "",
+             "| rank | regime | method | accuracy | macro-F1 | trainable params "
+             "| bytes total | wall time (s) |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    rank, last = 0, ""
+    for r in pooled:
+        rank = 1 if r["regime"] != last else rank + 1
+        last = r["regime"]
+        total = f"{r['bytes_total'] / 1e6:.2f} MB" if r["regime"] == "federated" else "-"
+        lines.append(f"| {rank} | {r['regime']} | {r['method']} | {_pct(r['accuracy'])} "
+                     f"| {_pct(r['macro_f1'])} | {r['trainable_parameters']:,} | {total} "
+                     f"| {r['wall_seconds']:.1f} |")  # fmt: skip
+    fig, axes = plt.subplots(1, 2, figsize=(11.5, 4.4))
+    markers = {"centralized": "o", "federated": "s"}
+    for r in pooled:
+        for ax, x in ((axes[0], r["wall_seconds"]),
+                      (axes[1], r.get("bytes_total", 0) / 1e6 if r["regime"] == "federated"
+                       else None)):  # fmt: skip
+            if x is None:
+                continue
+            ax.scatter(max(x, 1e-3), r["accuracy"], marker=markers[r["regime"]], s=45,
+                       color="tab:blue" if r["regime"] == "centralized" else "tab:orange")
+            ax.annotate(r["method"], (max(x, 1e-3), r["accuracy"]), textcoords="offset points",
+                        xytext=(5, 4), fontsize=8)  # fmt: skip
+    axes[0].set_xlabel("wall time, s (log)")
+    axes[0].set_title("accuracy vs compute (o centralized, s federated)")
+    axes[1].set_xlabel("bytes communicated in total, MB (log)")
+    axes[1].set_title("federated: accuracy vs communication")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_ylabel("test accuracy")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "ranking.png", dpi=110)
+    plt.close(fig)
+    return [*lines, "", "![quality versus cost](ranking.png)", ""]
+
+
 def write_regimes_report(out: Path, rows: list[dict[str, Any]],
                          curves: dict[str, dict[str, list[tuple[float, float]]]], title: str,
                          cfg: RunConfig) -> Path:  # fmt: skip
@@ -178,7 +229,10 @@ def write_regimes_report(out: Path, rows: list[dict[str, Any]],
             traffic = (f"{r['bytes_down_per_site_round'] / 1e6:.3f} MB / "
                        f"{r['bytes_up_per_site_round'] / 1e6:.3f} MB")  # fmt: skip
             total = f"{r['bytes_total'] / 1e6:.2f} MB"
-            trained = f"{r['rounds']} rounds ({r['best_round']})"
+            trained = (f"{r['rounds']} rounds ({r['best_round']})" if r["strategy"] != "query"
+                       else "by query")  # fmt: skip
+        elif r["kind"] == "frozen":
+            traffic, total, trained = "-", "-", "fit"
         else:
             traffic, total = "-", "-"
             best = r["best_step"] / max(r["steps"], 1) * r["epochs"]
@@ -196,6 +250,8 @@ def write_regimes_report(out: Path, rows: list[dict[str, Any]],
         "![(b) local-only sites vs federated](fig_b_local_vs_federated.png)",
         "",
     ]
+    if len({r["method"] for r in rows}) > 1:
+        lines += _ranking(rows, out)
     for r in rows:
         if r["regime"] == "federated" and r.get("personalized"):
             lines += [f"### {r['method']}", "", personalized_table(r["personalized"]), ""]

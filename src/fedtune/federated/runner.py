@@ -72,6 +72,10 @@ def run_federated(
     """Federate `cfg.method` across `cfg.federated.sites` sites in this process.
     Returns the run summary (also the last line of metrics.jsonl)."""
     console = console or Console()
+    if cfg.method_name == "knn" and resume is None:
+        from fedtune.federated.knn import run_federated_knn
+
+        return run_federated_knn(cfg, console, splits, shown_as)
     t_start = time.perf_counter()
     out: Path | None
     if resume is not None:

@@ -67,7 +67,7 @@ def build_method(config: MethodConfig) -> Method:
 
 def _load_builtin() -> None:
     # Imported for their @register side effect, late to avoid import cycles.
-    from fedtune.methods import features, finetune, peft  # noqa: F401
+    from fedtune.methods import features, finetune, icl, peft, retrieval  # noqa: F401
 
 
 __all__ = [

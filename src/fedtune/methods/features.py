@@ -99,7 +99,8 @@ class Features(FrozenMethod[FeaturesConfig]):
     def embed(self, texts: list[str]) -> np.ndarray:
         return self.embedder.embed(texts)
 
-    def fit(self, train: list[Example], directory: Path | None = None) -> Features:
+    def fit(self, train: list[Example], directory: Path | None = None,
+            validation: list[Example] | None = None) -> Features:  # fmt: skip
         x = self.embed([e.text for e in train])
         return self.fit_embeddings(x, self.label_ids(train))
 

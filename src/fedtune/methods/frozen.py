@@ -42,6 +42,8 @@ class FrozenMethod(ABC, Generic[C]):
     description: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]]
     kind: ClassVar[str] = "frozen"
+    federates: ClassVar[bool] = True
+    """False for methods with no federated form (in-context learning)."""
 
     def __init__(self, config: C, model_config: ModelConfig, labels: tuple[str, ...],
                  seed: int = 0):  # fmt: skip
@@ -50,13 +52,19 @@ class FrozenMethod(ABC, Generic[C]):
         self.labels = tuple(labels)
         self.seed = seed
         self.fit_seconds = 0.0
+        self.notes: list[str] = []
+        """What a reader of the run report should know (truncations, variants…)."""
+        self.extra_metrics: dict[str, float] = {}
+        """Method-specific numbers for the run summary (e.g. unparseable answers)."""
 
     # --- fitting and predicting -------------------------------------------------
 
     @abstractmethod
-    def fit(self, train: list[Example], directory: Path | None = None) -> FrozenMethod[C]:
+    def fit(self, train: list[Example], directory: Path | None = None,
+            validation: list[Example] | None = None) -> FrozenMethod[C]:  # fmt: skip
         """Learn from `train`; artifacts that live on disk (an index) go to
-        `directory` (the model directory being written), else a temporary one."""
+        `directory` (the model directory being written), else a temporary one.
+        `validation` may be used to choose among variants (prompts, k)."""
 
     @abstractmethod
     def predict_scores(self, texts: list[str]) -> np.ndarray:

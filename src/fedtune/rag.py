@@ -1,0 +1,127 @@
+"""Retrieval-augmented answers: `fedtune index DOCS_DIR` splits documents into
+passages, embeds them and stores them in a vector index (fedtune.vectorstore);
+`fedtune ask "question"` retrieves the top-k passages, builds a grounded prompt
+and answers with a causal LM (local, transformers) or an OpenAI-compatible
+endpoint, and returns the sources it gave the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fedtune.embed import Embedder
+from fedtune.errors import ConfigError, IndexStoreError
+from fedtune.vectorstore import Hit, VectorStore, read_documents, split_passages
+
+INSTRUCTION = (
+    "Answer the question using only the numbered passages below, and cite the passages "
+    "you use as [1], [2]. If the passages do not contain the answer, say that you do not know."
+)
+
+
+@dataclass
+class IndexReport:
+    path: Path
+    documents: int
+    passages: int
+    embedder: str
+
+
+def build_index(docs_dir: str | Path, output: str | Path, embedder: str = "minilm",
+                words: int = 120, overlap: int = 20, site: str = "",
+                overwrite: bool = False) -> IndexReport:  # fmt: skip
+    """Documents (*.txt, *.md) -> passages -> embeddings -> a new index at `output`.
+    Everything is checked and embedded before the index is created, so bad input
+    leaves nothing behind."""
+    docs = read_documents(docs_dir)
+    passages = [p for rel, text in docs for p in split_passages(text, rel, words, overlap)]
+    if not passages:
+        raise IndexStoreError(f"{docs_dir}: the documents hold no text to index")
+    emb = Embedder(embedder)
+    vectors = emb.embed([p.text for p in passages])
+    store = VectorStore.create(output, emb.fingerprint, vectors.shape[1], overwrite=overwrite)
+    store.add(vectors, [p.text for p in passages], None, [site] * len(passages),
+              [f"{p.source}#w{p.start}" for p in passages])  # fmt: skip
+    return IndexReport(Path(output), len(docs), len(passages), emb.fingerprint)
+
+
+def embedder_of(store: VectorStore) -> str:
+    """The embedding model name recorded in an index's fingerprint (name|hash|…)."""
+    return store.embedder.split("|", 1)[0]
+
+
+def retrieve(index: str | Path, question: str, k: int = 4, embedder: str = "") -> list[Hit]:
+    if not question.strip():
+        raise ConfigError("the question is empty; pass the text to ask")
+    name = embedder or embedder_of(VectorStore.open(index))
+    emb = Embedder(name)
+    # Refuses an index made with another model: its vectors are not comparable.
+    store = VectorStore.open(index, emb.fingerprint)
+    return store.search(emb.embed([question]), k)[0]
+
+
+def grounded_prompt(question: str, hits: list[Hit]) -> str:
+    blocks = [f"[{i}] ({h.source}) {h.text}" for i, h in enumerate(hits, 1)]
+    return f"{INSTRUCTION}\n\n" + "\n\n".join(blocks) + f"\n\nQuestion: {question}\nAnswer:"
+
+
+@dataclass
+class Answer:
+    question: str
+    text: str
+    sources: list[Hit]
+    prompt: str
+    notes: list[str] = field(default_factory=list)
+
+
+def answer_local(model_name: str, question: str, hits: list[Hit], max_new_tokens: int = 128,
+                 max_context: int = 0) -> Answer:  # fmt: skip
+    """Greedy answer from a local causal LM; passages that do not fit the model's
+    context are dropped from the end (least similar first), and the answer says so."""
+    from fedtune.models import detect_kind, load_config, load_tokenizer, resolve_model_name
+
+    if detect_kind(load_config(model_name)) != "decoder":
+        raise ConfigError(f"--model {model_name} is not a causal LM; pass a decoder "
+                          "(e.g. Qwen/Qwen2.5-0.5B-Instruct) or use --base-url")  # fmt: skip
+    from transformers import AutoModelForCausalLM
+
+    tok = load_tokenizer(model_name, "decoder")
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_name(model_name)).eval()
+    limit = max_context or min(int(getattr(model.config, "max_position_embeddings", 2048)), 4096)
+    budget = limit - max_new_tokens
+    notes: list[str] = []
+    kept = list(hits)
+    prompt = grounded_prompt(question, kept)
+    while len(tok(prompt)["input_ids"]) > budget and kept:
+        kept.pop()
+        prompt = grounded_prompt(question, kept)
+    if len(kept) < len(hits):
+        notes.append(f"{len(hits) - len(kept)} of {len(hits)} passages dropped to fit "
+                     f"{limit} tokens of context")  # fmt: skip
+    ids = tok(prompt, return_tensors="pt")
+    if ids["input_ids"].shape[1] > budget:
+        raise ConfigError(f"the question alone is longer than {budget} tokens of context")
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tok.pad_token_id)  # fmt: skip
+    text = str(tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)).strip()
+    return Answer(question, text, kept, prompt, notes)
+
+
+def answer_remote(base_url: str, api_model: str, question: str, hits: list[Hit],
+                  max_new_tokens: int = 256, api_key_env: str = "OPENAI_API_KEY",
+                  timeout: float = 60.0, retries: int = 3) -> Answer:  # fmt: skip
+    from fedtune.remote import ChatClient, Endpoint
+
+    ep = Endpoint.from_env(base_url, api_model, api_key_env, timeout=timeout, retries=retries)
+    prompt = grounded_prompt(question, hits)
+    with ChatClient(ep) as client:
+        text = client.complete(
+            [{"role": "system", "content": INSTRUCTION},
+             {"role": "user", "content": prompt.split("\n\n", 1)[1]}],
+            max_tokens=max_new_tokens,
+        )  # fmt: skip
+    return Answer(question, text.strip(), hits, prompt)

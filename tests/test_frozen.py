@@ -1,0 +1,316 @@
+"""Frozen-model methods: the embedding cache, `features` (centralized and
+federated logistic regression), `knn` over the vector index (centralized and
+federated by query), retrieval-augmented answers, and the comparison of all."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import LABELS, TEXTS, Y
+from flwr.app import Message
+from openai_stub import OpenAIStub
+from sklearn.linear_model import LogisticRegression
+
+import fedtune.federated.apps as apps
+from fedtune.config import ModelConfig, RunConfig, load_config, method_config
+from fedtune.data import Example
+from fedtune.embed import Embedder, EmbeddingCache, cache_path
+from fedtune.errors import ConfigError, IndexStoreError
+from fedtune.federated.compare import run_regimes
+from fedtune.federated.grid import InProcessGrid
+from fedtune.federated.knn import federated_neighbours
+from fedtune.federated.runner import _run_id, make_contexts, run_federated
+from fedtune.methods.features import Features
+from fedtune.methods.frozen import load_frozen
+from fedtune.methods.retrieval import Knn, top_k, vote
+from fedtune.predict import load_predictor, predict_table
+from fedtune.rag import answer_local, answer_remote, build_index, retrieve
+from fedtune.regimes import run_centralized
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("FEDTUNE_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def table(tmp_path: Path) -> Path:
+    rows = [
+        {"text": f"{TEXTS[i % 6]} {i}", "label": LABELS[Y[i % 6]], "site": f"org-{i % 3}"}
+        for i in range(90)
+    ]
+    path = tmp_path / "d.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def _cfg(tiny: dict[str, str], table: Path, out: Path, method: str, *extra: str) -> RunConfig:
+    apps.clear_workspace()
+    return load_config(None, [
+        "data.source=file", f"data.path={table}", f"model.name={tiny['bert']}",
+        "train.progress=false", f"output_dir={out}", f"method.name={method}",
+        "federated.partition=column", "data.site_column=site", *extra,
+    ])  # fmt: skip
+
+
+# --- embeddings and their cache ---------------------------------------------------------
+
+
+def test_embedding_cache_hit_and_miss(tiny_models: dict[str, str], cache_dir: Path) -> None:
+    emb = Embedder(tiny_models["bert"], max_length=32)
+    first = emb.embed(TEXTS)
+    assert (emb.stats.hits, emb.stats.misses) == (0, len(TEXTS))
+    assert cache_path() == cache_dir / "embeddings.sqlite" and cache_path().is_file()
+    again = Embedder(tiny_models["bert"], max_length=32)  # a new process would do this
+    second = again.embed([*TEXTS, TEXTS[0]])
+    assert (again.stats.hits, again.stats.misses) == (len(TEXTS) + 1, 0)
+    np.testing.assert_array_equal(second[: len(TEXTS)], first)
+    np.testing.assert_array_equal(second[-1], first[0])
+    np.testing.assert_allclose(np.linalg.norm(first, axis=1), 1.0, rtol=1e-5)
+    # Another setting is another fingerprint: never reads these vectors.
+    other = Embedder(tiny_models["bert"], max_length=16)
+    other.embed(TEXTS[:2])
+    assert other.stats.misses == 2 and other.fingerprint != emb.fingerprint
+    store = EmbeddingCache(cache_path())
+    assert store.count(emb.fingerprint) == len(TEXTS) and store.count() == len(TEXTS) + 2
+    store.close()
+    # Off: encodes, writes nothing.
+    off = Embedder(tiny_models["bert"], max_length=8, cache=False)
+    off.embed(TEXTS[:1])
+    store = EmbeddingCache(cache_path())
+    assert store.count(off.fingerprint) == 0
+    store.close()
+
+
+def test_bundled_minilm_is_a_sentence_transformer() -> None:
+    emb = Embedder("minilm")
+    x = emb.embed(["profit rose", "profit fell"])
+    assert emb.is_sentence_transformer and x.shape == (2, 384)
+    np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, rtol=1e-5)
+
+
+# --- features -----------------------------------------------------------------------------
+
+
+def _blobs(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Three overlapping 2-D Gaussian classes: a logistic regression with a finite optimum."""
+    rng = np.random.default_rng(seed)
+    centers = np.array([[0.0, 0.0], [1.5, 0.0], [0.0, 1.5]])
+    y = rng.integers(0, 3, n)
+    return (centers[y] + rng.normal(0, 0.8, (n, 2))).astype(np.float32), y
+
+
+def test_federated_logistic_regression_on_iid_sites_approaches_centralized() -> None:
+    """FedAvg of the sites' L-BFGS updates, computed by hand, against scikit-learn's
+    logistic regression on the pooled data: same weights to 2 decimals."""
+    x, y = _blobs(3000, 0)
+    c = 1e3  # regularisation negligible at both ends
+    central = LogisticRegression(C=c, max_iter=1000).fit(x, y)
+    method = Features(method_config("features", {"c": c, "local_iters": 50}), ModelConfig(),
+                      LABELS)  # fmt: skip
+    method.init_state(2)
+    sites = [(x[i::3], y[i::3]) for i in range(3)]  # IID shards of 1000
+    for _ in range(5):  # rounds
+        start = {k: v.clone() for k, v in method.trainable_state().items()}
+        updates = []
+        for xs, ys in sites:
+            method.load_trainable_state(start)
+            method.local_update(xs, ys)
+            updates.append((len(ys), method.trainable_state()))
+        n = sum(k for k, _ in updates)
+        method.load_trainable_state({key: sum(k * s[key] for k, s in updates) / n
+                                     for key in ("coef", "intercept")})  # fmt: skip
+    w = method.trainable_state()
+    # Multinomial weights are defined up to a shift shared by all classes: compare
+    # the differences to class 0.
+    fed_w = (w["coef"] - w["coef"][0]).numpy()
+    cen_w = central.coef_ - central.coef_[0]
+    np.testing.assert_allclose(fed_w, cen_w, atol=0.02)
+    fed_pred = method.scores_of(x).argmax(1)
+    assert (fed_pred == central.predict(x)).mean() > 0.995
+
+
+def test_features_centralized_federated_and_predict(
+    tiny_models: dict[str, str], table: Path, tmp_path: Path
+) -> None:
+    cen = run_centralized(_cfg(tiny_models, table, tmp_path, "features", "name=c"))
+    run = tmp_path / "c"
+    assert (run / "model" / "classifier.safetensors").is_file()
+    assert cen["trainable_parameters"] == 3 * 32 + 3  # tiny bert: hidden size 32
+    assert not (run / "curves.png").exists() and (run / "confusion.png").is_file()
+    model = load_predictor(run / "model")
+    table_out = predict_table(model, TEXTS)
+    assert list(table_out["label"]) == model.predict(TEXTS)
+    assert set(table_out["label"]) <= set(LABELS)
+
+    fed = run_federated(_cfg(tiny_models, table, tmp_path, "features", "name=f",
+                             "federated.rounds=3", "federated.partition=iid"))  # fmt: skip
+    assert fed["trainable_parameters"] == cen["trainable_parameters"]
+    # Only the classifier crossed the wire: [3, 32] + [3] fp32 = 396 bytes of payload.
+    assert fed["payload_up_per_site_round"] == 396
+    assert abs(fed["accuracy"] - cen["accuracy"]) <= 0.15
+    assert isinstance(load_frozen(tmp_path / "f" / "model"), Features)
+
+
+def test_features_other_classifiers_save_and_reload(
+    tiny_models: dict[str, str], table: Path, tmp_path: Path
+) -> None:
+    for clf in ("ridge", "linear_svm"):
+        run_centralized(_cfg(tiny_models, table, tmp_path, "features", f"name={clf}",
+                             f"method.classifier={clf}"))  # fmt: skip
+        assert (tmp_path / clf / "model" / "classifier.joblib").is_file()
+        m = load_predictor(tmp_path / clf / "model")
+        assert set(m.predict(TEXTS)) <= set(LABELS)
+    with pytest.raises(ConfigError, match=r"method\.classifier = 'logreg'"):
+        run_federated(_cfg(tiny_models, table, tmp_path, "features", "name=bad",
+                           "method.classifier=ridge"))  # fmt: skip
+    assert not (tmp_path / "bad").exists()
+
+
+# --- knn --------------------------------------------------------------------------------------
+
+
+def test_vote_by_hand() -> None:
+    scores = np.array([[0.9, 0.8, 0.5]])
+    labels = np.array([[0, 1, 1]])
+    logp = vote(scores, labels, 3, "distance")
+    w = 1 / (1 - np.array([0.9, 0.8, 0.5]) + 0.01)  # 9.09, 4.76, 1.96
+    total = w.sum()
+    floor = 1e-3 * total / 3
+    expected = np.array([w[0] + floor, w[1] + w[2] + floor, floor]) / (total + 3 * floor)
+    np.testing.assert_allclose(np.exp(logp[0]), expected, rtol=1e-5)
+    assert vote(scores, labels, 3, "uniform").argmax() == 1  # 2 votes beat 1
+    s, lab = top_k(np.array([[0.1, 0.7, 0.4, 0.9]]), np.array([[0, 1, 2, 0]]), 2)
+    assert s.tolist() == [[pytest.approx(0.9), pytest.approx(0.7)]] and lab.tolist() == [[0, 1]]
+
+
+def _examples(n: int = 60) -> list[Example]:
+    return [Example(f"{TEXTS[i % 6]} {i}", LABELS[Y[i % 6]], site=f"org-{i % 3}")
+            for i in range(n)]  # fmt: skip
+
+
+def test_knn_index_round_trip_and_model_mismatch(
+    tiny_models: dict[str, str], tmp_path: Path
+) -> None:
+    knn = Knn(method_config("knn", {"k": 3}), ModelConfig(name=tiny_models["bert"]), LABELS)
+    knn.fit(_examples(), tmp_path / "m")
+    before = knn.predict_scores(TEXTS)
+    knn.save(tmp_path / "m")
+    again = load_frozen(tmp_path / "m")  # reopens the LanceDB index from disk
+    np.testing.assert_allclose(again.predict_scores(TEXTS), before, rtol=1e-5)
+    assert isinstance(again, Knn) and again.store is not None and len(again.store) == 60
+    meta = json.loads((tmp_path / "m" / "fedtune.json").read_text())
+    meta["method"]["embedder"] = tiny_models["llama"]  # queries from another model
+    (tmp_path / "m" / "fedtune.json").write_text(json.dumps(meta))
+    with pytest.raises(IndexStoreError, match="not comparable"):
+        load_frozen(tmp_path / "m")
+
+
+def test_federated_knn_equals_centralized_and_only_scores_leave_sites(
+    tiny_models: dict[str, str], table: Path, tmp_path: Path
+) -> None:
+    cfg = _cfg(tiny_models, table, tmp_path, "knn", "name=fk", "method.k=5")
+    ws = apps.workspace(cfg)
+    sites = ws.partition.sites
+    contexts = make_contexts(cfg, len(sites), [s.name for s in sites], None)
+    replies: list[Message] = []
+
+    class Spy(InProcessGrid):
+        def pull_messages(self, ids):  # type: ignore[no-untyped-def]
+            out = list(super().pull_messages(ids))
+            replies.extend(out)
+            return out
+
+    grid = Spy(apps.client_app, contexts, _run_id(cfg))
+    queries = ws.embeddings("test", ws.splits.test)
+    traffic: list[dict] = []
+    s, lab = federated_neighbours(grid, queries, 5, 1, traffic, {})
+    # Centralized: one index over the union of the sites' disjoint shards.
+    central = Knn(cfg.method, cfg.model, LABELS).fit([e for st in sites for e in st.train])
+    cs, cl = central.neighbours(queries, 5)
+    np.testing.assert_allclose(s, cs, rtol=1e-5)
+    np.testing.assert_array_equal(lab, cl)
+    # What left the sites: k (score, label id) pairs per query and the site's name.
+    site_texts = [e.text.encode() for st in sites for e in st.train]
+    for r in replies:
+        c = r.content
+        assert set(c.array_records) == {"arrays"}
+        assert set(c.array_records["arrays"]) == {"scores", "labels"}
+        assert tuple(c.array_records["arrays"]["scores"].shape) == (len(queries), 5)
+        assert set(c.config_records) == {"site"} and set(c.metric_records) == {"metrics"}
+        assert dict(c.config_records["site"])["name"] in {st.name for st in sites}
+        raw = c.array_records["arrays"]["scores"].data + c.array_records["arrays"]["labels"].data
+        assert not any(t in raw for t in site_texts)
+    assert {t["direction"] for t in traffic} == {"down", "up"}
+    up = [t for t in traffic if t["direction"] == "up"]
+    assert all(t["payload_bytes"] == len(queries) * 5 * (4 + 8) for t in up)
+
+    summary = run_federated(cfg)
+    cen = run_centralized(_cfg(tiny_models, table, tmp_path, "knn", "name=ck", "method.k=5"))
+    assert summary["confusion"] == cen["confusion"]
+    assert (tmp_path / "fk" / "report.md").is_file() and summary["trainable_parameters"] == 0
+
+
+def test_compare_ranks_frozen_and_trained_methods(
+    tiny_models: dict[str, str], table: Path, tmp_path: Path
+) -> None:
+    cfg = _cfg(tiny_models, table, tmp_path, "lora", "name=all", "federated.rounds=1",
+               "train.batch_size=8")  # fmt: skip
+    out = run_regimes(cfg, ["features", "knn", "head"], ("centralized", "federated"))
+    rows = json.loads((out / "comparison.json").read_text())
+    assert [(r["method"], r["regime"]) for r in rows] == [
+        (m, reg) for m in ("features", "knn", "head") for reg in ("centralized", "federated")
+    ]
+    report = (out / "report.md").read_text()
+    assert "Ranking" in report and (out / "ranking.png").stat().st_size > 10_000
+    assert "by query" in report
+
+
+# --- retrieval-augmented answers -----------------------------------------------------------
+
+
+@pytest.fixture
+def docs(tmp_path: Path) -> Path:
+    d = tmp_path / "docs"
+    (d / "sub").mkdir(parents=True)
+    (d / "acme.txt").write_text("Acme revenue grew 12 percent in 2024 to EUR 30 million. " * 3)
+    (d / "sub" / "rain.md").write_text("It rains often in Bergen on the west coast of Norway.")
+    return d
+
+
+def test_index_and_ask(
+    tiny_models: dict[str, str], docs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rep = build_index(docs, tmp_path / "idx", tiny_models["bert"], words=10, overlap=2)
+    assert rep.documents == 2 and rep.passages >= 3
+    hits = retrieve(tmp_path / "idx", "Acme revenue grew", k=2)
+    assert len(hits) == 2 and hits[0].source.startswith("acme.txt")
+    with pytest.raises(IndexStoreError, match="not comparable"):
+        retrieve(tmp_path / "idx", "Acme", k=2, embedder=tiny_models["llama"])
+    with pytest.raises(IndexStoreError, match="fedtune index"):
+        retrieve(tmp_path / "missing", "Acme")
+    with pytest.raises(IndexStoreError):  # exists: nothing replaced without --overwrite
+        build_index(docs, tmp_path / "idx", tiny_models["bert"])
+
+    # The tiny test tokenizer spends many tokens on words it never saw: a short
+    # instruction keeps the prompt inside its 128 positions.
+    monkeypatch.setattr("fedtune.rag.INSTRUCTION", "Answer from the passages.")
+    ans = answer_local(tiny_models["gpt2"], "How much did revenue grow?", hits[:1], 4)
+    assert isinstance(ans.text, str) and "[1]" in ans.prompt and ans.sources == hits[:1]
+    assert not ans.notes
+    # Two passages do not fit the tiny model's 128 positions: the last one is dropped.
+    short = answer_local(tiny_models["gpt2"], "How much did revenue grow?", hits, 4)
+    assert short.sources == hits[:1] and "1 of 2 passages dropped" in short.notes[0]
+    with pytest.raises(ConfigError, match="not a causal LM"):
+        answer_local(tiny_models["bert"], "q", hits)
+
+    with OpenAIStub(lambda body: "12 percent [1]") as stub:
+        ans = answer_remote(stub.url, "m", "How much did revenue grow?", hits, retries=0)
+        sent = stub.chat_requests[0].body["messages"]
+    assert ans.text == "12 percent [1]"
+    assert hits[0].text in sent[1]["content"] and sent[0]["role"] == "system"
