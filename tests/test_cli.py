@@ -171,19 +171,23 @@ def test_demo_quick_on_real_data(
     only and one round, to keep CI short)."""
     import fedtune.demo
 
-    plan = {"lora": {**fedtune.demo.DEMO_PLAN["lora"], "rounds": 1}}
+    full = fedtune.demo.DEMO_PLAN
+    plan = {"lora": {**full["lora"], "rounds": 1}, "features": full["features"],
+            "knn": full["knn"]}  # fmt: skip
+    monkeypatch.setenv("FEDTUNE_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(fedtune.demo, "DEMO_PLAN", plan)
     monkeypatch.setenv("FEDTUNE_DATA_DIR", str(fpb_dir.parent))
     result = runner.invoke(app, ["demo", "--quick", "--output-dir", str(tmp_path)])
     assert result.exit_code == 0, result.output
-    (out,) = tmp_path.iterdir()
+    (out,) = [p for p in tmp_path.iterdir() if p.name != "cache"]
     report = (out / "report.md").read_text()
     assert "| lora | centralized |" in report and "| lora | federated |" in report
+    assert "| knn | federated |" in report and "![quality versus cost](ranking.png)" in report
     assert (out / "fig_a_centralized_vs_federated.png").is_file()
     assert (out / "fig_b_local_vs_federated.png").is_file()
     assert (out / "lora-federated" / "model" / "fedtune.json").is_file()
     rows = json.loads((out / "comparison.json").read_text())
-    assert [r["n_train"] for r in rows] == [150, 50, 50, 50, 150]
+    assert [r["n_train"] for r in rows] == [150, 50, 50, 50, 150] * 3
     assert "report at" in result.output
 
 

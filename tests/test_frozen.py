@@ -286,7 +286,7 @@ def docs(tmp_path: Path) -> Path:
 def test_index_and_ask(
     tiny_models: dict[str, str], docs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    rep = build_index(docs, tmp_path / "idx", tiny_models["bert"], words=10, overlap=2)
+    rep = build_index(docs, tmp_path / "idx", "minilm", words=10, overlap=2)
     assert rep.documents == 2 and rep.passages >= 3
     hits = retrieve(tmp_path / "idx", "Acme revenue grew", k=2)
     assert len(hits) == 2 and hits[0].source.startswith("acme.txt")
@@ -314,3 +314,16 @@ def test_index_and_ask(
         sent = stub.chat_requests[0].body["messages"]
     assert ans.text == "12 percent [1]"
     assert hits[0].text in sent[1]["content"] and sent[0]["role"] == "system"
+
+
+def test_icl_has_no_federated_form(
+    tiny_models: dict[str, str], table: Path, tmp_path: Path
+) -> None:
+    cfg = _cfg(tiny_models, table, tmp_path, "icl", "name=icl", "federated.rounds=1",
+               f"method.model={tiny_models['gpt2']}", "method.shots=1")  # fmt: skip
+    out = run_regimes(cfg, ["icl"], ("centralized", "federated"))
+    rows = json.loads((out / "comparison.json").read_text())
+    assert [(r["method"], r["regime"]) for r in rows] == [("icl", "centralized")]
+    with pytest.raises(ConfigError, match="does not federate"):
+        run_federated(_cfg(tiny_models, table, tmp_path, "icl", "name=f",
+                           f"method.model={tiny_models['gpt2']}"))  # fmt: skip

@@ -2,7 +2,9 @@
 experiment. The bundled MiniLM on Financial PhraseBank (all annotators agree),
 three sites of 600 sentences and a validation set shared by all, P-tuning (the
 post's method) and LoRA, each trained centralized, local-only at every site and
-federated (FedAvg) with the same budget; one report with the post's two figures.
+federated (FedAvg) with the same budget; then the two frozen-model methods
+(embeddings + logistic regression, kNN over a vector index) on the same split.
+One report: the post's two figures, a table, and a quality-versus-cost ranking.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from fedtune.federated.compare import run_regimes
 DEMO_PLAN: dict[str, dict[str, Any]] = {
     "ptuning": {"method": {"lr": 2e-2, "num_virtual_tokens": 10}, "rounds": 3},
     "lora": {"method": {"lr": 4e-3}, "rounds": 2},
+    # Frozen model: seconds, not minutes (one embedding pass, cached on disk).
+    "features": {"method": {}, "rounds": 5},
+    "knn": {"method": {}, "rounds": 1},
 }
 QUICK_LIMIT = 150  # training examples in --quick mode (3 sites x 50)
 
@@ -50,7 +55,8 @@ def run_demo(output_dir: str = "runs", quick: bool = False, console: Console | N
     console = console or Console()
     cfg = demo_config(output_dir, quick)
     methods = list(DEMO_PLAN)
-    plan = ", ".join(f"{m} ({p['rounds']} rounds)" for m, p in DEMO_PLAN.items())
+    plan = ", ".join(f"{m} (federated by query)" if m == "knn" else f"{m} ({p['rounds']} rounds)"
+                     for m, p in DEMO_PLAN.items())  # fmt: skip
     console.rule("[bold]fedtune demo: centralized vs local-only vs federated")
     console.print(
         "MiniLM (22.7M parameters, bundled) on Financial PhraseBank all-agree; 3 sites x "

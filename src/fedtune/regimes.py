@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from fedtune.adapted import AdaptedModel
-from fedtune.config import RunConfig, method_config
+from fedtune.config import MethodConfig, RunConfig, method_config
 from fedtune.data import Example, Splits, make_splits
 from fedtune.data.sources import fpb_file_agreement
 from fedtune.embed import Embedder
@@ -142,6 +142,18 @@ def run_centralized(
     return summary
 
 
+def method_configs(
+    cfg: RunConfig, methods: list[str], overrides: dict[str, dict[str, Any]] | None = None
+) -> list[MethodConfig]:
+    """The config of each method to compare: defaults, the run config's own
+    `[method]` values for the method it names, then per-method overrides."""
+    out = []
+    for m in methods:
+        values = dataclasses.asdict(cfg.method) if m == cfg.method_name else {}
+        out.append(method_config(m, {**values, **(overrides or {}).get(m, {})}))
+    return out
+
+
 def build_frozen(cfg: RunConfig, labels: tuple[str, ...]) -> FrozenMethod[Any]:
     cls = get_method(cfg.method_name)
     assert issubclass(cls, FrozenMethod)
@@ -243,7 +255,7 @@ def compare_methods(
     console = console or Console()
     out = final_run_dir(cfg, cfg.name or f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
     splits = make_splits(cfg.data)
-    method_cfgs = [method_config(m, (method_overrides or {}).get(m, {})) for m in methods]
+    method_cfgs = method_configs(cfg, methods, method_overrides)
     with staged_run_dir(out) as staging:
         rows = []
         for mcfg in method_cfgs:

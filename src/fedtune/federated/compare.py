@@ -25,14 +25,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from rich.console import Console
 
-from fedtune.config import FederatedConfig, RunConfig, method_config
+from fedtune.config import FederatedConfig, RunConfig
 from fedtune.data import Splits, make_splits
 from fedtune.errors import ConfigError
 from fedtune.federated.partition import partition_examples
 from fedtune.federated.runner import run_federated
 from fedtune.federated.server import build_strategy
 from fedtune.methods import get_method
-from fedtune.regimes import describe_data, run_centralized
+from fedtune.regimes import describe_data, method_configs, run_centralized
 from fedtune.report import _pct, personalized_table
 from fedtune.runs import final_run_dir, read_jsonl, staged_run_dir, write_json
 
@@ -77,7 +77,7 @@ def run_regimes(
         raise ConfigError(f"unknown regime(s) {unknown}; choose from {', '.join(REGIMES)}")
     out = final_run_dir(cfg, cfg.name or f"regimes-{time.strftime('%Y%m%d-%H%M%S')}")
     methods = methods or [cfg.method_name]
-    method_cfgs = [method_config(m, (method_overrides or {}).get(m, {})) for m in methods]
+    method_cfgs = method_configs(cfg, methods, method_overrides)
     _epochs_budget(cfg.federated)
     build_strategy(cfg.federated, cfg.method.lr)
     splits = make_splits(cfg.data)

@@ -1,0 +1,442 @@
+"""In-context learning (`icl`): prompt construction, demonstration selection,
+local label scoring with tiny decoders, context overflow, prompt variants, the
+remote backend against the OpenAI stub, and save -> load_frozen (offline, fast)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from conftest import LABELS, TEXTS, Y
+from openai_stub import OpenAIStub
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from fedtune.config import ModelConfig, method_config
+from fedtune.data import Example
+from fedtune.errors import ConfigError, EndpointError
+from fedtune.methods import available_methods, is_frozen
+from fedtune.methods.frozen import load_frozen
+from fedtune.methods.icl import (
+    ICL,
+    IclConfig,
+    Variant,
+    build_messages,
+    build_prompt,
+    fit_to_budget,
+    select_random,
+    stratified_subset,
+)
+
+TRAIN = [Example(t, LABELS[y]) for t, y in zip(TEXTS, Y, strict=True)]
+GOLD = {e.text: e.label for e in TRAIN}
+INSTRUCTION = (
+    "Classify the sentiment of the financial news sentence as negative, neutral, positive."
+)
+
+
+def make(model: str = "minilm", seed: int = 0, **cfg: Any) -> ICL:
+    return ICL(IclConfig(**cfg), ModelConfig(name=model), LABELS, seed=seed)
+
+
+def remote(url: str, **cfg: Any) -> ICL:
+    opts: dict[str, Any] = {"backend": "remote", "base_url": url, "api_model": "stub-model",
+                            "timeout": 2.0, "retries": 0}  # fmt: skip
+    opts.update(cfg)
+    return make(**opts)
+
+
+def query_of(body: dict[str, Any]) -> str:
+    """The query text of a chat request built with the default templates."""
+    user = body["messages"][1]["content"]
+    return str(user.rsplit("Sentence: ", 1)[1].rsplit("\nSentiment:", 1)[0])
+
+
+def gold_answer(body: dict[str, Any]) -> str:
+    return GOLD.get(query_of(body), "neutral").capitalize() + "."
+
+
+# --- prompts ------------------------------------------------------------------------
+
+
+def test_build_prompt_exact() -> None:
+    v = Variant.from_config(IclConfig())
+    demos = [("profit rose", "positive"), ("loss grew", "negative")]
+    assert build_prompt(v, demos, "sales fell", LABELS) == (
+        f"{INSTRUCTION}\n\n"
+        "Sentence: profit rose\nSentiment: positive\n\n"
+        "Sentence: loss grew\nSentiment: negative\n\n"
+        "Sentence: sales fell\nSentiment:"
+    )
+    terse = Variant("t", "", "{text} => {label}", "{text} =>", " | ")
+    # No instruction, placeholders in a text are left alone (one-pass substitution).
+    assert (
+        build_prompt(terse, [("a {label} b", "up")], "c", ("down", "up"))
+        == "a {label} b => up | c =>"
+    )
+    assert build_prompt(v, [], "x", ("bad", "good")) == (
+        "Classify the sentiment of the financial news sentence as bad, good.\n\n"
+        "Sentence: x\nSentiment:"
+    )
+    assert build_messages(v, demos[:1], "sales fell", LABELS) == [
+        {"role": "system",
+         "content": f"{INSTRUCTION} Answer with exactly one of: negative, neutral, positive."},
+        {"role": "user",
+         "content": "Sentence: profit rose\nSentiment: positive\n\n"
+                    "Sentence: sales fell\nSentiment:"},
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("demo_template", "Sentence: {text}", r"must contain \{label\}"),
+        ("query_template", "Sentiment:", r"must contain \{text\}"),
+        ("query_template", "{text} and {text}:", "once"),
+        ("instruction", "Classify as {classes}.", r"unknown placeholder.*\{classes\}"),
+        ("demo_template", "{text} {label} {foo}", r"unknown placeholder.*\{foo\}"),
+    ],
+)
+def test_bad_templates_are_refused(field: str, value: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=f"method.{field}.*{match}"):
+        remote("http://127.0.0.1:9/v1", **{field: value})
+
+
+def test_registered_as_frozen() -> None:
+    assert "icl" in available_methods() and is_frozen("icl")
+    cfg = method_config("icl", {"shots": 2, "selection": "similar"})
+    assert isinstance(cfg, IclConfig) and cfg.shots == 2
+
+
+# --- demonstration selection ------------------------------------------------------
+
+
+def test_select_random_balanced_seeded_and_never_excluded() -> None:
+    pool = [0] * 5 + [1] * 5 + [2] * 5
+    picks = select_random(pool, {0, 5}, 6, True, np.random.default_rng([3, 1]))
+    assert picks == select_random(pool, {0, 5}, 6, True, np.random.default_rng([3, 1]))
+    assert len(set(picks)) == 6 and not {0, 5} & set(picks)
+    assert sorted(pool[i] for i in picks) == [0, 0, 1, 1, 2, 2]
+    one_each = select_random(pool, set(), 3, True, np.random.default_rng(0))
+    assert sorted(pool[i] for i in one_each) == [0, 1, 2]
+    # A label that runs out is skipped; never more than the pool.
+    assert sorted(select_random([0, 1, 1, 1], {0}, 5, True, np.random.default_rng(0))) == [1, 2, 3]
+    free = select_random(pool, {3}, 14, False, np.random.default_rng(0))
+    assert sorted(free) == [i for i in range(15) if i != 3]
+
+
+def test_random_demonstrations_per_query_deterministic() -> None:
+    texts = [e.text for e in TRAIN] + ["unseen text"]
+    a = remote("http://127.0.0.1:9/v1", shots=3, seed=0)
+    a.fit(TRAIN)
+    demos = a._demonstrations(texts)
+    for text, picked in zip(texts, demos, strict=True):
+        assert len(picked) == 3 and len(set(picked)) == 3
+        assert text not in {TRAIN[i].text for i in picked}  # never the query itself
+        assert len({TRAIN[i].label for i in picked}) == 3  # balanced: one per label
+    # The same query gets the same demonstrations wherever it appears.
+    assert a._demonstrations(texts[::-1]) == demos[::-1]
+    b = remote("http://127.0.0.1:9/v1", shots=3, seed=0).fit(TRAIN)
+    assert b._demonstrations(texts) == demos
+    c = remote("http://127.0.0.1:9/v1", shots=3, seed=5).fit(TRAIN)
+    assert c._demonstrations(texts) != demos
+
+
+def test_similar_demonstrations_are_the_nearest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FEDTUNE_CACHE_DIR", str(tmp_path / "cache"))
+    pool = [
+        Example("The weather in Helsinki was cold and snowy today", "neutral"),
+        Example("Quarterly profit rose sharply thanks to strong sales", "positive"),
+        Example("The football team won the championship final", "neutral"),
+        Example("Operating profit increased strongly on higher sales", "positive"),
+        Example("The recipe calls for two eggs and a cup of flour", "neutral"),
+        Example("Net loss widened as revenue collapsed", "negative"),
+    ]
+    m = remote("http://127.0.0.1:9/v1", shots=2, selection="similar")
+    m.fit(pool, tmp_path / "model")
+    assert (tmp_path / "model" / "demos" / "index.json").is_file()
+    queries = [
+        "Quarterly profit rose sharply thanks to strong sales",
+        "Revenue collapsed and losses widened",
+    ]
+    demos = m._demonstrations(queries)
+    # The query itself (pool row 1) is skipped; its nearest other rows are the demos.
+    assert 1 not in demos[0] and demos[0][0] == 3
+    assert demos[1][0] == 5
+    # Exactly the nearest by cosine similarity, nearest first.
+    emb = m._get_embedder()
+    sims = emb.embed(queries) @ emb.embed([e.text for e in pool]).T
+    sims[0, 1] = -np.inf
+    assert demos == [list(np.argsort(-s, kind="stable")[:2]) for s in sims]
+
+
+# --- local scoring ------------------------------------------------------------------
+
+
+def _hand_scores(path: str, prompt: str, words: tuple[str, ...], tail: str) -> np.ndarray:
+    """log p(word | prompt) by hand, summing the word's tokens."""
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    ids = tok(prompt)["input_ids"]
+    out = []
+    for word in words:
+        ctx = tok(tail, add_special_tokens=False)["input_ids"]
+        full = tok(tail + " " + word, add_special_tokens=False)["input_ids"]
+        assert full[: len(ctx)] == ctx
+        target = full[len(ctx) :]
+        with torch.no_grad():
+            logits = model(torch.tensor([ids + target])).logits[0]
+        logp = logits.log_softmax(-1)
+        out.append(sum(float(logp[len(ids) - 1 + j, t]) for j, t in enumerate(target)))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_local_scores_are_label_likelihoods(tiny_models: dict[str, str], family: str) -> None:
+    path = tiny_models[family]
+    m = make(path, shots=2, seed=3).fit(TRAIN)
+    texts = [*TEXTS[:3], "a new contract for the bank"]
+    scores = m.predict_scores(texts)
+    assert scores.shape == (4, 3) and np.isfinite(scores).all()
+    assert set(m.predict(texts)) <= set(LABELS)
+    assert m.notes == []  # everything fits the 128 positions
+    q = texts[-1]
+    prompt = build_prompt(m.variant, m._pairs(m._demonstrations([q])[0]), q, LABELS)
+    assert prompt.count("Sentiment:") == 3
+    np.testing.assert_allclose(scores[-1], _hand_scores(path, prompt, LABELS, "\nSentiment:"),
+                               atol=1e-4)  # fmt: skip
+    assert m.trainable_state() == {} and m.trainable_parameters() == 0
+    assert m.base_parameters == sum(
+        p.numel() for p in AutoModelForCausalLM.from_pretrained(path).parameters()
+    )
+    metrics = m.evaluate(TRAIN)
+    assert 0.0 <= metrics.accuracy <= 1.0
+
+
+def test_zero_shot(tiny_models: dict[str, str]) -> None:
+    path = tiny_models["gpt2"]
+    m = make(path, shots=0)
+    scores = m.predict_scores(TEXTS[:2])  # zero-shot needs no fit
+    m.fit([])
+    np.testing.assert_allclose(m.predict_scores(TEXTS[:2]), scores)
+    prompt = f"{INSTRUCTION}\n\nSentence: {TEXTS[0]}\nSentiment:"
+    np.testing.assert_allclose(scores[0], _hand_scores(path, prompt, LABELS, "\nSentiment:"),
+                               atol=1e-4)  # fmt: skip
+
+
+def test_shots_without_training_data_is_refused(tiny_models: dict[str, str]) -> None:
+    with pytest.raises(ConfigError, match="shots = 0"):
+        make(tiny_models["gpt2"], shots=2).fit([])
+
+
+def test_fit_to_budget_drops_last_demos_then_cuts_query() -> None:
+    def render(ks: list[int], q: str) -> str:
+        return " ".join(["instr", *(f"d{k}" for k in ks), q]).strip()
+
+    def count(s: str) -> int:
+        return len(s.split())
+
+    def cut(s: str, n: int) -> str:
+        return " ".join(s.split()[:n])
+
+    assert fit_to_budget(render, count, cut, [0, 1, 2], "q q", 10) == ([0, 1, 2], "q q", False)
+    assert fit_to_budget(render, count, cut, [0, 1, 2], "q q", 4) == ([0], "q q", False)
+    assert fit_to_budget(render, count, cut, [0, 1], "a b c d", 3) == ([], "a b", True)
+    with pytest.raises(ConfigError, match="max_context"):
+        fit_to_budget(render, count, cut, [0], "a b", 1)
+
+
+def test_context_overflow_drops_demonstrations_with_a_note(tiny_models: dict[str, str]) -> None:
+    m = make(tiny_models["llama"], shots=4, max_context=60).fit(TRAIN)
+    scores = m.predict_scores(TEXTS)
+    assert scores.shape == (6, 3) and np.isfinite(scores).all()
+    (note,) = m.notes
+    assert note.endswith("of 6 prompts dropped demonstrations to fit 60 tokens")
+    assert int(note.split()[1]) > 0
+    # A query too long even alone is cut, and that is said too.
+    long_text = " ".join(["profit rose by percent in the quarter"] * 20)
+    m.predict_scores([long_text])
+    assert m.notes[-2:] == [
+        "icl: 1 of 1 prompts dropped demonstrations to fit 60 tokens",
+        "icl: 1 of 1 query texts were truncated to fit 60 tokens",
+    ]
+    with pytest.raises(ConfigError, match="max_context"):
+        make(tiny_models["llama"], shots=0, max_context=8).predict_scores(TEXTS[:1])
+
+
+def test_encoder_with_local_backend_is_refused(tiny_models: dict[str, str]) -> None:
+    with pytest.raises(ConfigError, match=r"causal LM.*method.model.*remote"):
+        make(tiny_models["bert"])
+    remote("http://127.0.0.1:9/v1", model=tiny_models["bert"])  # remote: any model name
+
+
+def test_save_load_reproduces_local_predictions(
+    tiny_models: dict[str, str], tmp_path: Path
+) -> None:
+    m = make(tiny_models["gpt2"], shots=3, seed=7).fit(TRAIN)
+    texts = [*TEXTS, "a new contract for the bank"]
+    scores = m.predict_scores(texts)
+    m.save(tmp_path / "model")
+    assert {p.name for p in (tmp_path / "model").iterdir()} == {
+        "fedtune.json", "prompt.json", "demonstrations.jsonl"}  # fmt: skip
+    loaded = load_frozen(tmp_path / "model")
+    assert isinstance(loaded, ICL) and loaded.seed == 7
+    np.testing.assert_allclose(loaded.predict_scores(texts), scores, atol=1e-6)
+
+
+# --- remote backend ---------------------------------------------------------------
+
+
+def test_remote_parses_answers() -> None:
+    with OpenAIStub(responder=gold_answer) as stub:
+        m = remote(stub.url, shots=2, max_tokens=5).fit(TRAIN)
+        assert m.predict(TEXTS) == [LABELS[y] for y in Y]
+        assert m.extra_metrics["unparseable_share"] == 0.0 and m.notes == []
+        body = stub.chat_requests[0].body
+        assert body["temperature"] == 0.0 and body["max_tokens"] == 5
+        assert body["messages"][0]["content"] == (
+            f"{INSTRUCTION} Answer with exactly one of: negative, neutral, positive."
+        )
+        assert body["messages"][1]["content"].count("Sentence: ") == 3
+        scores = m.predict_scores(TEXTS[:1])
+        assert scores[0].tolist() == [-1e4, -1e4, 0.0]  # the parsed label, one-hot
+    assert m.base_parameters == 0
+
+
+def test_remote_counts_unparseable_answers() -> None:
+    def answer(body: dict[str, Any]) -> str:
+        return "I cannot tell" if query_of(body) in TEXTS[:2] else gold_answer(body)
+
+    with OpenAIStub(responder=answer) as stub:
+        m = remote(stub.url, shots=0)
+        scores = m.predict_scores(TEXTS)
+    np.testing.assert_array_equal(scores[:2], 0.0)  # uniform: no label preferred
+    assert m.extra_metrics["unparseable_share"] == pytest.approx(2 / 6)
+    assert m.notes == ["icl: 2 of 6 remote answers named no label (unparseable; scored as a tie)"]
+
+
+def test_remote_retries_then_fails_clearly() -> None:
+    with OpenAIStub(responder=gold_answer) as stub:
+        m = remote(stub.url, shots=0, retries=1)
+        stub.push(("status", 500))
+        assert m.predict(TEXTS[:1]) == ["positive"]
+        assert len(stub.chat_requests) == 2
+        stub.push(("status", 503), ("status", 503))
+        with pytest.raises(EndpointError, match="503"):
+            m.predict(TEXTS[:1])
+
+
+def test_remote_timeout_is_an_endpoint_error_quickly() -> None:
+    with OpenAIStub(responder=gold_answer) as stub:
+        m = remote(stub.url, shots=0, timeout=0.2, retries=0)
+        stub.push(("sleep", 3.0))
+        t0 = time.perf_counter()
+        with pytest.raises(EndpointError, match="timeout"):
+            m.predict(TEXTS[:1])
+        assert time.perf_counter() - t0 < 1.5
+
+
+def test_remote_needs_url_and_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    with pytest.raises(ConfigError, match=r"method\.base_url"):
+        remote("", shots=0).fit([])
+    with pytest.raises(ConfigError, match=r"method\.api_model"):
+        remote("http://127.0.0.1:9/v1", api_model="", shots=0).fit([])
+
+
+def test_remote_save_load_same_prompts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`similar` fitted without a directory: save() writes the index; the loaded
+    method sends exactly the same requests."""
+    monkeypatch.setenv("FEDTUNE_CACHE_DIR", str(tmp_path / "cache"))
+    texts = [*TEXTS[:3], "a new contract for the bank"]
+    with OpenAIStub(responder=gold_answer) as stub:
+        m = remote(stub.url, shots=2, selection="similar").fit(TRAIN)
+        scores = m.predict_scores(texts)
+        m.save(tmp_path / "model")
+        assert (tmp_path / "model" / "demos" / "index.json").is_file()
+        loaded = load_frozen(tmp_path / "model")
+        np.testing.assert_array_equal(loaded.predict_scores(texts), scores)
+        bodies = [r.body for r in stub.chat_requests]
+    assert bodies[:4] == bodies[4:]
+
+
+# --- prompt variants --------------------------------------------------------------
+
+
+VARIANTS = """
+[[variant]]
+name = "plain"
+instruction = "Label the sentence as {labels}."
+
+[[variant]]
+name = "careful"
+instruction = "Think like an analyst; answer {labels}."
+query_template = "Sentence: {text}\\nSentiment:"
+
+[[variant]]
+name = "other"
+instruction = "Sentiment? {labels}"
+"""
+
+
+def test_variants_best_on_validation(tmp_path: Path) -> None:
+    path = tmp_path / "variants.toml"
+    path.write_text(VARIANTS)
+
+    def answer(body: dict[str, Any]) -> str:
+        system = body["messages"][0]["content"]
+        return gold_answer(body) if system.startswith("Think like an analyst") else "banana"
+
+    with OpenAIStub(responder=answer) as stub:
+        m = remote(stub.url, shots=1, variants=str(path), select_on=4)
+        m.fit(TRAIN, validation=TRAIN)
+        assert m.variant.name == "careful"
+        assert m.notes == [
+            "icl: prompt variant 'plain': validation accuracy 0.0000 on 4 examples",
+            "icl: prompt variant 'careful': validation accuracy 1.0000 on 4 examples",
+            "icl: prompt variant 'other': validation accuracy 0.0000 on 4 examples",
+            "icl: chose prompt variant 'careful'",
+        ]
+        assert len(stub.chat_requests) == 12
+        assert "unparseable_share" not in m.extra_metrics  # selection is not a prediction
+        assert m.predict(TEXTS) == [LABELS[y] for y in Y]
+        m.save(tmp_path / "model")
+        assert load_frozen(tmp_path / "model").variant == m.variant
+        first = remote(stub.url, shots=1, variants=str(path)).fit(TRAIN)
+    assert first.variant.name == "plain" and "kept the first, 'plain'" in first.notes[0]
+
+
+def test_stratified_subset() -> None:
+    data = [Example(f"t{i}", LABELS[i % 3]) for i in range(30)]
+    sub = stratified_subset(data, 6, seed=1)
+    assert sub == stratified_subset(data, 6, seed=1)
+    assert sorted(e.label for e in sub) == sorted(LABELS * 2)
+    assert [data.index(e) for e in sub] == sorted(data.index(e) for e in sub)
+    assert stratified_subset(data[:4], 6, seed=1) == data[:4]
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (None, "no such file"),
+        ("[[variant]\nname = 1", "not valid TOML"),
+        ("[prompt]\nname = 'x'", r"\[\[variant\]\]"),
+        ("[[variant]]\ninstruction = 'x'", "needs a name"),
+        ("[[variant]]\nname = 'a'\ncolour = 'x'", "unknown key.*colour"),
+        ("[[variant]]\nname = 'a'\ndemo_template = '{text}'", r"must contain \{label\}"),
+        ("[[variant]]\nname = 'a'\n[[variant]]\nname = 'a'", "two variants"),
+    ],
+)
+def test_bad_variants_file(tmp_path: Path, content: str | None, match: str) -> None:
+    path = tmp_path / "variants.toml"
+    if content is not None:
+        path.write_text(content)
+    m = remote("http://127.0.0.1:9/v1", shots=1, variants=str(path))
+    with pytest.raises(ConfigError, match=match) as err:
+        m.fit(TRAIN, validation=TRAIN)
+    assert str(path) in str(err.value)
