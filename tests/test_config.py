@@ -43,7 +43,7 @@ def test_method_switch_by_set() -> None:
         (["train.epoch=3"], r"unknown config key train\.epoch; valid keys: .*train\.epochs"),
         (["method.rank=3"], r"unknown config key method\.rank; valid keys: .*method\.r\b"),
         (["bogus=1"], r"unknown config key bogus; valid keys: .*seed"),
-        (["method.name=nope"], r"unknown method 'nope'; choose one of: head, full, lora"),
+        (["method.name=nope"], r"unknown method 'nope'; choose one of: icl, knn, features, head, full, lora"),
         (["data.agreement=42"], r"data\.agreement = '42' is not one of"),
         (["train.batch_size=big"], r"train\.batch_size = 'big' must be a whole number"),
         (["train.progress=maybe"], r"must be true or false"),
