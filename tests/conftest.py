@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import transformers
@@ -44,3 +45,15 @@ def fpb_dir() -> Path:
     if not root or not folder.is_dir():
         pytest.skip("set FEDTUNE_DATA_DIR to a folder holding financial_phrasebank/")
     return folder
+
+
+@pytest.fixture
+def table(tmp_path: Path) -> Path:
+    """90 rows of the six TEXTS, a label each and a `site` column (org-0..2)."""
+    rows = [
+        {"text": f"{TEXTS[i % 6]} {i}", "label": LABELS[Y[i % 6]], "site": f"org-{i % 3}"}
+        for i in range(90)
+    ]
+    path = tmp_path / "d.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path

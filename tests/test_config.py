@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fedtune.config import RunConfig, load_config
+from fedtune.config import RunConfig, load_config, method_config
 from fedtune.errors import ConfigError
 from fedtune.methods.peft import LoraConfig, PtuningConfig
 
@@ -43,7 +43,8 @@ def test_method_switch_by_set() -> None:
         (["train.epoch=3"], r"unknown config key train\.epoch; valid keys: .*train\.epochs"),
         (["method.rank=3"], r"unknown config key method\.rank; valid keys: .*method\.r\b"),
         (["bogus=1"], r"unknown config key bogus; valid keys: .*seed"),
-        (["method.name=nope"], r"unknown method 'nope'; choose one of: icl, knn, features, head, full, lora"),
+        (["method.name=nope"],
+         r"unknown method 'nope'; choose one of: icl, knn, features, head, full, lora"),
         (["data.agreement=42"], r"data\.agreement = '42' is not one of"),
         (["train.batch_size=big"], r"train\.batch_size = 'big' must be a whole number"),
         (["train.progress=maybe"], r"must be true or false"),
@@ -69,8 +70,13 @@ def test_example_configs_parse() -> None:
     examples = sorted((Path(__file__).parents[1] / "examples").glob("*.toml"))
     assert examples
     for path in examples:
+        if path.name.endswith("_variants.toml"):  # icl prompt variants, not a run config
+            from fedtune.methods.icl import Variant, load_variants
+
+            assert load_variants(path, Variant.from_config(method_config("icl")))
+            continue
         cfg = load_config(path)
-        assert cfg.name and cfg.method_name in ("lora", "full", "ptuning")
+        assert cfg.name and cfg.method_name in ("lora", "full", "ptuning", "icl")
 
 
 def test_set_values_keep_text_for_string_fields() -> None:

@@ -8,10 +8,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
-from conftest import LABELS, TEXTS, Y
+from conftest import LABELS
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from safetensors.torch import load_file
 
@@ -28,17 +27,6 @@ from fedtune.federated.wire import decode_state, encode_state, payload_bytes
 from fedtune.regimes import run_centralized
 from fedtune.runs import read_jsonl
 from fedtune.train import proximal_term
-
-
-@pytest.fixture
-def table(tmp_path: Path) -> Path:
-    rows = [
-        {"text": f"{TEXTS[i % 6]} {i}", "label": LABELS[Y[i % 6]], "site": f"org-{i % 3}"}
-        for i in range(90)
-    ]
-    path = tmp_path / "d.csv"
-    pd.DataFrame(rows).to_csv(path, index=False)
-    return path
 
 
 def _cfg(tiny: dict[str, str], table: Path, out: Path, *extra: str) -> RunConfig:

@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 from conftest import LABELS, TEXTS, Y
 from flwr.app import Message
@@ -36,17 +35,6 @@ from fedtune.regimes import run_centralized
 def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("FEDTUNE_CACHE_DIR", str(tmp_path / "cache"))
     return tmp_path / "cache"
-
-
-@pytest.fixture
-def table(tmp_path: Path) -> Path:
-    rows = [
-        {"text": f"{TEXTS[i % 6]} {i}", "label": LABELS[Y[i % 6]], "site": f"org-{i % 3}"}
-        for i in range(90)
-    ]
-    path = tmp_path / "d.csv"
-    pd.DataFrame(rows).to_csv(path, index=False)
-    return path
 
 
 def _cfg(tiny: dict[str, str], table: Path, out: Path, method: str, *extra: str) -> RunConfig:

@@ -1,7 +1,7 @@
 """Regimes: how a method's training is organised over the data. This module has
-the centralized regime (one model, pooled data) and the comparison of several
-methods on one split; the local-only and federated regimes build on the same
-`train()`.
+the centralized regime (one model, pooled data) for trained and frozen-model
+methods; the local-only regime runs it on one site's data, the federated one is
+fedtune.federated, and fedtune.federated.compare puts them side by side.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from fedtune.adapted import AdaptedModel
 from fedtune.config import MethodConfig, RunConfig, method_config
 from fedtune.data import Example, Splits, make_splits
 from fedtune.data.sources import fpb_file_agreement
-from fedtune.embed import Embedder
-from fedtune.evaluate import evaluate_features
+from fedtune.evaluate import Metrics, evaluate_features
 from fedtune.methods import FrozenMethod, get_method, is_frozen
-from fedtune.report import write_comparison_report, write_run_report
+from fedtune.methods.frozen import EmbeddingMethod
+from fedtune.report import write_run_report
 from fedtune.runs import (
     CONFIG_FILE,
     LABELS_FILE,
@@ -105,19 +105,7 @@ def run_centralized(
         )  # fmt: skip
         test = evaluate_features(model, test_feats, cfg.train.eval_batch_size)
         model.save(run_dir / MODEL_DIR)
-        summary: dict[str, Any] = {
-            "event": "test",
-            "name": final.name,
-            "method": cfg.method_name,
-            "model": cfg.model.name,
-            "kind": model.kind,
-            "data": describe_data(cfg),
-            "n_train": len(splits.train),
-            "n_validation": len(splits.validation),
-            "n_test": len(splits.test),
-            "trainable_parameters": n_train,
-            "base_parameters": model.base_parameters,
-            "trainable_percent": 100 * n_train / model.base_parameters,
+        training = {
             "steps": result.steps,
             "epochs": result.epochs,
             "stopped_early": result.stopped_early,
@@ -125,20 +113,52 @@ def run_centralized(
             "best_val_loss": result.best_val_loss,
             "train_seconds": result.train_seconds,
             "samples_per_second": result.samples_per_second,
-            **test.summary(),
-            "report": test.report,
-            "confusion": test.confusion,
-            "notes": list(splits.notes),
         }
-        summary["wall_seconds"] = time.perf_counter() - t_start
-        append_jsonl(metrics_path, summary)
-        write_run_report(run_dir, summary, test, result.history, splits.labels)
+        summary = _finish(cfg, final, run_dir, splits, test, result.history, t_start,
+                          model.kind, n_train, model.base_parameters, training)  # fmt: skip
+    return _announce(console, summary, test, shown_as or final)
+
+
+def _finish(
+    cfg: RunConfig, final: Path, run_dir: Path, splits: Splits, test: Metrics,
+    history: list[dict[str, Any]], t_start: float, kind: str, n_train: int, n_base: int,
+    training: dict[str, Any], notes: list[str] | None = None, extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """The run summary (last line of metrics.jsonl) and the report, for every method."""
+    summary: dict[str, Any] = {
+        "event": "test",
+        "name": final.name,
+        "method": cfg.method_name,
+        "model": cfg.model.name,
+        "kind": kind,
+        "data": describe_data(cfg),
+        "n_train": len(splits.train),
+        "n_validation": len(splits.validation),
+        "n_test": len(splits.test),
+        "trainable_parameters": n_train,
+        "base_parameters": n_base,
+        "trainable_percent": 100 * n_train / max(1, n_base),
+        **training,
+        **test.summary(),
+        "report": test.report,
+        "confusion": test.confusion,
+        "notes": list(splits.notes) + list(notes or []),
+        **(extra or {}),
+    }
+    summary["wall_seconds"] = time.perf_counter() - t_start
+    append_jsonl(run_dir / METRICS_FILE, summary)
+    write_run_report(run_dir, summary, test, history, splits.labels)
+    summary["run_dir"] = str(final)
+    return summary
+
+
+def _announce(console: Console, summary: dict[str, Any], test: Metrics,
+              shown_as: Path) -> dict[str, Any]:  # fmt: skip
     console.print(
         f"[bold green]test[/] accuracy {test.accuracy:.4f}  macro-F1 {test.macro_f1:.4f}  "
         f"weighted F1 {test.weighted_f1:.4f}  ({summary['wall_seconds']:.0f} s) "
-        f"-> {escape(str(shown_as or final))}"
+        f"-> {escape(str(shown_as))}"
     )
-    summary["run_dir"] = str(final)
     return summary
 
 
@@ -199,25 +219,11 @@ def run_frozen(
             test = method.evaluate(splits.test)
             test_seconds = time.perf_counter() - t_test
         method.save(run_dir / MODEL_DIR)
-        embedder = getattr(method, "embedder", None)
-        if isinstance(embedder, Embedder):  # say what the wall time includes
-            st = embedder.stats
+        if isinstance(method, EmbeddingMethod):  # say what the wall time includes
+            st = method.embedder.stats
             method.notes.append(f"embeddings: {st.hits} read from the cache, {st.misses} "
                                 f"encoded ({st.encode_seconds:.1f} s)")  # fmt: skip
-        n_train = method.trainable_parameters()
-        summary: dict[str, Any] = {
-            "event": "test",
-            "name": final.name,
-            "method": cfg.method_name,
-            "model": cfg.model.name,
-            "kind": method.kind,
-            "data": describe_data(cfg),
-            "n_train": len(splits.train),
-            "n_validation": len(splits.validation),
-            "n_test": len(splits.test),
-            "trainable_parameters": n_train,
-            "base_parameters": method.base_parameters,
-            "trainable_percent": 100 * n_train / max(1, method.base_parameters),
+        training = {
             "steps": 0,
             "epochs": 0.0,
             "stopped_early": False,
@@ -225,50 +231,8 @@ def run_frozen(
             "best_val_loss": history[0]["val_loss"] if history else float("nan"),
             "train_seconds": method.fit_seconds,
             "samples_per_second": len(splits.test) / max(test_seconds, 1e-9),
-            **test.summary(),
-            "report": test.report,
-            "confusion": test.confusion,
-            "notes": list(splits.notes) + method.notes,
-            **method.extra_metrics,
         }
-        summary["wall_seconds"] = time.perf_counter() - t_start
-        append_jsonl(metrics_path, summary)
-        write_run_report(run_dir, summary, test, history, splits.labels)
-    console.print(
-        f"[bold green]test[/] accuracy {test.accuracy:.4f}  macro-F1 {test.macro_f1:.4f}  "
-        f"weighted F1 {test.weighted_f1:.4f}  ({summary['wall_seconds']:.0f} s) "
-        f"-> {escape(str(shown_as or final))}"
-    )
-    summary["run_dir"] = str(final)
-    return summary
-
-
-def compare_methods(
-    cfg: RunConfig,
-    methods: list[str],
-    console: Console | None = None,
-    method_overrides: dict[str, dict[str, Any]] | None = None,
-    train_overrides: dict[str, dict[str, Any]] | None = None,
-) -> Path:
-    """Run several methods centrally on one split (loaded once) and write one
-    comparison report (table + plot) into `<output_dir>/<name>/`."""
-    console = console or Console()
-    out = final_run_dir(cfg, cfg.name or f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
-    splits = make_splits(cfg.data)
-    method_cfgs = method_configs(cfg, methods, method_overrides)
-    with staged_run_dir(out) as staging:
-        rows = []
-        for mcfg in method_cfgs:
-            name = dataclasses.replace(cfg, method=mcfg).method_name
-            tcfg = dataclasses.replace(cfg.train, **(train_overrides or {}).get(name, {}))
-            run_cfg = dataclasses.replace(
-                cfg, method=mcfg, train=tcfg, name=name, output_dir=str(staging)
-            )
-            rows.append(run_centralized(run_cfg, console, splits, shown_as=out / name))
-        write_comparison_report(staging, rows, f"Methods on {describe_data(cfg)}")
-        write_json(staging / "comparison.json", [
-            {k: v for k, v in r.items() if k not in ("report", "confusion", "run_dir")}
-            for r in rows
-        ])  # fmt: skip
-    console.print(f"[bold]comparison report:[/] {out / 'report.md'}")
-    return out
+        summary = _finish(cfg, final, run_dir, splits, test, history, t_start, method.kind,
+                          method.trainable_parameters(), method.base_parameters, training,
+                          method.notes, method.extra_metrics)  # fmt: skip
+    return _announce(console, summary, test, shown_as or final)

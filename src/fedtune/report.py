@@ -140,42 +140,6 @@ def write_run_report(run_dir: Path, summary: dict[str, Any], test: Metrics,
     (run_dir / "report.md").write_text(text)
 
 
-def write_comparison_report(out_dir: Path, rows: list[dict[str, Any]], title: str) -> Path:
-    """One table and one plot ranking several runs (e.g. methods) on the same split."""
-    rows = sorted(rows, key=lambda r: -r["accuracy"])
-    lines = [
-        f"# {title}",
-        "",
-        "| method | accuracy | macro-F1 | weighted F1 | trainable params | % of model "
-        "| wall time (s) | train samples/s | run |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['method']} | {_pct(r['accuracy'])} | {_pct(r['macro_f1'])} "
-            f"| {_pct(r['weighted_f1'])} | {r['trainable_parameters']:,} "
-            f"| {r['trainable_percent']:.3f} | {r['wall_seconds']:.1f} "
-            f"| {r['samples_per_second']:.1f} | [{r['name']}]({r['name']}/report.md) |"
-        )
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for r in rows:
-        ax.scatter(max(r["trainable_parameters"], 1), r["accuracy"], s=40)
-        ax.annotate(r["method"], (max(r["trainable_parameters"], 1), r["accuracy"]),
-                    textcoords="offset points", xytext=(5, 4))  # fmt: skip
-    ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters (log)")
-    ax.set_ylabel("test accuracy")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_dir / "comparison.png", dpi=110)
-    plt.close(fig)
-    lines += ["", "![accuracy vs trainable parameters](comparison.png)", ""]
-    path = out_dir / "report.md"
-    path.write_text("\n".join(lines))
-    return path
-
-
 def _mb(n: float) -> str:
     return f"{n / 1e6:.3f} MB"
 

@@ -34,10 +34,9 @@ from torch import Tensor
 
 from fedtune.config import MethodConfig
 from fedtune.data import Example
-from fedtune.embed import Embedder
 from fedtune.errors import ConfigError, ModelError
 from fedtune.methods import register
-from fedtune.methods.frozen import FrozenMethod, to_tensors
+from fedtune.methods.frozen import EmbeddingMethod, to_tensors
 
 WEIGHTS_FILE = "classifier.safetensors"
 PICKLE_FILE = "classifier.joblib"
@@ -66,22 +65,15 @@ class FeaturesConfig(MethodConfig):
 
 
 @register
-class Features(FrozenMethod[FeaturesConfig]):
+class Features(EmbeddingMethod[FeaturesConfig]):
     name = "features"
     description = "frozen embeddings + scikit-learn classifier (logistic regression)"
     config_class = FeaturesConfig
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        cfg = self.config
-        self.embedder = Embedder(cfg.embedder or self.model_config.name,
-                                 max_length=cfg.max_length, cache=cfg.cache)  # fmt: skip
         self.classifier_: Any = None
         self._weights: dict[str, np.ndarray] = {}  # logreg: coef [K, D], intercept [K]
-
-    @property
-    def base_parameters(self) -> int:
-        return self.embedder.parameters()
 
     def _new_classifier(self) -> Any:
         cfg = self.config
@@ -95,9 +87,6 @@ class Features(FrozenMethod[FeaturesConfig]):
             return RidgeClassifier(alpha=1.0 / cfg.c)
         return MLPClassifier(hidden_layer_sizes=(256,), max_iter=cfg.max_iter,
                              early_stopping=True, random_state=self.seed)  # fmt: skip
-
-    def embed(self, texts: list[str]) -> np.ndarray:
-        return self.embedder.embed(texts)
 
     def fit(self, train: list[Example], directory: Path | None = None,
             validation: list[Example] | None = None) -> Features:  # fmt: skip

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from fedtune.config import MethodConfig, ModelConfig, method_config
 from fedtune.data import Example
+from fedtune.embed import Embedder
 from fedtune.errors import ModelError
 from fedtune.evaluate import Metrics, classification_metrics
 
@@ -135,6 +136,25 @@ class FrozenMethod(ABC, Generic[C]):
 
     @abstractmethod
     def _load_state(self, directory: Path) -> None: ...
+
+
+class EmbeddingMethod(FrozenMethod[C]):
+    """A frozen method that works on embeddings of the texts (features, knn): its
+    config has `embedder` (default: the run's model), `max_length` and `cache`."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        cfg: Any = self.config
+        self.embedder = Embedder(cfg.embedder or self.model_config.name,
+                                 max_length=cfg.max_length, cache=cfg.cache)  # fmt: skip
+
+    @property
+    def base_parameters(self) -> int:
+        return self.embedder.parameters()
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """[N, D] float32 unit-length embeddings (through the on-disk cache)."""
+        return self.embedder.embed(list(texts))
 
 
 def is_frozen_dir(directory: Path) -> bool:

@@ -23,10 +23,9 @@ import numpy as np
 
 from fedtune.config import MethodConfig
 from fedtune.data import Example
-from fedtune.embed import Embedder
 from fedtune.errors import ConfigError, ModelError
 from fedtune.methods import register
-from fedtune.methods.frozen import FrozenMethod
+from fedtune.methods.frozen import EmbeddingMethod
 from fedtune.vectorstore import Hit, VectorStore
 
 INDEX_DIR = "index"
@@ -78,7 +77,7 @@ def top_k(scores: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, n
 
 
 @register
-class Knn(FrozenMethod[KnnConfig]):
+class Knn(EmbeddingMethod[KnnConfig]):
     name = "knn"
     description = "k nearest neighbours in a vector index (LanceDB), distance-weighted vote"
     config_class = KnnConfig
@@ -88,17 +87,8 @@ class Knn(FrozenMethod[KnnConfig]):
         cfg = self.config
         if cfg.k < 1:
             raise ConfigError(f"method.k = {cfg.k} must be at least 1")
-        self.embedder = Embedder(cfg.embedder or self.model_config.name,
-                                 max_length=cfg.max_length, cache=cfg.cache)  # fmt: skip
         self.store: VectorStore | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
-
-    @property
-    def base_parameters(self) -> int:
-        return self.embedder.parameters()
-
-    def embed(self, texts: list[str]) -> np.ndarray:
-        return self.embedder.embed(texts)
 
     def fit(self, train: list[Example], directory: Path | None = None,
             validation: list[Example] | None = None) -> Knn:  # fmt: skip
