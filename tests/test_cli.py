@@ -35,7 +35,8 @@ def _train_args(model: str, table: Path, out: Path, *extra: str) -> list[str]:
 def test_methods_lists_all() -> None:
     result = runner.invoke(app, ["methods"])
     assert result.exit_code == 0
-    for name in ("head", "full", "lora", "ptuning", "prompt", "prefix", "ia3"):
+    for name in ("icl", "knn", "features", "head", "full", "lora", "ptuning", "prompt",
+                 "prefix", "ia3"):  # fmt: skip
         assert name in result.output
 
 
@@ -229,3 +230,37 @@ def test_federate_command_and_resume_flags(tiny_models: dict[str, str], tmp_path
     assert result.exit_code == 2 and "not an interrupted federated run" in result.output
     result = runner.invoke(app, ["federate", "--resume", str(tmp_path / "runs" / "f")])
     assert result.exit_code == 2 and "finished run" in result.output
+
+
+@pytest.mark.parametrize("method", ["features", "knn"])
+def test_frozen_methods_train_and_predict_from_the_cli(
+    tiny_models: dict[str, str], table: Path, tmp_path: Path, method: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    monkeypatch.setenv("FEDTUNE_CACHE_DIR", str(tmp_path / "cache"))
+    args = _train_args(tiny_models["bert"], table, tmp_path / "runs", "--method", method)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = (tmp_path / "runs" / "r" / "report.md").read_text()
+    assert "embeddings: 0 read from the cache" in report
+    result = runner.invoke(app, ["predict", str(tmp_path / "runs" / "r"), "--text", "profit rose"])
+    assert result.exit_code == 0 and "profit rose" in result.output
+
+
+def test_index_and_ask_from_the_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FEDTUNE_CACHE_DIR", str(tmp_path / "cache"))
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("Acme revenue grew 12 percent in 2024.")
+    (docs / "b.md").write_text("It rains often in Bergen.")
+    idx = tmp_path / "idx"
+    result = runner.invoke(app, ["index", str(docs), "--output", str(idx)])
+    assert result.exit_code == 0 and "2 passages from 2 documents" in result.output
+    result = runner.invoke(app, ["ask", "Where does it rain?", "--index", str(idx), "-k", "1"])
+    assert result.exit_code == 0, result.output
+    assert "[1]" in result.output and "b.md" in result.output and "passages only" in result.output
+    result = runner.invoke(app, ["ask", "Where?", "--index", str(tmp_path / "none")])
+    assert result.exit_code == 2 and "fedtune index" in result.output
+    result = runner.invoke(app, ["index", str(tmp_path / "nodocs"), "--output", str(idx)])
+    assert result.exit_code == 2 and (idx / "index.json").is_file()  # the old index stays
+
