@@ -75,6 +75,29 @@ def test_embedding_cache_hit_and_miss(tiny_models: dict[str, str], cache_dir: Pa
     store.close()
 
 
+def test_new_weights_in_the_same_folder_are_a_new_fingerprint(
+    tiny_models: dict[str, str], tmp_path: Path
+) -> None:
+    import shutil
+
+    import torch
+    from transformers import AutoModel
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_models["bert"], folder)
+    old = Embedder(str(folder))
+    before = old.embed(TEXTS[:2])
+    model = AutoModel.from_pretrained(folder)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1)
+    model.save_pretrained(folder)  # same config.json, other weights
+    new = Embedder(str(folder))
+    after = new.embed(TEXTS[:2])
+    assert new.fingerprint != old.fingerprint and new.stats.misses == 2
+    assert not np.allclose(after, before)
+
+
 def test_bundled_minilm_is_a_sentence_transformer() -> None:
     emb = Embedder("minilm")
     x = emb.embed(["profit rose", "profit fell"])
@@ -95,9 +118,9 @@ def _blobs(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def test_federated_logistic_regression_on_iid_sites_approaches_centralized() -> None:
     """FedAvg of the sites' L-BFGS updates, computed by hand, against scikit-learn's
-    logistic regression on the pooled data: same weights to 2 decimals."""
+    logistic regression on the pooled data with the same C: same weights."""
     x, y = _blobs(3000, 0)
-    c = 1e3  # regularisation negligible at both ends
+    c = 1e-3  # strong regularisation: the split of the penalty over sites must be right
     central = LogisticRegression(C=c, max_iter=1000).fit(x, y)
     method = Features(method_config("features", {"c": c, "local_iters": 50}), ModelConfig(),
                       LABELS)  # fmt: skip
@@ -108,7 +131,7 @@ def test_federated_logistic_regression_on_iid_sites_approaches_centralized() -> 
         updates = []
         for xs, ys in sites:
             method.load_trainable_state(start)
-            method.local_update(xs, ys)
+            method.local_update(xs, ys, sites=3)
             updates.append((len(ys), method.trainable_state()))
         n = sum(k for k, _ in updates)
         method.load_trainable_state({key: sum(k * s[key] for k, s in updates) / n
@@ -118,7 +141,7 @@ def test_federated_logistic_regression_on_iid_sites_approaches_centralized() -> 
     # the differences to class 0.
     fed_w = (w["coef"] - w["coef"][0]).numpy()
     cen_w = central.coef_ - central.coef_[0]
-    np.testing.assert_allclose(fed_w, cen_w, atol=0.02)
+    np.testing.assert_allclose(fed_w, cen_w, atol=0.01 * np.abs(cen_w).max())
     fed_pred = method.scores_of(x).argmax(1)
     assert (fed_pred == central.predict(x)).mean() > 0.995
 

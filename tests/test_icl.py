@@ -315,9 +315,13 @@ def test_remote_counts_unparseable_answers() -> None:
     with OpenAIStub(responder=answer) as stub:
         m = remote(stub.url, shots=0)
         scores = m.predict_scores(TEXTS)
+        # Unparseable rows are wrong, never "the first label" (argmax of a tie).
+        metrics = m.evaluate([Example(t, LABELS[y]) for t, y in zip(TEXTS, Y, strict=True)])
+        assert m.extra_metrics["unparseable_share"] == pytest.approx(2 / 6)
+        assert m.predict(TEXTS[:2]) == ["", ""]
     np.testing.assert_array_equal(scores[:2], 0.0)  # uniform: no label preferred
-    assert m.extra_metrics["unparseable_share"] == pytest.approx(2 / 6)
-    assert m.notes == ["icl: 2 of 6 remote answers named no label (unparseable; scored as a tie)"]
+    assert metrics.accuracy == pytest.approx(4 / 6)
+    assert m.notes[0] == "icl: 2 of 6 remote answers named no label (unparseable; counted as wrong)"
 
 
 def test_remote_retries_then_fails_clearly() -> None:

@@ -17,7 +17,6 @@ comparison then skip encoding entirely.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import sqlite3
 import time
@@ -44,6 +43,29 @@ def _sha(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def _file_digest(path: Path) -> str:
+    """sha256 of a file's content, remembered in the cache DB per (path, size, mtime)."""
+    try:
+        store: EmbeddingCache | None = EmbeddingCache(cache_path())
+    except ModelError:  # no usable cache: hash every time
+        store = None
+    try:
+        known = store.digest(path) if store else None
+        if known:
+            return known
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        digest = h.hexdigest()[:16]
+        if store:
+            store.put_digest(path, digest)
+        return digest
+    finally:
+        if store:
+            store.close()
+
+
 @dataclass
 class CacheStats:
     hits: int = 0
@@ -52,17 +74,40 @@ class CacheStats:
 
 
 class EmbeddingCache:
-    """(fingerprint, text hash) -> float32 vector, in one SQLite file."""
+    """(fingerprint, text hash) -> float32 vector, in one SQLite file; also the
+    content digests of weight files, per (path, size, mtime)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, timeout=30)
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS vectors ("
-            " fingerprint TEXT NOT NULL, sha TEXT NOT NULL, dim INTEGER NOT NULL,"
-            " vec BLOB NOT NULL, PRIMARY KEY (fingerprint, sha))"
-        )
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, timeout=30)
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS vectors ("
+                " fingerprint TEXT NOT NULL, sha TEXT NOT NULL, dim INTEGER NOT NULL,"
+                " vec BLOB NOT NULL, PRIMARY KEY (fingerprint, sha))"
+            )
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS digests (path TEXT PRIMARY KEY, size INTEGER,"
+                " mtime INTEGER, digest TEXT)"
+            )
+            self._db.commit()
+        except (OSError, sqlite3.Error) as e:
+            raise ModelError(
+                f"embedding cache {self.path} is not usable ({e}); delete the file, point "
+                "FEDTUNE_CACHE_DIR elsewhere, or turn the cache off (--set method.cache=false)"
+            ) from e
+
+    def digest(self, path: Path) -> str | None:
+        st = path.stat()
+        row = self._db.execute("SELECT size, mtime, digest FROM digests WHERE path = ?",
+                               [str(path.resolve())]).fetchone()  # fmt: skip
+        return row[2] if row and row[0] == st.st_size and row[1] == st.st_mtime_ns else None
+
+    def put_digest(self, path: Path, digest: str) -> None:
+        st = path.stat()
+        self._db.execute("INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?)",
+                         [str(path.resolve()), st.st_size, st.st_mtime_ns, digest])  # fmt: skip
         self._db.commit()
 
     def get(self, fingerprint: str, shas: list[str]) -> dict[str, np.ndarray]:
@@ -117,22 +162,49 @@ class Embedder:
 
     @property
     def is_sentence_transformer(self) -> bool:
-        return (Path(self.path) / "modules.json").is_file()
+        """The model ships sentence-transformers modules (its own pooling)."""
+        local = Path(self.path)
+        if local.is_dir():
+            return (local / "modules.json").is_file()
+        from huggingface_hub import hf_hub_download
+
+        try:  # a Hub id: a tiny file, from the local cache when offline
+            hf_hub_download(self.path, "modules.json")
+            return True
+        except Exception:  # not on the Hub, no such file, or offline and not cached
+            return False
 
     @property
     def fingerprint(self) -> str:
-        """Identity of the vectors this embedder makes (cache key; stored in indexes)."""
+        """Identity of the vectors this embedder makes (cache key; stored in indexes):
+        the model name, its weights (a content hash of the weight files of a local
+        directory; the resolved commit of a Hub id), pooling, maximum length and the
+        cache format. Machine-independent, so a run directory copied elsewhere
+        reopens its index; different weights in the same folder never match."""
         if not self._fingerprint:
-            cfg_file = Path(self.path) / "config.json"
-            if cfg_file.is_file():
-                config_hash = _sha(cfg_file.read_text(encoding="utf-8"))[:16]
-            else:  # a Hub id: transformers resolves it; the id is the identity
-                config_hash = "hub"
             pooling = "st" if self.is_sentence_transformer else "mean"
-            self._fingerprint = (
-                f"{self.name}|{config_hash}|{pooling}|len{self.max_length}|v{CACHE_FORMAT}"
-            )
+            self._fingerprint = (f"{self.name}|{self._weights_id()}|{pooling}"
+                                 f"|len{self.max_length}|v{CACHE_FORMAT}")  # fmt: skip
         return self._fingerprint
+
+    def _weights_id(self) -> str:
+        local = Path(self.path)
+        if not local.is_dir():  # a Hub id: the revision transformers resolves
+            from transformers import AutoConfig
+
+            try:
+                commit = getattr(AutoConfig.from_pretrained(self.path), "_commit_hash", None)
+            except OSError as e:
+                raise ModelError(f"cannot load embedding model {self.name!r}: {e}") from e
+            return f"rev-{commit or 'unknown'}"
+        files = sorted(p for p in local.rglob("*")
+                       if p.suffix in (".safetensors", ".bin", ".pt", ".pth") and p.is_file())
+        # Hashing weights costs ~0.2 s per 100 MB; the digest is kept in the cache DB
+        # per (path, size, mtime), so a model is hashed once per install.
+        parts = [f"{p.relative_to(local)}:{_file_digest(p)}" for p in files]
+        if (local / "config.json").is_file():
+            parts.append(_sha((local / "config.json").read_text(encoding="utf-8")))
+        return _sha("\n".join(parts))[:16]
 
     @property
     def dim(self) -> int:
@@ -211,9 +283,10 @@ class Embedder:
             self.stats.misses += len(texts)
             return out
         shas = [_sha(t) for t in texts]
+        fingerprint = self.fingerprint  # may hash weight files: before the cache is open
         store = EmbeddingCache(cache_path())
         try:
-            found = store.get(self.fingerprint, sorted(set(shas)))
+            found = store.get(fingerprint, sorted(set(shas)))
             missing = sorted({s: t for s, t in zip(shas, texts, strict=True)
                               if s not in found}.items())  # fmt: skip
             self.stats.hits += sum(s in found for s in shas)
@@ -223,17 +296,13 @@ class Embedder:
                 vecs = self._encode([t for _, t in missing])
                 self.stats.encode_seconds += time.perf_counter() - t0
                 new = {s: v for (s, _), v in zip(missing, vecs, strict=True)}
-                store.put(self.fingerprint, new)
+                store.put(fingerprint, new)
                 found.update(new)
+        except sqlite3.Error as e:
+            raise ModelError(
+                f"embedding cache {store.path} failed ({e}); delete the file, point "
+                "FEDTUNE_CACHE_DIR elsewhere, or turn the cache off (--set method.cache=false)"
+            ) from e
         finally:
             store.close()
         return np.stack([found[s] for s in shas]).astype(np.float32)
-
-
-def describe(embedder: Embedder) -> dict[str, Any]:
-    return {"name": embedder.name, "fingerprint": embedder.fingerprint,
-            "max_length": embedder.max_length}  # fmt: skip
-
-
-def fingerprint_json(embedder: Embedder) -> str:
-    return json.dumps(describe(embedder), sort_keys=True)

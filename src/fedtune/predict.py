@@ -80,7 +80,12 @@ def predict_table(
     # over the vocabulary for the generative classifier): renormalise over labels.
     probs = np.exp(scores - scores.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
-    out = pd.DataFrame({"text": texts, "label": [model.labels[i] for i in scores.argmax(-1)]})
+    # A row where every label scores the same (a remote model's unparseable answer)
+    # gets no label rather than the first one.
+    undecided = np.ptp(scores, axis=-1) == 0
+    labels = ["" if u else model.labels[i]
+              for i, u in zip(scores.argmax(-1), undecided, strict=True)]  # fmt: skip
+    out = pd.DataFrame({"text": texts, "label": labels})
     for k, name in enumerate(model.labels):
         out[f"p_{name}"] = probs[:, k].round(6)
     if source is not None:

@@ -216,7 +216,8 @@ def site_train(msg: Message, context: Context) -> Message:
     global_state = decode_state(arrays_of(msg), transport)
     model.load_trainable_state(global_state)
     if isinstance(model, Features):
-        return _reply_train(msg, ws, site, transport, *_features_update(ws, pid, site))
+        sites = int(conf.get("sites-in-round", 1))
+        return _reply_train(msg, ws, site, transport, *_features_update(ws, pid, site, sites))
     feats = ws.features(f"train-{pid}", site.train)
     tcfg = site_train_config(cfg)
     steps = local_steps(cfg, len(feats))
@@ -246,12 +247,14 @@ def site_train(msg: Message, context: Context) -> Message:
                         result.steps)  # fmt: skip
 
 
-def _features_update(ws: Workspace, pid: int, site: Site) -> tuple[float, float, int]:
-    """`features`: L-BFGS on the site's frozen embeddings from the global weights."""
+def _features_update(ws: Workspace, pid: int, site: Site,
+                     sites: int = 1) -> tuple[float, float, int]:  # fmt: skip
+    """`features`: L-BFGS on the site's frozen embeddings from the global weights;
+    `sites` is the number of sites training this round (see Features.local_update)."""
     assert isinstance(ws.model, Features)
     t0 = time.perf_counter()
     x = ws.embeddings(f"train-{pid}", site.train)
-    loss = ws.model.local_update(x, ws.model.label_ids(site.train))
+    loss = ws.model.local_update(x, ws.model.label_ids(site.train), sites)
     return loss, time.perf_counter() - t0, ws.model.config.local_iters
 
 

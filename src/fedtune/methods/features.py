@@ -161,16 +161,23 @@ class Features(EmbeddingMethod[FeaturesConfig]):
             raise ModelError(f"features state needs coef and intercept, got {sorted(state)}")
         self._weights = {k: v.detach().cpu().numpy().astype(np.float32) for k, v in state.items()}
 
-    def local_update(self, x: np.ndarray, y: np.ndarray) -> float:
+    def local_update(self, x: np.ndarray, y: np.ndarray, sites: int = 1) -> float:
         """`local_iters` L-BFGS iterations on this site's data from the current
-        weights (the multinomial logistic loss of scikit-learn's LogisticRegression:
-        mean cross-entropy + ||W||^2 / (2 C n)). Returns the final training loss."""
+        weights. Returns the final training loss.
+
+        The objective is scikit-learn's multinomial logistic regression, split so
+        that FedAvg's example-weighted average of the S sites' objectives is the
+        centralized one: site i minimises mean cross-entropy + ||W||^2 / (2 C S n_i);
+        sum_i (n_i / N) / (2 C S n_i) = 1 / (2 C N), the pooled penalty. (With
+        1 / (2 C n_i) at every site the federation would be C / S centralized.)
+        `sites` = S, the number of sites training this round (sent by the server).
+        """
         self._require_linear()
         t0 = time.perf_counter()
         xt, yt = torch.from_numpy(x).double(), torch.from_numpy(y)
         w = torch.from_numpy(self._weights["coef"]).double().requires_grad_(True)  # [K, D]
         b = torch.from_numpy(self._weights["intercept"]).double().requires_grad_(True)  # [K]
-        l2 = 1.0 / (2 * self.config.c * len(y))
+        l2 = 1.0 / (2 * self.config.c * max(1, sites) * len(y))
         opt = torch.optim.LBFGS([w, b], max_iter=self.config.local_iters,
                                 line_search_fn="strong_wolfe")  # fmt: skip
 

@@ -38,6 +38,14 @@ def log_normalize(scores: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
 
 
+def decide(scores: np.ndarray) -> np.ndarray:
+    """Predicted label ids [N]; -1 where every label scores the same (a remote model's
+    unparseable answer): counted as wrong, never as the first label."""
+    pred = scores.argmax(-1)
+    pred[np.ptp(scores, axis=-1) == 0] = -1
+    return pred
+
+
 class FrozenMethod(ABC, Generic[C]):
     name: ClassVar[str]
     description: ClassVar[str]
@@ -72,7 +80,8 @@ class FrozenMethod(ABC, Generic[C]):
         """A score per label for each text [N, K]; higher is better."""
 
     def predict(self, texts: list[str]) -> list[str]:
-        return [self.labels[i] for i in self.predict_scores(texts).argmax(-1)]
+        """Labels; "" where the method could not decide (see `decide`)."""
+        return ["" if i < 0 else self.labels[i] for i in decide(self.predict_scores(texts))]
 
     def label_ids(self, examples: list[Example]) -> np.ndarray:
         index = {label: i for i, label in enumerate(self.labels)}
@@ -90,7 +99,7 @@ class FrozenMethod(ABC, Generic[C]):
         # Floor at 1e-6 so one confident mistake of a vote-based method cannot make
         # the loss infinite.
         loss = float(-np.maximum(logp[np.arange(len(y)), y], np.log(1e-6)).mean())
-        return classification_metrics(y, logp.argmax(-1), self.labels, loss)
+        return classification_metrics(y, decide(scores), self.labels, loss)
 
     # --- what crosses a site boundary ---------------------------------------------
 

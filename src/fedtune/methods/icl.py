@@ -771,7 +771,7 @@ class ICL(FrozenMethod[IclConfig]):
             if unparseable:
                 self.notes.append(
                     f"icl: {unparseable} of {len(texts)} remote answers named "
-                    "no label (unparseable; scored as a tie)"
+                    "no label (unparseable; counted as wrong)"
                 )
         return scores
 
