@@ -319,8 +319,8 @@ def run_server(
             break
         t_round = time.perf_counter()
         train_msgs = list(strategy.configure_train(rnd, arrays, ConfigRecord(), grid))
-        for m in train_msgs:  # a site's share of a global objective (features: its L2 weight)
-            m.content.config_records["config"]["sites-in-round"] = len(train_msgs)
+        for msg in train_msgs:  # a site's share of a global objective (features: L2 weight)
+            msg.content.config_records["config"]["sites-in-round"] = len(train_msgs)
         _set_payload(train_msgs, arrays, fed.transport)
         replies = _send(grid, train_msgs, state, rnd, "train", fed.transport, fed.timeout, names)
         ok = [r for r in replies if not r.has_error()]
