@@ -338,3 +338,39 @@ def test_icl_has_no_federated_form(
     with pytest.raises(ConfigError, match="does not federate"):
         run_federated(_cfg(tiny_models, table, tmp_path, "icl", "name=f",
                            f"method.model={tiny_models['gpt2']}"))  # fmt: skip
+
+
+def test_federated_knn_runs_as_a_server_app_reports_failed_sites_and_refuses_resume(
+    tiny_models: dict[str, str], table: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flwr.app import Context, RecordDict
+
+    cfg = _cfg(tiny_models, table, tmp_path, "knn", "name=direct", "method.k=5")
+    direct = run_federated(cfg)
+    assert (tmp_path / "direct" / "sites" / "org-0" / "index" / "index.json").is_file()
+    # The same run through the ServerApp's entry point (as `flwr run` calls it).
+    ws = apps.workspace(cfg)
+    names = [s.name for s in ws.partition.sites]
+    contexts = make_contexts(cfg, len(names), names, None)
+    grid = InProcessGrid(apps.client_app, contexts, _run_id(cfg))
+    run_config = {apps.CONFIG_KEY: json.dumps(cfg.to_dict()),
+                  "output-dir": str(tmp_path / "served")}  # fmt: skip
+    apps.server_main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                                   run_config=run_config))  # fmt: skip
+    served = json.loads((tmp_path / "served" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert served["confusion"] == direct["confusion"] and served["sites"] == names
+
+    real = Knn.neighbours
+
+    def org_1_fails(self, queries, k):  # type: ignore[no-untyped-def]
+        if self.store is not None and self.store.sites() == ["org-1"]:
+            raise OSError("index unreadable")
+        return real(self, queries, k)
+
+    monkeypatch.setattr(Knn, "neighbours", org_1_fails)
+    partial = run_federated(_cfg(tiny_models, table, tmp_path, "knn", "name=partial"))
+    assert partial["failed_sites"] == ["org-1"]
+    assert any("org-1 failed on test queries 0-" in n for n in partial["notes"])
+    assert "Sites that failed" in (tmp_path / "partial" / "report.md").read_text()
+    with pytest.raises(ConfigError, match="no rounds"):
+        run_federated(cfg, resume=tmp_path / "direct")

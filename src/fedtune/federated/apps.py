@@ -85,7 +85,7 @@ class Workspace:
 
     def site_index(self, pid: int, site: Site, directory: str = "") -> Knn:
         """knn: this site's index, built on first use from the site's own data (in
-        `directory`, the node's `index-dir`, when given; else a temporary folder)."""
+        `directory`/index when given; else a temporary folder)."""
         if pid not in self.site_indexes:
             from fedtune.regimes import build_frozen
 
@@ -348,7 +348,9 @@ def site_knn(msg: Message, context: Context) -> Message:
     _, ws, pid, site = _site(context)
     if not isinstance(ws.model, Knn):
         raise ConfigError(f"the run's method is {ws.cfg.method_name}, not knn")
-    index = ws.site_index(pid, site, str(context.node_config.get("index-dir", "") or ""))
+    # The index lives in the node's output-dir when it has one (in process: the
+    # run's sites/<site>/), else in a temporary folder for the life of the process.
+    index = ws.site_index(pid, site, str(context.node_config.get("output-dir", "") or ""))
     queries = np.asarray(arrays_of(msg)["queries"].numpy(), dtype=np.float32)  # [Q, D]
     scores, labels = index.neighbours(queries, int(config_of(msg)["k"]))  # [Q, k] each
     content = RecordDict(
@@ -385,6 +387,14 @@ def server_main(grid: Grid, context: Context) -> None:
     cfg = config_from_run_config(dict(context.run_config))
     resume = str(context.run_config.get("resume", "") or "")
     out_key = str(context.run_config.get("output-dir", "") or "")
+    if cfg.method_name == "knn":  # federated by query, not in rounds
+        from fedtune.federated.knn import run_federated_knn
+        from fedtune.federated.runner import refuse_knn_resume
+
+        if resume:
+            refuse_knn_resume(cfg)
+        run_federated_knn(cfg, console, grid=grid, out=Path(out_key) if out_key else None)
+        return
     if resume:
         out = Path(resume)
     else:

@@ -39,8 +39,12 @@ QUERY_BATCH = 256
 def federated_neighbours(
     grid: Grid, queries: np.ndarray, k: int, min_sites: int, traffic: list[dict[str, Any]],
     names: dict[int, str], timeout: float = 3600.0, kind: str = "knn",
+    failures: list[str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """The k best (score, label id) pairs over all sites for each query [Q, k] each."""
+    """The k best (score, label id) pairs over the sites that answered, for each query
+    [Q, k] each. `names` (node id -> site name) is completed from the replies; a site
+    that fails is skipped and named in `failures`; fewer than `min_sites` answers for
+    a batch of queries stop the run."""
     nodes = list(grid.get_node_ids())
     best_s, best_l = [], []
     for start in range(0, len(queries), QUERY_BATCH):
@@ -56,19 +60,26 @@ def federated_neighbours(
         replies = list(grid.send_and_receive(messages, timeout=timeout))
         cand_s, cand_l = [], []
         for r in replies:
-            site = names.get(r.metadata.src_node_id, str(r.metadata.src_node_id))
+            node = r.metadata.src_node_id
+            if not r.has_error() and "site" in r.content.config_records:
+                names.setdefault(node, str(r.content.config_records["site"]["name"]))
+            site = names.get(node, f"node-{node}")
             traffic.append({"kind": kind, "direction": "up", "site": site,
                             "bytes": message_bytes(r), "payload_bytes": message_payload_bytes(r),
                             "error": r.error.reason if r.has_error() else ""})  # fmt: skip
             if r.has_error():
+                if failures is not None:
+                    failures.append(f"{site} failed on {kind} queries {start}-"
+                                    f"{start + len(batch) - 1}: {r.error.reason}")  # fmt: skip
                 continue
             arrays = arrays_of(r)
             cand_s.append(arrays["scores"].numpy())
             cand_l.append(arrays["labels"].numpy())
         if len(cand_s) < max(1, min_sites):
             raise FedtuneError(
-                f"only {len(cand_s)} of {len(nodes)} sites answered the kNN queries; "
-                f"federated.min_sites = {min_sites}. See the log for the sites' errors"
+                f"only {len(cand_s)} of {len(nodes)} sites answered the kNN queries "
+                f"(federated.min_sites = {min_sites}): "
+                + "; ".join(str(r.error.reason) for r in replies if r.has_error())
             )
         s, lab = top_k(np.concatenate(cand_s, 1), np.concatenate(cand_l, 1), k)
         best_s.append(s)
@@ -81,37 +92,44 @@ def run_federated_knn(
     console: Console | None = None,
     splits: Splits | None = None,
     shown_as: Path | None = None,
+    grid: Grid | None = None,
+    out: Path | None = None,
 ) -> dict[str, Any]:
-    """Federated kNN over `cfg.federated.sites` sites in this process; writes a run
-    directory (config, metrics.jsonl, report.md, confusion.png; no global model:
-    the indexes stay at the sites) and returns the summary."""
+    """Federated kNN: the sites of `grid` (default: `cfg.federated.sites` sites in
+    this process, each index under the run's sites/<site>/index); writes a run
+    directory (config, metrics.jsonl, report.md, confusion.png, traffic.json; no
+    global model: the indexes stay at the sites) and returns the summary."""
     from fedtune.federated.runner import _run_id, make_contexts, prepare_run_dir
     from fedtune.regimes import describe_data
 
     console = console or Console()
     t_start = time.perf_counter()
-    out = final_run_dir(cfg)
+    out = out or final_run_dir(cfg)
     ws = workspace(cfg, splits)
     knn = ws.model
     assert isinstance(knn, Knn)
     sites = ws.partition.sites
     names = [s.name for s in sites]
+    node_names: dict[int, str] = {}
+    if grid is None:
+        contexts = make_contexts(cfg, len(sites), names, out)
+        grid = InProcessGrid(client_app, contexts, _run_id(cfg))
+        node_names = {n: names[i] for i, n in enumerate(contexts)}
+    n_sites = len(list(grid.get_node_ids()))
     console.print(
-        f"[bold]knn[/], federated by query (k = {knn.config.k}): {len(sites)} sites each "
+        f"[bold]knn[/], federated by query (k = {knn.config.k}): {n_sites} sites each "
         f"keep their own index; {len(ws.splits.validation)} validation / "
         f"{len(ws.splits.test)} test queries"
     )
-    contexts = make_contexts(cfg, len(sites), names, out)
-    grid = InProcessGrid(client_app, contexts, _run_id(cfg))
-    node_names = {n: names[i] for i, n in enumerate(contexts)}
     traffic: list[dict[str, Any]] = []
+    failures: list[str] = []
     fed = cfg.federated
 
     def evaluate(kind: str, examples: list[Example]) -> Metrics:
-        with console.status(f"knn: {len(examples)} {kind} queries to {len(sites)} sites"):
+        with console.status(f"knn: {len(examples)} {kind} queries to {n_sites} sites"):
             q = ws.embeddings(kind, examples)  # the server embeds its own queries
             s, lab = federated_neighbours(grid, q, knn.config.k, fed.min_sites, traffic,
-                                          node_names, fed.timeout, kind)  # fmt: skip
+                                          node_names, fed.timeout, kind, failures)  # fmt: skip
         scores = vote(np.where(np.isfinite(s), s, 0.0), lab, len(knn.labels), knn.config.weighting)
         return knn.metrics(scores, knn.label_ids(examples))
 
@@ -126,8 +144,10 @@ def run_federated_knn(
 
         shutil.rmtree(out, ignore_errors=True)  # nothing half-written stays
         raise
+    for line in failures:
+        console.print(f"[yellow]{escape(line)}[/]")
     test_traffic = [t for t in traffic if t["kind"] == "test"]
-    per_site = {d: sum(t["bytes"] for t in test_traffic if t["direction"] == d) / len(sites)
+    per_site = {d: sum(t["bytes"] for t in test_traffic if t["direction"] == d) / n_sites
                 for d in ("down", "up")}  # fmt: skip
     summary: dict[str, Any] = {
         "event": "test",
@@ -139,7 +159,7 @@ def run_federated_knn(
         "data": describe_data(cfg),
         "strategy": "query",
         "transport": "fp32",
-        "sites": names,
+        "sites": sorted(set(node_names.values())) or names,
         "n_train": sum(len(s.train) for s in sites),
         "n_validation": len(ws.splits.validation),
         "n_test": len(ws.splits.test),
@@ -154,13 +174,14 @@ def run_federated_knn(
         "bytes_down_per_site_round": per_site["down"],
         "bytes_up_per_site_round": per_site["up"],
         "payload_up_per_site_round": sum(
-            t["payload_bytes"] for t in test_traffic if t["direction"] == "up") / len(sites),
+            t["payload_bytes"] for t in test_traffic if t["direction"] == "up") / n_sites,
         "bytes_total": sum(t["bytes"] for t in traffic),
         "personalized": [],
         **test.summary(),
         "report": test.report,
         "confusion": test.confusion,
-        "notes": list(ws.splits.notes) + list(ws.partition.notes),
+        "notes": list(ws.splits.notes) + list(ws.partition.notes) + failures,
+        "failed_sites": sorted({f.split(" failed on ")[0] for f in failures}),
         "wall_seconds": time.perf_counter() - t_start,
         "history": [],
     }  # fmt: skip
@@ -206,4 +227,8 @@ sites and voted.
 
 ![confusion matrix](confusion.png)
 """  # noqa: E501
+    if s["failed_sites"]:
+        text += ("\n## Sites that failed\n\nTheir neighbours are missing from the queries "
+                 "below: those answers come from the other sites' data only.\n\n"
+                 + "\n".join(f"- {n}" for n in s["notes"] if " failed on " in n) + "\n")
     (out / "report.md").write_text(text)

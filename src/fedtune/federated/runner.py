@@ -80,12 +80,14 @@ def run_federated(
     out: Path | None
     if resume is not None:
         out = Path(resume)
+        if (out / CONFIG_FILE).is_file():
+            cfg = RunConfig.from_dict(json.loads((out / CONFIG_FILE).read_text("utf-8")))
+            refuse_knn_resume(cfg)
         if not (out / CONFIG_FILE).is_file() or find_checkpoint(out) is None:
             raise ConfigError(
                 f"{out} is not an interrupted federated run (needs {CONFIG_FILE} and a "
                 "checkpoint); pass the run directory printed when the run started"
             )
-        cfg = RunConfig.from_dict(json.loads((out / CONFIG_FILE).read_text(encoding="utf-8")))
     else:
         out = final_run_dir(cfg) if write else None
     # Everything a user can get wrong is checked before anything is written.
@@ -132,6 +134,14 @@ def run_federated(
         raise
     summary = finish_run(cfg, outcome, time.perf_counter() - t_start, out, console, shown_as)
     return summary
+
+
+def refuse_knn_resume(cfg: RunConfig) -> None:
+    if cfg.method_name == "knn":
+        raise ConfigError(
+            "a federated knn run has no rounds and no checkpoint to resume: start it again "
+            "(its sites rebuild their indexes; embeddings come from the cache)"
+        )
 
 
 def prepare_run_dir(cfg: RunConfig, out: Path, labels: tuple[str, ...], sites: list[Site]) -> None:
