@@ -305,8 +305,22 @@ def test_index_and_ask(
         retrieve(tmp_path / "idx", "Acme", k=2, embedder=tiny_models["llama"])
     with pytest.raises(IndexStoreError, match="fedtune index"):
         retrieve(tmp_path / "missing", "Acme")
-    with pytest.raises(IndexStoreError):  # exists: nothing replaced without --overwrite
+    with pytest.raises(IndexStoreError, match="--overwrite"):  # nothing replaced without it
         build_index(docs, tmp_path / "idx", tiny_models["bert"])
+    with pytest.raises(IndexStoreError, match="not a fedtune index"):
+        build_index(docs, docs, "minilm", overwrite=True)  # never deletes a non-index folder
+
+    def disk_full(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr("fedtune.vectorstore.VectorStore.add", disk_full)
+    with pytest.raises(OSError):
+        build_index(docs, tmp_path / "idx", "minilm", words=5, overlap=1, overwrite=True)
+    monkeypatch.undo()
+    assert retrieve(tmp_path / "idx", "Acme revenue grew", k=2) == hits  # old index intact
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".idx")) == []
+    rep = build_index(docs, tmp_path / "idx", "minilm", words=5, overlap=1, overwrite=True)
+    assert rep.passages > 3 and len(retrieve(tmp_path / "idx", "rain", k=50)) == rep.passages
 
     # The tiny test tokenizer spends many tokens on words it never saw: a short
     # instruction keeps the prompt inside its 128 positions.

@@ -156,6 +156,12 @@ class Embedder:
     _tokenizer: Any = None
     _fingerprint: str = ""
 
+    @classmethod
+    def from_fingerprint(cls, fingerprint: str, **kwargs: Any) -> Embedder:
+        """The embedder (name and maximum length) that made vectors of `fingerprint`."""
+        name, _weights, _pooling, length, _fmt = fingerprint.rsplit("|", 4)
+        return cls(name, max_length=int(length.removeprefix("len")), **kwargs)
+
     @property
     def path(self) -> str:
         return resolve_model_name(self.name)

@@ -7,6 +7,7 @@ endpoint, and returns the sources it gave the model.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,32 +33,52 @@ class IndexReport:
 
 def build_index(docs_dir: str | Path, output: str | Path, embedder: str = "minilm",
                 words: int = 120, overlap: int = 20, site: str = "",
-                overwrite: bool = False) -> IndexReport:  # fmt: skip
+                overwrite: bool = False, max_length: int = 256) -> IndexReport:  # fmt: skip
     """Documents (*.txt, *.md) -> passages -> embeddings -> a new index at `output`.
     Everything is checked and embedded before the index is created, so bad input
-    leaves nothing behind."""
+    leaves nothing behind. `max_length` tokens per passage are embedded (256, MiniLM's
+    limit: 120 English words are about 170 tokens)."""
+    out = Path(output)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise IndexStoreError(f"{out} already exists and is not empty; pass --overwrite "
+                                  "to replace it or choose another --output")  # fmt: skip
+        if not (out / VectorStore.META_FILE).is_file():
+            raise IndexStoreError(f"{out} is not a fedtune index; --overwrite replaces only an "
+                                  "index: choose another --output")  # fmt: skip
     docs = read_documents(docs_dir)
     passages = [p for rel, text in docs for p in split_passages(text, rel, words, overlap)]
     if not passages:
         raise IndexStoreError(f"{docs_dir}: the documents hold no text to index")
-    emb = Embedder(embedder)
+    emb = Embedder(embedder, max_length=max_length)
     vectors = emb.embed([p.text for p in passages])
-    store = VectorStore.create(output, emb.fingerprint, vectors.shape[1], overwrite=overwrite)
-    store.add(vectors, [p.text for p in passages], None, [site] * len(passages),
-              [f"{p.source}#w{p.start}" for p in passages])  # fmt: skip
-    return IndexReport(Path(output), len(docs), len(passages), emb.fingerprint)
-
-
-def embedder_of(store: VectorStore) -> str:
-    """The embedding model name recorded in an index's fingerprint (name|hash|…)."""
-    return store.embedder.split("|", 1)[0]
+    # Built beside the target and swapped in only when complete: a failure (bad
+    # vectors, a full disk, Ctrl-C) leaves the previous index as it was.
+    staging = out.parent / f".{out.name}.new"
+    if staging.exists():
+        shutil.rmtree(staging)
+    try:
+        store = VectorStore.create(staging, emb.fingerprint, vectors.shape[1])
+        store.add(vectors, [p.text for p in passages], None, [site] * len(passages),
+                  [f"{p.source}#w{p.start}" for p in passages])  # fmt: skip
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    old = out.parent / f".{out.name}.old"
+    if out.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+    staging.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+    return IndexReport(out, len(docs), len(passages), emb.fingerprint)
 
 
 def retrieve(index: str | Path, question: str, k: int = 4, embedder: str = "") -> list[Hit]:
     if not question.strip():
         raise ConfigError("the question is empty; pass the text to ask")
-    name = embedder or embedder_of(VectorStore.open(index))
-    emb = Embedder(name)
+    stored = VectorStore.open(index).embedder
+    emb = Embedder(embedder, max_length=Embedder.from_fingerprint(stored).max_length) if (
+        embedder) else Embedder.from_fingerprint(stored)  # fmt: skip
     # Refuses an index made with another model: its vectors are not comparable.
     store = VectorStore.open(index, emb.fingerprint)
     return store.search(emb.embed([question]), k)[0]
