@@ -147,7 +147,7 @@ def test_persistent_503_gives_up(stub: OpenAIStub) -> None:
 
 def test_persistent_timeout_gives_up(stub: OpenAIStub) -> None:
     stub.responder = lambda body: ("sleep", 2.0)
-    with pytest.raises(EndpointError, match=r"after 2 attempts.*timeout.*llm.timeout"):
+    with pytest.raises(EndpointError, match=r"after 2 attempts.*timeout.*method.timeout"):
         call(fast(stub.url, timeout=0.2, retries=1))
 
 
@@ -171,7 +171,7 @@ def test_403_without_key_says_none_was_sent(stub: OpenAIStub) -> None:
 def test_404_wrong_base_url(stub: OpenAIStub) -> None:
     # The origin without /v1: the stub 404s like vLLM does.
     client = ChatClient(fast(stub.origin))
-    with client, pytest.raises(EndpointError, match=r"HTTP 404.*llm\.base_url.*llm\.model"):
+    with client, pytest.raises(EndpointError, match=r"HTTP 404.*method\.base_url.*method\.api_model"):
         client.complete(MSGS)
     assert len(stub.requests) == 1
     assert client.stats == {"requests": 1, "retries": 0, "failures": 1}
@@ -248,9 +248,9 @@ def test_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_from_env_missing_values(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
-    with pytest.raises(EndpointError, match=r"llm\.base_url.*OPENAI_BASE_URL"):
+    with pytest.raises(EndpointError, match=r"method\.base_url.*OPENAI_BASE_URL"):
         Endpoint.from_env(model="m")
-    with pytest.raises(EndpointError, match=r"llm\.model"):
+    with pytest.raises(EndpointError, match=r"method\.api_model"):
         Endpoint.from_env("http://h/v1")
 
 

@@ -68,15 +68,15 @@ class Endpoint:
         # fails before any (possibly long) work that precedes the first call.
         if self.base_url and not self.base_url.startswith(("http://", "https://")):
             raise EndpointError(
-                f"llm.base_url {self.base_url!r} is not an http(s) URL; "
-                "expected e.g. http://127.0.0.1:8000/v1"
+                f"method.base_url (--base-url) {self.base_url!r} is not an http(s) "
+                "URL; expected e.g. http://127.0.0.1:8000/v1"
             )
         if self.timeout <= 0:
-            raise EndpointError(f"llm.timeout must be > 0 seconds, got {self.timeout}")
+            raise EndpointError(f"method.timeout must be > 0 seconds, got {self.timeout}")
         if self.retries < 0:
-            raise EndpointError(f"llm.retries must be >= 0, got {self.retries}")
+            raise EndpointError(f"method.retries must be >= 0, got {self.retries}")
         if self.backoff < 0:
-            raise EndpointError(f"llm.backoff must be >= 0 seconds, got {self.backoff}")
+            raise EndpointError(f"the backoff must be >= 0 seconds, got {self.backoff}")
 
     @property
     def url(self) -> str:
@@ -102,13 +102,14 @@ class Endpoint:
         base_url = base_url or os.environ.get("OPENAI_BASE_URL", "")
         if not base_url:
             raise EndpointError(
-                "no model endpoint configured: set llm.base_url (e.g. "
-                "http://127.0.0.1:8000/v1) or the OPENAI_BASE_URL environment variable"
+                "no model endpoint configured: set method.base_url (--base-url), e.g. "
+                "http://127.0.0.1:8000/v1, or the OPENAI_BASE_URL environment variable"
             )
         if not model:
             raise EndpointError(
-                f"no model name configured for {base_url}: set llm.model to a model the "
-                f"server serves (GET {base_url.rstrip('/')}/models lists them)"
+                f"no model name configured for {base_url}: set method.api_model "
+                f"(--api-model) to a model the server serves "
+                f"(GET {base_url.rstrip('/')}/models lists them)"
             )
         api_key = os.environ.get(api_key_env, "") if api_key_env else ""
         return cls(base_url=base_url, model=model, api_key=api_key, **kw)
@@ -194,12 +195,12 @@ class ChatClient:
                 last = f"no response within {ep.timeout:g} s (timeout)"
                 hint = (
                     "The server may be overloaded or still loading the model; "
-                    "raise llm.timeout or check the server"
+                    "raise method.timeout or check the server"
                 )
             except httpx.TransportError as exc:
                 # ConnectError (refused, DNS), dropped connections, protocol errors.
                 last = f"server unreachable ({type(exc).__name__}: {exc or 'no detail'})"
-                hint = "Is the server running? Check llm.base_url"
+                hint = "Is the server running? Check method.base_url (--base-url)"
             else:
                 if resp.is_success:
                     return _content(url, resp)
@@ -233,14 +234,16 @@ def _content(url: str, resp: httpx.Response) -> str:
     except ValueError:
         raise EndpointError(
             f"{url} answered HTTP {resp.status_code} with a body that is not JSON: "
-            f"{_excerpt(resp)}. Is llm.base_url an OpenAI-compatible API (usually ending in /v1)?"
+            f"{_excerpt(resp)}. Is method.base_url (--base-url) an OpenAI-compatible API "
+            "(usually ending in /v1)?"
         ) from None
     try:
         content = data["choices"][0]["message"]["content"]
     except (KeyError, IndexError, TypeError):
         raise EndpointError(
             f"{url} answered HTTP {resp.status_code} without choices[0].message.content: "
-            f"{_excerpt(resp)}. Is llm.base_url an OpenAI-compatible chat-completions API?"
+            f"{_excerpt(resp)}. Is method.base_url (--base-url) an OpenAI-compatible "
+            "chat-completions API?"
         ) from None
     # Reasoning models may spend all of max_tokens on hidden reasoning and return
     # null content; that is an empty answer (unparseable label), not a broken server.
@@ -265,7 +268,8 @@ def _fatal_message(ep: Endpoint, resp: httpx.Response) -> str:
             fix = "No API key was sent; set OPENAI_API_KEY (or the key variable configured)"
     elif code == 404:
         fix = (
-            f"Check llm.base_url (usually ending in /v1) and llm.model ({ep.model!r}; "
+            f"Check method.base_url (--base-url; usually ending in /v1) and "
+            f"method.api_model (--api-model; {ep.model!r}: "
             f"GET {ep.base_url.rstrip('/')}/models lists the served models)"
         )
     elif code in (400, 422):
@@ -274,7 +278,7 @@ def _fatal_message(ep: Endpoint, resp: httpx.Response) -> str:
             "that max_tokens plus the prompt fit the model's context"
         )
     else:
-        fix = "Check llm.base_url and the server's logs"
+        fix = "Check method.base_url (--base-url) and the server's logs"
     return f"{what} {fix}"
 
 
