@@ -156,7 +156,6 @@ def test_features_centralized_federated_and_predict(
     assert not (run / "curves.png").exists() and (run / "confusion.png").is_file()
     model = load_predictor(run / "model")
     table_out = predict_table(model, TEXTS)
-    assert list(table_out["label"]) == model.predict(TEXTS)
     assert set(table_out["label"]) <= set(LABELS)
 
     fed = run_federated(_cfg(tiny_models, table, tmp_path, "features", "name=f",
@@ -166,6 +165,26 @@ def test_features_centralized_federated_and_predict(
     assert fed["payload_up_per_site_round"] == 396
     assert abs(fed["accuracy"] - cen["accuracy"]) <= 0.15
     assert isinstance(load_frozen(tmp_path / "f" / "model"), Features)
+
+
+@pytest.mark.parametrize("classifier", ["logreg", "linear_svm", "ridge", "mlp"])
+def test_features_save_and_reload_predicts_the_same(
+    tiny_models: dict[str, str], tmp_path: Path, classifier: str
+) -> None:
+    m = Features(method_config("features", {"classifier": classifier}),
+                 ModelConfig(name=tiny_models["bert"]), LABELS).fit(_examples())  # fmt: skip
+    before = m.predict_scores(TEXTS)
+    m.save(tmp_path / "m")
+    again = load_frozen(tmp_path / "m")
+    np.testing.assert_allclose(again.predict_scores(TEXTS), before, rtol=1e-5, atol=1e-6)
+    assert again.trainable_parameters() == m.trainable_parameters() > 0
+
+
+def test_features_on_one_label_predicts_it_and_says_so(tiny_models: dict[str, str]) -> None:
+    only = [e for e in _examples() if e.label == "neutral"]
+    m = Features(method_config("features"), ModelConfig(name=tiny_models["bert"]),
+                 LABELS).fit(only)  # fmt: skip
+    assert set(m.predict(TEXTS)) == {"neutral"} and "one label only" in m.notes[0]
 
 
 def test_features_other_classifiers_save_and_reload(

@@ -171,7 +171,8 @@ def test_403_without_key_says_none_was_sent(stub: OpenAIStub) -> None:
 def test_404_wrong_base_url(stub: OpenAIStub) -> None:
     # The origin without /v1: the stub 404s like vLLM does.
     client = ChatClient(fast(stub.origin))
-    with client, pytest.raises(EndpointError, match=r"HTTP 404.*method\.base_url.*method\.api_model"):
+    pattern = r"HTTP 404.*method\.base_url.*method\.api_model"
+    with client, pytest.raises(EndpointError, match=pattern):
         client.complete(MSGS)
     assert len(stub.requests) == 1
     assert client.stats == {"requests": 1, "retries": 0, "failures": 1}

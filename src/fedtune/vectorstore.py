@@ -105,9 +105,16 @@ def _schema(dim: int) -> pa.Schema:
     )
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     """Write via a temp file in the same directory + os.replace: readers never see half a file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private (0600): as open() would
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(data, fh, indent=2)
@@ -219,6 +226,7 @@ class VectorStore:
             "count": 0,
         }
         staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.creating-"))
+        staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private (0700): as mkdir would
         try:
             db = _lancedb().connect(str(staging))
             db.create_table(cls.TABLE, schema=_schema(dim))

@@ -97,10 +97,16 @@ class Features(EmbeddingMethod[FeaturesConfig]):
         t0 = time.perf_counter()
         present = np.unique(y)
         if len(present) < 2:
-            raise ConfigError(
-                f"the training data holds one label only ({self.labels[int(present[0])]}); "
-                "a classifier needs at least two"
-            )
+            # A skewed site alone may hold one label: predict it, as a trained
+            # classifier on such data would, and say so (a comparison goes on).
+            only = int(present[0])
+            self._weights = {"coef": np.zeros((len(self.labels), x.shape[1]), np.float32),
+                             "intercept": np.full(len(self.labels), -1e4, np.float32)}  # fmt: skip
+            self._weights["intercept"][only] = 0.0
+            self.notes.append(f"features: the training data holds one label only "
+                              f"({self.labels[only]}): every text is predicted as it")  # fmt: skip
+            self.fit_seconds += time.perf_counter() - t0
+            return self
         clf = self._new_classifier().fit(x, y)
         self.classifier_ = clf
         if self.config.classifier == "logreg":
@@ -154,6 +160,16 @@ class Features(EmbeddingMethod[FeaturesConfig]):
 
     def trainable_state(self) -> dict[str, Tensor]:
         return to_tensors(self._weights)
+
+    def trainable_parameters(self) -> int:
+        """Learnt numbers: the linear weights, or the scikit-learn model's own."""
+        if self._weights or self.classifier_ is None:
+            return super().trainable_parameters()
+        clf = self.classifier_
+        arrays = [*getattr(clf, "coefs_", []), *getattr(clf, "intercepts_", [])]  # mlp
+        if not arrays:
+            arrays = [clf.coef_, np.atleast_1d(clf.intercept_)]
+        return int(sum(np.asarray(a).size for a in arrays))
 
     def load_trainable_state(self, state: dict[str, Tensor]) -> None:
         self._require_linear()

@@ -5,8 +5,8 @@ fitted on labelled examples (embed and fit a classifier, fill an index, or
 nothing at all for in-context learning), predicts a score per label, reports the
 same metrics, and saves a directory `fedtune predict` reloads. Its trainable
 state is what would cross a site boundary: the classifier's weights for
-`features`, nothing for `knn` and `icl` (they federate differently, see
-fedtune.federated.frozen).
+`features`, nothing for `knn` and `icl` (knn federates by query, see
+fedtune.federated.knn; icl does not federate).
 """
 
 from __future__ import annotations
