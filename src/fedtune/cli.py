@@ -295,6 +295,50 @@ def ask_cmd(
         _fail(e)
 
 
+@app.command("certs")
+def certs_cmd(
+    output: Annotated[Path, typer.Argument(help="Folder for the certificates and keys.")],
+    site: Annotated[
+        list[str] | None, typer.Option("--site", help="A site (SuperNode) name (repeatable).")
+    ] = None,
+    host: Annotated[
+        list[str] | None,
+        typer.Option("--host", help="Address the sites connect to (repeatable; default "
+                     "localhost, 127.0.0.1, ::1)."),
+    ] = None,
+    days: Annotated[int, typer.Option(help="Validity of the certificates.")] = 365,
+    add_site: Annotated[
+        bool, typer.Option("--add-site", help="Add --site key pairs to an existing folder.")
+    ] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing certificate folder.")] = (
+        False
+    ),
+) -> None:
+    """Make the key material of a federation on Flower's Deployment Engine: a CA, the
+    SuperLink's TLS certificate and one SuperNode authentication key pair per site."""
+    from fedtune.certs import FederationCerts, make_certs
+    from fedtune.certs import add_site as add_one
+
+    try:
+        if add_site:
+            for name in site or []:
+                certs = add_one(output, name)
+            certs = FederationCerts(output)
+        else:
+            certs = make_certs(output, list(site or []), list(host or []) or None, days,
+                               overwrite)  # fmt: skip
+    except FedtuneError as e:
+        _fail(e)
+    console.print(f"certificates in {escape(str(certs.root))}:")
+    console.print(f"  server (SuperLink): {escape(str(certs.server_cert.parent))}/  "
+                  "[dim]keep server.key private[/]")  # fmt: skip
+    for name in certs.sites:
+        console.print(f"  site {escape(name)}: {escape(str(certs.site_dir(name)))}/  "
+                      "[dim]give this folder to the site only[/]")  # fmt: skip
+    console.print(f"  CA: {escape(str(certs.ca_cert.parent))}/  [dim]keep ca.key offline; "
+                  "ca.crt goes to everyone[/]")  # fmt: skip
+
+
 @app.command("config")
 def config_cmd(
     method: Annotated[str, typer.Option(help="Method whose keys to show.")] = "lora",
