@@ -23,3 +23,8 @@ class IndexStoreError(FedtuneError):
 
 class EndpointError(FedtuneError):
     """A remote model endpoint is unreachable, times out or keeps returning errors."""
+
+
+class DeploymentError(FedtuneError):
+    """A Flower process (SuperLink, SuperNode, `flwr`) could not start, stopped early or
+    timed out; the message quotes the end of its log."""
