@@ -35,6 +35,12 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # PEFT calls transformers' deprecated `is_gradient_checkpointing` on every
+    # wrap: a FutureWarning per model, nothing a user can act on.
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
+                            category=FutureWarning)  # fmt: skip
 
 
 def _fail(e: FedtuneError) -> None:

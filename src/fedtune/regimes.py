@@ -77,14 +77,11 @@ def run_centralized(
     console.print(
         f"[bold]{cfg.method_name}[/] on {cfg.model.name} ({model.kind}): "
         f"{n_train:,} trainable parameters ({100 * n_train / model.base_parameters:.3f}%), "
-        f"{len(splits.train)} train / {len(splits.validation)} validation / "
-        f"{len(splits.test)} test examples"
+        + _sizes(splits)
     )
 
     with staged_run_dir(final) as run_dir:
-        write_json(run_dir / CONFIG_FILE, cfg.to_dict())
-        write_json(run_dir / LABELS_FILE, {"labels": list(splits.labels)})
-        metrics_path = run_dir / METRICS_FILE
+        metrics_path = _begin(run_dir, cfg, splits)
 
         def on_eval(record: dict[str, Any]) -> None:
             append_jsonl(metrics_path, {"event": "eval", **record})
@@ -117,6 +114,18 @@ def run_centralized(
         summary = _finish(cfg, final, run_dir, splits, test, result.history, t_start,
                           model.kind, n_train, model.base_parameters, training)  # fmt: skip
     return _announce(console, summary, test, shown_as or final)
+
+
+def _sizes(splits: Splits) -> str:
+    return (f"{len(splits.train)} train / {len(splits.validation)} validation / "
+            f"{len(splits.test)} test examples")  # fmt: skip
+
+
+def _begin(run_dir: Path, cfg: RunConfig, splits: Splits) -> Path:
+    """The files every run directory starts with; returns the metrics file's path."""
+    write_json(run_dir / CONFIG_FILE, cfg.to_dict())
+    write_json(run_dir / LABELS_FILE, {"labels": list(splits.labels)})
+    return run_dir / METRICS_FILE
 
 
 def _finish(
@@ -195,13 +204,10 @@ def run_frozen(
     method = build_frozen(cfg, splits.labels)
     console.print(
         f"[bold]{cfg.method_name}[/] ({method.description}) with {cfg.model.name}: "
-        f"{len(splits.train)} train / {len(splits.validation)} validation / "
-        f"{len(splits.test)} test examples"
+        + _sizes(splits)
     )
     with staged_run_dir(final) as run_dir:
-        write_json(run_dir / CONFIG_FILE, cfg.to_dict())
-        write_json(run_dir / LABELS_FILE, {"labels": list(splits.labels)})
-        metrics_path = run_dir / METRICS_FILE
+        metrics_path = _begin(run_dir, cfg, splits)
         with console.status(f"{cfg.method_name}: fitting on {len(splits.train)} examples"):
             method.fit(splits.train, run_dir / MODEL_DIR, splits.validation)
         history: list[dict[str, Any]] = []
