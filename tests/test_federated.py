@@ -319,3 +319,17 @@ def test_a_failing_site_drops_out_and_min_sites_abandons_the_round(
     final = load_file(str(tmp_path / "three" / "checkpoint" / "global.safetensors"))
     for k in init:
         torch.testing.assert_close(final[k], init[k], rtol=0, atol=0)
+
+
+def test_a_site_refuses_a_server_running_another_fedtune(
+    tiny_models: dict[str, str], table: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under the Deployment Engine every party runs its own installed fedtune: the
+    server sends its version with every message and a site refuses a mismatch."""
+    import types
+
+    import fedtune.federated.server as server
+
+    monkeypatch.setattr(server, "fedtune", types.SimpleNamespace(__version__="9.9.9"))
+    with pytest.raises(ConfigError, match=r"the server 9\.9\.9: install the same fedtune"):
+        run_federated(_cfg(tiny_models, table, tmp_path, "name=v", "federated.rounds=1"))

@@ -32,6 +32,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+import fedtune
 from fedtune.adapted import AdaptedModel
 from fedtune.classify import Feature
 from fedtune.config import RunConfig, TrainConfig, load_config
@@ -53,6 +54,20 @@ from fedtune.methods.retrieval import Knn
 from fedtune.train import TrainSession, train
 
 CONFIG_KEY = "fedtune-config"
+VERSION_KEY = "fedtune-version"
+"""Config key of every message the server sends: its fedtune version. Under Flower's
+Deployment Engine (runtime dependency installation off) every party runs the fedtune
+installed in its own environment, so a site checks that it runs the same one."""
+
+
+def check_version(conf: dict[str, Any]) -> None:
+    """Refuse a message from a server running another fedtune version."""
+    theirs = str(conf.get(VERSION_KEY, "") or "")
+    if theirs and theirs != fedtune.__version__:
+        raise ConfigError(
+            f"this site runs fedtune {fedtune.__version__}, the server {theirs}: install "
+            "the same fedtune version at every party (pip install fedtune==" + theirs + ")"
+        )
 
 
 def config_from_run_config(run_config: dict[str, Any]) -> RunConfig:
@@ -211,6 +226,7 @@ def site_train(msg: Message, context: Context) -> Message:
     if isinstance(model, Knn):
         raise ConfigError("knn is not trained in rounds; it federates by query (query.knn)")
     conf = config_of(msg)
+    check_version(conf)
     transport = str(conf.get("transport", "fp32"))
     server_round = int(conf.get("server-round", 1))
     global_state = decode_state(arrays_of(msg), transport)
@@ -287,6 +303,7 @@ def site_evaluate(msg: Message, context: Context) -> Message:
     """The global model on this site's own validation set."""
     _, ws, pid, site = _site(context)
     conf = config_of(msg)
+    check_version(conf)
     if isinstance(ws.model, Knn):
         raise ConfigError("knn has no global model to evaluate at the sites")
     ws.model.load_trainable_state(decode_state(arrays_of(msg), str(conf.get("transport", "fp32"))))
@@ -309,6 +326,7 @@ def site_personalize(msg: Message, context: Context) -> Message:
     the node's `output-dir` when it has one); only metrics leave."""
     cfg, ws, pid, site = _site(context)
     conf = config_of(msg)
+    check_version(conf)
     epochs = float(conf["epochs"])
     model = ws.model
     model.load_trainable_state(decode_state(arrays_of(msg), str(conf.get("transport", "fp32"))))
@@ -352,7 +370,9 @@ def site_knn(msg: Message, context: Context) -> Message:
     # run's sites/<site>/), else in a temporary folder for the life of the process.
     index = ws.site_index(pid, site, str(context.node_config.get("output-dir", "") or ""))
     queries = np.asarray(arrays_of(msg)["queries"].numpy(), dtype=np.float32)  # [Q, D]
-    scores, labels = index.neighbours(queries, int(config_of(msg)["k"]))  # [Q, k] each
+    conf = config_of(msg)
+    check_version(conf)
+    scores, labels = index.neighbours(queries, int(conf["k"]))  # [Q, k] each
     content = RecordDict(
         {
             "arrays": ArrayRecord({"scores": Array(scores), "labels": Array(labels)}),

@@ -21,11 +21,12 @@ from flwr.serverapp import Grid
 from rich.console import Console
 from rich.markup import escape
 
+from fedtune import __version__
 from fedtune.config import RunConfig
 from fedtune.data import Example, Splits
 from fedtune.errors import FedtuneError
 from fedtune.evaluate import Metrics
-from fedtune.federated.apps import client_app, workspace
+from fedtune.federated.apps import VERSION_KEY, client_app, workspace
 from fedtune.federated.grid import InProcessGrid
 from fedtune.federated.wire import arrays_of, message_bytes, message_payload_bytes
 from fedtune.methods.retrieval import Knn, top_k, vote
@@ -49,8 +50,8 @@ def federated_neighbours(
     best_s, best_l = [], []
     for start in range(0, len(queries), QUERY_BATCH):
         batch = np.ascontiguousarray(queries[start : start + QUERY_BATCH], dtype=np.float32)
-        content = RecordDict({"arrays": ArrayRecord({"queries": Array(batch)}),
-                              "config": ConfigRecord({"k": k})})  # fmt: skip
+        config = ConfigRecord({"k": k, VERSION_KEY: __version__})
+        content = RecordDict({"arrays": ArrayRecord({"queries": Array(batch)}), "config": config})
         messages = [grid.create_message(content, f"{MessageType.QUERY}.knn", node, str(start))
                     for node in nodes]  # fmt: skip
         for m in messages:

@@ -30,10 +30,11 @@ from rich.console import Console
 from rich.markup import escape
 from safetensors.torch import load_file, save_file
 
+import fedtune
 from fedtune.config import FederatedConfig, RunConfig
 from fedtune.errors import ConfigError
 from fedtune.evaluate import Metrics
-from fedtune.federated.apps import Workspace, workspace
+from fedtune.federated.apps import VERSION_KEY, Workspace, workspace
 from fedtune.federated.wire import (
     arrays_of,
     decode_record,
@@ -259,6 +260,7 @@ def _set_payload(messages: list[Message], arrays: ArrayRecord, transport: str) -
     for m in messages:
         m.content["arrays"] = wire
         m.content.config_records["config"]["transport"] = transport
+        m.content.config_records["config"][VERSION_KEY] = fedtune.__version__
 
 
 def run_server(
@@ -443,7 +445,8 @@ def _personalize(
                 {
                     "arrays": encode_state(decode_state(arrays), fed.transport),
                     "config": ConfigRecord(
-                        {"epochs": fed.personalize_epochs, "transport": fed.transport}
+                        {"epochs": fed.personalize_epochs, "transport": fed.transport,
+                         VERSION_KEY: fedtune.__version__}
                     ),
                 }
             ),
