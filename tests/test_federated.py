@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from conftest import LABELS
@@ -333,3 +334,43 @@ def test_a_site_refuses_a_server_running_another_fedtune(
     monkeypatch.setattr(server, "fedtune", types.SimpleNamespace(__version__="9.9.9"))
     with pytest.raises(ConfigError, match=r"the server 9\.9\.9: install the same fedtune"):
         run_federated(_cfg(tiny_models, table, tmp_path, "name=v", "federated.rounds=1"))
+
+
+def test_sites_with_their_own_data_files(
+    tiny_models: dict[str, str], table: Path, tmp_path: Path
+) -> None:
+    """partition `own`: each site reads its own file (a SuperNode's node config
+    `data-path`; in process `site_paths`); the server holds validation/test only and
+    learns the sites' names and sizes from their replies."""
+    rows = pd.read_csv(table)
+    paths = []
+    for org in ("org-0", "org-1", "org-2"):
+        own = rows[rows["site"] == org].drop(columns="site")
+        own = own.assign(text=own["text"] + f" at {org}")  # texts only this site has
+        paths.append(tmp_path / f"{org}.csv")
+        own.to_csv(paths[-1], index=False)
+    server_file = tmp_path / "server.csv"
+    rows.drop(columns="site").to_csv(server_file, index=False)
+    labels = 'data.labels=["negative","neutral","positive"]'
+    cfg = _cfg(tiny_models, server_file, tmp_path, "name=own", "federated.rounds=2",
+               "federated.partition=own", f"federated.site_paths={','.join(map(str, paths))}",
+               labels)  # fmt: skip
+    summary = run_federated(cfg)
+    assert summary["sites"] == ["org-0", "org-1", "org-2"] and summary["n_train"] == 90
+    server = apps.workspace(cfg)
+    assert server.splits.train == [] and server.partition.sites == []
+    assert not any(" at org-" in e.text for e in server.splits.validation + server.splits.test)
+    own_sites = [ws.partition.sites[0] for ws in apps._SITE_WORKSPACES.values()]
+    assert sorted(st.name for st in own_sites) == ["org-0", "org-1", "org-2"]
+    for st in own_sites:  # each site trained on its own file only
+        assert all(e.text.endswith(f" at {st.name}") for e in st.train)
+    assert (tmp_path / "own" / "model" / "adapter_model.safetensors").is_file()
+
+    with pytest.raises(ConfigError, match=r"needs data\.labels"):
+        run_federated(_cfg(tiny_models, server_file, tmp_path, "name=x",
+                           "federated.partition=own",
+                           f"federated.site_paths={paths[0]}"))  # fmt: skip
+    with pytest.raises(ConfigError, match=r"needs federated\.site_paths"):
+        run_federated(_cfg(tiny_models, server_file, tmp_path, "name=y",
+                           "federated.partition=own", labels))  # fmt: skip
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

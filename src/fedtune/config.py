@@ -119,11 +119,17 @@ class FederatedConfig:
     """Sites, partitioning and the federation (fedtune.federated)."""
 
     sites: int = 3
-    partition: Literal["iid", "dirichlet", "quantity", "sizes", "column"] = "iid"
+    partition: Literal["iid", "dirichlet", "quantity", "sizes", "column", "own"] = "iid"
     """How the training set is divided among sites: `iid` (equal random shares),
     `dirichlet` (label skew, `alpha`), `quantity` (sizes drawn from Dirichlet(`alpha`),
     labels IID), `sizes` (exactly `sizes` random examples per site, the rest unused),
-    `column` (one site per value of `data.site_column`)."""
+    `column` (one site per value of `data.site_column`), `own` (each site reads its own
+    file: a SuperNode's node config `data-path`, in process `site_paths`; the run's
+    `[data]` is then the server's validation and test data only, and `data.labels`
+    must fix the label order)."""
+    site_paths: tuple[str, ...] = ()
+    """partition `own`, in process: one data file per site (site i = path i, named by
+    the file's stem), read with the run's `[data]` settings (source, columns)."""
     alpha: float = 0.5
     sizes: tuple[int, ...] = ()
     min_site_size: int = 10

@@ -37,9 +37,11 @@ from fedtune.adapted import AdaptedModel
 from fedtune.classify import Feature
 from fedtune.config import RunConfig, TrainConfig, load_config
 from fedtune.data import Example, Splits, make_splits
-from fedtune.errors import ConfigError
+from fedtune.data.sources import check_labels, load_examples
+from fedtune.data.splits import deduplicate
+from fedtune.errors import ConfigError, DataError
 from fedtune.evaluate import Metrics, evaluate_features
-from fedtune.federated.partition import Partition, Site, partition_examples
+from fedtune.federated.partition import Partition, Site, make_site, partition_examples
 from fedtune.federated.wire import (
     arrays_of,
     config_of,
@@ -153,13 +155,17 @@ def workspace(cfg: RunConfig, splits: Splits | None = None) -> Workspace:
     if ws is None:
         _WORKSPACE.clear()
         splits = splits or make_splits(cfg.data)
-        partition = partition_examples(splits.train, splits.labels, cfg.federated, cfg.seed)
-        model: AdaptedModel | Features | Knn
-        if is_frozen(cfg.method_name):
-            model = _federable_frozen(cfg, splits.labels)
+        if cfg.federated.partition == "own":
+            # Sites bring their own data: the server holds validation and test only.
+            _require_labels(cfg)
+            notes = (*splits.notes, "sites train on their own data; the training share "
+                     "of the server's data is unused")  # fmt: skip
+            splits = Splits([], splits.validation, splits.test, splits.labels, notes)
+            partition = Partition([])
         else:
-            model = AdaptedModel.build(cfg.model, cfg.method, splits.labels, seed=cfg.seed)
-            model.to(cfg.train.device)
+            partition = partition_examples(splits.train, splits.labels, cfg.federated,
+                                           cfg.seed)  # fmt: skip
+        model = _model(cfg, splits.labels)
         ws = Workspace(cfg, splits, partition, model, model.trainable_state())
         _WORKSPACE[key] = ws
     return ws
@@ -181,8 +187,51 @@ def _federable_frozen(cfg: RunConfig, labels: tuple[str, ...]) -> Features | Knn
     return method
 
 
+def _require_labels(cfg: RunConfig) -> None:
+    if not cfg.data.labels:
+        raise ConfigError(
+            "federated.partition = 'own' (sites read their own data) needs data.labels in "
+            "the run config, so that the server and every site use one label order"
+        )
+
+
+_SITE_WORKSPACES: dict[tuple[str, str, str], Workspace] = {}
+
+
+def site_workspace(cfg: RunConfig, data_path: str, name: str) -> Workspace:
+    """The workspace of a site that reads its own data file (partition `own`): the
+    file is loaded with the run's `[data]` settings, de-duplicated and checked against
+    `data.labels`; its Site holds it all (less a validation share with `validation =
+    "site"`). Kept per (run, file) for the life of the process."""
+    key = (_workspace_key(cfg), data_path, name)
+    ws = _SITE_WORKSPACES.get(key)
+    if ws is None:
+        _require_labels(cfg)
+        labels = tuple(cfg.data.labels)
+        examples, notes = deduplicate(load_examples(replace(cfg.data, path=data_path)))
+        if not examples:
+            raise DataError(f"{data_path}: site {name} has no examples")
+        check_labels(examples, labels)
+        site = make_site(name, examples, cfg.federated, cfg.seed, notes)
+        splits = Splits(site.train, [], [], labels, tuple(notes))
+        model = _model(cfg, labels)
+        ws = Workspace(cfg, splits, Partition([site], tuple(notes)), model,
+                       model.trainable_state())  # fmt: skip
+        _SITE_WORKSPACES[key] = ws
+    return ws
+
+
+def _model(cfg: RunConfig, labels: tuple[str, ...]) -> AdaptedModel | Features | Knn:
+    if is_frozen(cfg.method_name):
+        return _federable_frozen(cfg, labels)
+    model = AdaptedModel.build(cfg.model, cfg.method, labels, seed=cfg.seed)
+    model.to(cfg.train.device)
+    return model
+
+
 def clear_workspace() -> None:
     _WORKSPACE.clear()
+    _SITE_WORKSPACES.clear()
 
 
 def local_steps(cfg: RunConfig, n_train: int) -> int:
@@ -207,8 +256,20 @@ client_app = ClientApp()
 
 def _site(context: Context) -> tuple[RunConfig, Workspace, int, Site]:
     cfg = config_from_run_config(dict(context.run_config))
-    ws = workspace(cfg)
     pid = int(context.node_config.get("partition-id", 0))
+    if cfg.federated.partition == "own":  # the site's own file, named in its node config
+        path = str(context.node_config.get("data-path", "") or "")
+        if not path and pid < len(cfg.federated.site_paths):
+            path = cfg.federated.site_paths[pid]
+        if not path:
+            raise ConfigError(
+                f"federated.partition = 'own': site {pid} has no data file; start its "
+                "SuperNode with --node-config \"partition-id=N data-path=/abs/site.csv\""
+            )
+        name = str(context.node_config.get("site-name", "") or Path(path).stem)
+        ws = site_workspace(cfg, path, name)
+        return cfg, ws, 0, ws.partition.sites[0]
+    ws = workspace(cfg)
     if not 0 <= pid < len(ws.partition.sites):
         raise ConfigError(
             f"node partition-id {pid} but the data has {len(ws.partition.sites)} sites; "

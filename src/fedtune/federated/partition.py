@@ -85,6 +85,12 @@ def partition_examples(
         SizePartitioner,
     )
 
+    if fed.partition == "own":
+        raise ConfigError(
+            "federated.partition = 'own': each site reads its own file, there is no one "
+            "training set to split (local-only and centralized runs need one: use another "
+            "partition, or `fedtune federate` for the federation alone)"
+        )
     n = len(examples)
     notes: list[str] = []
     names: list[str] | None = None
@@ -161,17 +167,24 @@ def partition_examples(
         site_train = [examples[j] for j in sorted(part["idx"])]
         if not site_train:
             raise ConfigError(f"site {name} got no training examples; use fewer sites")
-        site_val: list[Example] = []
-        if fed.validation == "site":
-            k = math.ceil(fed.site_val_size * len(site_train))
-            if not 0 < fed.site_val_size < 1 or k >= len(site_train):
-                raise ConfigError(
-                    f"federated.site_val_size = {fed.site_val_size} leaves site {name} "
-                    f"({len(site_train)} examples) no training data; use a share in (0, 1)"
-                )
-            site_train, site_val = _take(site_train, k, seed + i, f"{name} validation", notes)
-        sites.append(Site(name, site_train, site_val))
+        sites.append(make_site(name, site_train, fed, seed + i, notes))
     return Partition(sites, tuple(notes))
+
+
+def make_site(name: str, train: list[Example], fed: FederatedConfig, seed: int,
+              notes: list[str]) -> Site:  # fmt: skip
+    """A site from its training examples; with `validation = "site"` a seeded share
+    of them is held out as the site's own validation set."""
+    site_val: list[Example] = []
+    if fed.validation == "site":
+        k = math.ceil(fed.site_val_size * len(train))
+        if not 0 < fed.site_val_size < 1 or k >= len(train):
+            raise ConfigError(
+                f"federated.site_val_size = {fed.site_val_size} leaves site {name} "
+                f"({len(train)} examples) no training data; use a share in (0, 1)"
+            )
+        train, site_val = _take(train, k, seed, f"{name} validation", notes)
+    return Site(name, train, site_val)
 
 
 def describe_partition(p: Partition, labels: tuple[str, ...]) -> list[str]:

@@ -48,6 +48,9 @@ def make_contexts(
     contexts = {}
     for i in range(n_sites):
         node_config: dict[str, Any] = {"partition-id": i, "num-partitions": n_sites}
+        if cfg.federated.partition == "own":  # as a SuperNode's --node-config would say
+            node_config["data-path"] = str(Path(cfg.federated.site_paths[i]).resolve())
+            node_config["site-name"] = site_names[i]
         if out is not None:
             node_config["output-dir"] = str(out / "sites" / site_names[i])
         contexts[FIRST_NODE_ID + i] = Context(
@@ -94,17 +97,17 @@ def run_federated(
     build_strategy(cfg.federated, cfg.method.lr)
     ws = workspace(cfg, splits)
     sites = ws.partition.sites
-    names = [s.name for s in sites]
+    names = [s.name for s in sites] or own_site_names(cfg)
     n_train = ws.model.trainable_parameters()
     console.print(
         f"[bold]{cfg.method_name}[/], federated ({cfg.federated.strategy}, "
         f"{cfg.federated.rounds} rounds, {cfg.federated.transport} transport): "
-        f"{n_train:,} trainable parameters, {len(sites)} sites, "
+        f"{n_train:,} trainable parameters, {len(names)} sites, "
         f"{len(ws.splits.validation)} shared validation / {len(ws.splits.test)} test examples"
     )
     for line in describe_partition(ws.partition, ws.splits.labels):
         console.print(f"  {line}")
-    contexts = make_contexts(cfg, len(sites), names, out)
+    contexts = make_contexts(cfg, len(names), names, out)
     if resume is not None and out is not None:
         ckpt = find_checkpoint(out)
         assert ckpt is not None
@@ -136,6 +139,24 @@ def run_federated(
     return summary
 
 
+def own_site_names(cfg: RunConfig) -> list[str]:
+    """partition `own`, in process: the sites are `site_paths`, named by file stem."""
+    paths = cfg.federated.site_paths
+    if cfg.federated.partition != "own":
+        return []
+    if not paths:
+        raise ConfigError("in process, federated.partition = 'own' needs federated.site_paths: "
+                          "one data file per site")  # fmt: skip
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise ConfigError(f"federated.site_paths: no such file {missing[0]}")
+    names = [Path(p).stem for p in paths]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"federated.site_paths: two files share a name ({names}); the "
+                          "file name (without suffix) names the site")  # fmt: skip
+    return names
+
+
 def refuse_knn_resume(cfg: RunConfig) -> None:
     if cfg.method_name == "knn":
         raise ConfigError(
@@ -148,6 +169,8 @@ def prepare_run_dir(cfg: RunConfig, out: Path, labels: tuple[str, ...], sites: l
     out.mkdir(parents=True)
     write_json(out / CONFIG_FILE, cfg.to_dict())
     write_json(out / LABELS_FILE, {"labels": list(labels)})
+    # Sites with their own data (partition `own`) are unknown here: their sizes come
+    # with their replies (metrics.jsonl, `site_examples`).
     write_json(out / "sites.json", [
         {"name": s.name, "train": len(s.train), "validation": len(s.validation)} for s in sites
     ])  # fmt: skip
@@ -184,8 +207,14 @@ def summarize(
     train_traffic = [t for t in st.traffic if t["kind"] == "train"]
     rounds_run = max(1, len({t["round"] for t in train_traffic}))
     sites = ws.partition.sites
+    # Sites that bring their own data are known to the server by their replies only.
+    site_names = [s.name for s in sites] or sorted({t["site"] for t in train_traffic})
+    examples: dict[str, int] = next(
+        (r["site_examples"] for r in reversed(st.history) if "site_examples" in r), {}
+    )
+    n_sites = max(1, len(site_names))
     per_site_round = {
-        d: sum(t["bytes"] for t in train_traffic if t["direction"] == d) / rounds_run / len(sites)
+        d: sum(t["bytes"] for t in train_traffic if t["direction"] == d) / rounds_run / n_sites
         for d in ("down", "up")
     }
     n_train = ws.model.trainable_parameters()
@@ -199,8 +228,8 @@ def summarize(
         "data": describe_data(cfg),
         "strategy": cfg.federated.strategy,
         "transport": cfg.federated.transport,
-        "sites": [s.name for s in sites],
-        "n_train": sum(len(s.train) for s in sites),
+        "sites": site_names,
+        "n_train": sum(len(s.train) for s in sites) or int(sum(examples.values())),
         "n_validation": len(ws.splits.validation),
         "n_test": len(ws.splits.test),
         "trainable_parameters": n_train,
@@ -216,7 +245,7 @@ def summarize(
             t["payload_bytes"] for t in train_traffic if t["direction"] == "up"
         )
         / rounds_run
-        / len(sites),
+        / n_sites,
         "bytes_total": sum(t["bytes"] for t in st.traffic),
         "personalized": outcome.personalized,
         **test.summary(),

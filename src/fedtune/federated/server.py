@@ -65,7 +65,7 @@ def build_strategy(fed: FederatedConfig, lr: float) -> FedAvg:
     }
     if not 0 < fed.fraction <= 1:
         raise ConfigError(f"federated.fraction = {fed.fraction} must be in (0, 1]")
-    if fed.min_sites > fed.sites and fed.partition != "column":
+    if fed.min_sites > fed.sites and fed.partition not in ("column", "own"):
         raise ConfigError(f"federated.min_sites = {fed.min_sites} > federated.sites = {fed.sites}")
     if fed.rounds < 1:
         raise ConfigError(f"federated.rounds = {fed.rounds} must be at least 1")
@@ -355,6 +355,10 @@ def run_server(
             }
             record["site_train_loss"] = {
                 _site_name(r, r.metadata.src_node_id): metrics_of(r)["train_loss"] for r in ok
+            }
+            record["site_examples"] = {
+                _site_name(r, r.metadata.src_node_id): int(metrics_of(r)["num-examples"])
+                for r in ok
             }
         m = evaluate_global(arrays)
         if m is not None:
