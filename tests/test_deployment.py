@@ -65,8 +65,16 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFedera
         "OMP_NUM_THREADS": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }
+    # Each site's own data file, named only in its node config (used by runs with
+    # federated.partition = "own"; the others ignore it).
+    node_config = {}
+    for i, site in enumerate(SITES):
+        rows = [{"text": f"{TEXTS[j % 6]} {j} at {site}", "label": LABELS[Y[j % 6]]}
+                for j in range(i, 90, len(SITES))]  # fmt: skip
+        pd.DataFrame(rows).to_csv(root / f"{site}.csv", index=False)
+        node_config[site] = {"data-path": str(root / f"{site}.csv"), "site-name": site}
     fed = LocalFederation(root / "fed", SITES, certs, env=env, task_poll_interval=0.1,
-                          start_timeout=120)  # fmt: skip
+                          start_timeout=120, node_config=node_config)  # fmt: skip
     with fed:
         yield fed
     # Everything it started is gone: the SuperLink, the SuperNodes and their
@@ -78,7 +86,8 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFedera
             os.killpg(p.popen.pid, 0)
 
 
-def _write_config(root: Path, tiny: str) -> Path:
+def _write_config(root: Path, tiny: str, *extra: str) -> Path:
+    """The run config; with `extra` lines in [federated] (e.g. partition = "own")."""
     rows = [{"text": f"{TEXTS[i % 6]} {i}", "label": LABELS[Y[i % 6]]} for i in range(90)]
     pd.DataFrame(rows).to_csv(root / "d.csv", index=False)
     path = root / "fed.toml"
@@ -87,6 +96,7 @@ def _write_config(root: Path, tiny: str) -> Path:
 [data]
 source = "file"
 path = {json.dumps(str(root / "d.csv"))}
+labels = {json.dumps(list(LABELS))}
 [model]
 name = {json.dumps(tiny)}
 [method]
@@ -98,6 +108,7 @@ batch_size = 8
 [federated]
 sites = {len(SITES)}
 rounds = {ROUNDS}
+{chr(10).join(extra)}
 """,
         encoding="utf-8",
     )
@@ -108,7 +119,10 @@ def test_federated_lora_over_tls_with_node_auth(
     federation: LocalFederation, tiny_models: dict[str, str], tmp_path: Path
 ) -> None:
     assert all(n.node_id for n in federation.nodes.values())  # connected and activated
-    config = _write_config(tmp_path, tiny_models["bert"])
+    # Each site trains on its own file, named in its node config only: the run config
+    # names the server's validation/test data.
+    site_files = [str(federation.root.parent / f"{site}.csv") for site in SITES]
+    config = _write_config(tmp_path, tiny_models["bert"], 'partition = "own"')
     out = tmp_path / "run"
     run = federation.submit(find_app_dir(), fedtune_run_config(config, out), timeout=600)
     assert run.completed, run
@@ -119,8 +133,10 @@ def test_federated_lora_over_tls_with_node_auth(
     assert all(r["sites"] == len(SITES) and not r["failed"] for r in rounds)
     assert rows[-1]["event"] == "test"
     # The same federation as in process (`fedtune federate`), round for round.
+    assert rows[-1]["sites"] == sorted(SITES) and rows[-1]["n_train"] == 90
     apps.clear_workspace()
-    local = run_federated(load_config(str(config), []), Console(quiet=True), write=False)
+    paths = "federated.site_paths=" + ",".join(site_files)
+    local = run_federated(load_config(str(config), [paths]), Console(quiet=True), write=False)
     np.testing.assert_allclose([h["val_loss"] for h in rows[-1]["history"]],
                                [h["val_loss"] for h in local["history"]], rtol=1e-5)  # fmt: skip
     apps.clear_workspace()

@@ -208,7 +208,9 @@ def summarize(
     rounds_run = max(1, len({t["round"] for t in train_traffic}))
     sites = ws.partition.sites
     # Sites that bring their own data are known to the server by their replies only.
-    site_names = [s.name for s in sites] or sorted({t["site"] for t in train_traffic})
+    site_names = [s.name for s in sites] or sorted(
+        {t["site"] for t in train_traffic if t["direction"] == "up" and not t.get("error")}
+    )
     examples: dict[str, int] = next(
         (r["site_examples"] for r in reversed(st.history) if "site_examples" in r), {}
     )
