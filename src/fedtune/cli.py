@@ -380,7 +380,7 @@ def _toml(v: object) -> str:
 def demo_cmd(
     output_dir: Annotated[str, typer.Option(help="Where the demo's runs go.")] = "runs",
     quick: Annotated[
-        bool, typer.Option(help="Tiny budget (3 sites x 50): a smoke test in about a minute.")
+        bool, typer.Option(help="Tiny budget (3 sites x 50): a smoke test in about two minutes.")
     ] = False,
 ) -> None:
     """The main job, offline: the source post's experiment. MiniLM on Financial
