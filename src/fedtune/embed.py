@@ -155,6 +155,7 @@ class Embedder:
     _model: Any = None
     _tokenizer: Any = None
     _fingerprint: str = ""
+    _sentence_transformer: bool | None = None
 
     @classmethod
     def from_fingerprint(cls, fingerprint: str, **kwargs: Any) -> Embedder:
@@ -168,7 +169,13 @@ class Embedder:
 
     @property
     def is_sentence_transformer(self) -> bool:
-        """The model ships sentence-transformers modules (its own pooling)."""
+        """The model ships sentence-transformers modules (its own pooling). Decided
+        once per embedder: every embed() asks, and for a Hub id it is a lookup."""
+        if self._sentence_transformer is None:
+            self._sentence_transformer = self._has_st_modules()
+        return self._sentence_transformer
+
+    def _has_st_modules(self) -> bool:
         local = Path(self.path)
         if local.is_dir():
             return (local / "modules.json").is_file()
