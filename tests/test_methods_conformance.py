@@ -124,3 +124,26 @@ def test_decoder_head_untied_from_embeddings(tiny_models: dict[str, str]) -> Non
     base = model.module
     assert base.get_output_embeddings().weight is not base.get_input_embeddings().weight
     assert not base.get_input_embeddings().weight.requires_grad
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_mean_pooling_is_kept_through_save_and_load(
+    tiny_models: dict[str, str], method: str, tmp_path: Path
+) -> None:
+    """`method.pooling = "mean"` changes what the encoder's head reads, not which
+    tensors are trained; a saved model loads with the same pooling (fedtune.json),
+    for prediction and for further training."""
+    cfg = method_config(method, {"pooling": "mean"})
+    model = AdaptedModel.build(ModelConfig(name=tiny_models["bert"]), cfg, LABELS, seed=0)
+    cls_model = _build(tiny_models["bert"], method)
+    assert set(model.trainable_state()) == set(cls_model.trainable_state())
+    assert not np.allclose(model.predict_scores(TEXTS), cls_model.predict_scores(TEXTS))
+    _steps(model)
+    scores = model.predict_scores(TEXTS)
+    model.save(tmp_path / "model")
+    loaded = AdaptedModel.load(tmp_path / "model")
+    assert loaded.method.config.pooling == "mean"
+    np.testing.assert_allclose(loaded.predict_scores(TEXTS), scores, rtol=0, atol=1e-5)
+    if method in ("head", "full", "lora", "ia3"):  # prompt-learning adapters load frozen
+        again = AdaptedModel.load(tmp_path / "model", trainable=True)
+        np.testing.assert_allclose(again.predict_scores(TEXTS), scores, rtol=0, atol=1e-5)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from fedtune.errors import ModelError
 from fedtune.models import (
@@ -14,6 +15,7 @@ from fedtune.models import (
     load_config,
     load_tokenizer,
     resolve_model_name,
+    set_pooling,
 )
 
 
@@ -52,3 +54,51 @@ def test_unknown_model_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelError, match="cannot load model"):
         load_config(str(tmp_path / "nowhere"))
+
+
+# --- pooling of the classification head --------------------------------------
+
+
+def _masked_mean_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """What `mean` pooling must compute, written out: classifier(mean of real tokens)."""
+    hidden = model.base_model(**batch).last_hidden_state  # [B, T, H]
+    mask = batch["attention_mask"].unsqueeze(-1).float()  # [B, T, 1]
+    return model.classifier((hidden * mask).sum(1) / mask.sum(1))
+
+
+def test_mean_pooling_feeds_the_head_the_mean_of_real_tokens(tiny_models: dict[str, str]) -> None:
+    model = load_base_model(tiny_models["bert"], "encoder", ("a", "b", "c")).eval()
+    tok = load_tokenizer(tiny_models["bert"], "encoder")
+    texts = ["the profit rose", "the company said its net sales fell by percent in quarter"]
+    batch = dict(tok(texts, padding=True, return_tensors="pt"))
+    with torch.no_grad():
+        cls_logits = model(**batch).logits
+        set_pooling(model, "mean", "encoder")
+        set_pooling(model, "mean", "encoder")  # idempotent: one hook
+        mean_logits = model(**batch).logits
+        expected = _masked_mean_logits(model, batch)
+        alone = model(**dict(tok(texts[:1], return_tensors="pt"))).logits
+    assert len(model.base_model._forward_hooks) == 1
+    torch.testing.assert_close(mean_logits, expected)
+    torch.testing.assert_close(mean_logits[:1], alone, rtol=0, atol=1e-5)  # padding ignored
+    assert not torch.allclose(mean_logits, cls_logits)
+
+
+def test_cls_pooling_leaves_the_model_alone(tiny_models: dict[str, str]) -> None:
+    model = load_base_model(tiny_models["bert"], "encoder", ("a", "b"))
+    assert set_pooling(model, "cls", "encoder") is model
+    assert not model.base_model._forward_hooks
+
+
+def test_mean_pooling_refuses_decoders_and_heads_without_pooler(
+    tiny_models: dict[str, str],
+) -> None:
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    gpt2 = load_base_model(tiny_models["gpt2"], "decoder", ("a", "b"))
+    with pytest.raises(ModelError, match="applies to encoders"):
+        set_pooling(gpt2, "mean", "decoder")
+    cfg = DistilBertConfig(vocab_size=50, dim=16, n_layers=1, n_heads=2, hidden_dim=32)
+    distil = DistilBertForSequenceClassification(cfg)  # classifies from the first token
+    with pytest.raises(ModelError, match="pooler output"):
+        set_pooling(distil, "mean", "encoder")

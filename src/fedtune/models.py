@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
+from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -28,6 +29,7 @@ from transformers import (
 from fedtune.errors import ModelError
 
 Kind = Literal["encoder", "decoder"]
+Pooling = Literal["cls", "mean"]
 
 MINILM_ALIAS = "minilm"
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
@@ -117,6 +119,52 @@ def load_base_model(
         raise ModelError(f"cannot load model weights of {name!r}: {e}") from e
     if kind == "decoder" and model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
+    return model
+
+
+def _mean_pool_hook(
+    encoder: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+) -> Any:
+    """Forward hook on the encoder: replace its `pooler_output` (BERT: the [CLS]
+    token's state through dense + tanh) by the mean of the last hidden states over
+    the real tokens. The attention mask may be longer than the hidden states when a
+    prompt-learning method prepends virtual tokens to the mask only; its last T
+    columns are the tokens'."""
+    hidden = output.last_hidden_state  # [B, T, H]
+    mask = kwargs.get("attention_mask")
+    if mask is None:
+        mask = torch.ones(hidden.shape[:2], device=hidden.device)
+    weights = mask[:, -hidden.shape[1] :].to(hidden.dtype).unsqueeze(-1)  # [B, T, 1]
+    output.pooler_output = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)  # [B, H]
+    return output
+
+
+def set_pooling(model: PreTrainedModel, pooling: Pooling, kind: Kind) -> PreTrainedModel:
+    """What the sequence-classification head of an encoder reads: `cls` leaves the
+    model as transformers built it; `mean` feeds it the masked mean of the last
+    hidden states instead — how sentence-transformers checkpoints such as
+    all-MiniLM-L6-v2 were trained (their BERT pooler is never trained: all-MiniLM-L6-v2
+    ships it with zero bias and small random weights). No weights change, so a saved
+    adapter or model stays loadable by plain transformers/PEFT, which then pool
+    with the [CLS] token again: use fedtune to predict with such a model.
+
+    Works for heads that read the encoder's `pooler_output` (BERT, ALBERT, ERNIE…)."""
+    if pooling == "cls":
+        return model
+    if kind == "decoder":
+        raise ModelError(
+            f"pooling = {pooling!r} applies to encoders (a classification head); a decoder "
+            "classifies by generating the label word: use pooling = 'cls'"
+        )
+    encoder = model.base_model
+    if getattr(encoder, "pooler", None) is None:
+        raise ModelError(
+            f"pooling = {pooling!r} needs an encoder whose classification head reads the "
+            f"pooler output (BERT-like); {type(model).__name__} has none: use pooling = 'cls'"
+        )
+    if not getattr(encoder, "_fedtune_mean_pooling", False):  # idempotent
+        encoder.register_forward_hook(_mean_pool_hook, with_kwargs=True)
+        encoder._fedtune_mean_pooling = True  # type: ignore[assignment]
     return model
 
 

@@ -13,7 +13,7 @@ from fedtune.config import MethodConfig
 from fedtune.errors import ModelError
 from fedtune.methods import register
 from fedtune.methods.base import BaseLoader, Method
-from fedtune.models import Kind
+from fedtune.models import Kind, Pooling, set_pooling
 
 # Attribute names transformers uses for a sequence-classification output layer.
 _HEAD_NAMES = ("classifier", "score", "classification_head", "logits_proj")
@@ -22,11 +22,19 @@ _HEAD_NAMES = ("classifier", "score", "classification_head", "logits_proj")
 @dataclass(frozen=True)
 class HeadConfig(MethodConfig):
     lr: float = 5e-3
+    pooling: Pooling = "cls"
+    """Encoders: what the classification head reads; `cls` = the model's own pooler
+    (BERT: [CLS] token -> dense + tanh), `mean` = the mean of the last hidden states
+    (how sentence-transformers models such as `minilm` were trained)."""
 
 
 @dataclass(frozen=True)
 class FullConfig(MethodConfig):
     lr: float = 5e-5
+    pooling: Pooling = "cls"
+    """Encoders: what the classification head reads; `cls` = the model's own pooler
+    (BERT: [CLS] token -> dense + tanh), `mean` = the mean of the last hidden states
+    (how sentence-transformers models such as `minilm` were trained)."""
 
 
 def output_layer(model: PreTrainedModel, kind: Kind) -> nn.Module:
@@ -53,6 +61,9 @@ def output_layer(model: PreTrainedModel, kind: Kind) -> nn.Module:
 
 
 class _WholeModelMethod(Method[MethodConfig]):
+    def pooled(self, model: PreTrainedModel, kind: Kind) -> PreTrainedModel:
+        return set_pooling(model, getattr(self.config, "pooling", "cls"), kind)
+
     def save(self, module: nn.Module, directory: Path) -> None:
         assert isinstance(module, PreTrainedModel)
         module.save_pretrained(directory)
@@ -60,7 +71,9 @@ class _WholeModelMethod(Method[MethodConfig]):
     def load(self, directory: Path, kind: Kind, base: BaseLoader, trainable: bool) -> nn.Module:
         cls = AutoModelForSequenceClassification if kind == "encoder" else AutoModelForCausalLM
         model = cls.from_pretrained(directory)
-        return self.apply(model, kind) if trainable else model.requires_grad_(False)
+        if trainable:
+            return self.apply(model, kind)
+        return self.pooled(model, kind).requires_grad_(False)
 
 
 @register
@@ -70,7 +83,7 @@ class HeadMethod(_WholeModelMethod):
     config_class = HeadConfig
 
     def apply(self, model: PreTrainedModel, kind: Kind) -> nn.Module:
-        model.requires_grad_(False)
+        model = self.pooled(model, kind).requires_grad_(False)
         output_layer(model, kind).requires_grad_(True)
         return model
 
@@ -82,4 +95,4 @@ class FullMethod(_WholeModelMethod):
     config_class = FullConfig
 
     def apply(self, model: PreTrainedModel, kind: Kind) -> nn.Module:
-        return model.requires_grad_(True)
+        return self.pooled(model, kind).requires_grad_(True)

@@ -22,7 +22,7 @@ from fedtune.config import MethodConfig
 from fedtune.errors import ModelError
 from fedtune.methods import register
 from fedtune.methods.base import BaseLoader, Method
-from fedtune.models import Kind
+from fedtune.models import Kind, Pooling, set_pooling
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,10 @@ class PeftMethodConfig(MethodConfig):
     modules_to_save: tuple[str, ...] = ()
     """Extra modules trained in full next to the adapter (e.g. `pooler`); the
     classification head of an encoder is always included by PEFT."""
+    pooling: Pooling = "cls"
+    """Encoders: what the classification head reads; `cls` = the model's own pooler
+    (BERT: [CLS] token -> dense + tanh), `mean` = the mean of the last hidden states
+    (how sentence-transformers models such as `minilm` were trained)."""
 
 
 @dataclass(frozen=True)
@@ -112,8 +116,12 @@ class _PeftMethod(Method[PeftMethodConfig]):
     def peft_config(self, model: PreTrainedModel, kind: Kind) -> hf_peft.PeftConfig:
         """Map this method's config dataclass to the PEFT config."""
 
+    def pooled(self, model: PreTrainedModel, kind: Kind) -> PreTrainedModel:
+        assert isinstance(self.config, PeftMethodConfig)
+        return set_pooling(model, self.config.pooling, kind)
+
     def apply(self, model: PreTrainedModel, kind: Kind) -> nn.Module:
-        return hf_peft.get_peft_model(model, self.peft_config(model, kind))
+        return hf_peft.get_peft_model(self.pooled(model, kind), self.peft_config(model, kind))
 
     def save(self, module: nn.Module, directory: Path) -> None:
         assert isinstance(module, hf_peft.PeftModel)
@@ -129,7 +137,8 @@ class _PeftMethod(Method[PeftMethodConfig]):
                 "continue training, build the model again (AdaptedModel.build) and load "
                 "a trainable state with load_trainable_state()"
             )
-        return hf_peft.PeftModel.from_pretrained(base(), directory, is_trainable=trainable)
+        model = self.pooled(base(), kind)
+        return hf_peft.PeftModel.from_pretrained(model, directory, is_trainable=trainable)
 
 
 @register
