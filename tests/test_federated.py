@@ -5,6 +5,7 @@ checkpoint + resume, the compare pipeline and bad input."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from fedtune.config import FederatedConfig, RunConfig, load_config
 from fedtune.data import Example
 from fedtune.errors import ConfigError, DataError
 from fedtune.federated.compare import run_regimes
-from fedtune.federated.grid import InProcessGrid
+from fedtune.federated.grid import InProcessGrid, exchange
 from fedtune.federated.partition import Partition, partition_examples
 from fedtune.federated.runner import run_federated
 from fedtune.federated.server import build_strategy
@@ -231,19 +232,19 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(
     run_federated(_cfg(tiny_models, table, tmp_path, "name=full", *extra))
 
     calls = {"n": 0}
-    real = InProcessGrid.send_and_receive
+    real = InProcessGrid.push_messages
 
-    def dies_in_round_3(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+    def dies_in_round_3(self, messages):  # type: ignore[no-untyped-def]
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
-        return real(self, messages, timeout=timeout)
+        return real(self, messages)
 
-    monkeypatch.setattr(InProcessGrid, "send_and_receive", dies_in_round_3)
+    monkeypatch.setattr(InProcessGrid, "push_messages", dies_in_round_3)
     with pytest.raises(KeyboardInterrupt):
         run_federated(_cfg(tiny_models, table, tmp_path, "name=cut", *extra))
     assert len(_history(tmp_path / "cut")) == 2
-    monkeypatch.setattr(InProcessGrid, "send_and_receive", real)
+    monkeypatch.setattr(InProcessGrid, "push_messages", real)
     apps.clear_workspace()  # as a fresh process would
     run_federated(load_config(None, []), resume=tmp_path / "cut")
     full = load_file(str(tmp_path / "full" / "checkpoint" / "global.safetensors"))
@@ -374,3 +375,42 @@ def test_sites_with_their_own_data_files(
         run_federated(_cfg(tiny_models, server_file, tmp_path, "name=y",
                            "federated.partition=own", labels))  # fmt: skip
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+class _SlowGrid:
+    """Replies arrive over several polls; one site never answers; a stale reply (to
+    a message of an earlier exchange) and a duplicate turn up too."""
+
+    def __init__(self, msgs: list[Message]) -> None:
+        self.msgs = msgs
+        self.polls = 0
+
+    def push_messages(self, messages: list[Message]) -> list[str]:
+        return [f"m{i}" for i in range(len(messages))]
+
+    def pull_messages(self, ids: list[str]) -> list[Message]:
+        self.polls += 1
+
+        def reply(i: int, mid: str) -> Message:
+            r = Message(RecordDict(), reply_to=self.msgs[i])
+            r.metadata.__dict__["_reply_to_message_id"] = mid
+            return r
+
+        if self.polls == 1:
+            return [reply(0, "old-round")]
+        if self.polls == 2:
+            return [reply(0, "m0"), reply(0, "m0")]  # the second is a duplicate
+        if self.polls == 3:
+            return [reply(1, "m1")]
+        return []
+
+
+def test_exchange_is_bounded_and_keeps_one_reply_per_message() -> None:
+    msgs = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in (7, 8, 9)]
+    grid = _SlowGrid(msgs)
+    t0 = time.perf_counter()
+    got = exchange(grid, msgs, timeout=0.5, poll=(0.01, 0.05))  # type: ignore[arg-type]
+    assert time.perf_counter() - t0 < 2.0
+    assert [r.metadata.reply_to_message_id for r in got.replies] == ["m0", "m1"]
+    assert got.missing == [9] and got.ignored == 2
+    assert grid.polls > 3  # kept polling for node 9 until the timeout

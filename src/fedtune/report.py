@@ -144,6 +144,11 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:.3f} MB"
 
 
+def _cell(text: str) -> str:
+    """`text` fit for a markdown table cell: one line, no pipes."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
 def write_federated_report(
     run_dir: Path,
     s: dict[str, Any],
@@ -210,6 +215,13 @@ The global model is the round with the lowest shared validation loss.
 
 {chr(10).join(per_round)}
 """
+    if s.get("dropped"):
+        lines = ["## Sites that dropped out", "",
+                 "A round goes on with the sites that replied (at least federated.min_sites).",
+                 "", "| round | site | when (UTC) | reason |", "|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {d['round']} | {d['site']} | {d['at']} | {_cell(d['reason'])} |"
+                  for d in s["dropped"]]  # fmt: skip
+        text += "\n" + "\n".join(lines) + "\n"
     if s.get("personalized"):
         text += "\n" + personalized_table(s["personalized"]) + "\n"
     if s.get("notes"):

@@ -43,11 +43,13 @@ from fedtune.errors import ConfigError, DataError
 from fedtune.evaluate import Metrics, evaluate_features
 from fedtune.federated.partition import Partition, Site, make_site, partition_examples
 from fedtune.federated.wire import (
+    LAYOUT,
     arrays_of,
     config_of,
     decode_state,
     encode_state,
     load_session,
+    pack_record,
     save_session,
 )
 from fedtune.methods import is_frozen
@@ -337,9 +339,10 @@ def _features_update(ws: Workspace, pid: int, site: Site,
 
 def _reply_train(msg: Message, ws: Workspace, site: Site, transport: str, train_loss: float,
                  seconds: float, steps: int) -> Message:  # fmt: skip
+    wire, layout = pack_record(encode_state(ws.model.trainable_state(), transport))
     content = RecordDict(
         {
-            "arrays": encode_state(ws.model.trainable_state(), transport),
+            "arrays": wire,
             "metrics": MetricRecord(
                 {
                     "num-examples": len(site.train),
@@ -348,7 +351,7 @@ def _reply_train(msg: Message, ws: Workspace, site: Site, transport: str, train_
                     "steps": steps,
                 }
             ),
-            "site": ConfigRecord({"name": site.name}),
+            "site": ConfigRecord({"name": site.name, LAYOUT: layout}),
         }
     )
     return Message(content, reply_to=msg)

@@ -11,8 +11,10 @@ a site only ever sees what a real transport would deliver.
 from __future__ import annotations
 
 import logging
+import time
 import traceback
 from collections.abc import Iterable
+from dataclasses import dataclass
 from uuid import uuid4
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -29,6 +31,8 @@ log = logging.getLogger("fedtune.federated")
 
 CLIENT_EXCEPTION = 1
 """Error code of a reply whose ClientApp raised."""
+NO_REPLY = 2
+"""Error code the server gives a site that sent no reply within the timeout."""
 
 
 class InProcessGrid(Grid):
@@ -101,3 +105,55 @@ class InProcessGrid(Grid):
         """Sites run one after another in this process, so `timeout` has nothing
         to bound here; the deployment engine's grid applies it."""
         return list(self.pull_messages(list(self.push_messages(messages))))
+
+
+POLL_FIRST = 0.05
+POLL_MAX = 0.5
+"""Seconds between the server's polls for replies: from POLL_FIRST, growing by half
+each poll up to POLL_MAX (Flower's Grid.send_and_receive sleeps 3 s between polls,
+which alone cost a deployed round 1.5 s on average)."""
+
+
+@dataclass
+class Exchange:
+    replies: list[Message]
+    """One reply per site that answered in time (errors included), in arrival order."""
+    missing: list[int]
+    """Node ids that sent no reply within the timeout."""
+    ignored: int = 0
+    """Replies dropped: a second reply to one message, or a reply to a message of
+    another exchange (an old round)."""
+
+
+def exchange(grid: Grid, messages: list[Message], timeout: float,
+             poll: tuple[float, float] = (POLL_FIRST, POLL_MAX)) -> Exchange:  # fmt: skip
+    """Send `messages` and collect the replies for at most `timeout` seconds: a bounded
+    wait, replies kept only if they answer a message of this exchange, once each."""
+    ids = list(grid.push_messages(messages))
+    by_id = dict(zip(ids, messages, strict=True))
+    dst = {mid: m.metadata.dst_node_id for mid, m in by_id.items()}
+    pending = {mid for mid in ids if mid}
+    # A message Flower could not store (empty id) has no reply coming: its site failed.
+    missing_now = [m.metadata.dst_node_id for mid, m in zip(ids, messages, strict=True) if not mid]
+    replies: list[Message] = []
+    ignored = 0
+    deadline = time.monotonic() + timeout
+    wait = poll[0]
+    while pending:
+        for r in grid.pull_messages(list(pending)):
+            mid = r.metadata.reply_to_message_id
+            if mid in pending:
+                pending.discard(mid)
+                if r.has_error() and r.metadata.src_node_id != dst[mid]:
+                    # The SuperLink answers for an unavailable node: its error, but
+                    # from the SuperLink's id. Reply from the site it stands for.
+                    r = Message(r.error, reply_to=by_id[mid])
+                replies.append(r)
+            else:
+                ignored += 1
+        if not pending or time.monotonic() >= deadline:
+            break
+        time.sleep(min(wait, max(0.0, deadline - time.monotonic())))
+        wait = min(poll[1], wait * 1.5)
+    missing = missing_now + [dst[mid] for mid in ids if mid in pending]
+    return Exchange(replies, missing, ignored)

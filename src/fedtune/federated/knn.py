@@ -27,7 +27,7 @@ from fedtune.data import Example, Splits
 from fedtune.errors import FedtuneError
 from fedtune.evaluate import Metrics
 from fedtune.federated.apps import VERSION_KEY, client_app, workspace
-from fedtune.federated.grid import InProcessGrid
+from fedtune.federated.grid import InProcessGrid, exchange
 from fedtune.federated.wire import arrays_of, message_bytes, message_payload_bytes
 from fedtune.methods.retrieval import Knn, top_k, vote
 from fedtune.report import metrics_table, plot_confusion
@@ -58,7 +58,12 @@ def federated_neighbours(
             traffic.append({"kind": kind, "direction": "down", "site": names.get(
                 m.metadata.dst_node_id, str(m.metadata.dst_node_id)),
                 "bytes": message_bytes(m), "payload_bytes": message_payload_bytes(m)})  # fmt: skip
-        replies = list(grid.send_and_receive(messages, timeout=timeout))
+        got = exchange(grid, messages, timeout)
+        if failures is not None:
+            failures += [f"{names.get(n, f'node-{n}')} sent no reply to {kind} queries "
+                         f"{start}-{start + len(batch) - 1} in {timeout:g} s"
+                         for n in got.missing]  # fmt: skip
+        replies = got.replies
         cand_s, cand_l = [], []
         for r in replies:
             node = r.metadata.src_node_id

@@ -249,6 +249,10 @@ def summarize(
         / rounds_run
         / n_sites,
         "bytes_total": sum(t["bytes"] for t in st.traffic),
+        "dropped": [
+            {"round": r["round"], "site": site, "reason": reason, "at": r.get("failed_at", "")}
+            for r in st.history for site, reason in (r.get("failed") or {}).items()
+        ],
         "personalized": outcome.personalized,
         **test.summary(),
         "report": test.report,

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
 from rich.console import Console
@@ -35,7 +35,9 @@ from fedtune.config import FederatedConfig, RunConfig
 from fedtune.errors import ConfigError
 from fedtune.evaluate import Metrics
 from fedtune.federated.apps import VERSION_KEY, Workspace, workspace
+from fedtune.federated.grid import NO_REPLY, exchange
 from fedtune.federated.wire import (
+    LAYOUT,
     arrays_of,
     decode_record,
     decode_state,
@@ -43,8 +45,11 @@ from fedtune.federated.wire import (
     message_bytes,
     message_payload_bytes,
     metrics_of,
+    pack_record,
 )
 from fedtune.runs import METRICS_FILE, MODEL_DIR, append_jsonl
+
+log = logging.getLogger("fedtune.federated")
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "state.json"
@@ -231,14 +236,23 @@ def _send(
     grid: Grid, messages: list[Message], state: FederationState, rnd: int, kind: str,
     transport: str, timeout: float, names: dict[int, str],
 ) -> list[Message]:  # fmt: skip
-    """Send, receive, account every message in both directions; replies decoded to fp32."""
+    """Send, receive, account every message in both directions; replies decoded to fp32.
+    A site that sent no reply in time gets an error reply here ("no reply in N s"), so
+    that it is reported as failed like a site whose ClientApp raised."""
     for m in messages:
         state.traffic.append({
             "round": rnd, "kind": kind, "direction": "down",
             "site": names.get(m.metadata.dst_node_id, f"node-{m.metadata.dst_node_id}"),
             "bytes": message_bytes(m), "payload_bytes": message_payload_bytes(m),
         })  # fmt: skip
-    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    got = exchange(grid, messages, timeout)
+    if got.ignored:
+        log.warning("round %d: ignored %d stale or duplicate replies", rnd, got.ignored)
+    replies = got.replies
+    by_node = {m.metadata.dst_node_id: m for m in messages}
+    for node in got.missing:
+        reason = f"no reply in {timeout:g} s (site down or too slow: federated.timeout)"
+        replies.append(Message(Error(code=NO_REPLY, reason=reason), reply_to=by_node[node]))
     for r in replies:
         node = r.metadata.src_node_id
         name = names.get(node) or _site_name(r, node)
@@ -256,9 +270,10 @@ def _send(
 def _set_payload(messages: list[Message], arrays: ArrayRecord, transport: str) -> None:
     """Put the global state, encoded once in the transport type, into every message
     (Flower's strategies may share one content record among the messages)."""
-    wire = encode_state(decode_state(arrays), transport)
+    wire, layout = pack_record(encode_state(decode_state(arrays), transport))
     for m in messages:
         m.content["arrays"] = wire
+        m.content.config_records["config"][LAYOUT] = layout
         m.content.config_records["config"]["transport"] = transport
         m.content.config_records["config"][VERSION_KEY] = fedtune.__version__
 
@@ -331,6 +346,11 @@ def run_server(
         record: dict[str, Any] = {
             "round": rnd, "sites": len(ok), "sampled": len(train_msgs), "failed": failed,
         }  # fmt: skip
+        if failed:
+            record["failed_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            for site, reason in failed.items():
+                console.print(f"[yellow]round {rnd}: site {escape(site)} dropped out:[/] "
+                              f"{escape(str(reason))}")  # fmt: skip
         if len(ok) < max(1, fed.min_sites):
             record["abandoned"] = True
             console.print(
@@ -443,14 +463,15 @@ def _personalize(
     grid: Grid, cfg: RunConfig, arrays: ArrayRecord, state: FederationState, names: dict[int, str]
 ) -> list[dict[str, Any]]:
     fed = cfg.federated
+    wire, layout = pack_record(encode_state(decode_state(arrays), fed.transport))
     msgs = [
         Message(
             RecordDict(
                 {
-                    "arrays": encode_state(decode_state(arrays), fed.transport),
+                    "arrays": wire,
                     "config": ConfigRecord(
                         {"epochs": fed.personalize_epochs, "transport": fed.transport,
-                         VERSION_KEY: fedtune.__version__}
+                         VERSION_KEY: fedtune.__version__, LAYOUT: layout}
                     ),
                 }
             ),
