@@ -1,10 +1,11 @@
 """Flower's Deployment Engine (fedtune.deploy): a SuperLink and three SuperNodes on
-loopback with TLS and SuperNode authentication (keys from `make_certs`), running
-the fedtune app with `flwr run` on the project folder.
+loopback with TLS and SuperNode authentication (keys from `make_certs`), each site
+with its warm worker (fedtune.federated.worker), a run submitted with `fedtune submit`.
 
-One federation serves the module: starting it takes 6-14 s on two cores, the 2-round
-run ~60 s (each round 21-25 s: three fresh ClientApp processes importing torch at
-once, Flower's 3 s polls on both sides; training itself takes 0.1 s)."""
+One federation serves the module: starting it takes 15-20 s on two cores (each site's
+worker imports torch and transformers once); a 2-round run of a tiny model ~25 s
+(the ServerApp process loads fedtune and the model, then 4-7 s per round: Flower's
+3 s SuperNode poll and a fresh ClientApp process per message; training 0.1 s)."""
 
 from __future__ import annotations
 
@@ -27,10 +28,12 @@ from conftest import LABELS, TEXTS, Y
 from peft import PeftModel
 from rich.console import Console
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from typer.testing import CliRunner
 
 import fedtune.federated.apps as apps
 from fedtune.adapted import AdaptedModel
 from fedtune.certs import make_certs
+from fedtune.cli import app as cli_app
 from fedtune.config import load_config
 from fedtune.deploy import (
     DeploymentError,
@@ -124,8 +127,16 @@ def test_federated_lora_over_tls_with_node_auth(
     site_files = [str(federation.root.parent / f"{site}.csv") for site in SITES]
     config = _write_config(tmp_path, tiny_models["bert"], 'partition = "own"')
     out = tmp_path / "run"
-    run = federation.submit(find_app_dir(), fedtune_run_config(config, out), timeout=600)
-    assert run.completed, run
+    # Submitted with `fedtune submit`, which follows the ServerApp's log.
+    assert federation.certs is not None
+    args = ["submit", str(config), "--server", federation.address,
+            "--ca", str(federation.certs.ca_cert), "--output-dir", str(out)]  # fmt: skip
+    result = CliRunner().invoke(cli_app, args)
+    assert result.exit_code == 0, result.output
+    assert "round   1/2" in result.output and "round   2/2" in result.output
+    assert "finished:completed" in result.output
+    bad = CliRunner().invoke(cli_app, ["submit", str(config), "--server", federation.address])
+    assert bad.exit_code == 2 and "ca.crt" in bad.output
 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rounds = [r for r in rows if r["event"] == "round"]

@@ -345,6 +345,197 @@ def certs_cmd(
                   "ca.crt goes to everyone[/]")  # fmt: skip
 
 
+@app.command("server")
+def server_cmd(
+    certs: Annotated[Path, typer.Argument(help="The federation's folder from `fedtune certs`.")],
+    state: Annotated[Path, typer.Option(help="Folder for the SuperLink's database (runs, "
+                                        "registered sites; survives restarts).")] = Path(
+        "superlink-state"
+    ),
+    port: Annotated[int, typer.Option(help="The SuperLink's port (sites, CLI, ServerApp).")] = (
+        9092
+    ),
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "0.0.0.0",
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="No TLS, no site authentication (tests only).")
+    ] = False,
+) -> None:
+    """Run the federation's server (a Flower SuperLink): TLS with the certificate from
+    `fedtune certs`, only the sites in CERTS/sites/ may join (their keys are registered
+    at start). Runs until Ctrl-C."""
+    import signal
+    import subprocess
+    import time
+
+    from fedtune import deploy
+    from fedtune.certs import FederationCerts
+
+    try:
+        fc = None if insecure else FederationCerts(certs)
+        cmd = deploy.superlink_command(fc, port, state, host=host, insecure=insecure)
+        deploy.check_port_free(host, port)
+    except FedtuneError as e:
+        _fail(e)
+    home = (state / "cli").resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(cmd, env=deploy.flower_env(state / "home"), cwd=state)
+
+    def stop(_signum: int, _frame: object) -> None:  # systemd, docker stop, kill, Ctrl-C
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)
+    try:
+        address = f"127.0.0.1:{port}" if host in ("0.0.0.0", "") else f"{host}:{port}"
+        deadline = time.monotonic() + 60
+        while not _listening(address) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if proc.poll() is not None or not _listening(address):
+            raise typer.Exit(proc.poll() or 1)
+        if fc is not None:
+            deploy.write_connection(home, "local", address, fc.ca_cert)
+            for site, node in deploy.register_sites(home, "local", fc).items():
+                console.print(f"site {escape(site)}: "
+                              + (f"registered (node {node})" if node else "already registered"))
+        console.print(f"[bold green]SuperLink up[/] on {host}:{port}. Sites join with "
+                      f"`fedtune site`; runs are submitted with `fedtune submit`. Ctrl-C stops.")
+        proc.wait()
+    except FedtuneError as e:
+        stop(signal.SIGTERM, None)
+        proc.wait(timeout=30)
+        _fail(e)
+    raise typer.Exit(proc.returncode if proc.returncode and proc.returncode > 0 else 0)
+
+
+def _listening(address: str) -> bool:
+    import socket
+
+    host, port = address.rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+@app.command("site")
+def site_cmd(
+    site_dir: Annotated[Path, typer.Argument(help="This site's folder from `fedtune certs` "
+                                             "(sites/<name>/: auth.key, ca.crt).")],
+    server: Annotated[str, typer.Option(help="The SuperLink, host:port.")],
+    data: Annotated[
+        Path | None, typer.Option(help="This site's own data file (runs with "
+                                  "federated.partition = 'own'); never leaves the site.")
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="Site name (default: the folder's).")] = None,
+    partition_id: Annotated[
+        int, typer.Option(help="This site's share of a shared dataset (rehearsals).")
+    ] = 0,
+    workdir: Annotated[Path, typer.Option(help="Site-local outputs (personalized models, "
+                                          "indexes) and the worker's socket.")] = Path("site"),
+    port: Annotated[int, typer.Option(help="Local port of the SuperNode's API.")] = 9094,
+    cold: Annotated[bool, typer.Option("--cold", help="No worker: load the base model in "
+                                       "every message (Flower's default behaviour).")] = False,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="No TLS, no authentication (tests only).")
+    ] = False,
+) -> None:
+    """Join a federation as a site (a Flower SuperNode plus a worker that keeps the
+    base model loaded between rounds). Runs until Ctrl-C."""
+    from fedtune import deploy
+    from fedtune.federated.worker import run_site, socket_path
+
+    site_name = name or site_dir.resolve().name
+    config: dict[str, deploy.ConfigValue] = {"partition-id": partition_id, "site-name": site_name,
+                                             "output-dir": str((workdir / "output").resolve())}
+    if data is not None:
+        if not data.is_file():
+            _fail(FedtuneError(f"--data {data}: no such file"))
+        config["data-path"] = str(data.resolve())
+    try:
+        cmd = deploy.supernode_command(server, config, port=port, insecure=insecure,
+                                       ca_cert=None if insecure else site_dir / "ca.crt",
+                                       auth_key=None if insecure else site_dir / "auth.key")
+    except FedtuneError as e:
+        _fail(e)
+    env = deploy.flower_env(workdir / "flwr-home")
+    if cold:
+        import subprocess
+
+        raise typer.Exit(subprocess.call(cmd, env=env))
+    raise typer.Exit(run_site(cmd, socket_path(workdir), env))
+
+
+@app.command("submit")
+def submit_cmd(
+    config: Annotated[Path, typer.Argument(help="The run's fedtune TOML config.")],
+    server: Annotated[str, typer.Option(help="The SuperLink, host:port.")],
+    ca: Annotated[
+        Path | None, typer.Option(help="The federation's ca.crt (from `fedtune certs`).")
+    ] = None,
+    output_dir: Annotated[
+        Path | None, typer.Option(help="Run directory, on the server's machine.")
+    ] = None,
+    resume: Annotated[
+        Path | None, typer.Option(help="Continue this run directory (on the server) from "
+                                  "its last checkpoint.")
+    ] = None,
+    overrides: SetOpt = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the run.")] = 24 * 3600,
+    insecure: Annotated[bool, typer.Option("--insecure", help="No TLS (tests only).")] = False,
+) -> None:
+    """Submit a federated run to a SuperLink and follow it (the ServerApp's log, one
+    line per round) until it finishes."""
+    import tempfile
+    import threading
+
+    from fedtune import deploy
+
+    with tempfile.TemporaryDirectory(prefix="fedtune-submit-") as tmp:
+        home = Path(tmp) / "flwr"
+        log = Path(tmp) / "run.log"
+        try:
+            if not insecure and (ca is None or not ca.is_file()):
+                raise FedtuneError(f"--ca {ca}: give the federation's ca.crt (from "
+                                   "`fedtune certs`), or --insecure")
+            deploy.write_connection(home, "fed", server, ca, insecure=insecure)
+            rc = deploy.fedtune_run_config(config, output_dir, list(overrides or []), resume)
+            done = threading.Event()
+            follower = threading.Thread(target=_follow, args=(log, done), daemon=True)
+            follower.start()
+            try:
+                run = deploy.submit(deploy.app_bundle(Path(tmp) / "app"), "fed", home, rc,
+                                    timeout=timeout, log_file=log, check=False)
+            finally:
+                done.set()
+                follower.join(timeout=5)
+        except FedtuneError as e:
+            _fail(e)
+    if not run.completed:
+        _fail(FedtuneError(f"run {run.run_id} ended {run.status} (its log is above)"))
+    console.print(f"[bold green]run {run.run_id} {run.status}[/] in {run.seconds:.0f} s")
+
+
+def _follow(path: Path, done: object) -> None:
+    """Print what is appended to `path` until `done` (a threading.Event) is set."""
+    import time
+
+    pos = 0
+    while True:
+        finished = done.is_set()  # type: ignore[attr-defined]
+        if path.is_file():
+            with path.open("rb") as f:
+                f.seek(pos)
+                chunk = f.read()
+                pos += len(chunk)
+            if chunk:
+                console.out(chunk.decode("utf-8", "replace"), end="", highlight=False)
+        if finished:
+            return
+        time.sleep(0.3)
+
+
 @app.command("config")
 def config_cmd(
     method: Annotated[str, typer.Option(help="Method whose keys to show.")] = "lora",

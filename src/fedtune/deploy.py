@@ -380,6 +380,23 @@ def register_site(flwr_home: str | Path, connection: str, public_key: str | Path
     return int(data["node-id"])
 
 
+def register_sites(flwr_home: str | Path, connection: str, certs: FederationCerts, *,
+                   timeout: float = 60.0) -> dict[str, int | None]:  # fmt: skip
+    """Register every site of `certs` (its sites/<name>/auth.key.pub); a site already
+    registered (e.g. before a SuperLink restart) is kept. Site -> node id (None when
+    it was registered before)."""
+    out: dict[str, int | None] = {}
+    for site in certs.sites:
+        try:
+            out[site] = register_site(flwr_home, connection, certs.site_public_key(site),
+                                      name=site, timeout=timeout)  # fmt: skip
+        except DeploymentError as err:
+            if "already in use" not in str(err):
+                raise
+            out[site] = None
+    return out
+
+
 def list_nodes(flwr_home: str | Path, connection: str, *,
                timeout: float = 60.0) -> list[dict[str, Any]]:  # fmt: skip
     """The SuperLink's SuperNodes (`flwr supernode list`): dicts with `node-id`,
@@ -515,6 +532,31 @@ def find_app_dir() -> Path:
             "[tool.flwr.app]; run `flwr run` from a clone of the project"
         )
     return root
+
+
+def app_bundle(dest: str | Path) -> Path:
+    """A minimal Flower app folder for `flwr run` (pyproject.toml naming fedtune's
+    ServerApp and ClientApp): enough to submit a run when fedtune is installed from
+    a wheel, and packed at once. With runtime dependency installation off (fedtune's
+    default), every party imports the fedtune installed in its environment; the
+    bundle only names the apps."""
+    import fedtune
+
+    src = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    try:
+        flwr_app = tomllib.loads(src.read_text(encoding="utf-8"))["tool"]["flwr"]["app"]
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        flwr_app = {"publisher": "fedtune",
+                    "components": {"serverapp": "fedtune.federated.apps:server_app",
+                                   "clientapp": "fedtune.federated.siteapp:client_app"},
+                    "config": {"config": "", "set": "", "output-dir": "", "resume": ""}}  # fmt: skip
+    out = Path(dest)
+    out.mkdir(parents=True, exist_ok=True)
+    project = {"project": {"name": "fedtune", "version": fedtune.__version__,
+                           "dependencies": [f"fedtune=={fedtune.__version__}"]},
+               "tool": {"flwr": {"app": flwr_app}}}  # fmt: skip
+    (out / "pyproject.toml").write_text(_dump_toml(project), encoding="utf-8")
+    return out
 
 
 def stage_app(project: str | Path, dest: str | Path) -> Path:
@@ -698,6 +740,9 @@ class LocalFederation:
     task_poll_interval: float | None = None
     """Seconds between the SuperExecs' polls for app processes to start (Flower's
     default is 1 s)."""
+    warm: bool = True
+    """Each site runs a long-lived worker that keeps the base model loaded between
+    messages (`fedtune.federated.worker`); False: Flower's own process per message."""
     superlink: FlowerProcess | None = field(default=None, init=False)
     nodes: dict[str, FlowerProcess] = field(default_factory=dict, init=False)
     startup_seconds: float = field(default=0.0, init=False)
@@ -808,12 +853,70 @@ class LocalFederation:
             ca_cert=self.certs.ca_cert if self.certs else None,
             auth_key=self.certs.site_key(site) if self.certs else None,
         )  # fmt: skip
+        if self.warm:
+            from fedtune.federated.worker import socket_path
+
+            cmd = [sys.executable, "-m", "fedtune.federated.worker",
+                   "--socket", str(socket_path(home)), "--", *cmd]  # fmt: skip
         proc = _start(cmd, f"SuperNode {site}", self.logs / f"supernode-{site}.log",
                       self._env(home), home, port)  # fmt: skip
         self.nodes[site] = proc
         if wait:
             _wait_connected(proc, time.monotonic() + (timeout or self.start_timeout))
         return proc
+
+    def kill(self, site: str, sig: int = signal.SIGKILL) -> None:
+        """Send `sig` to `site`'s SuperNode and everything it started (a crash with
+        SIGKILL: the SuperLink notices only when its heartbeats stop, within 60 s)."""
+        proc = self.nodes[site]
+        _signal_group(proc.popen.pid, sig)
+        try:
+            proc.popen.wait(timeout=self.stop_timeout)
+        except subprocess.TimeoutExpired as err:
+            raise DeploymentError(f"SuperNode {site} survived signal {sig}") from err
+
+    def restart_superlink(self, kill: bool = True) -> None:
+        """Stop the SuperLink (SIGKILL with `kill`: a crash; else SIGTERM) and start it
+        again on the same port and state database. The SuperNodes reconnect by
+        themselves; runs in flight when it stopped are marked failed."""
+        if self.superlink is None:
+            raise DeploymentError("the federation is not started")
+        if kill:
+            _signal_group(self.superlink.popen.pid, signal.SIGKILL)
+            self.superlink.popen.wait(timeout=self.stop_timeout)
+        self.superlink.stop(self.stop_timeout)
+        state = self.root / "superlink"
+        cmd = superlink_command(self.certs, self.port, state, host=self.host,
+                                insecure=self.insecure)  # fmt: skip
+        deadline = time.monotonic() + self.start_timeout
+        while True:  # the port may linger for a moment after a kill
+            try:
+                check_port_free(self.host, self.port)
+                break
+            except DeploymentError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        self.superlink = _start(cmd, "SuperLink", self.logs / "superlink.log",
+                                self._env(state / "home"), state, self.port)  # fmt: skip
+        _wait_listening(self.superlink, self.host, deadline)
+
+    def wait_online(self, sites: Sequence[str] | None = None, timeout: float | None = None) -> None:
+        """Wait (bounded) until the SuperLink lists `sites` (default: all running) online."""
+        names = sites or [s for s, p in self.nodes.items() if p.running]
+        want = {int(self.nodes[s].node_id or 0) for s in names}
+        deadline = time.monotonic() + (timeout or self.start_timeout)
+        while True:
+            try:
+                online = {int(n["node-id"]) for n in self.list_nodes() if n["status"] == "online"}
+            except DeploymentError:
+                online = set()
+            if want <= online:
+                return
+            if time.monotonic() > deadline:
+                raise DeploymentError(f"sites not online after waiting: node ids "
+                                      f"{sorted(want - online)}")  # fmt: skip
+            time.sleep(0.5)
 
     def stop(self) -> None:
         """SIGTERM to every SuperNode, then to the SuperLink; SIGKILL what is left
