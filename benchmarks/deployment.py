@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-
 CONFIG = Path(__file__).resolve().parents[1] / "examples" / "federated.toml"
 
 
@@ -86,8 +85,11 @@ def run_deployed(overrides: list[str], out: Path, warm: bool) -> dict[str, Any]:
     env = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}  # fmt: skip
     app = stage_app(find_app_dir(), root / "app")
+    # fedtune before 0.1.0's site workers has no `warm`: this script measures it too
+    # (PYTHONPATH=<old checkout>/src python benchmarks/deployment.py --modes cold).
+    kw = {"warm": warm} if "warm" in LocalFederation.__dataclass_fields__ else {}
     with LocalFederation(root / "fed", sites, certs, env=env, task_poll_interval=0.1,
-                         warm=warm, start_timeout=300) as fed:  # fmt: skip
+                         start_timeout=300, **kw) as fed:  # type: ignore[arg-type]  # fmt: skip
         t0 = time.perf_counter()
         run = fed.submit(app, fedtune_run_config(CONFIG, root / "run", overrides), timeout=3000)
         seconds = time.perf_counter() - t0

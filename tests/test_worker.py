@@ -117,3 +117,25 @@ def test_supernode_command_gets_the_worker_in_its_node_config(tmp_path: Path) ->
     assert with_worker(["flower-supernode"], "/s")[-2:] == ["--node-config", f"{WORKER_KEY}='/s'"]
     long_dir = tmp_path / ("x" * 120)
     assert len(str(socket_path(long_dir))) < 108  # Unix socket path limit
+
+
+def test_supernode_poll_is_capped_and_flower_args_pass_through(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import importlib
+    import time
+
+    from fedtune.federated.supernode import DEFAULT_POLL, patch_poll, split_args
+
+    assert split_args(["--superlink", "h:1"]) == (DEFAULT_POLL, ["--superlink", "h:1"])
+    assert split_args(["--fedtune-poll", "0.5", "--insecure"]) == (0.5, ["--insecure"])
+    with pytest.raises(SystemExit, match=r"0\.01 to 3"):
+        split_args(["--fedtune-poll", "10"])
+    loop = importlib.import_module("flwr.supernode.start_client_internal")
+    monkeypatch.setattr(loop, "time", loop.time)  # restored after the test
+    assert patch_poll(0.01)
+    t0 = time.perf_counter()
+    loop.time.sleep(3)  # Flower's idle wait
+    assert time.perf_counter() - t0 < 0.5
+    assert loop.time.monotonic() > 0  # the rest of `time` is untouched
+    assert not patch_poll(0.01)  # already patched: not the layout it expects, left alone

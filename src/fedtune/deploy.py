@@ -112,10 +112,12 @@ def flower_env(flwr_home: str | Path | None = None,
                extra: Mapping[str, str] | None = None) -> dict[str, str]:  # fmt: skip
     """The environment for Flower processes: this one, with this interpreter's
     `bin/` first on PATH (the app processes Flower starts must import the same
-    fedtune and torch), telemetry off, `FLWR_HOME` when given, then `extra`."""
+    fedtune and torch), telemetry and update checks off (no process of a federation
+    reaches the internet), `FLWR_HOME` when given, then `extra`."""
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(_bin_dir()), env.get("PATH", "")])
     env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")  # else each process asks flower.ai
     if flwr_home is not None:
         env["FLWR_HOME"] = str(Path(flwr_home).resolve())
     env.update(extra or {})
@@ -545,11 +547,11 @@ def app_bundle(dest: str | Path) -> Path:
     src = Path(__file__).resolve().parents[2] / "pyproject.toml"
     try:
         flwr_app = tomllib.loads(src.read_text(encoding="utf-8"))["tool"]["flwr"]["app"]
-    except (OSError, KeyError, tomllib.TOMLDecodeError):
-        flwr_app = {"publisher": "fedtune",
-                    "components": {"serverapp": "fedtune.federated.apps:server_app",
-                                   "clientapp": "fedtune.federated.siteapp:client_app"},
-                    "config": {"config": "", "set": "", "output-dir": "", "resume": ""}}  # fmt: skip
+    except (OSError, KeyError, tomllib.TOMLDecodeError):  # a wheel install: the same tables
+        components = {"serverapp": "fedtune.federated.apps:server_app",
+                      "clientapp": "fedtune.federated.siteapp:client_app"}  # fmt: skip
+        config = dict.fromkeys(("config", "set", "output-dir", "resume"), "")
+        flwr_app = {"publisher": "fedtune", "components": components, "config": config}
     out = Path(dest)
     out.mkdir(parents=True, exist_ok=True)
     project = {"project": {"name": "fedtune", "version": fedtune.__version__,
@@ -742,7 +744,9 @@ class LocalFederation:
     default is 1 s)."""
     warm: bool = True
     """Each site runs a long-lived worker that keeps the base model loaded between
-    messages (`fedtune.federated.worker`); False: Flower's own process per message."""
+    messages (`fedtune.federated.worker`) and a SuperNode polling every
+    `node_poll_interval` s; False: Flower's own process per message and 3 s poll."""
+    node_poll_interval: float = 0.25
     superlink: FlowerProcess | None = field(default=None, init=False)
     nodes: dict[str, FlowerProcess] = field(default_factory=dict, init=False)
     startup_seconds: float = field(default=0.0, init=False)
@@ -856,8 +860,9 @@ class LocalFederation:
         if self.warm:
             from fedtune.federated.worker import socket_path
 
-            cmd = [sys.executable, "-m", "fedtune.federated.worker",
-                   "--socket", str(socket_path(home)), "--", *cmd]  # fmt: skip
+            cmd = [sys.executable, "-m", "fedtune.federated.worker", "--socket",
+                   str(socket_path(home)), "--poll", str(self.node_poll_interval),
+                   "--", *cmd]  # fmt: skip
         proc = _start(cmd, f"SuperNode {site}", self.logs / f"supernode-{site}.log",
                       self._env(home), home, port)  # fmt: skip
         self.nodes[site] = proc
