@@ -29,8 +29,12 @@ def test_chain_san_and_key_formats(tmp_path: Path) -> None:
     server = x509.load_pem_x509_certificate(certs.server_cert.read_bytes())
     server.verify_directly_issued_by(ca)
     san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert san.get_values_for_type(x509.DNSName) == ["fl.example.org"]
-    assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("10.0.0.5")]
+    # The given hosts, and loopback for the server operator's own tools (`fedtune server`
+    # registers the sites over 127.0.0.1).
+    assert san.get_values_for_type(x509.DNSName) == ["fl.example.org", "localhost"]
+    assert san.get_values_for_type(x509.IPAddress) == [
+        ipaddress.ip_address(a) for a in ("10.0.0.5", "127.0.0.1", "::1")
+    ]
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     assert certs.sites == ["org-a", "org-b"]
     for site in certs.sites:

@@ -399,18 +399,22 @@ class _SlowGrid:
         if self.polls == 1:
             return [reply(0, "old-round")]
         if self.polls == 2:
-            return [reply(0, "m0"), reply(0, "m0")]  # the second is a duplicate
+            return [reply(1, "m1")]  # arrives first, but was sent second
         if self.polls == 3:
-            return [reply(1, "m1")]
+            return [reply(0, "m0"), reply(0, "m0")]  # the second is a duplicate
         return []
 
 
 def test_exchange_is_bounded_and_keeps_one_reply_per_message() -> None:
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1  # as a grid does
     msgs = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in (7, 8, 9)]
     grid = _SlowGrid(msgs)
     t0 = time.perf_counter()
     got = exchange(grid, msgs, timeout=0.5, poll=(0.01, 0.05))  # type: ignore[arg-type]
     assert time.perf_counter() - t0 < 2.0
+    # in the order sent (aggregation sums in this order), not of arrival
     assert [r.metadata.reply_to_message_id for r in got.replies] == ["m0", "m1"]
     assert got.missing == [9] and got.ignored == 2
     assert grid.polls > 3  # kept polling for node 9 until the timeout

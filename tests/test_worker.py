@@ -115,6 +115,10 @@ def test_supernode_command_gets_the_worker_in_its_node_config(tmp_path: Path) ->
     out = with_worker(cmd, tmp_path / "w.sock")
     assert out[2] == f"partition-id=0 {WORKER_KEY}='{tmp_path / 'w.sock'}'"
     assert with_worker(["flower-supernode"], "/s")[-2:] == ["--node-config", f"{WORKER_KEY}='/s'"]
+    equals_form = with_worker(["n", "--node-config=a=1"], "/s")
+    assert equals_form == ["n", f"--node-config=a=1 {WORKER_KEY}='/s'"]
+    with pytest.raises(ConfigError, match="key=value pairs"):
+        with_worker(["n", "--node-config", "site.toml"], "/s")
     long_dir = tmp_path / ("x" * 120)
     assert len(str(socket_path(long_dir))) < 108  # Unix socket path limit
 

@@ -4,7 +4,8 @@ made with the `cryptography` package.
     OUT/
       ca/ca.crt                 the federation's root certificate: give it to every party
       ca/ca.key                 the CA's private key (0600): keep it offline, it signs
-      server/server.pem         the SuperLink's TLS certificate (SAN: the given hosts)
+      server/server.pem         the SuperLink's TLS certificate (SAN: the given hosts and
+                                localhost, 127.0.0.1, ::1 for the operator's own tools)
       server/server.key         its private key (0600)
       server/ca.crt             copy of the root, for `flower-superlink --ssl-ca-certfile`
       sites/<site>/auth.key     the site's SuperNode authentication key (OpenSSH, 0600)
@@ -130,7 +131,8 @@ def make_certs(out: str | Path, sites: list[str], hosts: list[str] | None = None
     """A new CA, a server certificate for `hosts` and one authentication key pair
     per site, in `out` (see the module docstring for the layout)."""
     _check_sites(sites)
-    hosts = list(hosts or DEFAULT_HOSTS)
+    # Loopback names always: `fedtune server` registers the sites over 127.0.0.1.
+    hosts = list(dict.fromkeys([*(hosts or []), *DEFAULT_HOSTS]))
     san = _san(hosts)
     if days < 1:
         raise ConfigError(f"--days {days}: certificates must be valid for at least a day")

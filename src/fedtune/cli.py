@@ -309,8 +309,8 @@ def certs_cmd(
     ] = None,
     host: Annotated[
         list[str] | None,
-        typer.Option("--host", help="Address the sites connect to (repeatable; default "
-                     "localhost, 127.0.0.1, ::1)."),
+        typer.Option("--host", help="Address the sites connect to (repeatable; localhost, "
+                     "127.0.0.1 and ::1 are always included)."),
     ] = None,
     days: Annotated[int, typer.Option(help="Validity of the certificates.")] = 365,
     add_site: Annotated[
@@ -392,7 +392,8 @@ def server_cmd(
         while not _listening(address) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         if proc.poll() is not None or not _listening(address):
-            raise typer.Exit(proc.poll() or 1)
+            raise FedtuneError(f"the SuperLink did not come up on {address} (exit code "
+                               f"{proc.poll()}); its log is above")
         if fc is not None:
             deploy.write_connection(home, "local", address, fc.ca_cert)
             for site, node in deploy.register_sites(home, "local", fc).items():
@@ -403,7 +404,10 @@ def server_cmd(
         proc.wait()
     except FedtuneError as e:
         stop(signal.SIGTERM, None)
-        proc.wait(timeout=30)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
         _fail(e)
     raise typer.Exit(proc.returncode if proc.returncode and proc.returncode > 0 else 0)
 
@@ -467,7 +471,13 @@ def site_cmd(
         import subprocess
 
         raise typer.Exit(subprocess.call(cmd, env=env))
-    raise typer.Exit(run_site(cmd, socket_path(workdir), env, poll=poll))
+    try:
+        code = run_site(cmd, socket_path(workdir), env, poll=poll)
+    except FedtuneError as e:
+        _fail(e)
+    except OSError as e:
+        _fail(FedtuneError(f"--workdir {workdir}: cannot run the site worker there ({e})"))
+    raise typer.Exit(code)
 
 
 @app.command("submit")
@@ -503,7 +513,7 @@ def submit_cmd(
                 raise FedtuneError(f"--ca {ca}: give the federation's ca.crt (from "
                                    "`fedtune certs`), or --insecure")
             deploy.write_connection(home, "fed", server, ca, insecure=insecure)
-            rc = deploy.fedtune_run_config(config, output_dir, list(overrides or []), resume)
+            rc = _submitted_config(config, list(overrides or []), output_dir, resume)
             done = threading.Event()
             follower = threading.Thread(target=_follow, args=(log, done), daemon=True)
             follower.start()
@@ -518,6 +528,27 @@ def submit_cmd(
     if not run.completed:
         _fail(FedtuneError(f"run {run.run_id} ended {run.status} (its log is above)"))
     console.print(f"[bold green]run {run.run_id} {run.status}[/] in {run.seconds:.0f} s")
+
+
+def _submitted_config(config: Path, overrides: list[str], output_dir: Path | None,
+                      resume: Path | None) -> dict[str, str]:  # fmt: skip
+    """The run config `fedtune submit` sends: the fedtune config itself (read and checked
+    here, so the server and the sites need not have the file), and the run directory
+    on the server's machine (an absolute path there)."""
+    import json
+
+    from fedtune.config import FLOWER_CONFIG_KEY, load_config
+
+    cfg = load_config(str(config), overrides)
+    rc = {FLOWER_CONFIG_KEY: json.dumps(cfg.to_dict())}
+    for key, flag, path in (("output-dir", "--output-dir", output_dir),
+                            ("resume", "--resume", resume)):  # fmt: skip
+        if path is not None:
+            if not path.is_absolute():
+                raise FedtuneError(f"{flag} {path}: give an absolute path on the server's "
+                                   "machine (the ServerApp writes there, not here)")
+            rc[key] = str(path)
+    return rc
 
 
 def _follow(path: Path, done: object) -> None:

@@ -24,6 +24,11 @@ from typing import Any, Literal
 
 from fedtune.errors import ConfigError
 
+FLOWER_CONFIG_KEY = "fedtune-config"
+"""Flower run-config key holding a whole RunConfig as JSON (`RunConfig.to_dict`): how
+`fedtune submit` and the in-process runner hand the config to the ServerApp and the
+sites, so that no party needs the TOML file."""
+
 
 @dataclass(frozen=True)
 class DataConfig:

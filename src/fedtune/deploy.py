@@ -550,7 +550,7 @@ def app_bundle(dest: str | Path) -> Path:
     except (OSError, KeyError, tomllib.TOMLDecodeError):  # a wheel install: the same tables
         components = {"serverapp": "fedtune.federated.apps:server_app",
                       "clientapp": "fedtune.federated.siteapp:client_app"}  # fmt: skip
-        config = dict.fromkeys(("config", "set", "output-dir", "resume"), "")
+        config = dict.fromkeys(("fedtune-config", "config", "set", "output-dir", "resume"), "")
         flwr_app = {"publisher": "fedtune", "components": components, "config": config}
     out = Path(dest)
     out.mkdir(parents=True, exist_ok=True)

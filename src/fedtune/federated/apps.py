@@ -35,7 +35,7 @@ from flwr.serverapp import Grid, ServerApp
 import fedtune
 from fedtune.adapted import AdaptedModel
 from fedtune.classify import Feature
-from fedtune.config import RunConfig, TrainConfig, load_config
+from fedtune.config import FLOWER_CONFIG_KEY, RunConfig, TrainConfig, load_config
 from fedtune.data import Example, Splits, make_splits
 from fedtune.data.sources import check_labels, load_examples
 from fedtune.data.splits import deduplicate
@@ -57,7 +57,7 @@ from fedtune.methods.features import Features
 from fedtune.methods.retrieval import Knn
 from fedtune.train import TrainSession, train
 
-CONFIG_KEY = "fedtune-config"
+CONFIG_KEY = FLOWER_CONFIG_KEY
 VERSION_KEY = "fedtune-version"
 """Config key of every message the server sends: its fedtune version. Under Flower's
 Deployment Engine (runtime dependency installation off) every party runs the fedtune
@@ -76,7 +76,7 @@ def check_version(conf: dict[str, Any]) -> None:
 
 def config_from_run_config(run_config: dict[str, Any]) -> RunConfig:
     """The RunConfig a Flower run_config describes (see the module docstring)."""
-    if CONFIG_KEY in run_config:
+    if run_config.get(CONFIG_KEY):
         return RunConfig.from_dict(json.loads(str(run_config[CONFIG_KEY])))
     path = str(run_config.get("config", "") or "") or None
     overrides = [s for s in shlex.split(str(run_config.get("set", "")).replace(";", " ")) if s]
@@ -204,10 +204,14 @@ def site_workspace(cfg: RunConfig, data_path: str, name: str) -> Workspace:
     """The workspace of a site that reads its own data file (partition `own`): the
     file is loaded with the run's `[data]` settings, de-duplicated and checked against
     `data.labels`; its Site holds it all (less a validation share with `validation =
-    "site"`). Kept per (run, file) for the life of the process."""
+    "site"`). Kept per (run, file) while the process serves that run config."""
     key = (_workspace_key(cfg), data_path, name)
     ws = _SITE_WORKSPACES.get(key)
     if ws is None:
+        # One run's sites at a time (a long-lived site worker serves run after run):
+        # entries of another run config are dropped, with their models.
+        for old in [k for k in _SITE_WORKSPACES if k[0] != key[0]]:
+            del _SITE_WORKSPACES[old]
         _require_labels(cfg)
         labels = tuple(cfg.data.labels)
         examples, notes = deduplicate(load_examples(replace(cfg.data, path=data_path)))

@@ -117,7 +117,8 @@ which alone cost a deployed round 1.5 s on average)."""
 @dataclass
 class Exchange:
     replies: list[Message]
-    """One reply per site that answered in time (errors included), in arrival order."""
+    """One reply per site that answered in time (errors included), in the order the
+    messages were sent."""
     missing: list[int]
     """Node ids that sent no reply within the timeout."""
     ignored: int = 0
@@ -130,30 +131,38 @@ def exchange(grid: Grid, messages: list[Message], timeout: float,
     """Send `messages` and collect the replies for at most `timeout` seconds: a bounded
     wait, replies kept only if they answer a message of this exchange, once each."""
     ids = list(grid.push_messages(messages))
-    by_id = dict(zip(ids, messages, strict=True))
-    dst = {mid: m.metadata.dst_node_id for mid, m in by_id.items()}
-    pending = {mid for mid in ids if mid}
+    if len(ids) != len(messages):  # e.g. the SuperLink refused an oversized push
+        raise FedtuneError(
+            f"the server could push only {len(ids)} of {len(messages)} messages to the sites; "
+            "if the update is large, try federated.transport = 'bf16' or a smaller method"
+        )
+    order = {mid: i for i, mid in enumerate(ids) if mid}
+    by_id = {mid: messages[i] for mid, i in order.items()}
     # A message Flower could not store (empty id) has no reply coming: its site failed.
     missing_now = [m.metadata.dst_node_id for mid, m in zip(ids, messages, strict=True) if not mid]
-    replies: list[Message] = []
+    pending = set(order)
+    got: list[tuple[int, Message]] = []
     ignored = 0
     deadline = time.monotonic() + timeout
     wait = poll[0]
     while pending:
-        for r in grid.pull_messages(list(pending)):
+        for r in grid.pull_messages([mid for mid in ids if mid in pending]):
             mid = r.metadata.reply_to_message_id
             if mid in pending:
                 pending.discard(mid)
-                if r.has_error() and r.metadata.src_node_id != dst[mid]:
+                if r.has_error() and r.metadata.src_node_id != by_id[mid].metadata.dst_node_id:
                     # The SuperLink answers for an unavailable node: its error, but
                     # from the SuperLink's id. Reply from the site it stands for.
                     r = Message(r.error, reply_to=by_id[mid])
-                replies.append(r)
+                got.append((order[mid], r))
             else:
                 ignored += 1
         if not pending or time.monotonic() >= deadline:
             break
         time.sleep(min(wait, max(0.0, deadline - time.monotonic())))
         wait = min(poll[1], wait * 1.5)
-    missing = missing_now + [dst[mid] for mid in ids if mid in pending]
+    missing = missing_now + [by_id[mid].metadata.dst_node_id for mid in ids if mid in pending]
+    # In the order the messages were sent, not of arrival: aggregation sums in this
+    # order, and float sums depend on it (a rerun or a resumed run must match).
+    replies = [r for _, r in sorted(got, key=lambda x: x[0])]
     return Exchange(replies, missing, ignored)

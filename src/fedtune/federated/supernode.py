@@ -17,7 +17,10 @@ SuperNode runs unpatched (with a warning).
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from types import ModuleType
@@ -75,9 +78,25 @@ def split_args(argv: Sequence[str]) -> tuple[float, list[str]]:
     return poll, args
 
 
+def _exit_with_parent() -> None:
+    """SIGTERM this SuperNode when the process that started it (the site worker) is
+    gone, e.g. killed by the OOM killer: a SuperNode without its worker would take
+    messages it cannot answer."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        log.warning("the site worker is gone: stopping the SuperNode")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="fedtune-parent-watch", daemon=True).start()
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     poll, args = split_args(sys.argv[1:] if argv is None else argv)
     patch_poll(poll)
+    _exit_with_parent()
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     sys.argv = ["flower-supernode", *args]

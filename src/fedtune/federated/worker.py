@@ -20,6 +20,7 @@ a time). A message that fails is answered with the error, and the worker goes on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -91,7 +92,7 @@ class SiteWorker:
         if self.path.exists():
             if _alive(self.path):
                 raise ConfigError(f"{self.path}: another site worker is listening there; stop "
-                                  "it first or give this site another folder")  # fmt: skip
+                                  "it first or give this site another --workdir")  # fmt: skip
             self.path.unlink()  # left by a worker that was killed
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)
@@ -116,7 +117,13 @@ class SiteWorker:
                 raise
             with conn:
                 conn.settimeout(None)
-                self._serve_one(conn)
+                try:
+                    self._serve_one(conn)
+                except Exception as err:  # never let one bad request end the service
+                    traceback.print_exc(file=self.out)
+                    self._say(f"failed to serve a request: {type(err).__name__}: {err}")
+                    with contextlib.suppress(Exception):
+                        send_frames(conn, *encode_reply(None, None, f"site worker: {err}"))
 
     def _serve_one(self, conn: socket.socket) -> None:
         try:
@@ -124,7 +131,7 @@ class SiteWorker:
         except (OSError, ValueError) as err:
             self._say(f"dropped a broken request: {err}")
             return
-        header, msg, context = decode_request(frames)
+        header, msg, context = decode_request(frames)  # errors: answered by serve_forever
         t0 = time.perf_counter()
         reply, error = self.handle(msg, context)
         took = time.perf_counter() - t0
@@ -165,14 +172,21 @@ def _alive(path: Path) -> bool:
 
 def with_worker(supernode_cmd: Sequence[str], path: str | Path) -> list[str]:
     """`supernode_cmd` with `worker=<path>` added to its --node-config."""
+    if "'" in str(path):
+        raise ConfigError(f"{path}: a worker socket path must not contain a quote (')")
     cmd = list(supernode_cmd)
     item = f"{WORKER_KEY}='{Path(path)}'"
-    if "--node-config" in cmd:
-        i = cmd.index("--node-config") + 1
-        cmd[i] = f"{cmd[i]} {item}".strip()
-    else:
-        cmd += ["--node-config", item]
-    return cmd
+    for i, arg in enumerate(cmd):
+        if arg == "--node-config" and i + 1 < len(cmd):
+            if cmd[i + 1].endswith(".toml"):
+                raise ConfigError("give the site's node config as key=value pairs, not a "
+                                  f"TOML file ({cmd[i + 1]}): the worker adds {WORKER_KEY}=...")
+            cmd[i + 1] = f"{cmd[i + 1]} {item}".strip()
+            return cmd
+        if arg.startswith("--node-config="):
+            cmd[i] = f"{arg} {item}"
+            return cmd
+    return [*cmd, "--node-config", item]
 
 
 def with_poll(supernode_cmd: Sequence[str], poll: float | None) -> list[str]:
@@ -196,28 +210,53 @@ def run_site(supernode_cmd: Sequence[str], path: str | Path, env: dict[str, str]
     worker._say(f"listening on {worker.path}")
     worker._say(f"fedtune loaded in {worker.warm_up():.1f} s; starting the SuperNode")
     thread = threading.Thread(target=worker.serve_forever, name="fedtune-worker", daemon=True)
-    thread.start()
-    node = subprocess.Popen(with_poll(with_worker(supernode_cmd, worker.path), poll), env=env,
-                            stdin=subprocess.DEVNULL)  # fmt: skip
+    stopping = threading.Event()
 
     def stop(signum: int, _frame: object) -> None:
         worker._say(f"signal {signum}: stopping the SuperNode")
-        if node.poll() is None:
-            node.send_signal(signal.SIGTERM)
+        stopping.set()
 
     old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    node: subprocess.Popen[bytes] | None = None
     try:
-        code = node.wait()
+        thread.start()
+        if not stopping.is_set():
+            node = subprocess.Popen(with_poll(with_worker(supernode_cmd, worker.path), poll),
+                                    env=env, stdin=subprocess.DEVNULL)  # fmt: skip
+        while node is not None and node.poll() is None and not stopping.is_set():
+            if not thread.is_alive():
+                worker._say("the worker stopped serving: stopping the SuperNode")
+                break
+            time.sleep(0.2)
+        code = _stop_node(node, STOP_TIMEOUT)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-        if node.poll() is None:
+        if node is not None and node.poll() is None:
             node.kill()
             node.wait()
         worker.close()
         thread.join(timeout=5)
     worker._say(f"SuperNode exited with code {code}; {worker.handled} messages handled")
     return code
+
+
+STOP_TIMEOUT = 20.0
+"""Seconds a SuperNode gets to sign off after SIGTERM before it is killed."""
+
+
+def _stop_node(node: subprocess.Popen[bytes] | None, timeout: float) -> int:
+    """The SuperNode's exit code, stopping it first (SIGTERM, SIGKILL after `timeout`)."""
+    if node is None:
+        return 0
+    if node.poll() is None:
+        node.send_signal(signal.SIGTERM)
+        try:
+            node.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            node.kill()
+            node.wait()
+    return int(node.returncode)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
