@@ -389,9 +389,10 @@ def server_cmd(
     try:
         address = f"127.0.0.1:{port}" if host in ("0.0.0.0", "") else f"{host}:{port}"
         deadline = time.monotonic() + 60
-        while not _listening(address) and proc.poll() is None and time.monotonic() < deadline:
+        while (not deploy.is_listening(host, port) and proc.poll() is None
+               and time.monotonic() < deadline):  # fmt: skip
             time.sleep(0.2)
-        if proc.poll() is not None or not _listening(address):
+        if proc.poll() is not None or not deploy.is_listening(host, port):
             raise FedtuneError(f"the SuperLink did not come up on {address} (exit code "
                                f"{proc.poll()}); its log is above")
         if fc is not None:
@@ -410,17 +411,6 @@ def server_cmd(
             proc.kill()
         _fail(e)
     raise typer.Exit(proc.returncode if proc.returncode and proc.returncode > 0 else 0)
-
-
-def _listening(address: str) -> bool:
-    import socket
-
-    host, port = address.rsplit(":", 1)
-    try:
-        with socket.create_connection((host, int(port)), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 @app.command("site")

@@ -676,18 +676,25 @@ def _start(cmd: list[str], name: str, log_path: Path, env: Mapping[str, str],
     return FlowerProcess(name, popen, log_path, port)
 
 
-def _wait_listening(proc: FlowerProcess, host: str, deadline: float) -> None:
+def is_listening(host: str, port: int) -> bool:
+    """Whether something accepts TCP connections on `host` (a wildcard address: this
+    machine's loopback) and `port`."""
     connect_host = "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host
+    try:
+        with socket.create_connection((connect_host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _wait_listening(proc: FlowerProcess, host: str, deadline: float) -> None:
     while True:
         if not proc.running:
             raise DeploymentError(f"{proc.name} exited (code {proc.popen.returncode}) before "
                                   f"listening on port {proc.port}; {proc.log}:"
                                   f"{_quote(proc.tail())}")  # fmt: skip
-        try:
-            with socket.create_connection((connect_host, proc.port), timeout=0.5):
-                return
-        except OSError:
-            pass
+        if is_listening(host, proc.port):
+            return
         if time.monotonic() > deadline:
             raise DeploymentError(f"{proc.name} is not listening on port {proc.port} after "
                                   f"waiting; {proc.log}:{_quote(proc.tail())}")  # fmt: skip
@@ -805,12 +812,7 @@ class LocalFederation:
         try:
             self.port = self.port or free_port(self.host)
             check_port_free(self.host, self.port)
-            state = self.root / "superlink"
-            cmd = superlink_command(self.certs, self.port, state, host=self.host,
-                                    insecure=self.insecure)  # fmt: skip
-            self.superlink = _start(cmd, "SuperLink", self.logs / "superlink.log",
-                                    self._env(state / "home"), state, self.port)  # fmt: skip
-            _wait_listening(self.superlink, self.host, deadline)
+            self._start_superlink(deadline)
             write_connection(self.cli_home, self.connection, self.address,
                              self.certs.ca_cert if self.certs else None,
                              insecure=self.insecure)  # fmt: skip
@@ -890,9 +892,6 @@ class LocalFederation:
             _signal_group(self.superlink.popen.pid, signal.SIGKILL)
             self.superlink.popen.wait(timeout=self.stop_timeout)
         self.superlink.stop(self.stop_timeout)
-        state = self.root / "superlink"
-        cmd = superlink_command(self.certs, self.port, state, host=self.host,
-                                insecure=self.insecure)  # fmt: skip
         deadline = time.monotonic() + self.start_timeout
         while True:  # the port may linger for a moment after a kill
             try:
@@ -902,6 +901,14 @@ class LocalFederation:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
+        self._start_superlink(deadline)
+
+    def _start_superlink(self, deadline: float) -> None:
+        """Start the SuperLink on `port` with its state in root/superlink; wait until it
+        listens (until `deadline`, time.monotonic())."""
+        state = self.root / "superlink"
+        cmd = superlink_command(self.certs, self.port, state, host=self.host,
+                                insecure=self.insecure)  # fmt: skip
         self.superlink = _start(cmd, "SuperLink", self.logs / "superlink.log",
                                 self._env(state / "home"), state, self.port)  # fmt: skip
         _wait_listening(self.superlink, self.host, deadline)

@@ -159,23 +159,8 @@ def handle(msg: Message, context: Context) -> Message:
 
 
 client_app = ClientApp()
-
-
-@client_app.train()
-def train(msg: Message, context: Context) -> Message:
-    return handle(msg, context)
-
-
-@client_app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    return handle(msg, context)
-
-
-@client_app.query("personalize")
-def personalize(msg: Message, context: Context) -> Message:
-    return handle(msg, context)
-
-
-@client_app.query("knn")
-def knn(msg: Message, context: Context) -> Message:
-    return handle(msg, context)
+# Every kind of message fedtune's ClientApp answers goes through `handle`.
+client_app.train()(handle)
+client_app.evaluate()(handle)
+client_app.query("personalize")(handle)
+client_app.query("knn")(handle)
