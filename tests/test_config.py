@@ -95,3 +95,12 @@ def test_set_values_keep_text_for_string_fields() -> None:
     assert cfg.model.template == "News: {text}\nTone:"
     assert cfg.data.text_column == "true" and cfg.data.path == r"C:\temp\new.csv"
     assert cfg.name == 'a"b' and cfg.data.agreement == "50" and cfg.method_name == "prompt"
+
+
+def test_set_lists_take_comma_separated_items_of_their_type() -> None:
+    cfg = load_config(None, ["federated.sizes=600,500", "federated.site_paths=a.csv, b.csv"])
+    assert cfg.federated.sizes == (600, 500)
+    assert cfg.federated.site_paths == ("a.csv", "b.csv")
+    assert load_config(None, ["federated.sizes=[1, 2]"]).federated.sizes == (1, 2)
+    with pytest.raises(ConfigError, match="federated.sizes.*whole number"):
+        load_config(None, ["federated.sizes=600,x"])

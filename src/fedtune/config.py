@@ -330,8 +330,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         )
         if stringy:
             value = value.as_text()
-        elif origin is tuple and value[:1] != "[":
-            value = str(value)  # comma-separated, split below
+        elif origin is tuple and value[:1] != "[":  # comma-separated: each item as typed
+            value = [SetValue(v.strip()) for v in value.split(",") if v.strip()]
         else:
             value = value.as_toml()
     if origin is Literal:
