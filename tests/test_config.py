@@ -102,5 +102,5 @@ def test_set_lists_take_comma_separated_items_of_their_type() -> None:
     assert cfg.federated.sizes == (600, 500)
     assert cfg.federated.site_paths == ("a.csv", "b.csv")
     assert load_config(None, ["federated.sizes=[1, 2]"]).federated.sizes == (1, 2)
-    with pytest.raises(ConfigError, match="federated.sizes.*whole number"):
+    with pytest.raises(ConfigError, match=r"federated\.sizes.*whole number"):
         load_config(None, ["federated.sizes=600,x"])
