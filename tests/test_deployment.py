@@ -3,9 +3,8 @@ loopback with TLS and SuperNode authentication (keys from `make_certs`), each si
 with its warm worker (fedtune.federated.worker), a run submitted with `fedtune submit`.
 
 One federation serves the module: starting it takes 15-20 s on two cores (each site's
-worker imports torch and transformers once); a 2-round run of a tiny model ~25 s
-(the ServerApp process loads fedtune and the model, then 4-7 s per round: Flower's
-3 s SuperNode poll and a fresh ClientApp process per message; training 0.1 s)."""
+worker imports torch and transformers once); a 2-round run of a tiny model ~15 s
+(the ServerApp process loads fedtune and the model, then ~1 s per round)."""
 
 from __future__ import annotations
 
@@ -151,10 +150,12 @@ def test_federated_lora_over_tls_with_node_auth(
     np.testing.assert_allclose([h["val_loss"] for h in rows[-1]["history"]],
                                [h["val_loss"] for h in local["history"]], rtol=1e-5)  # fmt: skip
     apps.clear_workspace()
-    # A fresh ClientApp process per message: each site started one per round.
+    # Each site's worker ran its ClientApp itself, one task per round: no
+    # `flwr-clientapp` process per message, no SuperExec.
     for site in SITES:
         log = (federation.logs / f"supernode-{site}.log").read_text(errors="replace")
-        assert log.count("Start `flwr-clientapp` process") == ROUNDS
+        assert log.count("train handled in") == ROUNDS
+        assert "flwr-clientapp" not in log.replace("component_name", "")
 
     # The global adapter loads with plain peft and predicts as fedtune does.
     model_dir = out / "model"

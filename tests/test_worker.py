@@ -1,40 +1,37 @@
-"""The site worker (fedtune.federated.worker) and the thin ClientApp that forwards
-to it (fedtune.federated.siteapp), without Flower processes: a worker thread on a
-Unix socket in the test's folder."""
+"""A site in one process (fedtune.federated.worker, fedtune.federated.supernode,
+fedtune.federated.waits) without a SuperLink: the worker's handling of one task with
+the Runtime API calls replaced, the command it gives Flower's SuperNode, and the
+patches of Flower's waits on the installed Flower. The whole path, with processes,
+is in test_deployment.py."""
 
 from __future__ import annotations
 
-import os
-import socket
-import stat
-import sys
+import importlib
+import io
 import threading
-from collections.abc import Iterator
+import time
+import zipfile
 from io import StringIO
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.common.constant import ErrorCode, SubStatus
 from flwr.supercore.task_identity import TaskIdentity
 
 import fedtune.federated.apps as apps
+from fedtune.deploy import app_bundle
 from fedtune.errors import ConfigError
-from fedtune.federated import siteapp
-from fedtune.federated.siteapp import WORKER_KEY, SiteWorkerError, forward
-from fedtune.federated.worker import SiteWorker, socket_path, with_worker
-
-pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="Unix sockets")
-
-
-@pytest.fixture()
-def worker(tmp_path: Path) -> Iterator[SiteWorker]:
-    w = SiteWorker(socket_path(tmp_path / "site"), StringIO())
-    w.bind()
-    thread = threading.Thread(target=w.serve_forever, daemon=True)
-    thread.start()
-    yield w
-    w.close()
-    thread.join(timeout=5)
+from fedtune.federated import supernode, waits, worker
+from fedtune.federated.worker import (
+    CLIENT_APP,
+    SiteWorker,
+    app_component,
+    in_process_isolation,
+    runtime_address,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -43,103 +40,161 @@ def _task_identity() -> None:
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
 
 
-def _context(path: Path, state: RecordDict | None = None) -> Context:
-    return Context(run_id=1, node_id=7, node_config={WORKER_KEY: str(path)},
-                   state=state or RecordDict(), run_config={})  # fmt: skip
+def _fab(pyproject: str) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("pyproject.toml", pyproject)
+    return buf.getvalue()
 
 
-def test_socket_is_private_and_a_stale_one_is_replaced(worker: SiteWorker,
-                                                      tmp_path: Path) -> None:  # fmt: skip
-    mode = os.stat(worker.path).st_mode
-    assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) & 0o077 == 0
-    assert stat.S_IMODE(os.stat(worker.path.parent).st_mode) == 0o700
-    with pytest.raises(ConfigError, match="another site worker"):
-        SiteWorker(worker.path).bind()  # that one is alive
-    # A socket file left by a killed worker is not an obstacle.
-    dead = tmp_path / "dead" / "worker.sock"
-    dead.parent.mkdir()
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.bind(str(dead))
-    s.close()
-    again = SiteWorker(dead)
-    again.bind()
-    again.close()
-    assert not dead.exists()
+def test_fedtunes_app_names_the_client_app_the_worker_runs(tmp_path: Path) -> None:
+    # What `fedtune submit` sends (a minimal bundle) and the project's own pyproject.
+    bundle = (app_bundle(tmp_path / "app") / "pyproject.toml").read_text()
+    assert app_component(_fab(bundle)) == CLIENT_APP
+    project = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    assert app_component(_fab(project.read_text())) == CLIENT_APP
+    assert app_component(_fab("[project]\nname = 'x'\n")) == ""
 
 
-def test_a_message_goes_through_the_worker_and_back(
-    worker: SiteWorker, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    seen: list[tuple[str, dict[str, object]]] = []
+class _Runtime:
+    """Stands in for the worker's Runtime API calls: one task, replies captured."""
 
-    def fake_app(msg: Message, context: Context) -> Message:  # stands in for fedtune's
-        seen.append((msg.metadata.message_type, dict(context.node_config)))
-        context.state["kept"] = ConfigRecord({"round": 2})
-        reply = RecordDict({"site": ConfigRecord({"name": "org-a", "echo": msg.content[
-            "config"]["x"]})})  # fmt: skip
-        return Message(reply, reply_to=msg)
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, message: Message, fab: bytes) -> None:
+        self.pushed: list[Message] = []
+        self.outputs: list[tuple[str, str]] = []
+        self.context = Context(run_id=1, node_id=7, node_config={"partition-id": 0},
+                               state=RecordDict(), run_config={})  # fmt: skip
+        task = (message, self.context, SimpleNamespace(content=fab))
+        monkeypatch.setattr(SiteWorker, "_pull_task_input", lambda _self, _client: task)
+        monkeypatch.setattr(worker, "push_message",
+                            lambda _client, reply, _context: self.pushed.append(reply))
+        monkeypatch.setattr(worker, "push_task_output",
+                            lambda client, context, sub_status, details:
+                            self.outputs.append((sub_status, details)))  # fmt: skip
+        monkeypatch.setattr(worker, "HeartbeatSender", _NoHeartbeat)
 
-    monkeypatch.setattr(apps, "client_app", fake_app)
+
+class _NoHeartbeat:
+    is_running = False
+
+    def __init__(self, _fn: Any) -> None:
+        pass
+
+    def start(self) -> None:
+        pass
+
+
+def _message() -> Message:
     msg = Message(RecordDict({"config": ConfigRecord({"x": 41})}), dst_node_id=7,
                   message_type="train")  # fmt: skip
     msg.metadata.__dict__["_message_id"] = "m-1"
-    context = _context(worker.path)
-    reply = siteapp.handle(msg, context)
-    assert reply.content["site"]["echo"] == 41
-    assert reply.metadata.reply_to_message_id == "m-1"
-    assert context.state["kept"]["round"] == 2  # the worker's Context changes come back
-    assert seen == [("train", {WORKER_KEY: str(worker.path)})]
-    assert worker.handled == 1
+    return msg
 
 
-def test_errors_name_the_worker_and_the_fix(worker: SiteWorker, tmp_path: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_a_task_runs_fedtunes_client_app_in_this_process(monkeypatch: pytest.MonkeyPatch,
+                                                         tmp_path: Path) -> None:  # fmt: skip
+    seen: list[tuple[str, int]] = []
+
+    def fake_app(msg: Message, context: Context) -> Message:  # stands in for fedtune's
+        seen.append((msg.metadata.message_type, threading.get_ident()))
+        context.state["kept"] = ConfigRecord({"round": 2})
+        echo = RecordDict({"site": ConfigRecord({"echo": msg.content["config"]["x"]})})
+        return Message(echo, reply_to=msg)
+
+    monkeypatch.setattr(apps, "client_app", fake_app)
+    bundle = (app_bundle(tmp_path / "app") / "pyproject.toml").read_text()
+    rt = _Runtime(monkeypatch, _message(), _fab(bundle))
+    out = StringIO()
+    w = SiteWorker("127.0.0.1:1", b"secret", out)
+    w.run_task("token")
+    assert seen == [("train", threading.get_ident())]  # here, not in another process
+    (reply,) = rt.pushed
+    assert reply.content["site"]["echo"] == 41 and reply.metadata.reply_to_message_id == "m-1"
+    assert rt.context.state["kept"]["round"] == 2  # pushed back with the task's output
+    assert rt.outputs == [(SubStatus.COMPLETED, "")]
+    assert w.handled == 1 and "train handled in" in out.getvalue()
+
+
+def test_a_failing_task_is_answered_with_the_error(monkeypatch: pytest.MonkeyPatch,
+                                                   tmp_path: Path) -> None:  # fmt: skip
     def failing(msg: Message, context: Context) -> Message:
         raise ConfigError("site data file /x.csv not found")
 
     monkeypatch.setattr(apps, "client_app", failing)
-    msg = Message(RecordDict(), dst_node_id=7, message_type="train")
-    with pytest.raises(SiteWorkerError, match=r"ConfigError: site data file /x\.csv"):
-        forward(msg, _context(worker.path), str(worker.path), 10)
-    # The worker goes on serving after a failed message.
-    with pytest.raises(SiteWorkerError, match="ConfigError"):
-        forward(msg, _context(worker.path), str(worker.path), 10)
-    assert worker.handled == 2
-    missing = tmp_path / "nowhere.sock"
-    with pytest.raises(SiteWorkerError, match=r"no site worker at .*fedtune site"):
-        forward(msg, _context(missing), str(missing), 10)
+    bundle = (app_bundle(tmp_path / "app") / "pyproject.toml").read_text()
+    rt = _Runtime(monkeypatch, _message(), _fab(bundle))
+    w = SiteWorker("127.0.0.1:1", b"secret", StringIO())
+    w.run_task("token")
+    (reply,) = rt.pushed
+    assert reply.has_error() and reply.error.code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+    assert "site data file /x.csv not found" in str(reply.error.reason)
+    assert rt.outputs[0][0] == SubStatus.FAILED
+    # Another app's run is refused, not run with fedtune's ClientApp.
+    other = bundle.replace(CLIENT_APP, "acme.app:client")
+    rt = _Runtime(monkeypatch, _message(), _fab(other))
+    w.run_task("token")
+    (reply,) = rt.pushed
+    assert reply.has_error() and "acme.app:client" in str(reply.error.reason)
+    assert "fedtune's ClientApp only" in str(reply.error.reason)
+    assert w.handled == 2  # and the worker goes on
 
 
-def test_supernode_command_gets_the_worker_in_its_node_config(tmp_path: Path) -> None:
-    cmd = ["flower-supernode", "--node-config", "partition-id=0", "--port", "1"]
-    out = with_worker(cmd, tmp_path / "w.sock")
-    assert out[2] == f"partition-id=0 {WORKER_KEY}='{tmp_path / 'w.sock'}'"
-    assert with_worker(["flower-supernode"], "/s")[-2:] == ["--node-config", f"{WORKER_KEY}='/s'"]
-    equals_form = with_worker(["n", "--node-config=a=1"], "/s")
-    assert equals_form == ["n", f"--node-config=a=1 {WORKER_KEY}='/s'"]
-    with pytest.raises(ConfigError, match="key=value pairs"):
-        with_worker(["n", "--node-config", "site.toml"], "/s")
-    long_dir = tmp_path / ("x" * 120)
-    assert len(str(socket_path(long_dir))) < 108  # Unix socket path limit
+def test_supernode_command_runs_without_a_superexec() -> None:
+    cmd = ["flower-supernode", "--superlink", "h:9092", "--host", "127.0.0.1", "--port", "9101"]
+    assert runtime_address(cmd) == "127.0.0.1:9101"
+    assert runtime_address(["flower-supernode", "--port=9200"]) == "127.0.0.1:9200"
+    assert runtime_address(["flower-supernode"]) == "127.0.0.1:9094"  # Flower's default
+    out = in_process_isolation(cmd, "/private/secret")
+    assert out[-4:] == ["--isolation", "process", "--superexec-auth-secret-file", "/private/secret"]
+    with pytest.raises(ConfigError, match="--isolation"):
+        in_process_isolation([*cmd, "--isolation", "subprocess"], "/s")
 
 
-def test_supernode_poll_is_capped_and_flower_args_pass_through(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    import importlib
-    import time
+def test_run_site_refuses_a_port_in_use() -> None:
+    import socket
 
-    from fedtune.federated.supernode import DEFAULT_POLL, patch_poll, split_args
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        with pytest.raises(ConfigError, match=rf"port {port}.*own --port"):
+            worker.run_site(["flower-supernode", "--host", "127.0.0.1", "--port", str(port)])
 
-    assert split_args(["--superlink", "h:1"]) == (DEFAULT_POLL, ["--superlink", "h:1"])
-    assert split_args(["--fedtune-poll", "0.5", "--insecure"]) == (0.5, ["--insecure"])
-    with pytest.raises(SystemExit, match=r"0\.01 to 3"):
-        split_args(["--fedtune-poll", "10"])
-    loop = importlib.import_module("flwr.supernode.start_client_internal")
-    monkeypatch.setattr(loop, "time", loop.time)  # restored after the test
-    assert patch_poll(0.01)
+
+def test_supernode_waits_are_tied_to_the_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    loop = importlib.import_module(supernode.LOOP_MODULE)
+    for name in ("time", "_pull_and_store_message", "pull_objects"):
+        monkeypatch.setattr(loop, name, getattr(loop, name))  # restored after the test
+    calls: list[str] = []
+    monkeypatch.setattr(loop, "_pull_and_store_message",
+                        lambda **kw: kw.get("run_id"))  # fmt: skip
+    ready = threading.Event()
+    assert supernode.patch(0.01, lambda: calls.append("task"), ready)
+    # A message stored -> the worker is told; none -> not.
+    assert loop._pull_and_store_message(run_id=5) == 5
+    assert loop._pull_and_store_message(run_id=None) is None
+    assert calls == ["task"]
     t0 = time.perf_counter()
-    loop.time.sleep(3)  # Flower's idle wait
+    loop.time.sleep(3)  # Flower's idle wait: capped at the poll
     assert time.perf_counter() - t0 < 0.5
+    ready.set()
+    t0 = time.perf_counter()
+    loop.time.sleep(0.5)  # Flower's wait for the reply: ends when the worker says so
+    assert time.perf_counter() - t0 < 0.1 and not ready.is_set()
     assert loop.time.monotonic() > 0  # the rest of `time` is untouched
-    assert not patch_poll(0.01)  # already patched: not the layout it expects, left alone
+    assert loop.pull_objects.keywords["initial_backoff"] == waits.INITIAL
+    assert not supernode.patch(0.01, lambda: None, ready)  # not Flower's layout any more
+
+
+def test_shorter_object_waits_only_where_flower_has_them(monkeypatch: pytest.MonkeyPatch,
+                                                         caplog: pytest.LogCaptureFixture,
+                                                         ) -> None:  # fmt: skip
+    grid = importlib.import_module("flwr.superlink.grid.http_grid")
+    monkeypatch.setattr(grid, "pull_objects", grid.pull_objects)  # restored after the test
+    assert waits.shorten_pulls(grid.__name__)
+    assert grid.pull_objects.keywords == {"initial_backoff": waits.INITIAL,
+                                          "backoff_cap": waits.CAP,
+                                          "max_tries_per_object": waits.MAX_TRIES}  # fmt: skip
+    assert waits.shorten_pulls(grid.__name__)  # twice: unchanged
+    assert not waits.shorten_pulls("json")
+    assert "keeps Flower's 1-10 s waits" in caplog.text

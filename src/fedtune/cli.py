@@ -427,20 +427,20 @@ def site_cmd(
         int, typer.Option(help="This site's share of a shared dataset (rehearsals).")
     ] = 0,
     workdir: Annotated[Path, typer.Option(help="Site-local outputs (personalized models, "
-                                          "indexes) and the worker's socket.")] = Path("site"),
+                                          "indexes) and Flower's files.")] = Path("site"),
     port: Annotated[int, typer.Option(help="Local port of the SuperNode's API.")] = 9094,
-    cold: Annotated[bool, typer.Option("--cold", help="No worker: load the base model in "
-                                       "every message (Flower's default behaviour).")] = False,
+    cold: Annotated[bool, typer.Option("--cold", help="No worker: a new process loads the "
+                                       "base model for every message (Flower's way).")] = False,
     poll: Annotated[float, typer.Option(help="Seconds between the idle SuperNode's polls "
                                         "of the server (Flower's own: 3).")] = 0.25,
     insecure: Annotated[
         bool, typer.Option("--insecure", help="No TLS, no authentication (tests only).")
     ] = False,
 ) -> None:
-    """Join a federation as a site (a Flower SuperNode plus a worker that keeps the
-    base model loaded between rounds). Runs until Ctrl-C."""
+    """Join a federation as a site (a Flower SuperNode plus a worker that runs its
+    ClientApp with the base model loaded once). Runs until Ctrl-C."""
     from fedtune import deploy
-    from fedtune.federated.worker import run_site, socket_path
+    from fedtune.federated import worker
 
     site_name = name or site_dir.resolve().name
     config: dict[str, deploy.ConfigValue] = {"partition-id": partition_id, "site-name": site_name,
@@ -457,16 +457,18 @@ def site_cmd(
         _fail(e)
     env = deploy.flower_env(workdir / "flwr-home")
     env.setdefault(deploy.TASK_POLL_ENV, "0.1")  # start each ClientApp within 0.1 s, not 1 s
+    if not cold and not worker.available():
+        console.print("[yellow]This Flower has no runtime API the site worker knows: "
+                      "running Flower's process per message (--cold)[/]")  # fmt: skip
+        cold = True
     if cold:
         import subprocess
 
         raise typer.Exit(subprocess.call(cmd, env=env))
     try:
-        code = run_site(cmd, socket_path(workdir), env, poll=poll)
+        code = worker.run_site(cmd, env, poll=poll)
     except FedtuneError as e:
         _fail(e)
-    except OSError as e:
-        _fail(FedtuneError(f"--workdir {workdir}: cannot run the site worker there ({e})"))
     raise typer.Exit(code)
 
 

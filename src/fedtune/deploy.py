@@ -549,7 +549,7 @@ def app_bundle(dest: str | Path) -> Path:
         flwr_app = tomllib.loads(src.read_text(encoding="utf-8"))["tool"]["flwr"]["app"]
     except (OSError, KeyError, tomllib.TOMLDecodeError):  # a wheel install: the same tables
         components = {"serverapp": "fedtune.federated.apps:server_app",
-                      "clientapp": "fedtune.federated.siteapp:client_app"}  # fmt: skip
+                      "clientapp": "fedtune.federated.apps:client_app"}  # fmt: skip
         config = dict.fromkeys(("fedtune-config", "config", "set", "output-dir", "resume"), "")
         flwr_app = {"publisher": "fedtune", "components": components, "config": config}
     out = Path(dest)
@@ -750,9 +750,9 @@ class LocalFederation:
     """Seconds between the SuperExecs' polls for app processes to start (Flower's
     default is 1 s)."""
     warm: bool = True
-    """Each site runs a long-lived worker that keeps the base model loaded between
-    messages (`fedtune.federated.worker`) and a SuperNode polling every
-    `node_poll_interval` s; False: Flower's own process per message and 3 s poll."""
+    """Each site runs a long-lived worker that runs its ClientApp in one process, the
+    base model loaded once (`fedtune.federated.worker`), and a SuperNode polling
+    every `node_poll_interval` s; False: Flower's own process per message, 3 s poll."""
     node_poll_interval: float = 0.25
     superlink: FlowerProcess | None = field(default=None, init=False)
     nodes: dict[str, FlowerProcess] = field(default_factory=dict, init=False)
@@ -860,11 +860,8 @@ class LocalFederation:
             auth_key=self.certs.site_key(site) if self.certs else None,
         )  # fmt: skip
         if self.warm:
-            from fedtune.federated.worker import socket_path
-
-            cmd = [sys.executable, "-m", "fedtune.federated.worker", "--socket",
-                   str(socket_path(home)), "--poll", str(self.node_poll_interval),
-                   "--", *cmd]  # fmt: skip
+            cmd = [sys.executable, "-m", "fedtune.federated.worker",
+                   "--poll", str(self.node_poll_interval), "--", *cmd]  # fmt: skip
         proc = _start(cmd, f"SuperNode {site}", self.logs / f"supernode-{site}.log",
                       self._env(home), home, port)  # fmt: skip
         self.nodes[site] = proc

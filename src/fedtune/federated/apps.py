@@ -471,6 +471,10 @@ def server_main(grid: Grid, context: Context) -> None:
     from fedtune.runs import final_run_dir
 
     t_start = time.perf_counter()
+    if type(grid).__module__ == "flwr.superlink.grid.http_grid":  # the Deployment Engine
+        from fedtune.federated.waits import shorten_pulls
+
+        shorten_pulls(type(grid).__module__)  # the sites' replies
     console = Console()
     cfg = config_from_run_config(dict(context.run_config))
     resume = str(context.run_config.get("resume", "") or "")

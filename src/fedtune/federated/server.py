@@ -234,11 +234,12 @@ def _site_name(msg: Message, fallback: int) -> str:
 
 def _send(
     grid: Grid, messages: list[Message], state: FederationState, rnd: int, kind: str,
-    transport: str, timeout: float, names: dict[int, str],
+    transport: str, timeout: float, names: dict[int, str], timing: dict[str, Any] | None = None,
 ) -> list[Message]:  # fmt: skip
     """Send, receive, account every message in both directions; replies decoded to fp32.
     A site that sent no reply in time gets an error reply here ("no reply in N s"), so
-    that it is reported as failed like a site whose ClientApp raised."""
+    that it is reported as failed like a site whose ClientApp raised. `timing` gets
+    the seconds the push took and when each reply came (from the push's start)."""
     for m in messages:
         state.traffic.append({
             "round": rnd, "kind": kind, "direction": "down",
@@ -246,6 +247,8 @@ def _send(
             "bytes": message_bytes(m), "payload_bytes": message_payload_bytes(m),
         })  # fmt: skip
     got = exchange(grid, messages, timeout)
+    if timing is not None:
+        timing |= {"push": got.pushed, "replies": got.arrived}
     if got.ignored:
         log.warning("round %d: ignored %d stale or duplicate replies", rnd, got.ignored)
     replies = got.replies
@@ -339,7 +342,13 @@ def run_server(
         for msg in train_msgs:  # a site's share of a global objective (features: L2 weight)
             msg.content.config_records["config"]["sites-in-round"] = len(train_msgs)
         _set_payload(train_msgs, arrays, fed.transport)
-        replies = _send(grid, train_msgs, state, rnd, "train", fed.transport, fed.timeout, names)
+        # Where a round's time goes: the exchange (push, the sites' work, replies as
+        # they came) and the server's own work (validation).
+        timing: dict[str, Any] = {}
+        t_send = time.perf_counter()
+        replies = _send(grid, train_msgs, state, rnd, "train", fed.transport, fed.timeout,
+                        names, timing)  # fmt: skip
+        timing["exchange"] = time.perf_counter() - t_send
         ok = [r for r in replies if not r.has_error()]
         failed = {names.get(r.metadata.src_node_id, f"node-{r.metadata.src_node_id}"):
                   r.error.reason for r in replies if r.has_error()}  # fmt: skip
@@ -380,7 +389,9 @@ def run_server(
                 _site_name(r, r.metadata.src_node_id): int(metrics_of(r)["num-examples"])
                 for r in ok
             }
+        t_val = time.perf_counter()
         m = evaluate_global(arrays)
+        timing["validate"] = time.perf_counter() - t_val
         if m is not None:
             record |= {f"val_{k}": v for k, v in m.summary().items()}
             if m.loss < state.best_val_loss:
@@ -410,7 +421,8 @@ def run_server(
             t["bytes"] for t in state.traffic if t["round"] == rnd and t["direction"] == "down"
         )
         up = sum(t["bytes"] for t in state.traffic if t["round"] == rnd and t["direction"] == "up")
-        record |= {"bytes_down": down, "bytes_up": up, "seconds": time.perf_counter() - t_round}
+        record |= {"bytes_down": down, "bytes_up": up, "seconds": time.perf_counter() - t_round,
+                   "timing": timing}
         state.history.append(record)
         state.round = rnd
         state.seconds = time.perf_counter() - t_start

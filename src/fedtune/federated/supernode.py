@@ -1,107 +1,105 @@
-"""`flower-supernode` with a shorter idle poll: what `fedtune site` runs.
+"""Flower's SuperNode, run inside a site's worker process, with its waits tied to the
+worker instead of fixed sleeps.
 
-Flower 1.41's SuperNode, when it has no message, sleeps a hard-coded 3 s before
-asking the SuperLink again, and waits for its ClientApp's reply in 0.5 s steps
-(flwr/supernode/start_client_internal.py): a round waits 1.5 s on average for each
-site to notice it. There is no option for it, so this entry point caps the sleeps
-of that one module at `--fedtune-poll` seconds (default `DEFAULT_POLL`) and then
-runs Flower's own `flower-supernode` with the remaining arguments. Each idle poll is
-one small request to the SuperLink (1 / poll per second per site).
+Flower 1.40/1.41's SuperNode loop (`flwr/supernode/start_client_internal.py`) has
+hard-coded waits and no option for them:
+- with no message, it sleeps 3 s before asking the SuperLink again (a round waits
+  1.5 s on average for each site to notice it);
+- while its ClientApp works, it looks for the reply every 0.5 s;
+- when a message's objects are not yet uploaded, it retries from 1 s up to 10 s.
 
-If the installed Flower does not have the module layout this was written for, the
-SuperNode runs unpatched (with a warning).
+`patch` rebinds, in that one module, the `time` it sleeps with (idle sleeps capped
+at `poll` seconds; the short waits for the reply end as soon as the worker says the
+reply is there), the `pull_objects` it fetches with (fedtune.federated.waits) and
+the function that takes a message from the SuperLink (so that the worker is woken
+the moment a task exists, instead of polling the SuperNode for one). Each idle poll
+is one small request to the SuperLink (1 / poll per second per site).
 
-    python -m fedtune.federated.supernode --fedtune-poll 0.2 --superlink host:9092 ...
+If the installed Flower is not laid out as this expects, nothing is patched (with
+a warning): the SuperNode keeps Flower's waits and the worker polls for tasks.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
-import os
-import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import ModuleType
+from typing import Any
 
 log = logging.getLogger("fedtune.supernode")
 
 DEFAULT_POLL = 0.25
-"""Seconds an idle SuperNode waits between polls (Flower's own: 3 s)."""
-OPTION = "--fedtune-poll"
+"""Seconds an idle SuperNode waits between polls of the SuperLink (Flower's: 3 s)."""
+LOOP_MODULE = "flwr.supernode.start_client_internal"
 
 
-class _CappedTime(ModuleType):
-    """The `time` module, with `sleep` capped at `cap` seconds."""
+class _Waits(ModuleType):
+    """The `time` module as the SuperNode loop sees it: sleeps of 1 s or more (the
+    idle poll) last at most `poll` s; shorter ones (waiting for the ClientApp's
+    reply) end early when `reply_ready` is set."""
 
-    def __init__(self, cap: float) -> None:
+    def __init__(self, poll: float, reply_ready: threading.Event) -> None:
         super().__init__("time")
-        self.cap = cap
+        self.poll = poll
+        self.reply_ready = reply_ready
 
     def __getattr__(self, name: str) -> object:
         return getattr(time, name)
 
     def sleep(self, seconds: float) -> None:
-        time.sleep(min(seconds, self.cap))
+        if seconds >= 1.0:
+            time.sleep(min(seconds, self.poll))
+        elif self.reply_ready.wait(seconds):
+            self.reply_ready.clear()
 
 
-def patch_poll(cap: float) -> bool:
-    """Cap the sleeps of Flower's SuperNode loop at `cap` seconds; False (and a
-    warning) when the installed Flower is not laid out as expected."""
-    import importlib
+def patch(poll: float, on_message: Callable[[], None], reply_ready: threading.Event) -> bool:
+    """Tie the SuperNode loop of this process to its worker: `on_message()` is called
+    each time the SuperNode has stored a message for its ClientApp; setting
+    `reply_ready` ends its wait for the reply. False (and a warning) when the
+    installed Flower is not the one this was written for."""
+    from fedtune.federated.waits import shorten_pulls
 
     try:
-        loop: ModuleType | None = importlib.import_module("flwr.supernode.start_client_internal")
+        loop: ModuleType | None = importlib.import_module(LOOP_MODULE)
     except ImportError:
         loop = None
-    if loop is None or getattr(loop, "time", None) is not time:
-        log.warning("this Flower's SuperNode loop is not the one fedtune patches (1.41): "
-                    "running it with its own 3 s idle poll")  # fmt: skip
+    take = getattr(loop, "_pull_and_store_message", None)
+    if loop is None or getattr(loop, "time", None) is not time or not callable(take):
+        log.warning("this Flower's SuperNode loop is not the one fedtune patches (1.40/1.41): "
+                    "it keeps its own 3 s idle poll")  # fmt: skip
         return False
-    setattr(loop, "time", _CappedTime(cap))  # noqa: B010 - a module attribute
+
+    def take_and_tell(*args: Any, **kwargs: Any) -> Any:
+        run_id = take(*args, **kwargs)
+        if run_id is not None:
+            on_message()
+        return run_id
+
+    setattr(loop, "time", _Waits(poll, reply_ready))  # noqa: B010 - module attributes
+    setattr(loop, "_pull_and_store_message", take_and_tell)  # noqa: B010
+    shorten_pulls(LOOP_MODULE)
     return True
 
 
-def split_args(argv: Sequence[str]) -> tuple[float, list[str]]:
-    """(`--fedtune-poll` value, the arguments for flower-supernode)."""
-    args, poll = list(argv), DEFAULT_POLL
-    if OPTION in args:
-        i = args.index(OPTION)
-        try:
-            poll = float(args[i + 1])
-        except (IndexError, ValueError):
-            raise SystemExit(f"{OPTION} needs a number of seconds") from None
-        if not 0.01 <= poll <= 3.0:
-            raise SystemExit(f"{OPTION} {poll}: give 0.01 to 3 seconds")
-        del args[i : i + 2]
-    return poll, args
-
-
-def _exit_with_parent() -> None:
-    """SIGTERM this SuperNode when the process that started it (the site worker) is
-    gone, e.g. killed by the OOM killer: a SuperNode without its worker would take
-    messages it cannot answer."""
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        log.warning("the site worker is gone: stopping the SuperNode")
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=watch, name="fedtune-parent-watch", daemon=True).start()
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    poll, args = split_args(sys.argv[1:] if argv is None else argv)
-    patch_poll(poll)
-    _exit_with_parent()
+def run(args: Sequence[str]) -> int:
+    """Run Flower's `flower-supernode` with `args` in this process until it exits; its
+    exit code."""
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
+    try:  # timestamps on Flower's log lines: a site's log then says when messages came
+        from flwr.supercore.logger import update_console_handler
+
+        update_console_handler(timestamps=True)
+    except ImportError:
+        pass
     sys.argv = ["flower-supernode", *args]
-    flower_supernode()
-
-
-if __name__ == "__main__":
-    main()
+    try:
+        flower_supernode()
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    return 0

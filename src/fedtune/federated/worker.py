@@ -1,20 +1,32 @@
-"""A site's long-lived worker: keeps the base model warm between Flower messages.
+"""A site in one long-lived process: Flower's SuperNode and a worker that runs the
+site's ClientApp, so the base model stays warm between Flower messages.
 
-Under Flower's Deployment Engine every message reaches a fresh `flwr-clientapp`
-process (see `fedtune.federated.siteapp`). That process now only forwards the
-message over a Unix socket to this worker, which lives as long as the site: it
-imports torch/transformers once and keeps fedtune's Workspace (base model, the
-site's data and encoded features, keyed by run config) across rounds and runs,
-exactly as the in-process federation does.
+Flower (1.40/1.41) runs every message a SuperNode receives in a fresh
+`flwr-clientapp` process, started by a SuperExec that polls the SuperNode's local
+Runtime API for tasks (Flower issue #3670): importing torch and transformers and
+loading the base model would cost every site seconds per round, and even a ClientApp
+that imports only Flower costs 1.5-2 s per message to start. `fedtune site`
+therefore runs the SuperNode with `--isolation process` (it then starts no SuperExec)
+in this process, and a worker thread takes the SuperExec's place: woken by the
+SuperNode when a message is in (fedtune.federated.supernode), it takes the task from
+the Runtime API and runs it right here, doing what `flwr-clientapp` does (pull the
+message and the Context with the task's token, run the ClientApp, push the reply and
+the Context, heartbeat meanwhile) with fedtune's ClientApp, whose Workspace (base
+model, the site's data and encoded features) lives as long as the site, exactly as
+in the in-process federation.
 
-`run_site` starts the worker and the site's `flower-supernode` (with node config
-`worker=<socket>`) together and stops both together: `fedtune site` and
-`fedtune.deploy.LocalFederation` use it. Run as a module for the latter:
+Only fedtune's ClientApp runs here: a run whose app names another ClientApp gets an
+error reply (start a plain `flower-supernode` for other apps). Task acquisition is
+signed with a random secret shared with the SuperNode only (Flower's SuperExec
+authentication), so another local process cannot take this site's messages.
 
-    python -m fedtune.federated.worker --socket /path/w.sock [--poll 0.25] -- flower-supernode ...
+Written by hand because Flower has no long-lived ClientApp process; built on
+Flower's runtime modules (`flwr.supernode.runtime.run_clientapp`,
+`flwr.supercore.runtime`), which are not a public API: fedtune pins flwr to the
+versions this was tested with, and `available()` says whether the installed one
+has them (`fedtune site` falls back to Flower's process per message otherwise).
 
-One message is handled at a time (a SuperNode hands its ClientApp one message at
-a time). A message that fails is answered with the error, and the worker goes on.
+    python -m fedtune.federated.worker [--poll 0.25] -- flower-supernode ...
 """
 
 from __future__ import annotations
@@ -23,9 +35,9 @@ import argparse
 import contextlib
 import logging
 import os
+import secrets
+import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -33,48 +45,93 @@ import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TextIO
-
-from flwr.app import Context, Message
+from typing import Any, TextIO
 
 from fedtune.errors import ConfigError
-from fedtune.federated.siteapp import (
-    WORKER_KEY,
-    decode_request,
-    encode_reply,
-    recv_frame,
-    send_frames,
-)
+from fedtune.federated import supernode, waits
 from fedtune.federated.supernode import DEFAULT_POLL
 
 log = logging.getLogger("fedtune.worker")
 
-SOCKET_NAME = "worker.sock"
-_MAX_PATH = 100
-"""Unix socket paths are limited to ~107 bytes; longer ones go to a private temp dir."""
+CLIENT_APP = "fedtune.federated.apps:client_app"
+"""The ClientApp this worker runs (the `clientapp` component of fedtune's app)."""
+TASK_POLL = 0.05
+"""Seconds between the worker's polls of its SuperNode for a task (local HTTP)."""
+_ACQUIRE = "/flwr.proto.Runtime/AcquireTask"
 
 
-def socket_path(site_dir: str | Path) -> Path:
-    """Where a site's worker listens: `site_dir`/worker.sock, or a private temporary
-    folder when that path is too long for a Unix socket."""
-    path = Path(site_dir).resolve() / SOCKET_NAME
-    if len(str(path)) > _MAX_PATH:
-        path = Path(tempfile.mkdtemp(prefix="fedtune-site-")) / SOCKET_NAME
-    return path
+try:  # Flower's runtime modules: not a public API (see the module docstring)
+    from flwr.app import Message
+    from flwr.app.error import Error
+    from flwr.common.config import get_fab_config
+    from flwr.common.constant import ErrorCode, SubStatus
+    from flwr.common.serde import context_from_proto, fab_from_proto
+    from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
+    from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
+        AcquireTaskRequest,
+        PullAppMessagesRequest,
+        PullTaskInputRequest,
+    )
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+    from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+        make_confirm_message_received_fn_protobuf,
+        make_pull_object_fn_protobuf,
+    )
+    from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+    from flwr.supercore.interceptors import (
+        RuntimeTokenHttpInterceptor,
+        RuntimeVersionHttpInterceptor,
+        SuperExecAuthHttpInterceptor,
+    )
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
+
+    _MISSING = ""
+except ImportError as err:  # another Flower: `fedtune site` runs Flower's way (--cold)
+    _MISSING = str(err)
+
+
+def available() -> bool:
+    """Whether the installed Flower has the runtime pieces the worker is built on."""
+    return not _MISSING
+
+
+def app_component(fab_content: bytes) -> str:
+    """The `clientapp` component named by a FAB (Flower app bundle)."""
+    try:
+        return str(get_fab_config(fab_content)["tool"]["flwr"]["app"]["components"]["clientapp"])
+    except (KeyError, TypeError, ValueError):
+        return ""
 
 
 class SiteWorker:
-    """Serves messages forwarded by `siteapp` on a Unix socket (file mode 0600 in a
-    0700 folder: only this user's processes reach it)."""
+    """Takes this site's ClientApp tasks from its SuperNode's Runtime API (at
+    `address`, host:port) and runs them in this process."""
 
-    def __init__(self, path: str | Path, out: TextIO | None = None) -> None:
-        self.path = Path(path)
+    def __init__(self, address: str, secret: bytes, out: TextIO | None = None,
+                 poll: float = TASK_POLL) -> None:  # fmt: skip
+        self.address = address
         self.out = out or sys.stdout
+        self.poll = poll
         self.handled = 0
+        self.task_ready = threading.Event()
+        """Set when the SuperNode has a task (fedtune.federated.supernode.patch)."""
+        self.reply_ready = threading.Event()
+        """Set by the worker when a task's reply is pushed (the SuperNode's wait ends)."""
+        self.woken = False
+        """Whether the SuperNode sets `task_ready`; else the worker polls every `poll` s."""
+        self._secret = secret
         self._stop = threading.Event()
-        self._sock: socket.socket | None = None
+        if _MISSING:
+            raise ConfigError(
+                f"this Flower lacks what the site worker needs ({_MISSING}); "
+                "run the site with --cold or install a flwr fedtune supports"
+            )
 
-    def _say(self, text: str) -> None:
+    def say(self, text: str) -> None:
         stamp = time.strftime("%H:%M:%S") + f".{int(time.time() * 1000) % 1000:03d}"
         print(f"[fedtune worker {stamp}] {text}", file=self.out, flush=True)
 
@@ -86,191 +143,212 @@ class SiteWorker:
 
         return time.perf_counter() - t0
 
-    def bind(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.path.parent, 0o700)
-        if self.path.exists():
-            if _alive(self.path):
-                raise ConfigError(f"{self.path}: another site worker is listening there; stop "
-                                  "it first or give this site another --workdir")  # fmt: skip
-            self.path.unlink()  # left by a worker that was killed
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)
-        try:
-            sock.bind(str(self.path))
-        finally:
-            os.umask(old)
-        sock.listen(4)
-        sock.settimeout(0.5)
-        self._sock = sock
+    def _client(self, *interceptors: Any, retry: bool = True) -> Any:
+        invoker = make_simple_http_retry_invoker()
+        if not retry:  # the caller polls again anyway: fail fast, e.g. when stopping
+            invoker.max_tries = 1
+        return RuntimeHttpClient.from_server_address(
+            server_address=self.address, insecure=True, root_certificates=None,
+            interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+                          *interceptors],
+            retry_invoker=invoker)  # fmt: skip
 
     def serve_forever(self) -> None:
-        assert self._sock is not None, "bind() first"
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                if self._stop.is_set():
-                    break
-                raise
-            with conn:
-                conn.settimeout(None)
+        """Poll for tasks and run them until `close()`."""
+        signer = SuperExecAuthHttpInterceptor(master_secret=self._secret,
+                                              protected_methods={_ACQUIRE})  # fmt: skip
+        client = self._client(signer, retry=False)
+        wanted = [str(TaskType.CLIENT_APP)]
+        unreachable = 0
+        try:
+            while not self._stop.is_set():
+                self.task_ready.clear()
                 try:
-                    self._serve_one(conn)
-                except Exception as err:  # never let one bad request end the service
-                    traceback.print_exc(file=self.out)
-                    self._say(f"failed to serve a request: {type(err).__name__}: {err}")
-                    with contextlib.suppress(Exception):
-                        send_frames(conn, *encode_reply(None, None, f"site worker: {err}"))
+                    res = client.AcquireTask(AcquireTaskRequest(supported_task_types=wanted))
+                    unreachable = 0
+                except Exception as err:  # the SuperNode is starting, or stopping
+                    unreachable += 1
+                    if unreachable == 30:  # 15 s
+                        self.say(f"cannot reach the SuperNode's API at {self.address}: {err}")
+                    self._stop.wait(0.5)
+                    continue
+                if res.HasField("task") and res.token:
+                    self.run_task(res.token)
+                    self.reply_ready.set()
+                else:  # woken by the SuperNode; the timeout is a safety net
+                    self.task_ready.wait(1.0 if self.woken else self.poll)
+        finally:
+            client.close()
 
-    def _serve_one(self, conn: socket.socket) -> None:
+    def serve_or_stop(self) -> None:
+        """`serve_forever`; if it ever fails, stop this process's SuperNode (SIGTERM)
+        rather than leave it taking messages nobody answers."""
         try:
-            frames = [recv_frame(conn) for _ in range(3)]
-        except (OSError, ValueError) as err:
-            self._say(f"dropped a broken request: {err}")
-            return
-        header, msg, context = decode_request(frames)  # errors: answered by serve_forever
-        t0 = time.perf_counter()
-        reply, error = self.handle(msg, context)
-        took = time.perf_counter() - t0
-        self.handled += 1
-        what = header.get("type", "?")
-        self._say(f"{what} handled in {took:.2f} s" + (f" (failed: {error})" if error else ""))
-        try:
-            send_frames(conn, *encode_reply(reply, context, error))
-        except OSError as err:  # the ClientApp process went away (e.g. its SuperNode stopped)
-            self._say(f"could not send the reply for {what}: {err}")
+            self.serve_forever()
+        except BaseException as err:
+            traceback.print_exc(file=self.out)
+            self.say(f"the worker failed ({type(err).__name__}: {err}): stopping the site")
+            os.kill(os.getpid(), signal.SIGTERM)
 
-    def handle(self, msg: Message, context: Context) -> tuple[Message | None, str]:
+    def run_task(self, token: str) -> None:
+        """One ClientApp task, as `flwr-clientapp --token` runs it, in this process. A
+        ClientApp that raises is answered with an error reply; the worker goes on."""
         from fedtune.federated.apps import client_app
 
+        client = self._client(RuntimeTokenHttpInterceptor(token))
+        heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+        heartbeat.start()
+        context, status, details, what = None, SubStatus.FAILED, "ClientApp task failed", "?"
+        t0 = time.perf_counter()
+        times = {"pull": 0.0, "app": 0.0, "push": 0.0}
         try:
-            return client_app(msg, context), ""
-        except Exception as err:  # answered to the ClientApp, which raises it to Flower
+            message, context, fab = self._pull_task_input(client)
+            what = message.metadata.message_type
+            times["pull"] = time.perf_counter() - t0
+            try:
+                if (component := app_component(fab.content)) != CLIENT_APP:
+                    raise ConfigError(
+                        f"this site runs fedtune's ClientApp only ({CLIENT_APP}); the run's "
+                        f"app names {component or 'none'}: run it on a plain flower-supernode"
+                    )
+                reply = client_app(message, context)
+                status, details = SubStatus.COMPLETED, ""
+            except Exception as err:  # answered to the server, as flwr-clientapp does
+                traceback.print_exc(file=self.out)
+                details = f"{type(err)}:<'{err}'>"
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                                      reason=details), reply_to=message)  # fmt: skip
+            times["app"] = time.perf_counter() - t0 - times["pull"]
+            push_message(client, reply, context)
+        except Exception as err:  # the SuperNode went away or refused the token
             traceback.print_exc(file=self.out)
-            return None, f"{type(err).__name__}: {err}"
+            details = f"fedtune worker: {type(err).__name__}: {err}"
+        finally:
+            with contextlib.suppress(Exception):
+                push_task_output(client=client, context=context, sub_status=status,
+                                 details=details)  # fmt: skip
+            if heartbeat.is_running:
+                heartbeat.stop()
+            client.close()
+        self.handled += 1
+        took = time.perf_counter() - t0
+        times["push"] = took - times["pull"] - times["app"]
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in times.items())
+        failed = "" if status == SubStatus.COMPLETED else f"; failed: {details}"
+        self.say(f"{what} handled in {took:.2f} s ({parts}{failed})")
+
+    def _pull_task_input(self, client: Any) -> tuple[Any, Any, Any]:
+        """The task's Message, Context and FAB, as Flower's `pull_task_input` gets
+        them, but waiting for the message's objects with fedtune's short backoff
+        (`fedtune.federated.waits`): the SuperNode announces a task before it has the
+        message's objects from the SuperLink, and Flower's own backoff starts at 1 s."""
+        res = client.PullTaskInput(PullTaskInputRequest())
+        TaskIdentity.task_id = res.task_id
+        TaskIdentity.run_id = res.run.run_id
+        TaskIdentity.node_id = res.context.node_id
+        context = context_from_proto(res.context)
+        fab = fab_from_proto(res.fab)
+        pulled = client.PullMessages(PullAppMessagesRequest())
+        if not pulled.messages_list:
+            raise RuntimeError("the SuperNode announced a task without a message")
+        node, run_id = Node(node_id=context.node_id), context.run_id
+        tree = pulled.message_object_trees[0]
+        message = pull_and_inflate_object_from_tree(
+            tree,
+            make_pull_object_fn_protobuf(client.PullObject, node, run_id),
+            make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived,
+                                                      node, run_id),
+            return_type=Message, initial_backoff=waits.INITIAL, backoff_cap=waits.CAP,
+            max_tries_per_object=waits.MAX_TRIES,
+        )  # fmt: skip
+        message.metadata.__dict__["_message_id"] = tree.object_id  # as Flower sets it
+        return message, context, fab
 
     def close(self) -> None:
         self._stop.set()
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-        self.path.unlink(missing_ok=True)
+        self.task_ready.set()
 
 
-def _alive(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(1.0)
-        try:
-            s.connect(str(path))
-            return True
-        except OSError:
-            return False
+# --- the site: worker + SuperNode in one process ----------------------------------
 
 
-def with_worker(supernode_cmd: Sequence[str], path: str | Path) -> list[str]:
-    """`supernode_cmd` with `worker=<path>` added to its --node-config."""
-    if "'" in str(path):
-        raise ConfigError(f"{path}: a worker socket path must not contain a quote (')")
+def runtime_address(supernode_cmd: Sequence[str]) -> str:
+    """host:port of the Runtime API the SuperNode of `supernode_cmd` serves."""
+
+    def option(name: str, default: str) -> str:
+        for i, arg in enumerate(supernode_cmd):
+            if arg == name and i + 1 < len(supernode_cmd):
+                return supernode_cmd[i + 1]
+            if arg.startswith(name + "="):
+                return arg.split("=", 1)[1]
+        return default
+
+    return f"{option('--host', '127.0.0.1')}:{option('--port', '9094')}"
+
+
+def in_process_isolation(supernode_cmd: Sequence[str], secret_file: str | Path) -> list[str]:
+    """`supernode_cmd` with `--isolation process` (no SuperExec: the worker takes its
+    tasks) and the SuperExec secret that signs task acquisition."""
     cmd = list(supernode_cmd)
-    item = f"{WORKER_KEY}='{Path(path)}'"
-    for i, arg in enumerate(cmd):
-        if arg == "--node-config" and i + 1 < len(cmd):
-            if cmd[i + 1].endswith(".toml"):
-                raise ConfigError("give the site's node config as key=value pairs, not a "
-                                  f"TOML file ({cmd[i + 1]}): the worker adds {WORKER_KEY}=...")
-            cmd[i + 1] = f"{cmd[i + 1]} {item}".strip()
-            return cmd
-        if arg.startswith("--node-config="):
-            cmd[i] = f"{arg} {item}"
-            return cmd
-    return [*cmd, "--node-config", item]
+    if any(a == "--isolation" or a.startswith("--isolation=") for a in cmd):
+        raise ConfigError("the site worker sets the SuperNode's --isolation itself; drop it")
+    return [*cmd, "--isolation", "process", "--superexec-auth-secret-file", str(secret_file)]
 
 
-def with_poll(supernode_cmd: Sequence[str], poll: float | None) -> list[str]:
-    """`supernode_cmd` (flower-supernode ...) run through fedtune.federated.supernode,
-    whose idle poll is `poll` seconds instead of Flower's 3 s (None: unchanged)."""
-    cmd = list(supernode_cmd)
-    if poll is None or not cmd or Path(cmd[0]).name != "flower-supernode":
-        return cmd
-    return [sys.executable, "-m", "fedtune.federated.supernode", "--fedtune-poll", str(poll),
-            *cmd[1:]]  # fmt: skip
-
-
-def run_site(supernode_cmd: Sequence[str], path: str | Path, env: dict[str, str] | None = None,
+def run_site(supernode_cmd: Sequence[str], env: dict[str, str] | None = None,
              out: TextIO | None = None, poll: float | None = DEFAULT_POLL) -> int:  # fmt: skip
-    """Start the worker at `path`, then the SuperNode (`supernode_cmd`, node config
-    `worker=<path>` added, idle poll `poll` s; see fedtune.federated.supernode);
-    serve until the SuperNode exits or this process gets SIGTERM/SIGINT (then the
-    SuperNode is stopped too). The SuperNode's exit code."""
-    worker = SiteWorker(path, out)
-    worker.bind()
-    worker._say(f"listening on {worker.path}")
-    worker._say(f"fedtune loaded in {worker.warm_up():.1f} s; starting the SuperNode")
-    thread = threading.Thread(target=worker.serve_forever, name="fedtune-worker", daemon=True)
-    stopping = threading.Event()
+    """Run the site in this process: Flower's SuperNode (`supernode_cmd`, a
+    `flower-supernode` command line, in process isolation, idle poll `poll` s; see
+    fedtune.federated.supernode) in the main thread, and the worker that runs its
+    ClientApp tasks in another. Returns when the SuperNode exits (SIGTERM/SIGINT
+    stop it); its exit code. `env` is added to this process's environment."""
+    from fedtune.deploy import DeploymentError, check_port_free
 
-    def stop(signum: int, _frame: object) -> None:
-        worker._say(f"signal {signum}: stopping the SuperNode")
-        stopping.set()
-
-    old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
-    node: subprocess.Popen[bytes] | None = None
+    os.environ.update(env or {})
+    address = runtime_address(supernode_cmd)
+    host, port = address.rsplit(":", 1)
     try:
+        check_port_free(host, int(port))
+    except DeploymentError as err:
+        raise ConfigError(f"the SuperNode's local API: {err} (each site on a machine needs "
+                          "its own --port)") from None  # fmt: skip
+    private = Path(tempfile.mkdtemp(prefix="fedtune-site-"))  # 0700
+    try:
+        secret = secrets.token_bytes(32)
+        secret_file = private / "superexec.secret"
+        fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(secret)
+        worker = SiteWorker(address, secret, out)
+        worker.say(f"fedtune loaded in {worker.warm_up():.1f} s; starting the SuperNode")
+        worker.woken = supernode.patch(poll or 3.0, worker.task_ready.set, worker.reply_ready)
+        thread = threading.Thread(target=worker.serve_or_stop, name="fedtune-worker",
+                                  daemon=True)  # fmt: skip
         thread.start()
-        if not stopping.is_set():
-            node = subprocess.Popen(with_poll(with_worker(supernode_cmd, worker.path), poll),
-                                    env=env, stdin=subprocess.DEVNULL)  # fmt: skip
-        while node is not None and node.poll() is None and not stopping.is_set():
-            if not thread.is_alive():
-                worker._say("the worker stopped serving: stopping the SuperNode")
-                break
-            time.sleep(0.2)
-        code = _stop_node(node, STOP_TIMEOUT)
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-        if node is not None and node.poll() is None:
-            node.kill()
-            node.wait()
+        code = supernode.run(in_process_isolation(supernode_cmd, secret_file)[1:])
         worker.close()
         thread.join(timeout=5)
-    worker._say(f"SuperNode exited with code {code}; {worker.handled} messages handled")
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+    worker.say(f"SuperNode exited with code {code}; {worker.handled} messages handled")
     return code
-
-
-STOP_TIMEOUT = 20.0
-"""Seconds a SuperNode gets to sign off after SIGTERM before it is killed."""
-
-
-def _stop_node(node: subprocess.Popen[bytes] | None, timeout: float) -> int:
-    """The SuperNode's exit code, stopping it first (SIGTERM, SIGKILL after `timeout`)."""
-    if node is None:
-        return 0
-    if node.poll() is None:
-        node.send_signal(signal.SIGTERM)
-        try:
-            node.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            node.kill()
-            node.wait()
-    return int(node.returncode)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--socket", required=True, help="path of the worker's Unix socket")
-    parser.add_argument("--poll", type=float, default=DEFAULT_POLL,
-                        help="the SuperNode's idle poll in seconds (Flower: 3; 0 = Flower's)")
+    parser.add_argument(
+        "--poll",
+        type=float,
+        default=DEFAULT_POLL,
+        help="the SuperNode's idle poll in seconds (Flower: 3; 0 = Flower's)",
+    )
     parser.add_argument("command", nargs=argparse.REMAINDER,
                         help="-- then the flower-supernode command line")  # fmt: skip
     args = parser.parse_args(argv)
     cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not cmd:
         parser.error("give the flower-supernode command after --")
-    return run_site(cmd, args.socket, dict(os.environ), poll=args.poll or None)
+    return run_site(cmd, poll=args.poll or None)
 
 
 if __name__ == "__main__":
