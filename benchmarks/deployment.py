@@ -75,7 +75,8 @@ def _site_overheads(r: dict[str, Any]) -> list[float]:
     train = list(r["site_train_seconds"].values())
     if "inprocess" in r.get("_mode", ""):
         return [(r["timing"]["exchange"] - sum(train)) / len(train)]
-    return [at - t for at, t in zip(r["timing"]["replies"], train, strict=True)]
+    came = r["timing"]["replies"]
+    return [came[site] - t for site, t in r["site_train_seconds"].items() if site in came]
 
 
 def run_inprocess(overrides: list[str], out: Path) -> dict[str, Any]:

@@ -7,6 +7,8 @@
     python benchmarks/federated.py fingpt     # FinGPT split, 3 sites, IID and Dirichlet(0.5)
     python benchmarks/federated.py protocol   # the source protocol: 3 x 600, shared
                                               # validation, ptuning and lora, all regimes
+    python benchmarks/federated.py lean [r4-bf16 r2-fp32]  # the protocol for LoRA
+                                              # variants under 0.5% of the model per round
 
 Each measurement of `memory` runs in its own process (peak RSS is per process);
 results are printed as a Markdown table for docs/benchmarks.md.
@@ -161,10 +163,35 @@ def protocol() -> None:
     run_regimes(cfg, ["ptuning", "lora"])
 
 
+LEAN = {
+    "r4-bf16": ["method.r=4", "method.alpha=8", "federated.transport=bf16"],
+    "r2-fp32": ["method.r=2", "method.alpha=4"],
+}
+"""LoRA on every linear layer with a small rank: the update under 0.5% of MiniLM."""
+
+
+def lean(variants: list[str]) -> None:
+    """The source protocol (as `protocol`, LoRA only, centralized and federated) for
+    LoRA variants whose update is <= 0.5% of the full model per site per round."""
+    from fedtune.config import load_config
+    from fedtune.federated.compare import run_regimes
+
+    for name in variants or list(LEAN):
+        cfg = load_config("examples/federated.toml", [
+            "output_dir=runs/benchmarks", f"name=lean-{name}-{time.strftime('%H%M%S')}",
+            "federated.rounds=12", "federated.patience=3", "train.patience=3",
+            "train.bf16=true", "train.progress=false", "method.name=lora", *LEAN[name],
+        ])  # fmt: skip
+        run_regimes(cfg, ["lora"], regimes=("centralized", "federated"))
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "_memory":
         _one_memory_run(int(sys.argv[2]), sys.argv[3])
     else:
         parts = {"memory": memory, "overhead": overhead, "transport": transport,
                  "fingpt": fingpt, "protocol": protocol}  # fmt: skip
-        parts[sys.argv[1]]()
+        if sys.argv[1] == "lean":
+            lean(sys.argv[2:])
+        else:
+            parts[sys.argv[1]]()

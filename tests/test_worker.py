@@ -139,6 +139,41 @@ def test_a_failing_task_is_answered_with_the_error(monkeypatch: pytest.MonkeyPat
     assert w.handled == 2  # and the worker goes on
 
 
+def test_a_reply_that_cannot_be_pushed_is_answered_with_an_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(apps, "client_app", lambda msg, context: Message(RecordDict(),
+                                                                         reply_to=msg))  # fmt: skip
+    bundle = (app_bundle(tmp_path / "app") / "pyproject.toml").read_text()
+    rt = _Runtime(monkeypatch, _message(), _fab(bundle))
+    calls = []
+
+    def push_once_fails(_client: Any, reply: Message, _context: Context) -> None:
+        calls.append(reply)
+        if len(calls) == 1:
+            raise ConnectionError("the SuperNode went away")
+
+    monkeypatch.setattr(worker, "push_message", push_once_fails)
+    SiteWorker("127.0.0.1:1", b"secret", StringIO()).run_task("token")
+    # Flower's SuperNode waits for a reply to every message it took: it gets one.
+    assert len(calls) == 2 and calls[1].has_error()
+    assert "the SuperNode went away" in str(calls[1].error.reason)
+    assert rt.outputs[0][0] == SubStatus.FAILED
+
+
+def test_a_worker_that_cannot_reach_its_supernode_gives_up(monkeypatch: pytest.MonkeyPatch,
+                                                           ) -> None:  # fmt: skip
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(worker, "UNREACHABLE_LIMIT", 1.0)
+    w = SiteWorker(f"127.0.0.1:{port}", b"secret", StringIO())
+    with pytest.raises(RuntimeError, match=rf"127\.0\.0\.1:{port} refused or did not answer"):
+        w.serve_forever()
+
+
 def test_supernode_command_runs_without_a_superexec() -> None:
     cmd = ["flower-supernode", "--superlink", "h:9092", "--host", "127.0.0.1", "--port", "9101"]
     assert runtime_address(cmd) == "127.0.0.1:9101"
@@ -148,6 +183,12 @@ def test_supernode_command_runs_without_a_superexec() -> None:
     assert out[-4:] == ["--isolation", "process", "--superexec-auth-secret-file", "/private/secret"]
     with pytest.raises(ConfigError, match="--isolation"):
         in_process_isolation([*cmd, "--isolation", "subprocess"], "/s")
+    with pytest.raises(ConfigError, match=r"--ssl-certfile.*--cold"):
+        in_process_isolation([*cmd, "--ssl-certfile=/c.pem"], "/s")
+    assert runtime_address(["n", "--host", "::1", "--port", "1"]) == "[::1]:1"
+    assert runtime_address(["n", "--host", "0.0.0.0"]) == "127.0.0.1:9094"
+    with pytest.raises(ConfigError, match=r"--poll 10.*0\.01 to 3"):
+        worker.run_site(cmd, poll=10)
 
 
 def test_run_site_refuses_a_port_in_use() -> None:
@@ -198,3 +239,13 @@ def test_shorter_object_waits_only_where_flower_has_them(monkeypatch: pytest.Mon
     assert waits.shorten_pulls(grid.__name__)  # twice: unchanged
     assert not waits.shorten_pulls("json")
     assert "keeps Flower's 1-10 s waits" in caplog.text
+
+
+def test_telemetry_stays_off_when_the_site_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Flower reads the variable when its telemetry module is imported, which happens
+    # before `fedtune site` sets up the site's environment.
+    telemetry = importlib.import_module("flwr.supercore.telemetry")
+    monkeypatch.setattr(telemetry, "FLWR_TELEMETRY_ENABLED", "1")
+    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
+    worker._telemetry_from_environment()
+    assert telemetry.FLWR_TELEMETRY_ENABLED == "0"

@@ -239,7 +239,8 @@ def _send(
     """Send, receive, account every message in both directions; replies decoded to fp32.
     A site that sent no reply in time gets an error reply here ("no reply in N s"), so
     that it is reported as failed like a site whose ClientApp raised. `timing` gets
-    the seconds the push took and when each reply came (from the push's start)."""
+    the seconds the push took and, by site, when its reply came (from the push's
+    start)."""
     for m in messages:
         state.traffic.append({
             "round": rnd, "kind": kind, "direction": "down",
@@ -247,8 +248,6 @@ def _send(
             "bytes": message_bytes(m), "payload_bytes": message_payload_bytes(m),
         })  # fmt: skip
     got = exchange(grid, messages, timeout)
-    if timing is not None:
-        timing |= {"push": got.pushed, "replies": got.arrived}
     if got.ignored:
         log.warning("round %d: ignored %d stale or duplicate replies", rnd, got.ignored)
     replies = got.replies
@@ -256,10 +255,13 @@ def _send(
     for node in got.missing:
         reason = f"no reply in {timeout:g} s (site down or too slow: federated.timeout)"
         replies.append(Message(Error(code=NO_REPLY, reason=reason), reply_to=by_node[node]))
-    for r in replies:
+    arrived: dict[str, float] = {}
+    for i, r in enumerate(replies):
         node = r.metadata.src_node_id
         name = names.get(node) or _site_name(r, node)
         names.setdefault(node, name)
+        if i < len(got.arrived):
+            arrived[name] = got.arrived[i]
         state.traffic.append({
             "round": rnd, "kind": kind, "direction": "up", "site": name,
             "bytes": message_bytes(r), "payload_bytes": message_payload_bytes(r),
@@ -267,6 +269,8 @@ def _send(
         })  # fmt: skip
         if r.has_content() and "arrays" in r.content:
             r.content["arrays"] = decode_record(arrays_of(r), transport)
+    if timing is not None:
+        timing |= {"push": got.pushed, "replies": arrived}
     return replies
 
 

@@ -56,7 +56,13 @@ log = logging.getLogger("fedtune.worker")
 CLIENT_APP = "fedtune.federated.apps:client_app"
 """The ClientApp this worker runs (the `clientapp` component of fedtune's app)."""
 TASK_POLL = 0.05
-"""Seconds between the worker's polls of its SuperNode for a task (local HTTP)."""
+"""Seconds between the worker's polls of its SuperNode for a task when the SuperNode
+does not wake it (another Flower layout)."""
+UNREACHABLE_LIMIT = 60.0
+"""Seconds the worker keeps trying a SuperNode API that does not answer or refuses
+it before it stops the site (exit code 1)."""
+POLL_RANGE = (0.01, 3.0)
+"""Allowed idle poll of the SuperLink, seconds."""
 _ACQUIRE = "/flwr.proto.Runtime/AcquireTask"
 
 
@@ -123,6 +129,10 @@ class SiteWorker:
         """Set by the worker when a task's reply is pushed (the SuperNode's wait ends)."""
         self.woken = False
         """Whether the SuperNode sets `task_ready`; else the worker polls every `poll` s."""
+        self.on_connected: Any = None
+        """Called once, when the SuperNode's Runtime API first answers."""
+        self.failed = ""
+        """Why the worker stopped serving, if it failed."""
         self._secret = secret
         self._stop = threading.Event()
         if _MISSING:
@@ -166,10 +176,17 @@ class SiteWorker:
                 try:
                     res = client.AcquireTask(AcquireTaskRequest(supported_task_types=wanted))
                     unreachable = 0
+                    if self.on_connected is not None:
+                        self.on_connected()
+                        self.on_connected = None
                 except Exception as err:  # the SuperNode is starting, or stopping
                     unreachable += 1
-                    if unreachable == 30:  # 15 s
-                        self.say(f"cannot reach the SuperNode's API at {self.address}: {err}")
+                    if self._stop.is_set():
+                        break
+                    if unreachable * 0.5 >= UNREACHABLE_LIMIT:
+                        raise RuntimeError(f"the SuperNode's API at {self.address} refused or "
+                                           f"did not answer for {UNREACHABLE_LIMIT:.0f} s: "
+                                           f"{err}") from err  # fmt: skip
                     self._stop.wait(0.5)
                     continue
                 if res.HasField("task") and res.token:
@@ -182,12 +199,13 @@ class SiteWorker:
 
     def serve_or_stop(self) -> None:
         """`serve_forever`; if it ever fails, stop this process's SuperNode (SIGTERM)
-        rather than leave it taking messages nobody answers."""
+        rather than leave it taking messages nobody answers (`failed` is then set)."""
         try:
             self.serve_forever()
         except BaseException as err:
             traceback.print_exc(file=self.out)
-            self.say(f"the worker failed ({type(err).__name__}: {err}): stopping the site")
+            self.failed = f"{type(err).__name__}: {err}"
+            self.say(f"the worker failed ({self.failed}): stopping the site")
             os.kill(os.getpid(), signal.SIGTERM)
 
     def run_task(self, token: str) -> None:
@@ -199,6 +217,7 @@ class SiteWorker:
         heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
         heartbeat.start()
         context, status, details, what = None, SubStatus.FAILED, "ClientApp task failed", "?"
+        message, replied = None, False
         t0 = time.perf_counter()
         times = {"pull": 0.0, "app": 0.0, "push": 0.0}
         try:
@@ -220,9 +239,16 @@ class SiteWorker:
                                       reason=details), reply_to=message)  # fmt: skip
             times["app"] = time.perf_counter() - t0 - times["pull"]
             push_message(client, reply, context)
-        except Exception as err:  # the SuperNode went away or refused the token
+            replied = True
+        except Exception as err:  # the SuperNode went away, refused the token, ...
             traceback.print_exc(file=self.out)
-            details = f"fedtune worker: {type(err).__name__}: {err}"
+            status, details = SubStatus.FAILED, f"fedtune worker: {type(err).__name__}: {err}"
+            if message is not None and context is not None and not replied:
+                # Flower's SuperNode waits for a reply to every message it took: without
+                # one it would never take the next. Answer with the error if we can.
+                error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details)
+                with contextlib.suppress(Exception):
+                    push_message(client, Message(error, reply_to=message), context)
         finally:
             with contextlib.suppress(Exception):
                 push_task_output(client=client, context=context, sub_status=status,
@@ -249,8 +275,13 @@ class SiteWorker:
         context = context_from_proto(res.context)
         fab = fab_from_proto(res.fab)
         pulled = client.PullMessages(PullAppMessagesRequest())
+        for _ in range(100):  # a task is created a moment before its message is stored
+            if pulled.messages_list:
+                break
+            time.sleep(0.02)
+            pulled = client.PullMessages(PullAppMessagesRequest())
         if not pulled.messages_list:
-            raise RuntimeError("the SuperNode announced a task without a message")
+            raise RuntimeError("the SuperNode announced a task without a message (2 s)")
         node, run_id = Node(node_id=context.node_id), context.run_id
         tree = pulled.message_object_trees[0]
         message = pull_and_inflate_object_from_tree(
@@ -283,15 +314,26 @@ def runtime_address(supernode_cmd: Sequence[str]) -> str:
                 return arg.split("=", 1)[1]
         return default
 
-    return f"{option('--host', '127.0.0.1')}:{option('--port', '9094')}"
+    host = option("--host", "127.0.0.1")
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{option('--port', '9094')}"
 
 
 def in_process_isolation(supernode_cmd: Sequence[str], secret_file: str | Path) -> list[str]:
     """`supernode_cmd` with `--isolation process` (no SuperExec: the worker takes its
     tasks) and the SuperExec secret that signs task acquisition."""
     cmd = list(supernode_cmd)
-    if any(a == "--isolation" or a.startswith("--isolation=") for a in cmd):
-        raise ConfigError("the site worker sets the SuperNode's --isolation itself; drop it")
+    for flag in ("--isolation", "--ssl-certfile", "--ssl-keyfile", "--ssl-ca-certfile",
+                 "--superexec-auth-secret-file"):  # fmt: skip
+        if any(a == flag or a.startswith(flag + "=") for a in cmd):
+            raise ConfigError(
+                f"{flag}: the site worker runs in the SuperNode's process and sets up its "
+                "local Runtime API itself (127.0.0.1, signed task requests); drop the flag, "
+                "or run Flower's way with --cold"
+            )
     return [*cmd, "--isolation", "process", "--superexec-auth-secret-file", str(secret_file)]
 
 
@@ -304,34 +346,50 @@ def run_site(supernode_cmd: Sequence[str], env: dict[str, str] | None = None,
     stop it); its exit code. `env` is added to this process's environment."""
     from fedtune.deploy import DeploymentError, check_port_free
 
+    if poll is not None and not POLL_RANGE[0] <= poll <= POLL_RANGE[1]:
+        raise ConfigError(f"--poll {poll}: give {POLL_RANGE[0]} to {POLL_RANGE[1]} seconds")
     os.environ.update(env or {})
+    _telemetry_from_environment()
     address = runtime_address(supernode_cmd)
     host, port = address.rsplit(":", 1)
     try:
-        check_port_free(host, int(port))
+        check_port_free(host.strip("[]"), int(port))
     except DeploymentError as err:
         raise ConfigError(f"the SuperNode's local API: {err} (each site on a machine needs "
                           "its own --port)") from None  # fmt: skip
+    secret = secrets.token_bytes(32)
+    worker = SiteWorker(address, secret, out)
+    worker.say(f"fedtune loaded in {worker.warm_up():.1f} s; starting the SuperNode")
+    worker.woken = supernode.patch(poll or 3.0, worker.task_ready.set, worker.reply_ready)
+    # The SuperNode reads the secret from a file at start: it lives in a private
+    # folder until the SuperNode answers the worker, then it is removed.
     private = Path(tempfile.mkdtemp(prefix="fedtune-site-"))  # 0700
+    worker.on_connected = lambda: shutil.rmtree(private, ignore_errors=True)
     try:
-        secret = secrets.token_bytes(32)
         secret_file = private / "superexec.secret"
         fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(secret)
-        worker = SiteWorker(address, secret, out)
-        worker.say(f"fedtune loaded in {worker.warm_up():.1f} s; starting the SuperNode")
-        worker.woken = supernode.patch(poll or 3.0, worker.task_ready.set, worker.reply_ready)
         thread = threading.Thread(target=worker.serve_or_stop, name="fedtune-worker",
                                   daemon=True)  # fmt: skip
         thread.start()
         code = supernode.run(in_process_isolation(supernode_cmd, secret_file)[1:])
         worker.close()
-        thread.join(timeout=5)
+        thread.join(timeout=2)  # Flower force-exits 5 s after a signal
     finally:
         shutil.rmtree(private, ignore_errors=True)
+    if worker.failed and code == 0:
+        code = 1  # the SuperNode stopped because the worker failed: not a clean exit
     worker.say(f"SuperNode exited with code {code}; {worker.handled} messages handled")
     return code
+
+
+def _telemetry_from_environment() -> None:
+    """Flower reads FLWR_TELEMETRY_ENABLED once, when its telemetry module is first
+    imported; a site that set it in `env` after that still means it."""
+    telemetry = sys.modules.get("flwr.supercore.telemetry")
+    if telemetry is not None and hasattr(telemetry, "FLWR_TELEMETRY_ENABLED"):
+        setattr(telemetry, "FLWR_TELEMETRY_ENABLED", os.environ.get("FLWR_TELEMETRY_ENABLED", "1"))  # noqa: B010
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -348,7 +406,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not cmd:
         parser.error("give the flower-supernode command after --")
-    return run_site(cmd, poll=args.poll or None)
+    try:
+        return run_site(cmd, poll=args.poll or None)
+    except ConfigError as err:
+        parser.exit(2, f"fedtune worker: {err}\n")
 
 
 if __name__ == "__main__":
