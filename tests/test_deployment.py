@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import sys
+import tempfile
 import tomllib
 import zipfile
 from collections.abc import Iterator
@@ -182,6 +183,32 @@ def test_unregistered_supernode_is_refused(federation: LocalFederation) -> None:
     assert federation.nodes["intruder"].popen.returncode not in (0, None)
     online = {int(n["node-id"]) for n in federation.list_nodes() if n["status"] == "online"}
     assert online == {federation.nodes[s].node_id for s in SITES}
+
+
+def test_a_sites_tasks_go_only_to_its_own_worker(federation: LocalFederation) -> None:
+    """The site's local Runtime API hands out ClientApp tasks only to requests signed
+    with the secret its worker holds; the secret file is gone once the worker is in."""
+    import httpx
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
+
+    from fedtune.federated.worker import SiteWorker
+
+    site = federation.nodes[SITES[0]]
+    intruder = SiteWorker(f"127.0.0.1:{site.port}", b"not the secret")
+    client = intruder._client(retry=False)
+    try:
+        with pytest.raises(httpx.HTTPStatusError) as refused:
+            client.AcquireTask(AcquireTaskRequest(supported_task_types=["flwr-clientapp"]))
+    finally:
+        client.close()
+    assert refused.value.response.status_code == 401
+    assert site.running  # and the site goes on (Flower's own retry would SIGINT it)
+    # Each site's secret sat in a private temporary folder until its SuperNode had
+    # read it and answered the worker.
+    started = federation.root.stat().st_ctime
+    left = [d for d in Path(tempfile.gettempdir()).glob("fedtune-site-*")
+            if d.stat().st_ctime >= started and (d / "superexec.secret").exists()]  # fmt: skip
+    assert not left
 
 
 @pytest.mark.slow

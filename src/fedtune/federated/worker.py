@@ -58,6 +58,9 @@ CLIENT_APP = "fedtune.federated.apps:client_app"
 TASK_POLL = 0.05
 """Seconds between the worker's polls of its SuperNode for a task when the SuperNode
 does not wake it (another Flower layout)."""
+RETRY_SECONDS = 120.0
+"""How long one Runtime API call of a task is retried when the SuperNode does not
+answer."""
 UNREACHABLE_LIMIT = 60.0
 """Seconds the worker keeps trying a SuperNode API that does not answer or refuses
 it before it stops the site (exit code 1)."""
@@ -67,6 +70,7 @@ _ACQUIRE = "/flwr.proto.Runtime/AcquireTask"
 
 
 try:  # Flower's runtime modules: not a public API (see the module docstring)
+    import httpx
     from flwr.app import Message
     from flwr.app.error import Error
     from flwr.common.config import get_fab_config
@@ -90,7 +94,7 @@ try:  # Flower's runtime modules: not a public API (see the module docstring)
         RuntimeVersionHttpInterceptor,
         SuperExecAuthHttpInterceptor,
     )
-    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.retry.retry_invoker import RetryInvoker, exponential
     from flwr.supercore.runtime import RuntimeHttpClient
     from flwr.supercore.task_identity import TaskIdentity
     from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
@@ -154,9 +158,19 @@ class SiteWorker:
         return time.perf_counter() - t0
 
     def _client(self, *interceptors: Any, retry: bool = True) -> Any:
-        invoker = make_simple_http_retry_invoker()
-        if not retry:  # the caller polls again anyway: fail fast, e.g. when stopping
-            invoker.max_tries = 1
+        # Not Flower's make_simple_http_retry_invoker: on a 401 it SIGINTs its own
+        # process (right for a flwr-clientapp process; here it would stop the site).
+        # Transport errors and 502/503/504 are retried for up to RETRY_SECONDS; any
+        # other HTTP error is raised to the caller.
+        def give_up(err: Exception) -> bool:
+            return isinstance(err, httpx.HTTPStatusError) and err.response.status_code not in (
+                502, 503, 504)  # fmt: skip
+
+        invoker = RetryInvoker(
+            wait_gen_factory=lambda: exponential(base_delay=0.1, max_delay=2),
+            recoverable_exceptions=(httpx.TransportError, httpx.HTTPStatusError),
+            max_tries=None if retry else 1, max_time=RETRY_SECONDS, should_giveup=give_up,
+        )  # fmt: skip
         return RuntimeHttpClient.from_server_address(
             server_address=self.address, insecure=True, root_certificates=None,
             interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
