@@ -105,7 +105,7 @@ def test_a_site_that_crashes_mid_round_is_dropped_and_named(
     assert rounds[1]["failed_at"] >= time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t_kill))
     assert rounds[2]["sites"] == 2
     report = (out / "report.md").read_text()
-    assert "Sites that dropped out" in report and "| 2 | site-3 |" in report
+    assert "Sites that dropped out" in report and "| 2 | train | site-3 |" in report
     assert (out / "model" / "adapter_model.safetensors").is_file()
 
 

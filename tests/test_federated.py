@@ -313,6 +313,23 @@ def test_a_failing_site_drops_out_and_min_sites_abandons_the_round(
     assert rec["sites"] == 2 and rec["failed"] == {"site-2": "RuntimeError: disk full"}
     assert not rec.get("abandoned")
 
+    # A site that fails its evaluation (per-site validation) is named too, with the phase.
+    real_eval = apps._evaluate_on
+
+    def site_3_cannot_evaluate(ws, tag, examples):  # type: ignore[no-untyped-def]
+        if tag == "val-2":
+            raise OSError("validation file unreadable")
+        return real_eval(ws, tag, examples)
+
+    monkeypatch.setattr(apps, "_evaluate_on", site_3_cannot_evaluate)
+    summary = run_federated(_cfg(tiny_models, table, tmp_path, "name=eval", "federated.rounds=1",
+                                 "federated.validation=site", "federated.min_sites=2"))  # fmt: skip
+    (rec,) = _history(tmp_path / "eval")
+    assert rec["failed_evaluate"] == {"site-3": "OSError: validation file unreadable"}
+    assert [(d["phase"], d["site"]) for d in summary["dropped"]] == [
+        ("train", "site-2"), ("evaluate", "site-3")]  # fmt: skip
+    assert "| 1 | evaluate | site-3 |" in (tmp_path / "eval" / "report.md").read_text()
+
     cfg = _cfg(tiny_models, table, tmp_path, "name=three", "federated.rounds=2",
                "federated.min_sites=3")  # fmt: skip
     init = {k: v.clone() for k, v in apps.workspace(cfg).initial_state.items()}

@@ -218,9 +218,10 @@ The global model is the round with the lowest shared validation loss.
     if s.get("dropped"):
         lines = ["## Sites that dropped out", "",
                  "A round goes on with the sites that replied (at least federated.min_sites).",
-                 "", "| round | site | when (UTC) | reason |", "|---|---|---|---|"]  # fmt: skip
-        lines += [f"| {d['round']} | {d['site']} | {d['at']} | {_cell(d['reason'])} |"
-                  for d in s["dropped"]]  # fmt: skip
+                 "", "| round | phase | site | when (UTC) | reason |",
+                 "|---|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {d['round']} | {d.get('phase', 'train')} | {d['site']} | {d['at']} | "
+                  f"{_cell(d['reason'])} |" for d in s["dropped"]]  # fmt: skip
         text += "\n" + "\n".join(lines) + "\n"
     if s.get("personalized"):
         text += "\n" + personalized_table(s["personalized"]) + "\n"

@@ -249,10 +249,7 @@ def summarize(
         / rounds_run
         / n_sites,
         "bytes_total": sum(t["bytes"] for t in st.traffic),
-        "dropped": [
-            {"round": r["round"], "site": site, "reason": reason, "at": r.get("failed_at", "")}
-            for r in st.history for site, reason in (r.get("failed") or {}).items()
-        ],
+        "dropped": _dropped(st.history, outcome.personalized),
         "personalized": outcome.personalized,
         **test.summary(),
         "report": test.report,
@@ -261,3 +258,19 @@ def summarize(
         "wall_seconds": wall,
         "history": st.history,
     }
+
+
+def _dropped(history: list[dict[str, Any]], personalized: list[dict[str, Any]],
+             ) -> list[dict[str, Any]]:  # fmt: skip
+    """Every site that failed a phase: training or site evaluation in a round, or the
+    personalization after the rounds."""
+    out = []
+    for r in history:
+        for phase, key in (("train", "failed"), ("evaluate", "failed_evaluate")):
+            for site, reason in (r.get(key) or {}).items():
+                at = r.get(f"{key}_at", "")
+                out.append({"round": r["round"], "phase": phase, "site": site,
+                            "reason": reason, "at": at})  # fmt: skip
+    out += [{"round": "after", "phase": "personalize", "site": p["site"],
+             "reason": p["error"], "at": ""} for p in personalized if p.get("error")]  # fmt: skip
+    return out

@@ -411,6 +411,14 @@ def run_server(
             ereplies = _send(grid, eval_msgs, state, rnd, "evaluate", fed.transport,
                              fed.timeout, names)  # fmt: skip
             eok = [r for r in ereplies if not r.has_error()]
+            efailed = {names.get(r.metadata.src_node_id, f"node-{r.metadata.src_node_id}"):
+                       r.error.reason for r in ereplies if r.has_error()}  # fmt: skip
+            if efailed:
+                record["failed_evaluate"] = efailed
+                record["failed_evaluate_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+                for site, reason in efailed.items():
+                    console.print(f"[yellow]round {rnd}: site {escape(site)} did not evaluate:"
+                                  f"[/] {escape(str(reason))}")  # fmt: skip
             agg = strategy.aggregate_evaluate(rnd, eok)
             if agg is not None:
                 record |= {
