@@ -274,6 +274,23 @@ def _send(
     return replies
 
 
+def _record_failures(record: dict[str, Any], key: str, replies: list[Message],
+                     names: dict[int, str], console: Console, what: str,
+                     keep_empty: bool = True) -> dict[str, str]:  # fmt: skip
+    """The sites whose replies are errors, by name, into `record[key]` (with the time
+    in `record[key + "_at"]` when there are any), each said on the console."""
+    failed = {names.get(r.metadata.src_node_id, f"node-{r.metadata.src_node_id}"):
+              str(r.error.reason) for r in replies if r.has_error()}  # fmt: skip
+    if failed or keep_empty:
+        record[key] = failed
+    if failed:
+        record[f"{key}_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        for site, reason in failed.items():
+            console.print(f"[yellow]round {record['round']}: site {escape(site)} {what}:[/] "
+                          f"{escape(reason)}")  # fmt: skip
+    return failed
+
+
 def _set_payload(messages: list[Message], arrays: ArrayRecord, transport: str) -> None:
     """Put the global state, encoded once in the transport type, into every message
     (Flower's strategies may share one content record among the messages)."""
@@ -354,16 +371,8 @@ def run_server(
                         names, timing)  # fmt: skip
         timing["exchange"] = time.perf_counter() - t_send
         ok = [r for r in replies if not r.has_error()]
-        failed = {names.get(r.metadata.src_node_id, f"node-{r.metadata.src_node_id}"):
-                  r.error.reason for r in replies if r.has_error()}  # fmt: skip
-        record: dict[str, Any] = {
-            "round": rnd, "sites": len(ok), "sampled": len(train_msgs), "failed": failed,
-        }  # fmt: skip
-        if failed:
-            record["failed_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-            for site, reason in failed.items():
-                console.print(f"[yellow]round {rnd}: site {escape(site)} dropped out:[/] "
-                              f"{escape(str(reason))}")  # fmt: skip
+        record: dict[str, Any] = {"round": rnd, "sites": len(ok), "sampled": len(train_msgs)}
+        failed = _record_failures(record, "failed", replies, names, console, "dropped out")
         if len(ok) < max(1, fed.min_sites):
             record["abandoned"] = True
             console.print(
@@ -411,14 +420,8 @@ def run_server(
             ereplies = _send(grid, eval_msgs, state, rnd, "evaluate", fed.transport,
                              fed.timeout, names)  # fmt: skip
             eok = [r for r in ereplies if not r.has_error()]
-            efailed = {names.get(r.metadata.src_node_id, f"node-{r.metadata.src_node_id}"):
-                       r.error.reason for r in ereplies if r.has_error()}  # fmt: skip
-            if efailed:
-                record["failed_evaluate"] = efailed
-                record["failed_evaluate_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-                for site, reason in efailed.items():
-                    console.print(f"[yellow]round {rnd}: site {escape(site)} did not evaluate:"
-                                  f"[/] {escape(str(reason))}")  # fmt: skip
+            _record_failures(record, "failed_evaluate", ereplies, names, console,
+                             "did not evaluate", keep_empty=False)  # fmt: skip
             agg = strategy.aggregate_evaluate(rnd, eok)
             if agg is not None:
                 record |= {

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import os
 import secrets
@@ -109,6 +110,7 @@ def available() -> bool:
     return not _MISSING
 
 
+@functools.lru_cache(maxsize=8)  # a run sends the same FAB with every message
 def app_component(fab_content: bytes) -> str:
     """The `clientapp` component named by a FAB (Flower app bundle)."""
     try:
