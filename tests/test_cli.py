@@ -40,6 +40,13 @@ def test_methods_lists_all() -> None:
         assert name in result.output
 
 
+def test_help_describes_positional_arguments() -> None:
+    # click 8.5 dropped typer's help text of arguments (pinned below 8.5 in pyproject).
+    result = runner.invoke(app, ["run", "--help"], terminal_width=100)
+    assert result.exit_code == 0
+    assert "TOML run config" in result.output
+
+
 def test_config_prints_valid_toml() -> None:
     import tomllib
 
