@@ -271,3 +271,34 @@ def test_index_and_ask_from_the_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     result = runner.invoke(app, ["index", str(tmp_path / "nodocs"), "--output", str(idx)])
     assert result.exit_code == 2 and (idx / "index.json").is_file()  # the old index stays
 
+
+
+def test_compare_applies_method_sets_to_the_compared_method(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `--methods ptuning --set method.lr=...` on a LoRA config used to run P-tuning at
+    # its default lr without a word: the override went to the config's (LoRA) method.
+    import fedtune.federated.compare
+
+    seen: list[tuple[object, object]] = []
+    monkeypatch.setattr(fedtune.federated.compare, "run_regimes",
+                        lambda cfg, names, *a: seen.append((cfg, names)))  # fmt: skip
+    config = tmp_path / "c.toml"
+    config.write_text('[method]\nname = "lora"\n')
+    ok = runner.invoke(app, ["compare", str(config), "--methods", "ptuning",
+                             "--set", "method.lr=0.03"])  # fmt: skip
+    assert ok.exit_code == 0, ok.output
+    cfg, names = seen[0]
+    assert names == ["ptuning"]
+    assert cfg.method_name == "ptuning" and cfg.method.lr == 0.03  # type: ignore[attr-defined]
+
+    # The config's method compared too: the override stays with it, others use defaults.
+    both = runner.invoke(app, ["compare", str(config), "--methods", "ptuning,lora",
+                               "--set", "method.lr=0.03"])  # fmt: skip
+    assert both.exit_code == 0 and seen[1][0].method.lr == 0.03  # type: ignore[attr-defined]
+
+    # Several methods, none of them the config's: say so instead of ignoring it.
+    bad = runner.invoke(app, ["compare", str(config), "--methods", "ptuning,prompt",
+                              "--set", "method.lr=0.03"])  # fmt: skip
+    assert bad.exit_code == 2 and "method.lr" in bad.output and "--methods" in bad.output
+    assert len(seen) == 2

@@ -5,14 +5,17 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from fedtune.errors import FedtuneError
+from fedtune.errors import ConfigError, FedtuneError
+
+if TYPE_CHECKING:
+    from fedtune.config import RunConfig
 
 app = typer.Typer(
     help="Adapt language models to your task: centrally, per site or federated.",
@@ -180,10 +183,35 @@ def compare_cmd(
     try:
         cfg = load_config(config, set_ or [])
         names = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+        if names:
+            cfg = _method_sets_for(names, cfg, config, set_ or [])
         wanted = tuple(r.strip() for r in regimes.split(",") if r.strip())
         run_regimes(cfg, names, wanted, console)
     except FedtuneError as e:
         _fail(e)
+
+
+def _method_sets_for(
+    names: list[str], cfg: RunConfig, config: Path | None, sets: list[str]
+) -> RunConfig:
+    """`--set method.KEY=...` configures the config's own method; other methods of
+    `--methods` run with their defaults. When the config's method is not compared, the
+    overrides would silently do nothing: with one method they are applied to it, with
+    several it is an error that says how to set them."""
+    from fedtune.config import load_config
+
+    keys = [s.split("=", 1)[0].strip() for s in sets]
+    method_keys = [k for k in keys if k.startswith("method.") and k != "method.name"]
+    if not method_keys or cfg.method_name in names:
+        return cfg
+    if len(names) == 1 and "method.name" not in keys:
+        return load_config(config, [f"method.name={names[0]}", *sets])
+    raise ConfigError(
+        f"--set {', '.join(method_keys)} configures the config's method "
+        f"({cfg.method_name}), which --methods {','.join(names)} leaves out, so it would "
+        "have no effect. Compare one method at a time (--methods NAME --set "
+        "method.KEY=VALUE), or set method.name to the method to configure."
+    )
 
 
 @app.command("predict")
