@@ -4,6 +4,7 @@ checkpoint + resume, the compare pipeline and bad input."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -294,6 +295,59 @@ def test_compare_pipeline_writes_both_figures(
     assert all(r["bytes_total"] > 0 and r["sites"] == ["org-0", "org-1", "org-2"] for r in fed)
     cen = [r for r in rows if r["regime"] == "centralized"]
     assert all(r["epochs"] == pytest.approx(2.0) for r in cen)  # same budget
+
+
+def test_compare_over_seeds_reports_mean_and_spread(
+    tiny_models: dict[str, str], table: Path, tmp_path: Path
+) -> None:
+    from fedtune.federated.compare import run_seeds
+
+    cfg = _cfg(tiny_models, table, tmp_path, "name=seeds", "federated.rounds=1",
+               "federated.partition=column", "data.site_column=site")  # fmt: skip
+    out = run_seeds(cfg, [1, 2], ["lora"], ("centralized", "local", "federated"))
+    per_seed = {s: json.loads((out / f"seed-{s}" / "comparison.json").read_text())
+                for s in (1, 2)}  # fmt: skip
+    for s in (1, 2):  # each seed's comparison ran with that seed
+        assert json.loads((out / f"seed-{s}" / "lora-centralized" / "config.json")
+                          .read_text())["seed"] == s  # fmt: skip
+    rows = json.loads((out / "seeds.json").read_text())
+    assert len(rows) == 2 * 5 and {r["seed"] for r in rows} == {1, 2}
+    report = (out / "report.md").read_text()
+    assert (out / "seeds.png").stat().st_size > 10_000 and "seeds.png" in report
+    # The centralized row's mean and the paired federated - centralized gap, by hand.
+    cen = [per_seed[s][0]["accuracy"] for s in (1, 2)]
+    fed = [per_seed[s][-1]["accuracy"] for s in (1, 2)]
+    assert per_seed[1][0]["regime"] == "centralized" and per_seed[1][-1]["regime"] == "federated"
+    mean, sd = np.mean(cen), np.std(cen, ddof=1)
+    assert f"| lora | centralized | all | 2 | {100 * mean:.1f} ± {100 * sd:.1f} |" in report
+    gaps = [f - c for f, c in zip(fed, cen, strict=True)]
+    assert f"| lora | {100 * np.mean(gaps):.1f} ± {100 * np.std(gaps, ddof=1):.1f} |" in report
+    assert not list(tmp_path.glob(".*partial"))
+
+    with pytest.raises(ConfigError, match="two different seeds"):
+        run_seeds(dataclasses.replace(cfg, name="one"), [3, 3])
+    assert not (tmp_path / "one").exists()
+
+
+def test_seeds_report_numbers_by_hand(tmp_path: Path) -> None:
+    from fedtune.federated.compare import write_seeds_report
+
+    def row(regime: str, site: str, acc: float) -> dict:
+        return {"method": "lora", "regime": regime, "site": site, "accuracy": acc,
+                "macro_f1": acc - 0.1, "weighted_f1": acc}  # fmt: skip
+
+    per_seed = {
+        1: [row("centralized", "all", 0.80), row("local", "a", 0.70),
+            row("local", "b", 0.75), row("federated", "all", 0.78)],
+        2: [row("centralized", "all", 0.90), row("local", "a", 0.60),
+            row("local", "b", 0.85), row("federated", "all", 0.86)],
+    }  # fmt: skip
+    report = write_seeds_report(tmp_path, per_seed, "t").read_text()
+    # mean 85.0, sample sd sqrt(((80-85)^2 + (90-85)^2) / 1) = 7.07
+    assert "| lora | centralized | all | 2 | 85.0 ± 7.1 | 75.0 ± 7.1 | 85.0 ± 7.1 | 80.0–90.0 |" \
+        in report
+    # federated - centralized: -2, -4 -> -3.0 ± 1.4; federated - best local: 3, 1 -> 2.0 ± 1.4
+    assert "| lora | -3.0 ± 1.4 | 2.0 ± 1.4 |" in report
 
 
 def test_a_failing_site_drops_out_and_min_sites_abandons_the_round(

@@ -172,12 +172,17 @@ def compare_cmd(
     regimes: Annotated[
         str, typer.Option(help="Comma-separated: centralized, local, federated.")
     ] = "centralized,local,federated",
+    seeds: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated seeds: the comparison once per seed, and a "
+                     "report of mean ± standard deviation (e.g. --seeds 1,2,3)."),
+    ] = None,
     set_: SetOpt = None,
 ) -> None:
     """Centralized vs local-only vs federated on one split, same method and budget;
     one report with the source post's two figures and a table."""
     from fedtune.config import load_config
-    from fedtune.federated.compare import run_regimes
+    from fedtune.federated.compare import run_regimes, run_seeds
 
     _quiet_libraries()
     try:
@@ -186,9 +191,20 @@ def compare_cmd(
         if names:
             cfg = _method_sets_for(names, cfg, config, set_ or [])
         wanted = tuple(r.strip() for r in regimes.split(",") if r.strip())
-        run_regimes(cfg, names, wanted, console)
+        if seeds is None:
+            run_regimes(cfg, names, wanted, console)
+        else:
+            run_seeds(cfg, _int_list(seeds, "--seeds"), names, wanted, console)
     except FedtuneError as e:
         _fail(e)
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{option} {text!r}: give whole numbers separated by commas, "
+                          "e.g. 1,2,3") from None  # fmt: skip
 
 
 def _method_sets_for(

@@ -15,11 +15,13 @@ trainable parameters, bytes per site per round and in total, and wall time.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -69,13 +71,16 @@ def run_regimes(
     method_overrides: dict[str, dict[str, Any]] | None = None,
     train_overrides: dict[str, dict[str, Any]] | None = None,
     federated_overrides: dict[str, dict[str, Any]] | None = None,
+    shown_as: Path | None = None,
 ) -> Path:
-    """Run every regime for every method on one split; write one report."""
+    """Run every regime for every method on one split; write one report.
+    `shown_as`: where the run directory will end up, for messages (run_seeds)."""
     console = console or Console()
     unknown = sorted(set(regimes) - set(REGIMES))
     if unknown or not regimes:
         raise ConfigError(f"unknown regime(s) {unknown}; choose from {', '.join(REGIMES)}")
     out = final_run_dir(cfg, cfg.name or f"regimes-{time.strftime('%Y%m%d-%H%M%S')}")
+    shown = shown_as or out
     methods = methods or [cfg.method_name]
     method_cfgs = method_configs(cfg, methods, method_overrides)
     _epochs_budget(cfg.federated)
@@ -110,7 +115,7 @@ def run_regimes(
                 console.rule(f"{mname}: {regime}, {what} ({len(data.train)} examples)")
                 name = f"{mname}-{regime}" + ("" if site == "all" else f"-{site}")
                 r = run_centralized(dataclasses.replace(base, name=name), console, data,
-                                    shown_as=out / name)  # fmt: skip
+                                    shown_as=shown / name)  # fmt: skip
                 rows.append({**r, "regime": regime, "site": site})
                 key = regime if site == "all" else f"local {site}"
                 curves[mname][key] = _val_curve(staging / name)
@@ -121,7 +126,7 @@ def run_regimes(
                 console.rule(f"{mname}: federated ({len(partition.sites)} sites)")
                 name = f"{mname}-federated"
                 r = run_federated(dataclasses.replace(base, name=name), console, splits,
-                                  shown_as=out / name)  # fmt: skip
+                                  shown_as=shown / name)  # fmt: skip
                 rows.append({**r, "regime": "federated", "site": "all"})
                 curves[mname]["federated"] = [
                     (h["round"] * fcfg.local_epochs, h["val_loss"])
@@ -134,8 +139,134 @@ def run_regimes(
             {k: v for k, v in r.items() if k not in ("report", "confusion", "run_dir", "history")}
             for r in rows
         ])  # fmt: skip
-    console.print(f"[bold]comparison report:[/] {out / 'report.md'}")
+    console.print(f"[bold]comparison report:[/] {shown / 'report.md'}")
     return out
+
+
+def run_seeds(
+    cfg: RunConfig,
+    seeds: list[int],
+    methods: list[str] | None = None,
+    regimes: tuple[str, ...] = REGIMES,
+    console: Console | None = None,
+    **overrides: Any,
+) -> Path:
+    """The comparison once per seed, then a report of mean and standard deviation.
+
+    The seed drives model initialisation, data order and the partition into sites;
+    the train/validation/test split stays `data.split_seed`, so every seed is tested
+    on the same sentences. One run shows a gap between regimes; several show whether
+    it is larger than the seed-to-seed spread (soft prompts on 113 validation
+    sentences differ by several points between seeds). Each seed's full comparison
+    is kept in `seed-<s>/`."""
+    console = console or Console()
+    if len(seeds) < 2 or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds needs at least two different seeds, got {seeds}")
+    out = final_run_dir(cfg, cfg.name or f"seeds-{time.strftime('%Y%m%d-%H%M%S')}")
+    with staged_run_dir(out) as staging:
+        per_seed: dict[int, list[dict[str, Any]]] = {}
+        for i, seed in enumerate(seeds, 1):
+            console.rule(f"[bold]seed {seed} ({i} of {len(seeds)})")
+            seed_cfg = dataclasses.replace(cfg, seed=seed, name=f"seed-{seed}",
+                                           output_dir=str(staging))  # fmt: skip
+            d = run_regimes(seed_cfg, methods, regimes, console,
+                            shown_as=out / f"seed-{seed}", **overrides)  # fmt: skip
+            per_seed[seed] = json.loads((d / "comparison.json").read_text("utf-8"))
+        write_seeds_report(staging, per_seed,
+                           f"Centralized vs local vs federated on {describe_data(cfg)}, "
+                           f"{len(seeds)} seeds")  # fmt: skip
+    console.print(f"[bold]comparison report over seeds:[/] {out / 'report.md'}")
+    return out
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def _pm(values: list[float]) -> str:
+    mean, std = _mean_std(values)
+    return f"{100 * mean:.1f} ± {100 * std:.1f}"
+
+
+def write_seeds_report(out: Path, per_seed: dict[int, list[dict[str, Any]]],
+                       title: str) -> Path:  # fmt: skip
+    """Mean ± sample standard deviation over seeds of every (method, regime, site),
+    the per-seed gaps federated − centralized and federated − best local site (paired:
+    same seed, same partition), and a plot of every seed's accuracy."""
+    seeds = list(per_seed)
+    groups: dict[tuple[str, str, str], dict[int, dict[str, Any]]] = {}
+    for seed, rows in per_seed.items():
+        for r in rows:
+            groups.setdefault((r["method"], r["regime"], r["site"]), {})[seed] = r
+    lines = [
+        f"# {title}", "",
+        f"Seeds {', '.join(map(str, seeds))}: each changes model initialisation, data "
+        "order and the partition into sites; every seed is tested on the same held-out "
+        "sentences. Accuracy and F1 in points, mean ± sample standard deviation over "
+        "seeds. Each seed's own report: " + ", ".join(f"[seed {s}](seed-{s}/report.md)"
+                                                      for s in seeds) + ".", "",
+        "| method | regime | site | seeds | accuracy | macro-F1 | weighted F1 | min–max accuracy |",
+        "|---|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for (method, regime, site), by_seed in groups.items():
+        acc = [r["accuracy"] for r in by_seed.values()]
+        lines.append(
+            f"| {method} | {regime} | {site} | {len(by_seed)} | {_pm(acc)} "
+            f"| {_pm([r['macro_f1'] for r in by_seed.values()])} "
+            f"| {_pm([r['weighted_f1'] for r in by_seed.values()])} "
+            f"| {100 * min(acc):.1f}–{100 * max(acc):.1f} |"
+        )
+    gap_lines = []
+    for method in dict.fromkeys(m for m, _, _ in groups):
+        fed = groups.get((method, "federated", "all"), {})
+        cen = groups.get((method, "centralized", "all"), {})
+        local = {s: [g[s]["accuracy"] for (m, reg, _), g in groups.items()
+                     if m == method and reg == "local" and s in g] for s in seeds}  # fmt: skip
+        vs_c = [fed[s]["accuracy"] - cen[s]["accuracy"] for s in seeds if s in fed and s in cen]
+        vs_l = [fed[s]["accuracy"] - max(local[s]) for s in seeds if s in fed and local[s]]
+        if vs_c or vs_l:
+            gap_lines.append(f"| {method} | {_pm(vs_c) if vs_c else '-'} "
+                             f"| {_pm(vs_l) if vs_l else '-'} |")  # fmt: skip
+    if gap_lines:
+        lines += ["", "Paired gaps (same seed), accuracy points:", "",
+                  "| method | federated − centralized | federated − best local-only site |",
+                  "|---|---|---|", *gap_lines]  # fmt: skip
+    _plot_seeds(groups, out / "seeds.png")
+    lines += ["", "![test accuracy of every seed](seeds.png)", ""]
+    write_json(out / "seeds.json", [
+        {"method": m, "regime": reg, "site": site, "seed": s,
+         **{k: r[k] for k in ("accuracy", "macro_f1", "weighted_f1")}}
+        for (m, reg, site), g in groups.items() for s, r in g.items()
+    ])  # fmt: skip
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _plot_seeds(groups: dict[tuple[str, str, str], dict[int, dict[str, Any]]],
+                path: Path) -> None:  # fmt: skip
+    methods = list(dict.fromkeys(m for m, _, _ in groups))
+    widest = max(sum(1 for k in groups if k[0] == m) for m in methods)
+    width = max(4.5, 1.2 + 0.8 * widest)
+    fig, axes = plt.subplots(1, len(methods), figsize=(width * len(methods), 4.2),
+                             squeeze=False)  # fmt: skip
+    for ax, m in zip(axes[0], methods, strict=True):
+        keys = [k for k in groups if k[0] == m]
+        for x, k in enumerate(keys):
+            acc = [r["accuracy"] for r in groups[k].values()]
+            mean, std = _mean_std(acc)
+            ax.scatter([x] * len(acc), acc, s=18, alpha=0.6, color="tab:gray")
+            ax.errorbar([x], [mean], yerr=[std], fmt="o", capsize=4,
+                        color="tab:orange" if k[1] == "federated" else "tab:blue")  # fmt: skip
+        ax.set_xticks(range(len(keys)))
+        ax.set_xticklabels([k[1] if k[2] == "all" else f"local {k[2]}" for k in keys], rotation=30,
+                           fontsize=8)  # fmt: skip
+        ax.set_title(m)
+        ax.set_ylabel("test accuracy (mean ± sd; dots: seeds)")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _plot(curves: dict[str, dict[str, list[tuple[float, float]]]], keep: str, path: Path,
