@@ -61,6 +61,25 @@ def test_one_site_one_epoch_per_round_equals_centralized(
     assert last["accuracy"] == pytest.approx(cen["accuracy"])
 
 
+def test_local_batch_size_is_the_sites_batch(
+    tiny_models: dict[str, str], table: Path, tmp_path: Path
+) -> None:
+    # federated.local_batch_size 4 (train.batch_size 8) == centralized at batch 4:
+    # the same batches, steps per round and schedule.
+    common = ["federated.sites=1", "train.epochs=2", "federated.rounds=2"]
+    run_centralized(_cfg(tiny_models, table, tmp_path, *common, "name=c", "train.batch_size=4"))
+    run_federated(_cfg(tiny_models, table, tmp_path, *common, "name=f",
+                       "federated.local_batch_size=4"))  # fmt: skip
+    c = [r for r in read_jsonl(tmp_path / "c" / "metrics.jsonl") if r["event"] == "eval"]
+    f = _history(tmp_path / "f")
+    for a, b in zip(c, f, strict=True):
+        assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-6, abs=1e-7)
+    with pytest.raises(ConfigError, match="local_batch_size"):
+        run_federated(_cfg(tiny_models, table, tmp_path, "name=bad",
+                           "federated.local_batch_size=-1"))  # fmt: skip
+    assert not (tmp_path / "bad").exists()
+
+
 def test_identical_sites_equal_one_site(
     tiny_models: dict[str, str], table: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -147,6 +147,11 @@ class FederatedConfig:
     local_epochs: float = 1.0
     local_steps: int = 0
     """Optimizer steps per round per site; if > 0 it overrides `local_epochs`."""
+    local_batch_size: int = 0
+    """Batch size at the sites (FedAvg's B); 0 = `train.batch_size`. A site holding
+    1/K of the data takes 1/K of centralized training's optimizer steps per epoch at
+    the same batch size; batch_size / K gives it as many (what slow optimizers such as
+    soft prompts need: docs/federated.md)."""
     strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm"] = "fedavg"
     fraction: float = 1.0
     """Share of sites sampled each round."""

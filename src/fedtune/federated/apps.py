@@ -242,7 +242,7 @@ def clear_workspace() -> None:
 
 def local_steps(cfg: RunConfig, n_train: int) -> int:
     """Optimizer steps a site takes per round."""
-    fed, t = cfg.federated, cfg.train
+    fed, t = cfg.federated, site_train_config(cfg)
     if fed.local_steps > 0:
         return fed.local_steps
     if fed.local_epochs <= 0:
@@ -251,8 +251,11 @@ def local_steps(cfg: RunConfig, n_train: int) -> int:
 
 
 def site_train_config(cfg: RunConfig) -> TrainConfig:
-    # Sites have no validation set inside the loop: the server evaluates rounds.
-    return replace(cfg.train, patience=0)
+    """The training loop's config at a site: the run's `[train]`, with the site's own
+    batch size (`federated.local_batch_size`) and no early stopping (sites have no
+    validation set inside the loop: the server evaluates rounds)."""
+    batch = cfg.federated.local_batch_size or cfg.train.batch_size
+    return replace(cfg.train, patience=0, batch_size=batch)
 
 
 # --- the ClientApp ---------------------------------------------------------------

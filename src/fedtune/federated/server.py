@@ -74,6 +74,9 @@ def build_strategy(fed: FederatedConfig, lr: float) -> FedAvg:
         raise ConfigError(f"federated.min_sites = {fed.min_sites} > federated.sites = {fed.sites}")
     if fed.rounds < 1:
         raise ConfigError(f"federated.rounds = {fed.rounds} must be at least 1")
+    if fed.local_batch_size < 0:
+        raise ConfigError(f"federated.local_batch_size = {fed.local_batch_size} must be >= 1 "
+                          "(or 0: train.batch_size)")  # fmt: skip
     if fed.strategy == "fedavg":
         return FedAvg(**common)
     if fed.strategy == "fedprox":
