@@ -301,8 +301,11 @@ def test_compare_pipeline_writes_both_figures(
 ) -> None:
     cfg = _cfg(tiny_models, table, tmp_path, "name=cmp", "federated.rounds=2",
                "federated.partition=column", "data.site_column=site")  # fmt: skip
-    out = run_regimes(cfg, ["lora", "ptuning"])
+    out = run_regimes(cfg, ["lora", "ptuning"],
+                      federated_overrides={"ptuning": {"local_batch_size": 4}})  # fmt: skip
     report = (out / "report.md").read_text()
+    (line,) = [x for x in report.splitlines() if x.startswith("| ptuning | federated | all |")]
+    assert "), site batch 4 |" in line and report.count("site batch") == 1  # said, once
     for name in ("fig_a_centralized_vs_federated.png", "fig_b_local_vs_federated.png"):
         assert (out / name).stat().st_size > 10_000 and name in report
     rows = json.loads((out / "comparison.json").read_text())

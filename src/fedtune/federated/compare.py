@@ -343,12 +343,13 @@ def write_regimes_report(out: Path, rows: list[dict[str, Any]],
     lines = [
         f"# {title}",
         "",
-        f"Same split, method and budget for every regime: {fed.rounds} rounds x "
-        f"{fed.local_epochs:g} local epochs federated ({fed.strategy}, {fed.transport} "
-        f"transport, partition `{fed.partition}`), the same number of epochs centralized "
-        "and at each local-only site. Validation: the shared set; test: the held-out set. "
-        "`trained (best)`: epochs or rounds run, and the one with the lowest validation loss "
-        "(the model that is tested).",
+        "Same split, method and budget for every regime: federated runs `rounds` x "
+        f"{fed.local_epochs:g} local epochs ({fed.strategy}, {fed.transport} transport, "
+        f"partition `{fed.partition}`), centralized training and each local-only site as "
+        f"many epochs; batch size {cfg.train.batch_size} (a different batch at the sites is "
+        "noted). Validation: the shared set; test: the held-out set. `trained (best)`: "
+        "epochs or rounds run, and the one with the lowest validation loss (the model that "
+        "is tested).",
         "",
         "| method | regime | site | train examples | trained (best) | accuracy | macro-F1 "
         "| weighted F1 | trainable params | bytes/site/round down / up | bytes total "
@@ -362,6 +363,8 @@ def write_regimes_report(out: Path, rows: list[dict[str, Any]],
             total = f"{r['bytes_total'] / 1e6:.2f} MB"
             trained = (f"{r['rounds']} rounds ({r['best_round']})" if r["strategy"] != "query"
                        else "by query")  # fmt: skip
+            if r.get("site_batch_size", cfg.train.batch_size) != cfg.train.batch_size:
+                trained += f", site batch {r['site_batch_size']}"
         elif r["kind"] == "frozen":
             traffic, total, trained = "-", "-", "fit"
         else:

@@ -238,6 +238,7 @@ def summarize(
         "base_parameters": ws.model.base_parameters,
         "trainable_percent": 100 * n_train / ws.model.base_parameters,
         "rounds": st.round,
+        "site_batch_size": cfg.federated.local_batch_size or cfg.train.batch_size,
         "best_round": st.best_round,
         "best_val_loss": st.best_val_loss,
         "stopped_early": st.stopped_early,
