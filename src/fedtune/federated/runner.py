@@ -24,7 +24,7 @@ from rich.markup import escape
 from fedtune.config import RunConfig
 from fedtune.data import Splits
 from fedtune.errors import ConfigError
-from fedtune.federated.apps import CONFIG_KEY, client_app, workspace
+from fedtune.federated.apps import CONFIG_KEY, client_app, site_train_config, workspace
 from fedtune.federated.grid import InProcessGrid
 from fedtune.federated.partition import Site, describe_partition
 from fedtune.federated.server import Outcome, build_strategy, find_checkpoint, run_server
@@ -238,7 +238,7 @@ def summarize(
         "base_parameters": ws.model.base_parameters,
         "trainable_percent": 100 * n_train / ws.model.base_parameters,
         "rounds": st.round,
-        "site_batch_size": cfg.federated.local_batch_size or cfg.train.batch_size,
+        "site_batch_size": site_train_config(cfg).batch_size,
         "best_round": st.best_round,
         "best_val_loss": st.best_val_loss,
         "stopped_early": st.stopped_early,
