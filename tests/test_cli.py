@@ -47,6 +47,41 @@ def test_help_describes_positional_arguments() -> None:
     assert "TOML run config" in result.output
 
 
+def test_sigterm_removes_the_staged_run_folder(tmp_path: Path) -> None:
+    # `kill`/`timeout`/a scheduler send SIGTERM; Python's default would end the process
+    # at once and leave `.<name>.partial` behind. The CLI turns it into SystemExit.
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import signal, sys, time
+        from pathlib import Path
+        from fedtune.cli import app
+        from fedtune.runs import staged_run_dir
+        app(["methods"], standalone_mode=False)  # the CLI's callback installs the handler
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+        with staged_run_dir(Path(sys.argv[1])) as staging:
+            (staging / "metrics.jsonl").write_text("{}\\n")
+            print("staged", flush=True)
+            time.sleep(120)
+    """)
+    final = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-c", script, str(final)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.strip() == "staged":
+            break
+    assert (tmp_path / ".run.partial").is_dir()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by signal 15" in err
+    assert not (tmp_path / ".run.partial").exists() and not final.exists()
+
+
 def test_config_prints_valid_toml() -> None:
     import tomllib
 

@@ -31,6 +31,30 @@ SetOpt = Annotated[
 ]
 
 
+def _exit_on_sigterm() -> None:
+    """Turn SIGTERM (`kill`, `timeout`, a batch scheduler, `docker stop`) into SystemExit
+    in the main thread, so staged run folders are removed and files closed as on
+    Ctrl-C; Python's default for SIGTERM ends the process with no cleanup at all,
+    leaving a hidden `.<name>.partial` behind. Commands that manage child processes
+    (`server`, `site`) install their own handler over this one."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers can only be set from the main thread (e.g. CliRunner)
+
+    def stop(signum: int, _frame: object) -> None:
+        err_console.print(f"fedtune: stopped by signal {signum}", highlight=False)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
+@app.callback()
+def _main() -> None:
+    _exit_on_sigterm()
+
+
 def _quiet_libraries() -> None:
     # transformers 5 prints load reports and progress bars for every model load.
     import transformers
