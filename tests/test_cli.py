@@ -82,6 +82,16 @@ def test_sigterm_removes_the_staged_run_folder(tmp_path: Path) -> None:
     assert not (tmp_path / ".run.partial").exists() and not final.exists()
 
 
+def test_compare_resume_refuses_new_settings_and_unknown_folders(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["compare", "--resume", str(tmp_path / "cmp"), "--set",
+                                 "seed=3", "--methods", "lora"])  # fmt: skip
+    assert result.exit_code == 2
+    assert "continues the comparison as it was started; drop --methods, --set" in result.output
+    result = runner.invoke(app, ["compare", "--resume", str(tmp_path / "cmp")])
+    assert result.exit_code == 2 and "no interrupted comparison there" in result.output
+    assert not list(tmp_path.iterdir())
+
+
 def test_config_prints_valid_toml() -> None:
     import tomllib
 

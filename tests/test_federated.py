@@ -351,6 +351,90 @@ def test_compare_over_seeds_reports_mean_and_spread(
     assert not (tmp_path / "one").exists()
 
 
+def test_an_interrupted_compare_resumes_where_it_stopped(
+    tiny_models: dict[str, str], table: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fedtune.federated.compare as compare
+
+    extra = ("federated.rounds=2", "federated.partition=column", "data.site_column=site")
+    ref = run_regimes(_cfg(tiny_models, table, tmp_path, "name=ref", *extra), ["lora"])
+
+    real_push = InProcessGrid.push_messages
+    pushes = {"n": 0}
+
+    def dies_in_round_2(self, messages):  # type: ignore[no-untyped-def]
+        pushes["n"] += 1
+        if pushes["n"] == 2:
+            raise KeyboardInterrupt
+        return real_push(self, messages)
+
+    monkeypatch.setattr(InProcessGrid, "push_messages", dies_in_round_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_regimes(_cfg(tiny_models, table, tmp_path, "name=cut", *extra), ["lora"])
+    staging = tmp_path / ".cut.partial"
+    assert not (tmp_path / "cut").exists() and (staging / "compare.json").is_file()
+    assert (staging / "lora-local-org-2" / "model").is_dir()  # finished runs are kept
+    assert len(_history(staging / "lora-federated")) == 1  # and the federated checkpoint
+
+    monkeypatch.setattr(InProcessGrid, "push_messages", real_push)
+    reruns: list[str] = []
+    real_central = compare.run_centralized
+
+    def counted(cfg, *a, **k):  # type: ignore[no-untyped-def]
+        reruns.append(cfg.name)
+        return real_central(cfg, *a, **k)
+
+    monkeypatch.setattr(compare, "run_centralized", counted)
+    apps.clear_workspace()  # as a fresh process would
+    out = compare.resume_comparison(staging)  # the hidden folder or the final name
+    assert out == tmp_path / "cut" and not staging.exists() and reruns == []
+    got = json.loads((out / "comparison.json").read_text())
+    want = json.loads((ref / "comparison.json").read_text())
+    assert [(r["regime"], r["site"], r["accuracy"]) for r in got] == [
+        (r["regime"], r["site"], r["accuracy"]) for r in want
+    ]
+    assert [h["val_loss"] for h in _history(out / "lora-federated")] == [
+        h["val_loss"] for h in _history(ref / "lora-federated")
+    ]
+    assert (out / "fig_a_centralized_vs_federated.png").is_file()
+    with pytest.raises(ConfigError, match="finished comparison"):
+        compare.resume_comparison(out)
+    with pytest.raises(ConfigError, match="no interrupted comparison"):
+        compare.resume_comparison(tmp_path / "nothing")
+
+
+def test_an_interrupted_seeds_compare_keeps_its_finished_seeds(
+    tiny_models: dict[str, str], table: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fedtune.federated.compare as compare
+
+    real_central = compare.run_centralized
+    calls: list[str] = []
+
+    def dies_in_seed_2(cfg, *a, **k):  # type: ignore[no-untyped-def]
+        calls.append(f"{cfg.seed}:{cfg.name}")
+        if cfg.name == "lora-local-org-1" and cfg.seed == 2:  # seed 2's second local site
+            raise SystemExit(143)  # what the CLI turns SIGTERM into
+        return real_central(cfg, *a, **k)
+
+    monkeypatch.setattr(compare, "run_centralized", dies_in_seed_2)
+    cfg = _cfg(tiny_models, table, tmp_path, "name=seeds", "federated.rounds=1",
+               "federated.partition=column", "data.site_column=site")  # fmt: skip
+    with pytest.raises(SystemExit):
+        compare.run_seeds(cfg, [1, 2], ["lora"], ("centralized", "local"))
+    staging = tmp_path / ".seeds.partial"
+    assert (staging / "seed-1" / "comparison.json").is_file()
+    assert (staging / ".seed-2.partial" / "lora-local-org-0").is_dir()
+    calls.clear()
+    monkeypatch.setattr(compare, "run_centralized",
+                        lambda cfg, *a, **k: calls.append(cfg.name) or real_central(cfg, *a, **k))
+    apps.clear_workspace()
+    out = compare.resume_comparison(tmp_path / "seeds")
+    assert calls == ["lora-local-org-1", "lora-local-org-2"]  # only what had not finished
+    rows = json.loads((out / "seeds.json").read_text())
+    assert len(rows) == 2 * 4 and not list(tmp_path.glob(".*partial"))
+
+
 def test_seeds_report_numbers_by_hand(tmp_path: Path) -> None:
     from fedtune.federated.compare import write_seeds_report
 

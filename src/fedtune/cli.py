@@ -202,14 +202,30 @@ def compare_cmd(
                      "report of mean ± standard deviation (e.g. --seeds 1,2,3)."),
     ] = None,
     set_: SetOpt = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(help="Continue an interrupted comparison (the folder it printed): "
+                     "finished runs are kept, an interrupted federated run continues "
+                     "from its checkpoint."),
+    ] = None,
 ) -> None:
     """Centralized vs local-only vs federated on one split, same method and budget;
     one report with the source post's two figures and a table."""
     from fedtune.config import load_config
-    from fedtune.federated.compare import run_regimes, run_seeds
+    from fedtune.federated.compare import resume_comparison, run_regimes, run_seeds
 
     _quiet_libraries()
     try:
+        if resume is not None:
+            given = [flag for flag, v in (("CONFIG", config), ("--methods", methods),
+                                          ("--seeds", seeds), ("--set", set_),
+                                          ("--regimes", regimes != "centralized,local,federated"))
+                     if v]  # fmt: skip
+            if given:
+                raise ConfigError(f"--resume continues the comparison as it was started; "
+                                  f"drop {', '.join(given)}")  # fmt: skip
+            resume_comparison(resume, console)
+            return
         cfg = load_config(config, set_ or [])
         names = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
         if names:

@@ -3,7 +3,9 @@ saved model, the label map and a report.
 
 A run is written into a hidden staging folder next to its final place and
 renamed into place only when it finished; a failed or interrupted run removes
-its staging folder, so no half-written run directory is ever left behind.
+its staging folder, so no half-written run directory is ever left behind. The one
+exception is a comparison (`fedtune compare`, hours of runs): interrupted, it keeps
+its hidden staging folder for `fedtune compare --resume`.
 """
 
 from __future__ import annotations
@@ -42,20 +44,40 @@ def final_run_dir(cfg: RunConfig, name: str | None = None) -> Path:
     return out
 
 
+def staging_dir(final: Path) -> Path:
+    """The hidden folder a run is written to before it is renamed to `final`."""
+    return final.parent / f".{final.name}.partial"
+
+
 @contextmanager
-def staged_run_dir(final: Path) -> Iterator[Path]:
-    """Yield a staging folder; rename it to `final` on success, delete it on error."""
-    staging = final.parent / f".{final.name}.partial"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
+def staged_run_dir(final: Path, *, resumable: bool = False, resume: bool = False
+                   ) -> Iterator[Path]:  # fmt: skip
+    """Yield a staging folder; rename it to `final` on success, delete it on error.
+
+    `resumable` (comparisons, which run for hours): an interrupted run (Ctrl-C,
+    SIGTERM) keeps its staging folder, with the runs it finished, for `resume`;
+    `resume` continues in that folder and keeps it on any error, so a failure
+    never throws away finished work."""
+    staging = staging_dir(final)
+    if resume:
+        if not staging.is_dir():
+            raise ConfigError(f"no interrupted run at {final} (no {staging})")
+    else:
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir(parents=True)
     try:
         yield staging
         if final.exists():
             raise ConfigError(f"run directory {final} appeared while this run was going on")
         staging.rename(final)
+    except (KeyboardInterrupt, SystemExit):
+        if not (resumable or resume):
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if not resume:
+            shutil.rmtree(staging, ignore_errors=True)
         raise
 
 

@@ -14,9 +14,12 @@ trainable parameters, bytes per site per round and in total, and wall time.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +35,22 @@ from fedtune.data import Splits, make_splits
 from fedtune.errors import ConfigError
 from fedtune.federated.partition import partition_examples
 from fedtune.federated.runner import run_federated
-from fedtune.federated.server import build_strategy
+from fedtune.federated.server import build_strategy, find_checkpoint
 from fedtune.methods import get_method
 from fedtune.regimes import describe_data, method_configs, run_centralized
 from fedtune.report import _pct, personalized_table
-from fedtune.runs import final_run_dir, read_jsonl, staged_run_dir, write_json
+from fedtune.runs import (
+    METRICS_FILE,
+    final_run_dir,
+    read_jsonl,
+    staged_run_dir,
+    staging_dir,
+    write_json,
+)
 
 REGIMES = ("centralized", "local", "federated")
+PLAN_FILE = "compare.json"
+"""What a comparison was asked to do, written first: `--resume` reads it back."""
 
 
 def federates(method: str) -> bool:
@@ -72,9 +84,13 @@ def run_regimes(
     train_overrides: dict[str, dict[str, Any]] | None = None,
     federated_overrides: dict[str, dict[str, Any]] | None = None,
     shown_as: Path | None = None,
+    resume: bool = False,
 ) -> Path:
     """Run every regime for every method on one split; write one report.
-    `shown_as`: where the run directory will end up, for messages (run_seeds)."""
+    `shown_as`: where the run directory will end up, for messages (run_seeds).
+    `resume`: continue the interrupted comparison `cfg.output_dir/cfg.name` (see
+    `resume_comparison`): runs that finished are read back, an interrupted federated
+    run continues from its last checkpoint, the rest run."""
     console = console or Console()
     unknown = sorted(set(regimes) - set(REGIMES))
     if unknown or not regimes:
@@ -91,7 +107,11 @@ def run_regimes(
                     splits.notes + partition.notes)  # fmt: skip
     rows: list[dict[str, Any]] = []
     curves: dict[str, dict[str, list[tuple[float, float]]]] = {}
-    with staged_run_dir(out) as staging:
+    plan = {"kind": "regimes", "config": dataclasses.replace(cfg, name=out.name).to_dict(),
+            "methods": methods, "regimes": list(regimes),
+            "method_overrides": method_overrides, "train_overrides": train_overrides,
+            "federated_overrides": federated_overrides}  # fmt: skip
+    with _interruptible(out, shown_as, resume, plan, console) as staging:
         for mcfg in method_cfgs:
             mname = dataclasses.replace(cfg, method=mcfg).method_name
             fcfg = dataclasses.replace(cfg.federated, **(federated_overrides or {}).get(mname, {}))
@@ -114,8 +134,9 @@ def run_regimes(
                 what = "pooled data" if site == "all" else f"{site}, local only"
                 console.rule(f"{mname}: {regime}, {what} ({len(data.train)} examples)")
                 name = f"{mname}-{regime}" + ("" if site == "all" else f"-{site}")
-                r = run_centralized(dataclasses.replace(base, name=name), console, data,
-                                    shown_as=shown / name)  # fmt: skip
+                r = _finished(staging / name, console) if resume else None
+                r = r or run_centralized(dataclasses.replace(base, name=name), console, data,
+                                         shown_as=shown / name)  # fmt: skip
                 rows.append({**r, "regime": regime, "site": site})
                 key = regime if site == "all" else f"local {site}"
                 curves[mname][key] = _val_curve(staging / name)
@@ -125,8 +146,17 @@ def run_regimes(
             elif "federated" in regimes:
                 console.rule(f"{mname}: federated ({len(partition.sites)} sites)")
                 name = f"{mname}-federated"
-                r = run_federated(dataclasses.replace(base, name=name), console, splits,
-                                  shown_as=shown / name)  # fmt: skip
+                r = _finished(staging / name, console) if resume else None
+                ckpt = find_checkpoint(staging / name) if resume and r is None else None
+                if ckpt is not None:
+                    console.print(f"  continuing from its checkpoint ({ckpt.name})")
+                    r = run_federated(base, console, splits, shown_as=shown / name,
+                                      resume=staging / name)  # fmt: skip
+                elif r is None:
+                    # Interrupted before its first checkpoint: start it again.
+                    shutil.rmtree(staging / name, ignore_errors=True)
+                    r = run_federated(dataclasses.replace(base, name=name), console, splits,
+                                      shown_as=shown / name)  # fmt: skip
                 rows.append({**r, "regime": "federated", "site": "all"})
                 curves[mname]["federated"] = [
                     (h["round"] * fcfg.local_epochs, h["val_loss"])
@@ -143,12 +173,73 @@ def run_regimes(
     return out
 
 
+@contextlib.contextmanager
+def _interruptible(out: Path, shown_as: Path | None, resume: bool, plan: dict[str, Any],
+                   console: Console) -> Iterator[Path]:  # fmt: skip
+    """The comparison's staging folder, which an interruption keeps (with the plan
+    and the runs finished so far) for `fedtune compare --resume`. Only the outermost
+    comparison (`shown_as` None) tells the user how to continue."""
+    with staged_run_dir(out, resumable=True, resume=resume) as staging:
+        if not resume:
+            write_json(staging / PLAN_FILE, plan)
+        try:
+            yield staging
+        except (KeyboardInterrupt, SystemExit):
+            if shown_as is None:
+                console.print(f"[yellow]interrupted; the finished runs are kept. Continue "
+                              f"with: fedtune compare --resume {out}")  # fmt: skip
+            raise
+
+
+def _finished(run_dir: Path, console: Console) -> dict[str, Any] | None:
+    """The summary of a run that finished before the comparison was interrupted
+    (the last line of its metrics.jsonl), else None; an unfinished one is removed
+    unless it is a federated run with a checkpoint (the caller resumes it)."""
+    records = read_jsonl(run_dir / METRICS_FILE)
+    if records and records[-1].get("event") == "test":
+        console.print(f"[dim]{run_dir.name}: finished before the interruption; kept[/]")
+        return {**records[-1], "run_dir": str(run_dir)}
+    if run_dir.exists() and find_checkpoint(run_dir) is None:
+        shutil.rmtree(run_dir)
+    return None
+
+
+def resume_comparison(path: str | Path, console: Console | None = None) -> Path:
+    """Continue an interrupted `fedtune compare` (with or without `--seeds`) in its
+    staging folder, as it was asked for: the same config, methods, regimes, overrides
+    and seeds (from its compare.json). Finished runs are not run again."""
+    p = Path(path)
+    if p.name.startswith(".") and p.name.endswith(".partial"):
+        p = p.parent / p.name[1 : -len(".partial")]
+    staging = staging_dir(p)
+    if p.exists() and not staging.exists():
+        raise ConfigError(f"{p} is a finished comparison: nothing to resume")
+    if not (staging / PLAN_FILE).is_file():
+        raise ConfigError(
+            f"{p}: no interrupted comparison there (looked for {staging / PLAN_FILE}); pass "
+            "the folder that `fedtune compare` printed when it was interrupted"
+        )
+    plan = json.loads((staging / PLAN_FILE).read_text("utf-8"))
+    cfg = dataclasses.replace(RunConfig.from_dict(plan["config"]), name=p.name,
+                              output_dir=str(p.parent))  # fmt: skip
+    console = console or Console()
+    console.print(f"[bold]resuming[/] {p}")
+    overrides = {k: plan[k] for k in ("method_overrides", "train_overrides",
+                                      "federated_overrides")}  # fmt: skip
+    if plan["kind"] == "seeds":
+        return run_seeds(cfg, plan["seeds"], plan["methods"], tuple(plan["regimes"]), console,
+                         resume=True, **overrides)  # fmt: skip
+    return run_regimes(cfg, plan["methods"], tuple(plan["regimes"]), console, resume=True,
+                       **overrides)  # fmt: skip
+
+
 def run_seeds(
     cfg: RunConfig,
     seeds: list[int],
     methods: list[str] | None = None,
     regimes: tuple[str, ...] = REGIMES,
     console: Console | None = None,
+    resume: bool = False,
     **overrides: Any,
 ) -> Path:
     """The comparison once per seed, then a report of mean and standard deviation.
@@ -163,14 +254,23 @@ def run_seeds(
     if len(seeds) < 2 or len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds needs at least two different seeds, got {seeds}")
     out = final_run_dir(cfg, cfg.name or f"seeds-{time.strftime('%Y%m%d-%H%M%S')}")
-    with staged_run_dir(out) as staging:
+    plan = {"kind": "seeds", "config": dataclasses.replace(cfg, name=out.name).to_dict(),
+            "seeds": seeds, "methods": methods, "regimes": list(regimes),
+            **{k: overrides.get(k) for k in ("method_overrides", "train_overrides",
+                                              "federated_overrides")}}  # fmt: skip
+    with _interruptible(out, None, resume, plan, console) as staging:
         per_seed: dict[int, list[dict[str, Any]]] = {}
         for i, seed in enumerate(seeds, 1):
             console.rule(f"[bold]seed {seed} ({i} of {len(seeds)})")
             seed_cfg = dataclasses.replace(cfg, seed=seed, name=f"seed-{seed}",
                                            output_dir=str(staging))  # fmt: skip
-            d = run_regimes(seed_cfg, methods, regimes, console,
-                            shown_as=out / f"seed-{seed}", **overrides)  # fmt: skip
+            d = staging / f"seed-{seed}"
+            if not (d / "comparison.json").is_file():
+                d = run_regimes(seed_cfg, methods, regimes, console,
+                                shown_as=out / f"seed-{seed}",
+                                resume=resume and staging_dir(d).is_dir(), **overrides)  # fmt: skip
+            else:
+                console.print(f"[dim]seed {seed}: finished before the interruption; kept[/]")
             per_seed[seed] = json.loads((d / "comparison.json").read_text("utf-8"))
         write_seeds_report(staging, per_seed,
                            f"Centralized vs local vs federated on {describe_data(cfg)}, "

@@ -129,8 +129,8 @@ def run_federated(
         outcome = run_server(grid, cfg, out, console, resume=out if resume else None,
                              save_extra=save_sites,
                              site_names={n: names[i] for i, n in enumerate(contexts)})  # fmt: skip
-    except KeyboardInterrupt:
-        if out is not None:
+    except (KeyboardInterrupt, SystemExit):
+        if out is not None and shown_as is None:  # in a comparison, it says how to go on
             console.print(
                 f"[yellow]interrupted; continue with: fedtune federate --resume {escape(str(out))}"
             )
