@@ -25,7 +25,7 @@ from fedtune.federated.compare import run_regimes
 from fedtune.federated.grid import InProcessGrid, exchange
 from fedtune.federated.partition import Partition, partition_examples
 from fedtune.federated.runner import run_federated
-from fedtune.federated.server import build_strategy
+from fedtune.federated.server import build_strategy, checkpoint_state
 from fedtune.federated.wire import decode_state, encode_state, payload_bytes
 from fedtune.regimes import run_centralized
 from fedtune.runs import read_jsonl
@@ -375,6 +375,14 @@ def test_an_interrupted_compare_resumes_where_it_stopped(
     assert not (tmp_path / "cut").exists() and (staging / "compare.json").is_file()
     assert (staging / "lora-local-org-2" / "model").is_dir()  # finished runs are kept
     assert len(_history(staging / "lora-federated")) == 1  # and the federated checkpoint
+    before = checkpoint_state(staging / "lora-federated")
+    assert before is not None and before.seconds > 0
+    # Starting it afresh under the same name (or any run of that name) would wipe it.
+    with pytest.raises(ConfigError, match=r"interrupted comparison.*--resume"):
+        run_regimes(_cfg(tiny_models, table, tmp_path, "name=cut", *extra), ["lora"])
+    with pytest.raises(ConfigError, match="interrupted comparison"):
+        run_centralized(_cfg(tiny_models, table, tmp_path, "name=cut", *extra))
+    assert (staging / "lora-local-org-2" / "model").is_dir()
 
     monkeypatch.setattr(InProcessGrid, "push_messages", real_push)
     reruns: list[str] = []
@@ -397,15 +405,20 @@ def test_an_interrupted_compare_resumes_where_it_stopped(
         h["val_loss"] for h in _history(ref / "lora-federated")
     ]
     assert (out / "fig_a_centralized_vs_federated.png").is_file()
+    (fed,) = [r for r in got if r["regime"] == "federated"]
+    assert fed["wall_seconds"] > before.seconds  # counts the round run before, too
     with pytest.raises(ConfigError, match="finished comparison"):
         compare.resume_comparison(out)
     with pytest.raises(ConfigError, match="no interrupted comparison"):
         compare.resume_comparison(tmp_path / "nothing")
 
 
-def test_an_interrupted_seeds_compare_keeps_its_finished_seeds(
-    tiny_models: dict[str, str], table: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.mark.parametrize("stop", [SystemExit(143), OSError(28, "No space left on device")],
+                         ids=["sigterm", "failure"])  # fmt: skip
+def test_a_stopped_seeds_compare_keeps_its_finished_seeds(
+    tiny_models: dict[str, str], table: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    stop: BaseException,
+) -> None:  # fmt: skip
     import fedtune.federated.compare as compare
 
     real_central = compare.run_centralized
@@ -414,13 +427,13 @@ def test_an_interrupted_seeds_compare_keeps_its_finished_seeds(
     def dies_in_seed_2(cfg, *a, **k):  # type: ignore[no-untyped-def]
         calls.append(f"{cfg.seed}:{cfg.name}")
         if cfg.name == "lora-local-org-1" and cfg.seed == 2:  # seed 2's second local site
-            raise SystemExit(143)  # what the CLI turns SIGTERM into
+            raise stop  # SystemExit(143) is what the CLI turns SIGTERM into
         return real_central(cfg, *a, **k)
 
     monkeypatch.setattr(compare, "run_centralized", dies_in_seed_2)
     cfg = _cfg(tiny_models, table, tmp_path, "name=seeds", "federated.rounds=1",
                "federated.partition=column", "data.site_column=site")  # fmt: skip
-    with pytest.raises(SystemExit):
+    with pytest.raises(type(stop)):
         compare.run_seeds(cfg, [1, 2], ["lora"], ("centralized", "local"))
     staging = tmp_path / ".seeds.partial"
     assert (staging / "seed-1" / "comparison.json").is_file()

@@ -546,9 +546,18 @@ def site_cmd(
                       "running Flower's process per message (--cold)[/]")  # fmt: skip
         cold = True
     if cold:
+        import signal
         import subprocess
 
-        raise typer.Exit(subprocess.call(cmd, env=env))
+        proc = subprocess.Popen(cmd, env=env)
+
+        def stop(_signum: int, _frame: object) -> None:  # let the SuperNode sign off
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, stop)
+        raise typer.Exit(proc.wait())
     try:
         code = worker.run_site(cmd, env, poll=poll)
     except FedtuneError as e:

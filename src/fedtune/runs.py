@@ -27,6 +27,9 @@ METRICS_FILE = "metrics.jsonl"
 LABELS_FILE = "labels.json"
 REPORT_FILE = "report.md"
 MODEL_DIR = "model"
+PLAN_FILE = "compare.json"
+"""What a comparison was asked to do, written first into its staging folder:
+`fedtune compare --resume` reads it back."""
 
 
 def default_run_name(cfg: RunConfig) -> str:
@@ -54,15 +57,21 @@ def staged_run_dir(final: Path, *, resumable: bool = False, resume: bool = False
                    ) -> Iterator[Path]:  # fmt: skip
     """Yield a staging folder; rename it to `final` on success, delete it on error.
 
-    `resumable` (comparisons, which run for hours): an interrupted run (Ctrl-C,
-    SIGTERM) keeps its staging folder, with the runs it finished, for `resume`;
-    `resume` continues in that folder and keeps it on any error, so a failure
-    never throws away finished work."""
+    `resumable` (comparisons, which run for hours): a run that is interrupted or
+    fails keeps its staging folder, with the runs it finished, for `resume`, which
+    continues in that folder. A leftover staging folder is removed before a new run
+    starts, unless it holds an interrupted comparison."""
     staging = staging_dir(final)
     if resume:
         if not staging.is_dir():
             raise ConfigError(f"no interrupted run at {final} (no {staging})")
     else:
+        if (staging / PLAN_FILE).is_file():
+            raise ConfigError(
+                f"{staging} holds an interrupted comparison named {final.name!r}: continue it "
+                f"with `fedtune compare --resume {final}`, remove that folder, or choose "
+                "another name (--set name=...)"
+            )
         if staging.exists():
             shutil.rmtree(staging)
         staging.mkdir(parents=True)
@@ -71,12 +80,8 @@ def staged_run_dir(final: Path, *, resumable: bool = False, resume: bool = False
         if final.exists():
             raise ConfigError(f"run directory {final} appeared while this run was going on")
         staging.rename(final)
-    except (KeyboardInterrupt, SystemExit):
-        if not (resumable or resume):
-            shutil.rmtree(staging, ignore_errors=True)
-        raise
     except BaseException:
-        if not resume:
+        if not (resumable or resume):
             shutil.rmtree(staging, ignore_errors=True)
         raise
 

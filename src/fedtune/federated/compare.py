@@ -35,12 +35,14 @@ from fedtune.data import Splits, make_splits
 from fedtune.errors import ConfigError
 from fedtune.federated.partition import partition_examples
 from fedtune.federated.runner import run_federated
-from fedtune.federated.server import build_strategy, find_checkpoint
+from fedtune.federated.server import build_strategy, checkpoint_state, find_checkpoint
 from fedtune.methods import get_method
 from fedtune.regimes import describe_data, method_configs, run_centralized
 from fedtune.report import _pct, personalized_table
 from fedtune.runs import (
     METRICS_FILE,
+    PLAN_FILE,
+    REPORT_FILE,
     final_run_dir,
     read_jsonl,
     staged_run_dir,
@@ -49,8 +51,6 @@ from fedtune.runs import (
 )
 
 REGIMES = ("centralized", "local", "federated")
-PLAN_FILE = "compare.json"
-"""What a comparison was asked to do, written first: `--resume` reads it back."""
 
 
 def federates(method: str) -> bool:
@@ -176,17 +176,19 @@ def run_regimes(
 @contextlib.contextmanager
 def _interruptible(out: Path, shown_as: Path | None, resume: bool, plan: dict[str, Any],
                    console: Console) -> Iterator[Path]:  # fmt: skip
-    """The comparison's staging folder, which an interruption keeps (with the plan
-    and the runs finished so far) for `fedtune compare --resume`. Only the outermost
-    comparison (`shown_as` None) tells the user how to continue."""
+    """The comparison's staging folder, which an interruption or a failure keeps
+    (with the plan and the runs finished so far) for `fedtune compare --resume`. Only
+    the outermost comparison (`shown_as` None) tells the user how to continue."""
     with staged_run_dir(out, resumable=True, resume=resume) as staging:
-        if not resume:
-            write_json(staging / PLAN_FILE, plan)
+        if not resume:  # written whole, then renamed: a kept folder never has half a plan
+            write_json(staging / f"{PLAN_FILE}.tmp", plan)
+            (staging / f"{PLAN_FILE}.tmp").replace(staging / PLAN_FILE)
         try:
             yield staging
-        except (KeyboardInterrupt, SystemExit):
+        except BaseException as e:
             if shown_as is None:
-                console.print(f"[yellow]interrupted; the finished runs are kept. Continue "
+                what = "interrupted" if isinstance(e, KeyboardInterrupt | SystemExit) else "failed"
+                console.print(f"[yellow]{what}; the finished runs are kept. Continue "
                               f"with: fedtune compare --resume {out}")  # fmt: skip
             raise
 
@@ -196,11 +198,13 @@ def _finished(run_dir: Path, console: Console) -> dict[str, Any] | None:
     (the last line of its metrics.jsonl), else None; an unfinished one is removed
     unless it is a federated run with a checkpoint (the caller resumes it)."""
     records = read_jsonl(run_dir / METRICS_FILE)
-    if records and records[-1].get("event") == "test":
+    # The report is the last file a run writes, after its summary line.
+    if records and records[-1].get("event") == "test" and (run_dir / REPORT_FILE).is_file():
         console.print(f"[dim]{run_dir.name}: finished before the interruption; kept[/]")
         return {**records[-1], "run_dir": str(run_dir)}
-    if run_dir.exists() and find_checkpoint(run_dir) is None:
-        shutil.rmtree(run_dir)
+    state = checkpoint_state(run_dir) if run_dir.exists() else None
+    if run_dir.exists() and (state is None or state.complete):
+        shutil.rmtree(run_dir)  # cut short before its first round, or while writing its report
     return None
 
 
@@ -219,9 +223,16 @@ def resume_comparison(path: str | Path, console: Console | None = None) -> Path:
             f"{p}: no interrupted comparison there (looked for {staging / PLAN_FILE}); pass "
             "the folder that `fedtune compare` printed when it was interrupted"
         )
-    plan = json.loads((staging / PLAN_FILE).read_text("utf-8"))
-    cfg = dataclasses.replace(RunConfig.from_dict(plan["config"]), name=p.name,
-                              output_dir=str(p.parent))  # fmt: skip
+    if p.exists():
+        raise ConfigError(f"{p} exists and {staging} too: remove one of them; a finished "
+                          "comparison and an interrupted one cannot share a name")  # fmt: skip
+    try:
+        plan = json.loads((staging / PLAN_FILE).read_text("utf-8"))
+        cfg = RunConfig.from_dict(plan["config"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{staging / PLAN_FILE} cannot be read ({e}): this comparison "
+                          f"cannot be resumed; remove {staging} and start it again") from None
+    cfg = dataclasses.replace(cfg, name=p.name, output_dir=str(p.parent))
     console = console or Console()
     console.print(f"[bold]resuming[/] {p}")
     overrides = {k: plan[k] for k in ("method_overrides", "train_overrides",

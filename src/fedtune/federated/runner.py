@@ -27,7 +27,13 @@ from fedtune.errors import ConfigError
 from fedtune.federated.apps import CONFIG_KEY, client_app, site_train_config, workspace
 from fedtune.federated.grid import InProcessGrid
 from fedtune.federated.partition import Site, describe_partition
-from fedtune.federated.server import Outcome, build_strategy, find_checkpoint, run_server
+from fedtune.federated.server import (
+    Outcome,
+    build_strategy,
+    checkpoint_state,
+    find_checkpoint,
+    run_server,
+)
 from fedtune.federated.wire import recorddict_bytes, recorddict_from_bytes
 from fedtune.runs import (
     CONFIG_FILE,
@@ -110,7 +116,9 @@ def run_federated(
     contexts = make_contexts(cfg, len(names), names, out)
     if resume is not None and out is not None:
         ckpt = find_checkpoint(out)
-        assert ckpt is not None
+        before = checkpoint_state(out)
+        assert ckpt is not None and before is not None
+        t_start -= before.seconds  # the wall time counts the rounds run before, too
         for node, ctx in contexts.items():
             f = ckpt / "sites" / f"{node}.bin"
             if f.is_file():

@@ -189,6 +189,14 @@ def _random_state() -> list[Any]:
     return [version, list(internal), gauss]
 
 
+def checkpoint_state(out: Path) -> FederationState | None:
+    """The round state in `out`'s last checkpoint (nothing restored), or None."""
+    ckpt = find_checkpoint(out)
+    if ckpt is None:
+        return None
+    return FederationState(**json.loads((ckpt / STATE_FILE).read_text("utf-8"))["state"])
+
+
 def read_checkpoint(
     ckpt: Path, strategy: FedAvg
 ) -> tuple[FederationState, ArrayRecord, ArrayRecord]:
