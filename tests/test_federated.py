@@ -413,6 +413,19 @@ def test_an_interrupted_compare_resumes_where_it_stopped(
         compare.resume_comparison(tmp_path / "nothing")
 
 
+def test_a_comparison_plan_names_its_data_files_absolutely(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedtune.federated.compare import _plan_config
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["data.source=file", "data.path=data/t.csv", "federated.partition=own",
+                             "federated.site_paths=['a.csv', 'b/b.csv']"])  # fmt: skip
+    plan = _plan_config(cfg, tmp_path / "runs" / "cmp")
+    assert plan["name"] == "cmp" and plan["data"]["path"] == str(tmp_path / "data" / "t.csv")
+    assert plan["federated"]["site_paths"] == [str(tmp_path / "a.csv"), str(tmp_path / "b/b.csv")]
+
+
 @pytest.mark.parametrize("stop", [SystemExit(143), OSError(28, "No space left on device")],
                          ids=["sigterm", "failure"])  # fmt: skip
 def test_a_stopped_seeds_compare_keeps_its_finished_seeds(

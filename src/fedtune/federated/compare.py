@@ -107,7 +107,7 @@ def run_regimes(
                     splits.notes + partition.notes)  # fmt: skip
     rows: list[dict[str, Any]] = []
     curves: dict[str, dict[str, list[tuple[float, float]]]] = {}
-    plan = {"kind": "regimes", "config": dataclasses.replace(cfg, name=out.name).to_dict(),
+    plan = {"kind": "regimes", "config": _plan_config(cfg, out),
             "methods": methods, "regimes": list(regimes),
             "method_overrides": method_overrides, "train_overrides": train_overrides,
             "federated_overrides": federated_overrides}  # fmt: skip
@@ -171,6 +171,18 @@ def run_regimes(
         ])  # fmt: skip
     console.print(f"[bold]comparison report:[/] {shown / 'report.md'}")
     return out
+
+
+def _plan_config(cfg: RunConfig, out: Path) -> dict[str, Any]:
+    """The config as `--resume` needs it: data files as absolute paths, so that a
+    comparison resumed from another directory reads the same files."""
+    data = cfg.data
+    if cfg.data.path and cfg.data.source in ("fpb", "file"):
+        data = dataclasses.replace(data, path=str(Path(data.path).resolve()))
+    fed = dataclasses.replace(cfg.federated, site_paths=tuple(
+        str(Path(p).resolve()) for p in cfg.federated.site_paths
+    ))  # fmt: skip
+    return dataclasses.replace(cfg, name=out.name, data=data, federated=fed).to_dict()
 
 
 @contextlib.contextmanager
@@ -265,7 +277,7 @@ def run_seeds(
     if len(seeds) < 2 or len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds needs at least two different seeds, got {seeds}")
     out = final_run_dir(cfg, cfg.name or f"seeds-{time.strftime('%Y%m%d-%H%M%S')}")
-    plan = {"kind": "seeds", "config": dataclasses.replace(cfg, name=out.name).to_dict(),
+    plan = {"kind": "seeds", "config": _plan_config(cfg, out),
             "seeds": seeds, "methods": methods, "regimes": list(regimes),
             **{k: overrides.get(k) for k in ("method_overrides", "train_overrides",
                                               "federated_overrides")}}  # fmt: skip
