@@ -4,8 +4,8 @@ saved model, the label map and a report.
 A run is written into a hidden staging folder next to its final place and
 renamed into place only when it finished; a failed or interrupted run removes
 its staging folder, so no half-written run directory is ever left behind. The one
-exception is a comparison (`fedtune compare`, hours of runs): interrupted, it keeps
-its hidden staging folder for `fedtune compare --resume`.
+exception is a comparison (`fedtune compare`, hours of runs): interrupted or failed,
+it keeps its hidden staging folder for `fedtune compare --resume`.
 """
 
 from __future__ import annotations
