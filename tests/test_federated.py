@@ -25,7 +25,7 @@ from fedtune.federated.compare import run_regimes
 from fedtune.federated.grid import InProcessGrid, exchange
 from fedtune.federated.partition import Partition, partition_examples
 from fedtune.federated.runner import run_federated
-from fedtune.federated.server import build_strategy, checkpoint_state
+from fedtune.federated.server import build_strategy, checkpoint_state, find_checkpoint
 from fedtune.federated.wire import decode_state, encode_state, payload_bytes
 from fedtune.regimes import run_centralized
 from fedtune.runs import read_jsonl
@@ -244,6 +244,22 @@ def test_transport_roundtrip_precision() -> None:
             torch.testing.assert_close(back[k], state[k], rtol=tol, atol=tol)
 
 
+def _interrupt_at_push(monkeypatch: pytest.MonkeyPatch, n: int):  # type: ignore[no-untyped-def]
+    """Ctrl-C during the server's n-th push of messages (round n when every round
+    pushes once); returns the real method, to put back."""
+    real = InProcessGrid.push_messages
+    calls = {"n": 0}
+
+    def dies(self, messages):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real(self, messages)
+
+    monkeypatch.setattr(InProcessGrid, "push_messages", dies)
+    return real
+
+
 def test_kill_and_resume_reproduces_the_uninterrupted_run(
     tiny_models: dict[str, str], table: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -251,16 +267,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(
              "federated.min_sites=2")  # fmt: skip
     run_federated(_cfg(tiny_models, table, tmp_path, "name=full", *extra))
 
-    calls = {"n": 0}
-    real = InProcessGrid.push_messages
-
-    def dies_in_round_3(self, messages):  # type: ignore[no-untyped-def]
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(self, messages)
-
-    monkeypatch.setattr(InProcessGrid, "push_messages", dies_in_round_3)
+    real = _interrupt_at_push(monkeypatch, 3)  # in round 3
     with pytest.raises(KeyboardInterrupt):
         run_federated(_cfg(tiny_models, table, tmp_path, "name=cut", *extra))
     assert len(_history(tmp_path / "cut")) == 2
@@ -359,24 +366,17 @@ def test_an_interrupted_compare_resumes_where_it_stopped(
     extra = ("federated.rounds=2", "federated.partition=column", "data.site_column=site")
     ref = run_regimes(_cfg(tiny_models, table, tmp_path, "name=ref", *extra), ["lora"])
 
-    real_push = InProcessGrid.push_messages
-    pushes = {"n": 0}
-
-    def dies_in_round_2(self, messages):  # type: ignore[no-untyped-def]
-        pushes["n"] += 1
-        if pushes["n"] == 2:
-            raise KeyboardInterrupt
-        return real_push(self, messages)
-
-    monkeypatch.setattr(InProcessGrid, "push_messages", dies_in_round_2)
+    real_push = _interrupt_at_push(monkeypatch, 2)  # in round 2
     with pytest.raises(KeyboardInterrupt):
         run_regimes(_cfg(tiny_models, table, tmp_path, "name=cut", *extra), ["lora"])
     staging = tmp_path / ".cut.partial"
     assert not (tmp_path / "cut").exists() and (staging / "compare.json").is_file()
     assert (staging / "lora-local-org-2" / "model").is_dir()  # finished runs are kept
     assert len(_history(staging / "lora-federated")) == 1  # and the federated checkpoint
-    before = checkpoint_state(staging / "lora-federated")
-    assert before is not None and before.seconds > 0
+    ckpt = find_checkpoint(staging / "lora-federated")
+    assert ckpt is not None
+    before = checkpoint_state(ckpt)
+    assert before.seconds > 0
     # Starting it afresh under the same name (or any run of that name) would wipe it.
     with pytest.raises(ConfigError, match=r"interrupted comparison.*--resume"):
         run_regimes(_cfg(tiny_models, table, tmp_path, "name=cut", *extra), ["lora"])

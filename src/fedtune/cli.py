@@ -25,6 +25,7 @@ app = typer.Typer(
 console = Console()
 err_console = Console(stderr=True)
 
+ALL_REGIMES = "centralized,local,federated"  # compare's default (federated.compare.REGIMES)
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override a config key, e.g. --set train.epochs=5 (repeatable)."),
@@ -195,7 +196,7 @@ def compare_cmd(
     ] = None,
     regimes: Annotated[
         str, typer.Option(help="Comma-separated: centralized, local, federated.")
-    ] = "centralized,local,federated",
+    ] = ALL_REGIMES,
     seeds: Annotated[
         str | None,
         typer.Option(help="Comma-separated seeds: the comparison once per seed, and a "
@@ -219,7 +220,7 @@ def compare_cmd(
         if resume is not None:
             given = [flag for flag, v in (("CONFIG", config), ("--methods", methods),
                                           ("--seeds", seeds), ("--set", set_),
-                                          ("--regimes", regimes != "centralized,local,federated"))
+                                          ("--regimes", regimes != ALL_REGIMES))
                      if v]  # fmt: skip
             if given:
                 raise ConfigError(f"--resume continues the comparison as it was started; "

@@ -148,7 +148,7 @@ def run_regimes(
                 name = f"{mname}-federated"
                 r = _finished(staging / name, console) if resume else None
                 ckpt = find_checkpoint(staging / name) if resume and r is None else None
-                if ckpt is not None:
+                if ckpt is not None:  # _finished left only a resumable one
                     console.print(f"  continuing from its checkpoint ({ckpt.name})")
                     r = run_federated(base, console, splits, shown_as=shown / name,
                                       resume=staging / name)  # fmt: skip
@@ -214,8 +214,8 @@ def _finished(run_dir: Path, console: Console) -> dict[str, Any] | None:
     if records and records[-1].get("event") == "test" and (run_dir / REPORT_FILE).is_file():
         console.print(f"[dim]{run_dir.name}: finished before the interruption; kept[/]")
         return {**records[-1], "run_dir": str(run_dir)}
-    state = checkpoint_state(run_dir) if run_dir.exists() else None
-    if run_dir.exists() and (state is None or state.complete):
+    ckpt = find_checkpoint(run_dir)
+    if run_dir.exists() and (ckpt is None or checkpoint_state(ckpt).complete):
         shutil.rmtree(run_dir)  # cut short before its first round, or while writing its report
     return None
 

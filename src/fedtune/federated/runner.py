@@ -116,8 +116,8 @@ def run_federated(
     contexts = make_contexts(cfg, len(names), names, out)
     if resume is not None and out is not None:
         ckpt = find_checkpoint(out)
-        before = checkpoint_state(out)
-        assert ckpt is not None and before is not None
+        assert ckpt is not None
+        before = checkpoint_state(ckpt)
         t_start -= before.seconds  # the wall time counts the rounds run before, too
         for node, ctx in contexts.items():
             f = ckpt / "sites" / f"{node}.bin"

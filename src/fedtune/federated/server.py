@@ -189,11 +189,8 @@ def _random_state() -> list[Any]:
     return [version, list(internal), gauss]
 
 
-def checkpoint_state(out: Path) -> FederationState | None:
-    """The round state in `out`'s last checkpoint (nothing restored), or None."""
-    ckpt = find_checkpoint(out)
-    if ckpt is None:
-        return None
+def checkpoint_state(ckpt: Path) -> FederationState:
+    """The round state of a checkpoint folder (`find_checkpoint`), nothing restored."""
     return FederationState(**json.loads((ckpt / STATE_FILE).read_text("utf-8"))["state"])
 
 
