@@ -14,7 +14,7 @@ from fedtune.adapted import AdaptedModel
 from fedtune.config import ModelConfig, TrainConfig, method_config
 from fedtune.errors import ConfigError
 from fedtune.evaluate import classification_metrics, evaluate_features
-from fedtune.train import length_bucketed_batches, train
+from fedtune.train import _progress, length_bucketed_batches, train
 
 QUIET = TrainConfig(progress=False)
 
@@ -46,6 +46,24 @@ def test_same_seed_same_weights_other_seed_other(tiny_models: dict[str, str]) ->
     sa, sb, sc = a.trainable_state(), b.trainable_state(), c.trainable_state()
     assert all(torch.equal(sa[n], sb[n]) for n in sa)
     assert any(not torch.equal(sa[n], sc[n]) for n in sa)
+
+
+@pytest.mark.parametrize(
+    ("terminal", "enabled", "shown"),
+    [(False, True, False), (True, True, True), (True, False, False)],
+)
+def test_progress_bar_only_where_it_can_redraw(
+    monkeypatch: pytest.MonkeyPatch, terminal: bool, enabled: bool, shown: bool
+) -> None:
+    """A pipe or log file gets no bar (rich would leave a blank line per bar there);
+    a terminal gets one unless train.progress is off."""
+    import rich.console
+
+    import fedtune.train as train_module
+
+    console = rich.console.Console(force_terminal=terminal, force_interactive=terminal)
+    monkeypatch.setattr(train_module, "get_console", lambda: console)
+    assert _progress(enabled).disable is not shown
 
 
 def test_length_bucketing_covers_everything_once_and_cuts_padding() -> None:

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from rich import get_console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import get_scheduler
 
@@ -70,6 +71,9 @@ def length_bucketed_batches(
 
 
 def _progress(enabled: bool) -> Progress:
+    # Off where nothing can redraw the bar (a pipe, a log file, CI): there rich would
+    # only leave a blank line per bar; the per-epoch and per-round lines remain.
+    console = get_console()
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -77,7 +81,7 @@ def _progress(enabled: bool) -> Progress:
         TextColumn("{task.fields[info]}"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
-        disable=not enabled,
+        disable=not enabled or not (console.is_interactive or console.is_jupyter),
         transient=True,
     )
 
