@@ -59,10 +59,10 @@ def test_progress_bar_only_where_it_can_redraw(
     a terminal gets one unless train.progress is off."""
     import rich.console
 
-    import fedtune.train as train_module
+    import fedtune.progress
 
     console = rich.console.Console(force_terminal=terminal, force_interactive=terminal)
-    monkeypatch.setattr(train_module, "get_console", lambda: console)
+    monkeypatch.setattr(fedtune.progress, "get_console", lambda: console)
     assert _progress(enabled).disable is not shown
 
 

@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from rich import get_console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import get_scheduler
 
@@ -29,6 +28,7 @@ from fedtune.classify import Feature, to_device
 from fedtune.config import TrainConfig
 from fedtune.errors import ConfigError
 from fedtune.evaluate import Metrics, evaluate_features
+from fedtune.progress import bars_visible
 
 EvalCallback = Callable[[dict[str, Any]], None]
 
@@ -71,9 +71,6 @@ def length_bucketed_batches(
 
 
 def _progress(enabled: bool) -> Progress:
-    # Off where nothing can redraw the bar (a pipe, a log file, CI): there rich would
-    # only leave a blank line per bar; the per-epoch and per-round lines remain.
-    console = get_console()
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -81,7 +78,7 @@ def _progress(enabled: bool) -> Progress:
         TextColumn("{task.fields[info]}"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
-        disable=not enabled or not (console.is_interactive or console.is_jupyter),
+        disable=not enabled or not bars_visible(),
         transient=True,
     )
 

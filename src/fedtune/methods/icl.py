@@ -56,6 +56,7 @@ from fedtune.embed import Embedder
 from fedtune.errors import ConfigError, ModelError
 from fedtune.methods import register
 from fedtune.methods.frozen import FrozenMethod
+from fedtune.progress import bars_visible
 from fedtune.vectorstore import VectorStore
 
 PROMPT_FILE = "prompt.json"
@@ -748,7 +749,7 @@ class ICL(FrozenMethod[IclConfig]):
             MofNCompleteColumn(),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
-            disable=len(texts) < PROGRESS_MIN,
+            disable=len(texts) < PROGRESS_MIN or not bars_visible(),
             transient=True,
         )
         with ChatClient(self._endpoint()) as chat, progress:
