@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from fedtune.config import REGIMES
 from fedtune.errors import ConfigError, FedtuneError
 
 if TYPE_CHECKING:
@@ -25,7 +26,7 @@ app = typer.Typer(
 console = Console()
 err_console = Console(stderr=True)
 
-ALL_REGIMES = "centralized,local,federated"  # compare's default (federated.compare.REGIMES)
+ALL_REGIMES = ",".join(REGIMES)  # compare's default
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override a config key, e.g. --set train.epochs=5 (repeatable)."),

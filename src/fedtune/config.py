@@ -119,6 +119,10 @@ class TrainConfig:
     progress: bool = True
 
 
+REGIMES = ("centralized", "local", "federated")
+"""The regimes `fedtune compare` runs: pooled data, each site alone, federated."""
+
+
 @dataclass(frozen=True)
 class FederatedConfig:
     """Sites, partitioning and the federation (fedtune.federated)."""

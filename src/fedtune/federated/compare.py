@@ -30,7 +30,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from rich.console import Console
 
-from fedtune.config import FederatedConfig, RunConfig
+from fedtune.config import REGIMES, FederatedConfig, RunConfig
 from fedtune.data import Splits, make_splits
 from fedtune.errors import ConfigError
 from fedtune.federated.partition import partition_examples
@@ -49,8 +49,6 @@ from fedtune.runs import (
     staging_dir,
     write_json,
 )
-
-REGIMES = ("centralized", "local", "federated")
 
 
 def federates(method: str) -> bool:
