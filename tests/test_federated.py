@@ -25,8 +25,20 @@ from fedtune.federated.compare import run_regimes
 from fedtune.federated.grid import InProcessGrid, exchange
 from fedtune.federated.partition import Partition, partition_examples
 from fedtune.federated.runner import run_federated
+from fedtune.federated.scaffold import (
+    CONTROL,
+    SITE_CONTROL,
+    Scaffold,
+    site_controls,
+    update_site_control,
+)
 from fedtune.federated.server import build_strategy, checkpoint_state, find_checkpoint
-from fedtune.federated.wire import decode_state, encode_state, payload_bytes
+from fedtune.federated.wire import (
+    decode_state,
+    encode_state,
+    payload_bytes,
+    recorddict_from_bytes,
+)
 from fedtune.regimes import run_centralized
 from fedtune.runs import read_jsonl
 from fedtune.train import proximal_term
@@ -45,10 +57,13 @@ def _history(run_dir: Path) -> list[dict]:
     return [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["event"] == "round"]
 
 
+@pytest.mark.parametrize("strategy", ["fedavg", "scaffold"])
 def test_one_site_one_epoch_per_round_equals_centralized(
-    tiny_models: dict[str, str], table: Path, tmp_path: Path
+    tiny_models: dict[str, str], table: Path, tmp_path: Path, strategy: str
 ) -> None:
-    common = ["federated.sites=1", "train.epochs=3", "federated.rounds=3"]
+    # SCAFFOLD's one site: c = c_1 after every round, so no correction.
+    common = ["federated.sites=1", "train.epochs=3", "federated.rounds=3",
+              f"federated.strategy={strategy}"]  # fmt: skip
     cen = run_centralized(_cfg(tiny_models, table, tmp_path, *common, "name=c"))
     run_federated(_cfg(tiny_models, table, tmp_path, *common, "name=f"))
     c = [r for r in read_jsonl(tmp_path / "c" / "metrics.jsonl") if r["event"] == "eval"]
@@ -80,9 +95,11 @@ def test_local_batch_size_is_the_sites_batch(
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.parametrize("strategy", ["fedavg", "scaffold"])
 def test_identical_sites_equal_one_site(
-    tiny_models: dict[str, str], table: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+    tiny_models: dict[str, str], table: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    strategy: str,
+) -> None:  # fmt: skip
     real = apps.partition_examples
 
     def cloned(examples, labels, fed, seed):  # type: ignore[no-untyped-def]
@@ -91,9 +108,9 @@ def test_identical_sites_equal_one_site(
 
     monkeypatch.setattr(apps, "partition_examples", cloned)
     run_federated(_cfg(tiny_models, table, tmp_path, "federated.sites=1", "name=one",
-                       "federated.rounds=2"))  # fmt: skip
+                       "federated.rounds=2", f"federated.strategy={strategy}"))  # fmt: skip
     run_federated(_cfg(tiny_models, table, tmp_path, "federated.sites=3", "name=three",
-                       "federated.rounds=2"))  # fmt: skip
+                       "federated.rounds=2", f"federated.strategy={strategy}"))  # fmt: skip
     for a, b in zip(_history(tmp_path / "one"), _history(tmp_path / "three"), strict=True):
         assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-5)
     one = load_file(str(tmp_path / "one" / "checkpoint" / "global.safetensors"))
@@ -102,13 +119,19 @@ def test_identical_sites_equal_one_site(
         torch.testing.assert_close(three[k], one[k], rtol=1e-5, atol=1e-6)
 
 
-def _reply(arrays: dict[str, list[float]], n: int) -> Message:
+def _record(arrays: dict[str, list[float]]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.array(v, dtype=np.float32)) for k, v in arrays.items()})
+
+
+def _reply(arrays: dict[str, list[float]], n: int,
+           control: dict[str, list[float]] | None = None) -> Message:  # fmt: skip
     msg = Message(RecordDict({"config": ConfigRecord()}), dst_node_id=1000, message_type="train")
     msg.metadata.__dict__["_message_id"] = "m"
     content = RecordDict({
-        "arrays": ArrayRecord({k: Array(np.array(v, dtype=np.float32)) for k, v in arrays.items()}),
-        "metrics": MetricRecord({"num-examples": n, "train_loss": 1.0}),
+        "arrays": _record(arrays), "metrics": MetricRecord({"num-examples": n, "train_loss": 1.0}),
     })  # fmt: skip
+    if control is not None:
+        content[CONTROL] = _record(control)
     return Message(content, reply_to=msg)
 
 
@@ -163,6 +186,45 @@ def test_fedprox_pulls_sites_towards_the_global_model(
     assert prox < plain
 
 
+def test_scaffold_update_rules_by_hand() -> None:
+    # Server: 4 sites, half of them sampled, eta_g 0.5, x = [1, 2], c = 0 at first.
+    grid = InProcessGrid(apps.client_app, dict.fromkeys(range(1000, 1004)), run_id=7)  # type: ignore[arg-type]
+    fed = FederatedConfig(strategy="scaffold", server_lr=0.5, fraction=0.5, sites=4)
+    strategy = build_strategy(fed, lr=0.1)
+    assert isinstance(strategy, Scaffold)
+    assert len(list(strategy.configure_train(1, _record({"w": [1, 2]}), ConfigRecord(), grid))) == 2
+    np.testing.assert_array_equal(strategy.train_payload()[CONTROL]["w"].numpy(), [0, 0])
+    agg, _ = strategy.aggregate_train(1, [_reply({"w": [0, 0]}, 1, {"w": [2, 4]}),
+                                          _reply({"w": [4, 8]}, 3, {"w": [-2, 0]})])  # fmt: skip
+    assert agg is not None
+    # FedAvg's [3, 6]; x + 0.5 * ([3, 6] - [1, 2]) = [2, 4]
+    np.testing.assert_allclose(agg["w"].numpy(), [2, 4])
+    # c + |S|/N * mean(dc) = 0 + 2/4 * [0, 2]
+    np.testing.assert_allclose(strategy.control["w"], [0, 1])
+    with pytest.raises(ConfigError, match="without its SCAFFOLD control"):
+        strategy.aggregate_train(2, [_reply({"w": [0, 0]}, 1)])
+
+    # Site: c_i+ = (x - y) / sum(lr) - (c - c_i), kept in the site's state; dc = c_i+ - c_i.
+    state = RecordDict()
+    t = torch.tensor
+    c, c_i = site_controls({"w": t([0.2, 0.0])}, state)
+    torch.testing.assert_close(c_i["w"], t([0.0, 0.0]))
+    c_i = {"w": t([0.1, 0.3])}
+    dc = update_site_control(state, {"w": t([1.0, 2.0])}, {"w": t([0.5, 3.0])}, c, c_i, 0.5)
+    # (x - y) / 0.5 = [1, -2]; c - c_i = [0.1, -0.3]; c_i+ = [0.9, -1.7]
+    torch.testing.assert_close(site_controls(c, state)[1]["w"], t([0.9, -1.7]))
+    torch.testing.assert_close(dc["w"], t([0.8, -2.0]))
+
+
+def test_scaffold_refuses_methods_without_gradient_steps(
+    tiny_models: dict[str, str], table: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigError, match="scaffold"):
+        run_federated(_cfg(tiny_models, table, tmp_path, "name=s", "method.name=features",
+                           "federated.strategy=scaffold"))  # fmt: skip
+    assert not (tmp_path / "s").exists()
+
+
 def _examples(n: int = 60) -> list[Example]:
     return [Example(f"t{i}", LABELS[i % 3], f"row {i}", f"s{i % 4}") for i in range(n)]
 
@@ -215,14 +277,19 @@ def test_partition_errors_name_the_fix() -> None:
         partition_examples(no_site, LABELS, FederatedConfig(partition="column"), 0)
 
 
-@pytest.mark.parametrize(("transport", "width"), [("fp32", 4), ("fp16", 2), ("bf16", 2)])
+@pytest.mark.parametrize(
+    ("transport", "width", "strategy"),
+    [("fp32", 4, "fedavg"), ("fp16", 2, "fedavg"), ("bf16", 2, "fedavg"), ("bf16", 2, "scaffold")],
+)
 def test_bytes_accounted_exactly(
-    tiny_models: dict[str, str], table: Path, tmp_path: Path, transport: str, width: int
-) -> None:
+    tiny_models: dict[str, str], table: Path, tmp_path: Path, transport: str, width: int,
+    strategy: str,
+) -> None:  # fmt: skip
     cfg = _cfg(tiny_models, table, tmp_path, "name=b", "federated.rounds=2",
-               f"federated.transport={transport}")  # fmt: skip
+               f"federated.transport={transport}", f"federated.strategy={strategy}")  # fmt: skip
     summary = run_federated(cfg)
-    n_params = summary["trainable_parameters"]
+    # SCAFFOLD sends the control beside the state, both ways: two states per message.
+    n_params = summary["trainable_parameters"] * (2 if strategy == "scaffold" else 1)
     assert summary["payload_up_per_site_round"] == n_params * width
     state = json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())["state"]
     traffic = state["traffic"]
@@ -260,12 +327,26 @@ def _interrupt_at_push(monkeypatch: pytest.MonkeyPatch, n: int):  # type: ignore
     return real
 
 
+@pytest.mark.parametrize("strategy", ["fedadam", "scaffold"])
 def test_kill_and_resume_reproduces_the_uninterrupted_run(
-    tiny_models: dict[str, str], table: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    extra = ("federated.rounds=3", "federated.strategy=fedadam", "federated.fraction=0.67",
+    tiny_models: dict[str, str], table: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    strategy: str,
+) -> None:  # fmt: skip
+    # Server optimizer state (FedAdam's moments; SCAFFOLD's c) and site state (SCAFFOLD's
+    # c_i, each site's optimizer) are both checkpointed.
+    extra = ("federated.rounds=3", f"federated.strategy={strategy}", "federated.fraction=0.67",
              "federated.min_sites=2")  # fmt: skip
     run_federated(_cfg(tiny_models, table, tmp_path, "name=full", *extra))
+    if strategy == "scaffold":  # c = the mean of all sites' c_i, under sampling too
+        ckpt = tmp_path / "full" / "checkpoint"
+        c = load_file(str(ckpt / "strategy.safetensors"))
+        sites = [recorddict_from_bytes(f.read_bytes()).array_records[SITE_CONTROL]
+                 for f in sorted((ckpt / "sites").iterdir())]  # fmt: skip
+        assert len(sites) == 3 and len(c) == len(sites[0]) > 0
+        for name, control in c.items():
+            mean = np.mean([s[name.split("|")[-1]].numpy() for s in sites], axis=0)
+            assert float(np.abs(control.numpy()).max()) > 0
+            np.testing.assert_allclose(control.numpy(), mean, rtol=1e-4, atol=1e-7)
 
     real = _interrupt_at_push(monkeypatch, 3)  # in round 3
     with pytest.raises(KeyboardInterrupt):

@@ -215,3 +215,22 @@ def test_patience_needs_validation(tiny_models: dict[str, str]) -> None:
     model = _model(tiny_models["bert"])
     with pytest.raises(ConfigError, match="patience needs a validation set"):
         train(model, _feats(model), None, TrainConfig(patience=2, progress=False), lr=1e-3)
+
+
+def test_scaffold_correction_moves_each_step_by_lr_times_it(tiny_models: dict[str, str]) -> None:
+    """SCAFFOLD's correction is applied after the optimizer step: one step with it
+    lands exactly -lr * correction away from the same step without it."""
+    cfg = TrainConfig(max_steps=1, batch_size=4, warmup_ratio=0.0, progress=False)
+    plain, r0 = _run(tiny_models["bert"], cfg, dropout=False)
+    corr = {n: torch.full_like(t, 0.5) for n, t in plain.trainable_state().items()}
+    corr[next(iter(corr))] = -2.0 * torch.ones_like(corr[next(iter(corr))])
+    moved, r1 = _run(tiny_models["bert"], cfg, dropout=False, correction=corr)
+    sp, sm = plain.trainable_state(), moved.trainable_state()
+    for n in sp:
+        torch.testing.assert_close(sm[n] - sp[n], -1e-2 * corr[n], atol=1e-6, rtol=0)
+    assert r0.lr_sum == r1.lr_sum == pytest.approx(1e-2)
+    # Under a schedule, lr_sum is the sum of the rates the steps used.
+    cfg = TrainConfig(max_steps=5, batch_size=4, warmup_ratio=0.4, eval_every=1, progress=False)
+    _, result = _run(tiny_models["bert"], cfg, correction=corr)
+    assert result.lr_sum == pytest.approx(sum(r["lr"] for r in result.history))
+    assert 0 < result.lr_sum < 5e-2

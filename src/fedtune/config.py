@@ -156,7 +156,7 @@ class FederatedConfig:
     1/K of the data takes 1/K of centralized training's optimizer steps per epoch at
     the same batch size; batch_size / K gives it as many (what slow optimizers such as
     soft prompts need: docs/federated.md)."""
-    strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm"] = "fedavg"
+    strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "scaffold"] = "fedavg"
     fraction: float = 1.0
     """Share of sites sampled each round."""
     min_sites: int = 1
@@ -164,8 +164,8 @@ class FederatedConfig:
     proximal_mu: float = 0.01
     """fedprox: weight of the proximal term."""
     server_lr: float = 0.0
-    """Server learning rate of fedadam/fedyogi (eta) and fedavgm; 0 = the strategy's
-    default (fedadam/fedyogi 0.01, fedavgm 1.0)."""
+    """Server learning rate of fedadam/fedyogi (eta), fedavgm and scaffold (eta_g);
+    0 = the strategy's default (fedadam/fedyogi 0.01, fedavgm and scaffold 1.0)."""
     server_momentum: float = 0.9
     """fedavgm: server momentum."""
     beta_1: float = 0.9

@@ -45,6 +45,9 @@ class TrainResult:
     train_seconds: float = 0.0
     """Time spent in forward/backward/optimizer steps (evaluation excluded)."""
     samples_seen: int = 0
+    lr_sum: float = 0.0
+    """The sum of the learning rates of this call's optimizer steps (SCAFFOLD's K * lr
+    when the schedule varies within a round)."""
 
     @property
     def samples_per_second(self) -> float:
@@ -212,6 +215,7 @@ def train(
     session: TrainSession | None = None,
     steps: int | None = None,
     proximal: Proximal | None = None,
+    correction: dict[str, torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train `model`'s trainable parameters on encoded features (see
     `Formulation.encode`). With `val_feats`, evaluates every `eval_every` steps
@@ -219,7 +223,9 @@ def train(
     validation loss and restores the best trainable state.
 
     Federated sites pass their `session` (continued in place) and the number of
-    optimizer `steps` this round; `proximal` adds FedProx's (mu/2)·||w - w_global||²."""
+    optimizer `steps` this round; `proximal` adds FedProx's (mu/2)·||w - w_global||²;
+    `correction` (SCAFFOLD's c - c_i, by parameter name) moves every trainable tensor
+    by -lr · correction after each optimizer step."""
     if not train_feats:
         raise ConfigError("no training examples: check data.limit and the split sizes")
     _check(cfg, has_validation=bool(val_feats))
@@ -230,9 +236,8 @@ def train(
         model.to(cfg.device)
         if session is None:
             session = TrainSession.new(model, len(train_feats), cfg, lr, seed)
-        return _train(
-            model, train_feats, val_feats, cfg, session, steps, proximal, on_eval, description
-        )
+        return _train(model, train_feats, val_feats, cfg, session, steps, proximal, correction,
+                      on_eval, description)  # fmt: skip
     finally:
         torch.set_num_threads(threads_before)
 
@@ -262,6 +267,7 @@ def _train(
     session: TrainSession,
     steps: int | None,
     proximal: Proximal | None,
+    correction: dict[str, torch.Tensor] | None,
     on_eval: EvalCallback | None,
     description: str,
 ) -> TrainResult:
@@ -281,6 +287,9 @@ def _train(
     anchor = None
     if proximal and proximal[0] > 0:
         anchor = [proximal[1][n].to(device) for n, _ in named]
+    drift = None
+    if correction is not None:
+        drift = [correction[n].to(device=device, dtype=p.dtype) for n, p in named]
 
     result = TrainResult(steps=0, epochs=0.0)
     best_state: dict[str, torch.Tensor] | None = None
@@ -313,6 +322,11 @@ def _train(
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             lr_used = scheduler.get_last_lr()[0]
             optimizer.step()
+            if drift is not None:  # SCAFFOLD: decoupled from the optimizer, like AdamW's decay
+                with torch.no_grad():
+                    for (_, p), d in zip(named, drift, strict=True):
+                        p.sub_(d, alpha=lr_used)
+            result.lr_sum += lr_used
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             session.steps += 1

@@ -42,6 +42,7 @@ from fedtune.data.splits import deduplicate
 from fedtune.errors import ConfigError, DataError
 from fedtune.evaluate import Metrics, evaluate_features
 from fedtune.federated.partition import Partition, Site, make_site, partition_examples
+from fedtune.federated.scaffold import CONTROL, correction, site_controls, update_site_control
 from fedtune.federated.wire import (
     LAYOUT,
     arrays_of,
@@ -301,6 +302,12 @@ def site_train(msg: Message, context: Context) -> Message:
     server_round = int(conf.get("server-round", 1))
     global_state = decode_state(arrays_of(msg), transport)
     model.load_trainable_state(global_state)
+    controls = None
+    if CONTROL in msg.content.array_records:  # SCAFFOLD: (c, c_i)
+        if isinstance(model, Features):
+            raise ConfigError("federated.strategy = 'scaffold' corrects gradient steps; "
+                              "features trains by L-BFGS: use fedavg or fedprox")  # fmt: skip
+        controls = site_controls(decode_state(arrays_of(msg, CONTROL), transport), context.state)
     if isinstance(model, Features):
         sites = int(conf.get("sites-in-round", 1))
         return _reply_train(msg, ws, site, transport, *_features_update(ws, pid, site, sites))
@@ -324,13 +331,18 @@ def site_train(msg: Message, context: Context) -> Message:
     result = train(
         model, feats, None, tcfg, cfg.method.lr, session=session, steps=steps,
         proximal=(mu, global_state) if mu > 0 else None,
+        correction=correction(*controls) if controls else None,
         description=f"{site.name} round {server_round}",
     )  # fmt: skip
     if fed.site_state == "keep":
         save_session(context.state, *session.to_state())
+    extra = {}
+    if controls:
+        extra[CONTROL] = update_site_control(context.state, global_state, model.trainable_state(),
+                                             *controls, result.lr_sum)  # fmt: skip
     train_loss = result.history[-1]["train_loss"] if result.history else float("nan")
     return _reply_train(msg, ws, site, transport, float(train_loss), result.train_seconds,
-                        result.steps)  # fmt: skip
+                        result.steps, extra)  # fmt: skip
 
 
 def _features_update(ws: Workspace, pid: int, site: Site,
@@ -345,8 +357,12 @@ def _features_update(ws: Workspace, pid: int, site: Site,
 
 
 def _reply_train(msg: Message, ws: Workspace, site: Site, transport: str, train_loss: float,
-                 seconds: float, steps: int) -> Message:  # fmt: skip
-    wire, layout = pack_record(encode_state(ws.model.trainable_state(), transport))
+                 seconds: float, steps: int,
+                 extra: dict[str, dict[str, torch.Tensor]] | None = None) -> Message:  # fmt: skip
+    """The site's trained state, plus `extra` states of the same layout (SCAFFOLD's
+    control update), each in the transport type."""
+    trained = ws.model.trainable_state()
+    wire, layout = pack_record(encode_state(trained, transport))
     content = RecordDict(
         {
             "arrays": wire,
@@ -361,6 +377,8 @@ def _reply_train(msg: Message, ws: Workspace, site: Site, transport: str, train_
             "site": ConfigRecord({"name": site.name, LAYOUT: layout}),
         }
     )
+    for key, state in (extra or {}).items():
+        content[key], _ = pack_record(encode_state({k: state[k] for k in trained}, transport))
     return Message(content, reply_to=msg)
 
 

@@ -2,11 +2,12 @@
 checkpoints and resume.
 
 The aggregation rules are Flower's (`flwr.serverapp.strategy`: FedAvg, FedProx,
-FedAdam, FedYogi, FedAvgM). The round loop is written here instead of calling
-`Strategy.start`, because `start` always begins at round 1 and keeps the server
-optimizer's state to itself: fedtune checkpoints after every round (global
-state, strategy state, round, RNG, metrics) and resumes from there, measures
-every message, encodes the transport type, and stops on a validation plateau.
+FedAdam, FedYogi, FedAvgM), plus SCAFFOLD (`fedtune.federated.scaffold`). The round
+loop is written here instead of calling `Strategy.start`, because `start` always
+begins at round 1 and keeps the server optimizer's state to itself: fedtune
+checkpoints after every round (global state, strategy state, round, RNG, metrics)
+and resumes from there, measures every message, encodes the transport type, and
+stops on a validation plateau.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from fedtune.errors import ConfigError
 from fedtune.evaluate import Metrics
 from fedtune.federated.apps import VERSION_KEY, Workspace, workspace
 from fedtune.federated.grid import NO_REPLY, exchange
+from fedtune.federated.scaffold import Scaffold
 from fedtune.federated.wire import (
     LAYOUT,
     arrays_of,
@@ -88,6 +90,8 @@ def build_strategy(fed: FederatedConfig, lr: float) -> FedAvg:
     if fed.strategy == "fedavgm":
         return FedAvgM(**common, server_learning_rate=fed.server_lr or 1.0,
                        server_momentum=fed.server_momentum)  # fmt: skip
+    if fed.strategy == "scaffold":
+        return Scaffold(**common, server_lr=fed.server_lr or 1.0)
     raise ConfigError(f"unknown federated.strategy {fed.strategy!r}")  # pragma: no cover
 
 
@@ -96,10 +100,13 @@ def build_strategy(fed: FederatedConfig, lr: float) -> FedAvg:
 
 def strategy_state(strategy: FedAvg) -> dict[str, torch.Tensor]:
     """Every array-valued attribute of a Flower strategy (FedOpt's m_t/v_t and
-    current arrays, FedAvgM's momentum), found generically so that a strategy
-    added later is checkpointed too."""
+    current arrays, FedAvgM's momentum, SCAFFOLD's control), found generically so
+    that a strategy added later is checkpointed too. Private attributes (`_name`) are
+    a round's scratch, set again by the next `configure_train`, and are left out."""
     out: dict[str, torch.Tensor] = {}
     for attr, v in vars(strategy).items():
+        if attr.startswith("_"):
+            continue
         if isinstance(v, ArrayRecord):
             out |= {f"{attr}|rec|{k}": torch.from_numpy(np.array(a.numpy())) for k, a in v.items()}
         elif isinstance(v, dict) and v and all(isinstance(x, np.ndarray) for x in v.values()):
@@ -275,8 +282,9 @@ def _send(
             "bytes": message_bytes(r), "payload_bytes": message_payload_bytes(r),
             "error": r.error.reason if r.has_error() else "",
         })  # fmt: skip
-        if r.has_content() and "arrays" in r.content:
-            r.content["arrays"] = decode_record(arrays_of(r), transport)
+        if r.has_content() and "arrays" in r.content:  # a trained state (and SCAFFOLD's control)
+            for key in list(r.content.array_records):
+                r.content[key] = decode_record(arrays_of(r, key), transport)
     if timing is not None:
         timing |= {"push": got.pushed, "replies": arrived}
     return replies
@@ -299,12 +307,19 @@ def _record_failures(record: dict[str, Any], key: str, replies: list[Message],
     return failed
 
 
-def _set_payload(messages: list[Message], arrays: ArrayRecord, transport: str) -> None:
-    """Put the global state, encoded once in the transport type, into every message
-    (Flower's strategies may share one content record among the messages)."""
+def _set_payload(messages: list[Message], arrays: ArrayRecord, transport: str,
+                 extra: dict[str, ArrayRecord] | None = None) -> None:  # fmt: skip
+    """Put the global state (and `extra` states of the same layout: SCAFFOLD's control),
+    encoded once in the transport type, into every message (Flower's strategies may
+    share one content record among the messages)."""
     wire, layout = pack_record(encode_state(decode_state(arrays), transport))
+    others = {k: pack_record(encode_state(decode_state(r), transport))
+              for k, r in (extra or {}).items()}  # fmt: skip
+    assert all(lay == layout for _, lay in others.values()), "extra states share the layout"
     for m in messages:
         m.content["arrays"] = wire
+        for key, (packed, _) in others.items():
+            m.content[key] = packed
         m.content.config_records["config"][LAYOUT] = layout
         m.content.config_records["config"]["transport"] = transport
         m.content.config_records["config"][VERSION_KEY] = fedtune.__version__
@@ -370,7 +385,8 @@ def run_server(
         train_msgs = list(strategy.configure_train(rnd, arrays, ConfigRecord(), grid))
         for msg in train_msgs:  # a site's share of a global objective (features: L2 weight)
             msg.content.config_records["config"]["sites-in-round"] = len(train_msgs)
-        _set_payload(train_msgs, arrays, fed.transport)
+        _set_payload(train_msgs, arrays, fed.transport,
+                     strategy.train_payload() if isinstance(strategy, Scaffold) else None)
         # Where a round's time goes: the exchange (push, the sites' work, replies as
         # they came) and the server's own work (validation).
         timing: dict[str, Any] = {}
