@@ -303,10 +303,7 @@ def site_train(msg: Message, context: Context) -> Message:
     global_state = decode_state(arrays_of(msg), transport)
     model.load_trainable_state(global_state)
     controls = None
-    if CONTROL in msg.content.array_records:  # SCAFFOLD: (c, c_i)
-        if isinstance(model, Features):
-            raise ConfigError("federated.strategy = 'scaffold' corrects gradient steps; "
-                              "features trains by L-BFGS: use fedavg or fedprox")  # fmt: skip
+    if CONTROL in msg.content.array_records:  # SCAFFOLD (build_strategy refused frozen methods)
         controls = site_controls(decode_state(arrays_of(msg, CONTROL), transport), context.state)
     if isinstance(model, Features):
         sites = int(conf.get("sites-in-round", 1))

@@ -98,7 +98,7 @@ def run_regimes(
     methods = methods or [cfg.method_name]
     method_cfgs = method_configs(cfg, methods, method_overrides)
     _epochs_budget(cfg.federated)
-    build_strategy(cfg.federated, cfg.method.lr)
+    build_strategy(cfg.federated, cfg.method.lr, cfg.method_name)
     splits = make_splits(cfg.data)
     partition = partition_examples(splits.train, splits.labels, cfg.federated, cfg.seed)
     pooled = Splits(partition.pooled_train, splits.validation, splits.test, splits.labels,

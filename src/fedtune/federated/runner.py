@@ -35,7 +35,6 @@ from fedtune.federated.server import (
     run_server,
 )
 from fedtune.federated.wire import recorddict_bytes, recorddict_from_bytes
-from fedtune.methods import is_frozen
 from fedtune.runs import (
     CONFIG_FILE,
     LABELS_FILE,
@@ -101,10 +100,7 @@ def run_federated(
     else:
         out = final_run_dir(cfg) if write else None
     # Everything a user can get wrong is checked before anything is written.
-    build_strategy(cfg.federated, cfg.method.lr)
-    if cfg.federated.strategy == "scaffold" and is_frozen(cfg.method_name):
-        raise ConfigError(f"federated.strategy = 'scaffold' corrects gradient steps; method "
-                          f"{cfg.method_name} has none: use fedavg or fedprox")  # fmt: skip
+    build_strategy(cfg.federated, cfg.method.lr, cfg.method_name)
     ws = workspace(cfg, splits)
     sites = ws.partition.sites
     names = [s.name for s in sites] or own_site_names(cfg)

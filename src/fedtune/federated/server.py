@@ -49,6 +49,7 @@ from fedtune.federated.wire import (
     metrics_of,
     pack_record,
 )
+from fedtune.methods import is_frozen
 from fedtune.runs import METRICS_FILE, MODEL_DIR, append_jsonl
 
 log = logging.getLogger("fedtune.federated")
@@ -57,8 +58,9 @@ CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "state.json"
 
 
-def build_strategy(fed: FederatedConfig, lr: float) -> FedAvg:
-    """Flower's strategy for `fed.strategy`, configured from the run config."""
+def build_strategy(fed: FederatedConfig, lr: float, method: str = "") -> FedAvg:
+    """Flower's strategy for `fed.strategy`, configured from the run config (`method`:
+    the run's method, checked against strategies that need gradient steps)."""
     # Flower logs each sampling/aggregation step (and a warning when federated
     # evaluation is off, which is the shared-validation setup); fedtune prints
     # one line per round instead.
@@ -91,6 +93,9 @@ def build_strategy(fed: FederatedConfig, lr: float) -> FedAvg:
         return FedAvgM(**common, server_learning_rate=fed.server_lr or 1.0,
                        server_momentum=fed.server_momentum)  # fmt: skip
     if fed.strategy == "scaffold":
+        if method and is_frozen(method):
+            raise ConfigError(f"federated.strategy = 'scaffold' corrects gradient steps; method "
+                              f"{method} has none: use fedavg or fedprox")  # fmt: skip
         return Scaffold(**common, server_lr=fed.server_lr or 1.0)
     raise ConfigError(f"unknown federated.strategy {fed.strategy!r}")  # pragma: no cover
 
@@ -341,7 +346,7 @@ def run_server(
     fed = cfg.federated
     ws = workspace(cfg)
     model = ws.model
-    strategy = build_strategy(fed, cfg.method.lr)
+    strategy = build_strategy(fed, cfg.method.lr, cfg.method_name)
     has_val = bool(ws.splits.validation)
     state = FederationState()
     # Flower's strategies sample sites with the global `random` module: seed it, so
