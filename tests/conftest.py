@@ -31,6 +31,14 @@ TEXTS = [
 Y = [2, 0, 1, 0, 2, 1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """fedtune's cache (embeddings, labelled bases of saved adapters) in a temporary
+    folder, never the user's ~/.cache/fedtune; tests that need their own set it."""
+    if "FEDTUNE_CACHE_DIR" not in os.environ:
+        os.environ["FEDTUNE_CACHE_DIR"] = str(tmp_path_factory.mktemp("fedtune-cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("tiny")

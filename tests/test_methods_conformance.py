@@ -147,3 +147,35 @@ def test_mean_pooling_is_kept_through_save_and_load(
     if method in ("head", "full", "lora", "ia3"):  # prompt-learning adapters load frozen
         again = AdaptedModel.load(tmp_path / "model", trainable=True)
         np.testing.assert_allclose(again.predict_scores(TEXTS), scores, rtol=0, atol=1e-5)
+
+
+def test_prefix_reaches_the_encoder_attention(tiny_models: dict[str, str]) -> None:
+    """Changing the prefixes changes the encoder's output: they reach its attention
+    (transformers 5.24 renamed the argument that carries them; fedtune passes them
+    under the new name), they are not silently dropped."""
+    model = _build(tiny_models["bert"], "prefix")
+    before = model.predict_scores(TEXTS)
+    tables = [
+        p for n, p in model.module.named_parameters() if p.requires_grad and "prompt_encoder" in n
+    ]
+    assert tables, "no prefix table found"
+    with torch.no_grad():
+        for p in tables:
+            p.add_(torch.randn_like(p))
+    assert not np.allclose(model.predict_scores(TEXTS), before, atol=1e-4)
+
+
+def test_prefix_on_an_encoder_without_a_cache_is_refused() -> None:
+    """MPNet's attention takes no key/value cache: one clear error naming the methods
+    that work, not PEFT's ValueError from the first forward pass."""
+    from transformers import MPNetConfig, MPNetForSequenceClassification
+
+    from fedtune.methods import build_method
+
+    cfg = MPNetConfig(
+        vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, num_labels=3,
+    )  # fmt: skip
+    mpnet = MPNetForSequenceClassification(cfg)
+    with pytest.raises(ModelError, match=r"MPNetForSequenceClassification has none.*ptuning"):
+        build_method(method_config("prefix")).apply(mpnet, "encoder")

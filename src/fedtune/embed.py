@@ -17,7 +17,6 @@ comparison then skip encoding entirely.
 from __future__ import annotations
 
 import hashlib
-import os
 import sqlite3
 import time
 from dataclasses import dataclass, field
@@ -28,15 +27,14 @@ import numpy as np
 import torch
 
 from fedtune.errors import ModelError
-from fedtune.models import resolve_model_name
+from fedtune.models import cache_root, resolve_model_name
 
 CACHE_FORMAT = 1
 
 
 def cache_path() -> Path:
     """$FEDTUNE_CACHE_DIR/embeddings.sqlite, else ~/.cache/fedtune/embeddings.sqlite."""
-    root = os.environ.get("FEDTUNE_CACHE_DIR") or str(Path.home() / ".cache" / "fedtune")
-    return Path(root) / "embeddings.sqlite"
+    return cache_root() / "embeddings.sqlite"
 
 
 def _sha(text: str) -> str:

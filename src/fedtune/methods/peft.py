@@ -9,7 +9,9 @@ Encoders get PEFT's SEQ_CLS task (the classification head is trained too, as a
 
 from __future__ import annotations
 
+import inspect
 from abc import abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -22,7 +24,7 @@ from fedtune.config import MethodConfig
 from fedtune.errors import ModelError
 from fedtune.methods import register
 from fedtune.methods.base import BaseLoader, Method
-from fedtune.models import Kind, Pooling, set_pooling
+from fedtune.models import Kind, Pooling, labelled_base, set_pooling
 
 
 @dataclass(frozen=True)
@@ -125,7 +127,16 @@ class _PeftMethod(Method[PeftMethodConfig]):
 
     def save(self, module: nn.Module, directory: Path) -> None:
         assert isinstance(module, hf_peft.PeftModel)
-        module.save_pretrained(str(directory))
+        config = module.active_peft_config
+        original = config.base_model_name_or_path
+        if config.task_type == hf_peft.TaskType.SEQ_CLS:
+            # The base as a folder that carries the labels (models.labelled_base), so
+            # that plain AutoPeftModelForSequenceClassification gets the task's labels.
+            config.base_model_name_or_path = str(labelled_base(module.get_base_model()))
+        try:
+            module.save_pretrained(str(directory))
+        finally:
+            config.base_model_name_or_path = original
 
     def load(self, directory: Path, kind: Kind, base: BaseLoader, trainable: bool) -> nn.Module:
         if trainable and self.name in ("ptuning", "prompt", "prefix"):
@@ -199,11 +210,62 @@ class PromptMethod(_PeftMethod):
         )
 
 
+def _params(fn: Callable[..., Any]) -> dict[str, inspect.Parameter]:
+    return dict(inspect.signature(fn).parameters)
+
+
+def _prefix_ready_encoder(model: PreTrainedModel) -> PreTrainedModel:
+    """Let PEFT's prefix tuning reach an encoder's key/value cache.
+
+    PEFT (<= 0.21.2) passes the prefixes as `past_key_values=` and first checks
+    that name in the signature of the model's `forward`, then of its backbone's
+    (BertModel), raising "Model does not support past key values" otherwise.
+    transformers 5.24 renamed that argument `cache` in 323 model files (the old name
+    still works through a deprecation shim), so the check fails although the model
+    still takes the prefixes: BERT's attention concatenates them with its keys and
+    values exactly as before. Here the model gets a `forward` that declares the old
+    name and hands the prefixes on as `cache` through the head's `**kwargs` (the
+    head passes them to the backbone). Nothing changes on older transformers, and
+    no weight changes: a saved adapter is the same file either way.
+
+    Encoders whose attention takes no cache at all (MPNet, DistilBERT…) cannot
+    carry prefixes: refused here with the methods that do work."""
+    backbone_params: dict[str, inspect.Parameter] = _params(model.base_model.forward)
+    if "past_key_values" in _params(model.forward) or "past_key_values" in backbone_params:
+        return model  # transformers < 5.24: PEFT finds the old name itself
+    head_params = _params(model.forward)
+    passes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in head_params.values())
+    if "cache" not in backbone_params or not passes_kwargs:
+        raise ModelError(
+            f"prefix tuning needs an encoder whose attention layers take a key/value cache "
+            f"(BERT, RoBERTa, ELECTRA…); {type(model).__name__} has none. Use `ptuning` or "
+            "`prompt` (virtual tokens in the input) or `lora` with this model."
+        )
+    if getattr(model, "_fedtune_prefix_forward", False):  # idempotent
+        return model
+    forward = model.forward
+
+    def forward_with_prefixes(*args: Any, past_key_values: Any = None, **kwargs: Any) -> Any:
+        if past_key_values is not None:
+            kwargs["cache"] = past_key_values
+        return forward(*args, **kwargs)
+
+    # An instance attribute, so that nn.Module.__call__ and PEFT's signature check
+    # both see it; the class and every other model are untouched.
+    model.forward = forward_with_prefixes  # type: ignore[method-assign]
+    model._fedtune_prefix_forward = True  # type: ignore[assignment]
+    return model
+
+
 @register
 class PrefixMethod(_PeftMethod):
     name = "prefix"
     description = "Prefix tuning: trainable key/value prefixes in every attention layer (PEFT)."
     config_class = PrefixConfig
+
+    def pooled(self, model: PreTrainedModel, kind: Kind) -> PreTrainedModel:
+        model = super().pooled(model, kind)
+        return _prefix_ready_encoder(model) if kind == "encoder" else model
 
     def peft_config(self, model: PreTrainedModel, kind: Kind) -> hf_peft.PeftConfig:
         c = self.config
