@@ -409,14 +409,14 @@ creation to the last optimizer step; model loading and tokenization are excluded
 counts the examples actually trained on. Contenders run interleaved, the starting one
 rotating each round; the table gives medians.
 
-- `fedtune train()`: its default length bucketing (`bucket_size` {TrainConfig().bucket_size}),
+- `fedtune.train.train()`: its default length bucketing (`bucket_size` {TrainConfig().bucket_size}),
   torch AdamW, gradient clipping at 1.0, warmup + linear decay.
 - plain PyTorch loop: `randperm` batches padded per batch by the tokenizer, torch AdamW,
   the same warmup + linear decay, no clipping (the ~25-line `plain_loop` in the script).
 - HF Trainer: `transformers.Trainer` defaults (random sampler, `adamw_torch_fused`,
   clipping at 1.0), `DataCollatorWithPadding`, the same schedule; the timed
   `trainer.train()` call includes its own dataloader and optimizer setup.
-- fedtune, no bucketing: `fedtune train()` with `bucket_size` 1 (random batches padded
+- fedtune, no bucketing: `fedtune.train.train()` with `bucket_size` 1 (random batches padded
   per batch, as the plain loop's): the loop's own cost without the bucketing speed-up.
 """
 

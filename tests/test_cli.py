@@ -101,6 +101,19 @@ def test_config_prints_valid_toml() -> None:
     assert data["method"]["name"] == "ptuning" and "num_virtual_tokens" in data["method"]
 
 
+def test_train_takes_its_config_as_an_argument_or_an_option(tmp_path: Path) -> None:
+    """`fedtune train CONFIG` like `federate` and `compare`; --config still works;
+    both at once is an error that names both, and nothing is written."""
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('name = "x"\n[method]\nname = "lora"\n')
+    other = tmp_path / "other.toml"
+    other.write_text('name = "y"\n')
+    result = runner.invoke(app, ["train", str(cfg), "--config", str(other)])
+    assert result.exit_code == 2
+    assert "run.toml" in result.output and "other.toml" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.toml", "run.toml"]
+
+
 @pytest.mark.parametrize("family", ["bert", "gpt2"])
 def test_train_then_predict(
     tiny_models: dict[str, str], table: Path, tmp_path: Path, family: str

@@ -99,6 +99,10 @@ def run_cmd(
 
 @app.command("train")
 def train_cmd(
+    config_file: Annotated[
+        Path | None,
+        typer.Argument(metavar="[CONFIG]", help="TOML run config to start from (optional)."),
+    ] = None,
     method: Annotated[
         str | None, typer.Option(help="head, full, lora, ptuning, prompt, prefix, ia3")
     ] = None,
@@ -125,7 +129,13 @@ def train_cmd(
     config: Annotated[Path | None, typer.Option(help="TOML config to start from.")] = None,
     set_: SetOpt = None,
 ) -> None:
-    """Adapt a model on one machine (centralized) and save the run directory."""
+    """Adapt a model on one machine (centralized) and save the run directory: from
+    CONFIG.toml when given (like `federate` and `compare`), else from the defaults,
+    with the options and --set overrides on top."""
+    if config_file is not None and config is not None:
+        _fail(ConfigError(f"two configs given, {config_file} and --config {config}; "
+                          "pass one (the positional CONFIG or --config)"))  # fmt: skip
+    config = config_file if config_file is not None else config
     flags = {
         "data.source": data, "data.path": data_path, "data.agreement": agreement,
         "data.split": split, "data.text_column": text_column,

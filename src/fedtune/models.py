@@ -99,7 +99,8 @@ def labelled_base(model: PreTrainedModel) -> Path:
             "to record its labels next to a saved adapter; save the model with method `full`"
         )
     real = [w.resolve() for w in weights]
-    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    id2label: dict[Any, Any] = dict(model.config.id2label or {})
+    labels = [str(id2label[i]) for i in sorted(id2label, key=int)]
     key = hashlib.sha256(
         json.dumps([[str(r), r.stat().st_size] for r in real] + [labels]).encode()
     ).hexdigest()[:16]

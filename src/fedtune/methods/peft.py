@@ -132,7 +132,9 @@ class _PeftMethod(Method[PeftMethodConfig]):
         if config.task_type == hf_peft.TaskType.SEQ_CLS:
             # The base as a folder that carries the labels (models.labelled_base), so
             # that plain AutoPeftModelForSequenceClassification gets the task's labels.
-            config.base_model_name_or_path = str(labelled_base(module.get_base_model()))
+            base = module.get_base_model()
+            assert isinstance(base, PreTrainedModel)
+            config.base_model_name_or_path = str(labelled_base(base))
         try:
             module.save_pretrained(str(directory))
         finally:
@@ -252,7 +254,7 @@ def _prefix_ready_encoder(model: PreTrainedModel) -> PreTrainedModel:
 
     # An instance attribute, so that nn.Module.__call__ and PEFT's signature check
     # both see it; the class and every other model are untouched.
-    model.forward = forward_with_prefixes  # type: ignore[method-assign]
+    model.forward = forward_with_prefixes
     model._fedtune_prefix_forward = True  # type: ignore[assignment]
     return model
 
