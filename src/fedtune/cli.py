@@ -89,6 +89,50 @@ def methods_cmd() -> None:
     console.print(table)
 
 
+models_app = typer.Typer(
+    help="The model catalog: named pretrained models that install offline from PyPI.",
+    invoke_without_command=True,
+)
+app.add_typer(models_app, name="models")
+
+
+@models_app.callback()
+def models_cmd(ctx: typer.Context) -> None:
+    """List the catalog: `--model NAME` takes any of these (and any Hub id, local
+    folder or .gguf file)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from fedtune.catalog import CATALOG
+
+    table = Table("name", "model", "kind", "params", "licence", "download", "cache",
+                  "installed", "how to get it")  # fmt: skip
+    for entry in CATALOG.values():
+        get = "ships with fedtune" if not entry.packages else f"fedtune models install {entry.name}"
+        table.add_row(
+            entry.name, entry.model, entry.kind, f"{entry.parameters:.1f}M", entry.licence,
+            f"{entry.download_mb} MB", f"{entry.cached_mb} MB" if entry.cached_mb else "-",
+            "yes" if entry.installed() else "no", get,
+        )  # fmt: skip
+    console.print(table)
+    console.print("Notes: " + "; ".join(f"{e.name}: {e.notes}" for e in CATALOG.values()),
+                  highlight=False)  # fmt: skip
+
+
+@models_app.command("install")
+def models_install_cmd(
+    name: Annotated[str, typer.Argument(help="A catalog name (see `fedtune models`).")],
+) -> None:
+    """pip-install a catalog model's packages into this environment, at their pinned
+    versions and sha256 hashes, without their declared dependencies (not needed for
+    the model files)."""
+    from fedtune.catalog import install
+
+    try:
+        install(name)
+    except FedtuneError as e:
+        _fail(e)
+
+
 @app.command("run")
 def run_cmd(
     config: Annotated[Path, typer.Argument(help="TOML run config.")], set_: SetOpt = None
@@ -106,7 +150,10 @@ def train_cmd(
     method: Annotated[
         str | None, typer.Option(help="head, full, lora, ptuning, prompt, prefix, ia3")
     ] = None,
-    model: Annotated[str | None, typer.Option(help="Hub id, local dir or `minilm`.")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help="Catalog name (`fedtune models`), Hub id, local folder or .gguf file."),
+    ] = None,
     data: Annotated[str | None, typer.Option(help="fpb, file or hf.")] = None,
     data_path: Annotated[str | None, typer.Option(help="FPB txt/zip/dir or data table.")] = None,
     agreement: Annotated[str | None, typer.Option(help="FPB agreement: 50, 66, 75, all.")] = None,

