@@ -168,14 +168,34 @@ def test_prefix_reaches_the_encoder_attention(tiny_models: dict[str, str]) -> No
 def test_prefix_on_an_encoder_without_a_cache_is_refused() -> None:
     """MPNet's attention takes no key/value cache: one clear error naming the methods
     that work, not PEFT's ValueError from the first forward pass."""
-    from transformers import MPNetConfig, MPNetForSequenceClassification
-
     from fedtune.methods import build_method
+
+    mpnet = _tiny_mpnet()
+    with pytest.raises(ModelError, match=r"MPNetForSequenceClassification has none.*ptuning"):
+        build_method(method_config("prefix")).apply(mpnet, "encoder")
+
+
+def _tiny_mpnet() -> object:
+    from transformers import MPNetConfig, MPNetForSequenceClassification
 
     cfg = MPNetConfig(
         vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
         intermediate_size=64, num_labels=3,
     )  # fmt: skip
-    mpnet = MPNetForSequenceClassification(cfg)
-    with pytest.raises(ModelError, match=r"MPNetForSequenceClassification has none.*ptuning"):
-        build_method(method_config("prefix")).apply(mpnet, "encoder")
+    return MPNetForSequenceClassification(cfg)
+
+
+@pytest.mark.parametrize(("method", "overrides"), [("ia3", {}), ("lora", {"target_modules": []})])
+def test_default_targets_for_a_model_type_peft_has_none_for(method: str, overrides: dict) -> None:
+    """PEFT has no IA3/LoRA defaults for MPNet (a catalog model); fedtune's follow
+    PEFT's BERT pattern, and a type nobody has defaults for is refused with the
+    model's own linear layer names."""
+    from fedtune.methods import build_method
+
+    module = build_method(method_config(method, overrides)).apply(_tiny_mpnet(), "encoder")
+    trainable = [n for n, p in module.named_parameters() if p.requires_grad]
+    assert any(".attn.v." in n and method in n for n in trainable), trainable
+    unknown = _tiny_mpnet()
+    unknown.config.model_type = "no-such-type"  # type: ignore[attr-defined]
+    with pytest.raises(ModelError, match=r"no default target modules.*attn\.k.*output\.dense"):
+        build_method(method_config(method, overrides)).apply(unknown, "encoder")

@@ -17,6 +17,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import peft as hf_peft
+from peft.utils.constants import (
+    TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
+    TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
+)
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -111,6 +115,28 @@ def _targets(names: tuple[str, ...]) -> Any:
     return list(names) or None
 
 
+# PEFT's default target modules per model type (peft.utils.constants) lack some
+# encoders fedtune's catalog has; fedtune's follow PEFT's pattern for BERT (LoRA: the
+# attention's query/value; IA3: keys, values and the feed-forward output).
+_LORA_DEFAULTS = {"mpnet": ["attn.q", "attn.v"]}
+_IA3_DEFAULTS = {"mpnet": (["attn.k", "attn.v", "output.dense"], ["output.dense"])}
+
+
+def _default_targets(model: PreTrainedModel, method: str, peft_defaults: dict[str, Any]) -> None:
+    """Refuse, with the choices, a model type that neither PEFT nor fedtune has
+    defaults for (PEFT's own error names no module)."""
+    model_type = model.config.model_type
+    if model_type in peft_defaults:
+        return
+    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    names = sorted({".".join(n.split(".")[-2:]) for n in linear})
+    raise ModelError(
+        f"{method}: PEFT has no default target modules for model type {model_type!r}; set "
+        f"method.target_modules, e.g. --set 'method.target_modules=[...]' with names from "
+        f"this model's linear layers: {', '.join(names)}"
+    )
+
+
 class _PeftMethod(Method[PeftMethodConfig]):
     """Shared by every PEFT method: only `peft_config` differs."""
 
@@ -163,11 +189,16 @@ class LoraMethod(_PeftMethod):
     def peft_config(self, model: PreTrainedModel, kind: Kind) -> hf_peft.PeftConfig:
         c = self.config
         assert isinstance(c, LoraConfig)
+        targets = _targets(c.target_modules)
+        if targets is None:
+            targets = _LORA_DEFAULTS.get(model.config.model_type)
+        if targets is None:
+            _default_targets(model, "lora", TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING)
         return hf_peft.LoraConfig(
             r=c.r,
             lora_alpha=c.alpha,
             lora_dropout=c.dropout,
-            target_modules=_targets(c.target_modules),
+            target_modules=targets,
             **_common(c, kind),
         )
 
@@ -291,8 +322,13 @@ class IA3Method(_PeftMethod):
     def peft_config(self, model: PreTrainedModel, kind: Kind) -> hf_peft.PeftConfig:
         c = self.config
         assert isinstance(c, IA3Config)
+        targets, feedforward = _targets(c.target_modules), _targets(c.feedforward_modules)
+        if targets is None and model.config.model_type in _IA3_DEFAULTS:
+            targets, feedforward = _IA3_DEFAULTS[model.config.model_type]
+        elif targets is None:
+            _default_targets(model, "ia3", TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING)
         return hf_peft.IA3Config(
-            target_modules=_targets(c.target_modules),
-            feedforward_modules=_targets(c.feedforward_modules),
+            target_modules=targets,
+            feedforward_modules=feedforward,
             **_common(c, kind),
         )
