@@ -4,6 +4,7 @@ from it — exactly what is installed."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 import sys
 import tomllib
@@ -59,13 +60,26 @@ def test_the_lock_is_inside_pyproject_ranges() -> None:
         )
 
 
+MARKER = Path(sys.prefix) / ".fedtune-installed"
+
+
 @pytest.mark.skipif(
-    not (Path(sys.prefix) / ".fedtune-installed").is_file(),
-    reason="not the virtualenv that scripts/bootstrap.sh built from the lock",
+    not MARKER.is_file(), reason="not the virtualenv that scripts/bootstrap.sh built from the lock"
 )
-def test_installed_versions_are_the_locked_ones() -> None:
+def test_installed_versions_are_exactly_the_locked_ones() -> None:
+    """Every locked package at its version, the environment built from the files as
+    they are now (the bootstrap's marker), and nothing else installed but fedtune and
+    catalog models (`fedtune models install`)."""
+    from importlib.metadata import distributions
+
+    from fedtune.catalog import CATALOG
+
+    files = [LOCK, ROOT / "pyproject.toml", ROOT / "scripts" / "bootstrap.sh"]
+    want = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:16]
+    assert MARKER.read_text().strip() == want, "the environment is stale: run scripts/test"
+    pins = locked()
     wrong = {}
-    for name, pinned in locked().items():
+    for name, pinned in pins.items():
         try:
             installed = version(name)
         except PackageNotFoundError:
@@ -73,3 +87,7 @@ def test_installed_versions_are_the_locked_ones() -> None:
         if installed != pinned:
             wrong[name] = f"locked {pinned}, installed {installed}"
     assert not wrong, wrong
+    allowed = set(pins) | {"fedtune"}
+    allowed |= {canonicalize_name(p.name) for e in CATALOG.values() for p in e.packages}
+    extra = sorted({canonicalize_name(d.metadata["Name"]) for d in distributions()} - allowed)
+    assert not extra, f"installed but not locked: {extra}"
