@@ -179,3 +179,35 @@ def test_models_command_lists_the_catalog() -> None:
     assert result.exit_code == 0, result.output
     for name in ("minilm", "mpnet", "smollm2", "gemma3", "Gemma Terms of Use"):
         assert name in result.output
+
+
+def test_offline_hub_ids_stand_for_catalog_models_only_with_the_same_weights(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Offline, MiniLM's Hub id is the bundled copy (the same weights); SmolLM2's Hub
+    id is not its requantized GGUF copy, so it stays a Hub id (the user's HF cache)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert resolve_model_name("sentence-transformers/all-MiniLM-L6-v2") == resolve_model_name(
+        "minilm"
+    )
+    smol = catalog.CATALOG["smollm2"]
+    monkeypatch.setitem(catalog.CATALOG, "smollm2", dataclasses.replace(smol, packages=()))
+    assert resolve_model_name(smol.model) == smol.model
+
+
+def test_a_stale_cache_folder_is_replaced_and_a_complete_one_kept(tmp_path: Path) -> None:
+    from fedtune.models import staged_folder
+
+    target = tmp_path / "entry"
+    target.mkdir()
+    (target / "leftover.bin").write_text("half a folder, no marker")
+    with staged_folder(target, "done.json") as staging:
+        (staging / "done.json").write_text("{}")
+    assert sorted(p.name for p in target.iterdir()) == ["done.json"]
+    with staged_folder(target, "done.json") as staging:  # a race lost to a complete one
+        (staging / "other.json").write_text("{}")
+        (staging / "done.json").write_text("{}")
+    assert sorted(p.name for p in target.iterdir()) == ["done.json"]
+    with pytest.raises(RuntimeError), staged_folder(tmp_path / "failed", "done.json"):
+        raise RuntimeError("conversion failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["entry"]

@@ -154,12 +154,22 @@ def test_the_docs_have_commands_to_check() -> None:
 def _parse(argv: list[str]) -> click.Context:
     """What click does before calling the command: options, arguments and their
     types, with no command run."""
-    group = typer.main.get_command(cli.app)
-    assert isinstance(group, click.Group)
-    ctx = group.make_context("fedtune", list(argv))
-    name, cmd, rest = group.resolve_command(ctx, ctx.protected_args + ctx.args)
-    assert cmd is not None and name is not None
-    return cmd.make_context(name, rest, parent=ctx)
+    cmd = typer.main.get_command(cli.app)
+    ctx = cmd.make_context("fedtune", list(argv))
+    while isinstance(cmd, click.Group):  # down to the command (`models install`)
+        rest = ctx.protected_args + ctx.args
+        if not rest and cmd.invoke_without_command:
+            return ctx
+        name, sub, rest = cmd.resolve_command(ctx, rest)
+        assert sub is not None and name is not None
+        cmd, ctx = sub, sub.make_context(name, rest, parent=ctx)
+    if ctx.info_name == "install":
+        from fedtune.catalog import CATALOG
+
+        name = ctx.params["name"]
+        if name not in CATALOG and not re.fullmatch(r"[A-Z_]+", name):  # NAME: a synopsis
+            raise click.BadParameter(f"no catalog model {name!r}")
+    return ctx
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=[c.where for c in COMMANDS])

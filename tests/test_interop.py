@@ -156,3 +156,26 @@ def test_reload_for_training(tiny_models: dict[str, str], tmp_path: Path) -> Non
     prompt.save(tmp_path / "prompt")
     with pytest.raises(ModelError, match="loads for prediction only"):
         AdaptedModel.load(tmp_path / "prompt", trainable=True)
+
+
+def test_labelled_base_is_remade_when_its_links_dangle(
+    tiny_models: dict[str, str], tmp_path: Path
+) -> None:
+    """The labelled base links to the base's weights; when those move (a cleared
+    cache), the next save makes it again instead of naming a broken folder."""
+    import shutil
+
+    from fedtune.models import labelled_base
+
+    moved = tmp_path / "bert"
+    shutil.copytree(tiny_models["bert"], moved)
+    model = _trained(str(moved), "lora")
+    base = labelled_base(model.module.get_base_model())
+    assert (base / "model.safetensors").exists()
+    (base / "model.safetensors").unlink()
+    (base / "model.safetensors").symlink_to(tmp_path / "gone.safetensors")
+    again = labelled_base(model.module.get_base_model())
+    assert (
+        again == base
+        and (again / "model.safetensors").resolve() == (moved / "model.safetensors").resolve()
+    )

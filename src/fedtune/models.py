@@ -14,6 +14,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,15 +47,16 @@ _ENCODER_TYPES = {
 
 def resolve_model_name(name: str) -> str:
     """A catalog name (`minilm`, `mpnet`, `smollm2`, `gemma3`: fedtune.catalog) or a
-    `.gguf` file -> the transformers folder it stands for; offline, an installed
-    catalog model's Hub id too (`sentence-transformers/all-MiniLM-L6-v2`). Hub ids and
-    folders are returned unchanged."""
+    `.gguf` file -> the transformers folder it stands for; offline, the Hub id of an
+    installed catalog model whose packaged weights are the Hub's own
+    (`sentence-transformers/all-MiniLM-L6-v2`; not the requantized decoders, whose Hub
+    id means the original weights). Hub ids and folders are returned unchanged."""
     from fedtune import catalog
 
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
     if offline:
         for entry in catalog.CATALOG.values():
-            if name == entry.model and entry.installed():
+            if name == entry.model and entry.exact and entry.installed():
                 name = entry.name
     resolved = catalog.resolve(name)
     return name if resolved is None else resolved
@@ -103,25 +106,51 @@ def labelled_base(model: PreTrainedModel) -> Path:
         json.dumps([[str(r), r.stat().st_size] for r in real] + [labels]).encode()
     ).hexdigest()[:16]
     folder = cache_root() / "bases" / key
-    if (folder / "config.json").is_file():
+    if (folder / "config.json").is_file() and all(
+        (folder / w.name).exists() for w in weights  # links into a cache someone cleared
+    ):
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{key}."))
-    try:
-        model.config.save_pretrained(staging)
+    if folder.exists():  # its links point into a cache someone cleared: make it again
+        discard(folder)
+    with staged_folder(folder, "config.json") as staging:
         for original, target in zip(weights, real, strict=True):
             try:
                 (staging / original.name).symlink_to(target)
             except OSError:  # no symlinks here (some Windows setups): copy once
                 shutil.copy2(target, staging / original.name)
+        model.config.save_pretrained(staging)  # config.json last: the folder is complete
+    return folder
+
+
+@contextmanager
+def staged_folder(target: Path, marker: str) -> Iterator[Path]:
+    """Write a cache folder all or nothing: the block fills a hidden sibling, which
+    becomes `target` when the block ends without an error and is removed otherwise.
+    `marker` is the file the block writes last; a `target` without it (a folder half
+    deleted by hand, an older layout) is replaced, and a complete one that another
+    process renamed into place first is kept (it is the same)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        yield staging
+        os.chmod(staging, 0o755)  # mkdtemp's 0700 would hide a shared cache
         try:
-            staging.rename(folder)
-        except OSError:  # another process made it first: theirs is the same
-            if not (folder / "config.json").is_file():
-                raise
+            staging.rename(target)
+        except OSError:
+            if (target / marker).is_file():
+                return
+            discard(target)
+            staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return folder
+
+
+def discard(folder: Path) -> None:
+    """Remove a cache folder: first renamed aside (one step), so that no reader ever
+    sees it half deleted."""
+    aside = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.stale-"))
+    folder.rename(aside / "old")
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def load_config(name: str) -> PretrainedConfig:

@@ -10,6 +10,7 @@ Encoders get PEFT's SEQ_CLS task (the classification head is trained too, as a
 from __future__ import annotations
 
 import inspect
+import types
 from abc import abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +18,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import peft as hf_peft
+from peft.utils.constants import (
+    TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as PEFT_IA3_FEEDFORWARD,
+)
 from peft.utils.constants import (
     TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
     TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
@@ -149,7 +153,14 @@ class _PeftMethod(Method[PeftMethodConfig]):
         return set_pooling(model, self.config.pooling, kind)
 
     def apply(self, model: PreTrainedModel, kind: Kind) -> nn.Module:
-        return hf_peft.get_peft_model(self.pooled(model, kind), self.peft_config(model, kind))
+        config = self.peft_config(model, kind)
+        try:
+            return hf_peft.get_peft_model(self.pooled(model, kind), config)
+        except ValueError as e:  # PEFT's refusals of a config (module names, sizes)
+            raise ModelError(
+                f"{self.name} on {type(model).__name__}: PEFT refused the config ({e}); check "
+                f"the method's keys (`fedtune config --method {self.name}`)"
+            ) from e
 
     def save(self, module: nn.Module, directory: Path) -> None:
         assert isinstance(module, hf_peft.PeftModel)
@@ -274,20 +285,22 @@ def _prefix_ready_encoder(model: PreTrainedModel) -> PreTrainedModel:
             f"(BERT, RoBERTa, ELECTRA…); {type(model).__name__} has none. Use `ptuning` or "
             "`prompt` (virtual tokens in the input) or `lora` with this model."
         )
-    if getattr(model, "_fedtune_prefix_forward", False):  # idempotent
-        return model
-    forward = model.forward
-
-    def forward_with_prefixes(*args: Any, past_key_values: Any = None, **kwargs: Any) -> Any:
-        if past_key_values is not None:
-            kwargs["cache"] = past_key_values
-        return forward(*args, **kwargs)
-
-    # An instance attribute, so that nn.Module.__call__ and PEFT's signature check
-    # both see it; the class and every other model are untouched.
-    model.forward = forward_with_prefixes
-    model._fedtune_prefix_forward = True  # type: ignore[assignment]
+    # Bound to this model as a method (not a closure over its forward), so that
+    # copy.deepcopy gives a copy that runs its own weights (pickling the whole module
+    # does not carry it: save state dicts, as fedtune does); an instance
+    # attribute, so that nn.Module.__call__ and PEFT's signature check both see it
+    # while the class and every other model stay as they are.
+    model.forward = types.MethodType(_forward_with_prefixes, model)
     return model
+
+
+def _forward_with_prefixes(
+    self: nn.Module, *args: Any, past_key_values: Any = None, **kwargs: Any
+) -> Any:
+    """The model class's own forward, with PEFT's prefixes passed as `cache`."""
+    if past_key_values is not None:
+        kwargs["cache"] = past_key_values
+    return type(self).forward(self, *args, **kwargs)
 
 
 @register
@@ -323,10 +336,16 @@ class IA3Method(_PeftMethod):
         c = self.config
         assert isinstance(c, IA3Config)
         targets, feedforward = _targets(c.target_modules), _targets(c.feedforward_modules)
-        if targets is None and model.config.model_type in _IA3_DEFAULTS:
-            targets, feedforward = _IA3_DEFAULTS[model.config.model_type]
+        model_type = model.config.model_type
+        if targets is None and model_type in _IA3_DEFAULTS:
+            targets, feedforward = _IA3_DEFAULTS[model_type]
         elif targets is None:
             _default_targets(model, "ia3", TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING)
+        elif feedforward is None and model_type not in PEFT_IA3_FEEDFORWARD:
+            # PEFT wants the feed-forward subset named for types it has no table for:
+            # fedtune's defaults that were chosen, else none (all scaled on the output).
+            ff_defaults = _IA3_DEFAULTS.get(model_type, ([], []))[1]
+            feedforward = [m for m in ff_defaults if m in targets]
         return hf_peft.IA3Config(
             target_modules=targets,
             feedforward_modules=feedforward,
