@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
+from fedtune.atomic import write_json_atomic
 from fedtune.errors import ModelError
 from fedtune.models import Kind, cache_root, staged_folder
 
@@ -300,7 +300,7 @@ def file_sha256(path: Path) -> str:
             digest.update(block)
     index[key] = digest.hexdigest()
     index_path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(index_path, json.dumps(index, indent=1, sort_keys=True))
+    write_json_atomic(index_path, index)
     return str(index[key])
 
 
@@ -358,16 +358,3 @@ def convert_gguf(path: Path, folder: Path, sha256: str) -> None:
             "seconds": round(time.perf_counter() - started, 1),
         }
         (staging / _GGUF_SOURCE).write_text(json.dumps(source, indent=2, sort_keys=True))
-
-
-# --- writing into the cache, all or nothing ------------------------------------
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)

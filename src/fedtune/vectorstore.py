@@ -29,6 +29,7 @@ import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
 
+from fedtune.atomic import umask, write_json_atomic
 from fedtune.errors import IndexStoreError
 
 if TYPE_CHECKING:
@@ -103,26 +104,6 @@ def _schema(dim: int) -> pa.Schema:
             pa.field("row", pa.int64()),
         ]
     )
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write via a temp file in the same directory + os.replace: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private (0600): as open() would
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _as_matrix(x: Any, what: str, dim: int | None) -> npt.NDArray[np.float32]:
@@ -226,11 +207,11 @@ class VectorStore:
             "count": 0,
         }
         staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.creating-"))
-        staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private (0700): as mkdir would
+        staging.chmod(0o777 & ~umask())  # mkdtemp makes it private (0700): as mkdir would
         try:
             db = _lancedb().connect(str(staging))
             db.create_table(cls.TABLE, schema=_schema(dim))
-            _write_json_atomic(staging / cls.META_FILE, meta)
+            write_json_atomic(staging / cls.META_FILE, meta)
             if path.is_dir():
                 # Move the old index (or empty folder) aside, put the new one in, then delete
                 # the old: at no point is there no index at `path` and a half-written one.
@@ -332,7 +313,7 @@ class VectorStore:
         self._table.add(data)
         self._snapshot = None  # the in-memory copy is stale now
         self._meta["count"] = self._table.count_rows()
-        _write_json_atomic(self.path / self.META_FILE, self._meta)
+        write_json_atomic(self.path / self.META_FILE, self._meta)
 
     # ---- reading ------------------------------------------------------------------------
 
