@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import LABELS, TEXTS, Y
+from torch import Tensor
 
 from fedtune.adapted import AdaptedModel
 from fedtune.classify import GenerativeClassifier, HeadClassifier
@@ -117,3 +118,50 @@ def test_scores_with_virtual_tokens_and_padding(
             logits = model.module(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
         logp = logits[0, -ids.shape[1] :][-1].log_softmax(-1)
         np.testing.assert_allclose(alone, [logp[t[0]].item() for t in form.label_ids], atol=1e-5)
+
+
+def _loss_grads_scores(
+    model: AdaptedModel, batch: dict[str, Tensor]
+) -> tuple[Tensor, list[Tensor], Tensor]:
+    model.module.zero_grad()
+    loss = model.formulation.loss(model.module, batch)
+    loss.backward()
+    grads = [p.grad.clone() for p in model.module.parameters() if p.grad is not None]
+    with torch.no_grad():
+        scores = model.formulation.scores(model.module, batch)
+    return loss.detach(), grads, scores
+
+
+@pytest.mark.parametrize("method", ["lora", "ptuning", "prefix", "ia3", "full"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2"])
+def test_lm_head_only_where_labels_are_scored(
+    tiny_models: dict[str, str], family: str, method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The LM head runs on the last positions only (`logits_to_keep`), and loss,
+    gradients and scores equal those from logits at every position."""
+    words = ("very bad news", "nothing new", "good profit growth")
+    for label_words in ((), words):
+        model = AdaptedModel.build(
+            ModelConfig(name=tiny_models[family], label_words=label_words),
+            method_config(method),
+            LABELS,
+        )
+        model.module.eval()
+        form = model.formulation
+        assert isinstance(form, GenerativeClassifier)
+        batch = form.collate(form.encode(TEXTS, Y))
+        rows: list[int] = []
+        hook = model.module.get_output_embeddings().register_forward_hook(
+            lambda m, i, o, seen=rows: seen.append(o.shape[-2])
+        )
+        loss, grads, scores = _loss_grads_scores(model, batch)
+        hook.remove()
+        assert max(rows) < batch["input_ids"].shape[1]  # the head saw fewer positions
+        monkeypatch.setattr("fedtune.classify._keeps_logits", lambda m: False)
+        ref_loss, ref_grads, ref_scores = _loss_grads_scores(model, batch)
+        monkeypatch.undo()
+        torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(scores, ref_scores, atol=1e-5, rtol=1e-5)
+        assert len(grads) == len(ref_grads) > 0
+        for g, r in zip(grads, ref_grads, strict=True):
+            torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)

@@ -26,6 +26,7 @@ from fedtune.methods.icl import (
     Variant,
     build_messages,
     build_prompt,
+    contextual_calibration,
     fit_to_budget,
     select_random,
     stratified_subset,
@@ -227,6 +228,98 @@ def test_zero_shot(tiny_models: dict[str, str]) -> None:
     prompt = f"{INSTRUCTION}\n\nSentence: {TEXTS[0]}\nSentiment:"
     np.testing.assert_allclose(scores[0], _hand_scores(path, prompt, LABELS, "\nSentiment:"),
                                atol=1e-4)  # fmt: skip
+
+
+def test_contextual_calibration_math() -> None:
+    """Zhao et al.: divide by the content-free label distribution, renormalise."""
+    scores = np.log(np.array([[0.2, 0.3, 0.1], [0.05, 0.05, 0.4]]))
+    prior = np.log(np.array([[0.6, 0.2, 0.2], [0.2, 0.6, 0.2]]))
+    out = contextual_calibration(scores, prior, [[0, 1], [0]])
+    p = np.exp(scores) / np.exp(scores).sum(-1, keepdims=True)
+    q0 = p[0] / np.array([0.4, 0.4, 0.2])  # mean of the two priors
+    q1 = p[1] / np.array([0.6, 0.2, 0.2])
+    np.testing.assert_allclose(np.exp(out[0]), q0 / q0.sum(), rtol=1e-6)
+    np.testing.assert_allclose(np.exp(out[1]), q1 / q1.sum(), rtol=1e-6)
+    # A prompt whose query is content-free itself comes out uniform.
+    np.testing.assert_allclose(np.exp(contextual_calibration(prior, prior, [[0], [1]])), 1 / 3)
+
+
+@pytest.mark.parametrize("shots", [0, 2])
+def test_calibrated_scores_divide_by_the_content_free_prior(
+    tiny_models: dict[str, str], shots: int
+) -> None:
+    path = tiny_models["llama"]
+    plain = make(path, shots=shots, seed=1).fit(TRAIN)
+    calibrated = make(path, shots=shots, seed=1, calibrate=True,
+                      content_free=("N/A", "")).fit(TRAIN)  # fmt: skip
+    texts = TEXTS[:3]
+    got = calibrated.predict_scores(texts)
+    raw = plain.predict_scores(texts)
+    for i, text in enumerate(texts):
+        pairs = plain._pairs(plain._demonstrations([text])[0])
+        priors = [
+            _hand_scores(path, build_prompt(plain.variant, pairs, c, LABELS), LABELS,
+                         "\nSentiment:")
+            for c in ("N/A", "")
+        ]  # fmt: skip
+        p = np.exp(raw[i] - np.logaddexp.reduce(raw[i]))
+        prior = np.mean([np.exp(x - np.logaddexp.reduce(x)) for x in priors], axis=0)
+        np.testing.assert_allclose(np.exp(got[i]), (p / prior) / (p / prior).sum(), atol=1e-4)
+    assert np.allclose(np.exp(got).sum(-1), 1.0, atol=1e-5)
+
+
+def test_calibration_refusals(tiny_models: dict[str, str]) -> None:
+    with pytest.raises(ConfigError, match="remote"):
+        remote("http://127.0.0.1:9/v1", calibrate=True)
+    with pytest.raises(ConfigError, match="content_free"):
+        make(tiny_models["gpt2"], calibrate=True, content_free=())
+
+
+def _with_chat_template(path: str, dest: Path) -> str:
+    """A copy of a tiny model whose tokenizer has a ChatML chat template."""
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    AutoModelForCausalLM.from_pretrained(path).save_pretrained(dest)
+    tok.save_pretrained(dest)
+    return str(dest)
+
+
+def test_chat_template_prompts(tiny_models: dict[str, str], tmp_path: Path) -> None:
+    """With a chat template the prompt is the rendered chat and the label word is
+    the assistant's first words; `chat = "off"` keeps the plain prompt."""
+    path = _with_chat_template(tiny_models["llama"], tmp_path / "chat")
+    # The tiny model's 128 positions hold no demonstrations and no instruction.
+    m = make(path, shots=0, instruction="")
+    assert m.uses_chat
+    text = TEXTS[5]
+    pairs: list[tuple[str, str]] = []
+    tok = AutoTokenizer.from_pretrained(path)
+    chat = tok.apply_chat_template(
+        build_messages(m.variant, pairs, text, LABELS), tokenize=False, add_generation_prompt=True
+    )
+    assert chat.endswith("Sentiment:<|im_end|>\n<|im_start|>assistant\n")
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    ids = tok(chat, add_special_tokens=False)["input_ids"]
+    tail = "<|im_start|>assistant\n"
+    expected = []
+    for word in LABELS:  # no space before the answer's first word
+        ctx = tok(tail, add_special_tokens=False)["input_ids"]
+        target = tok(tail + word, add_special_tokens=False)["input_ids"][len(ctx) :]
+        with torch.no_grad():
+            logp = model(torch.tensor([ids + target])).logits[0].log_softmax(-1)
+        expected.append(sum(float(logp[len(ids) - 1 + j, t]) for j, t in enumerate(target)))
+    np.testing.assert_allclose(m.predict_scores([text])[0], expected, atol=1e-4)
+    assert m.notes == []  # nothing cut to fit
+    off = make(path, shots=0, instruction="", chat="off")
+    assert not off.uses_chat
+    plain = build_prompt(off.variant, pairs, text, LABELS)
+    hand = _hand_scores(path, plain, LABELS, "\nSentiment:")
+    np.testing.assert_allclose(off.predict_scores([text])[0], hand, atol=1e-4)
+    with pytest.raises(ConfigError, match=r"no chat\s+template"):
+        _ = make(tiny_models["gpt2"], chat="on").uses_chat
 
 
 def test_shots_without_training_data_is_refused(tiny_models: dict[str, str]) -> None:

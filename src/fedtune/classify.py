@@ -14,6 +14,7 @@ It never knows which method adapted the model.
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -101,8 +102,16 @@ class GenerativeClassifier(Formulation):
         max_length: int,
         template: str,
         label_words: tuple[str, ...] = (),
+        word_prefix: str = " ",
+        add_special_tokens: bool = True,
     ):
+        """`word_prefix` goes between the template's end and the label word (a
+        space after "Sentiment:"; nothing after a chat template's assistant turn
+        opener). `add_special_tokens=False` for prompts that already hold them
+        (a rendered chat template starts with its own BOS)."""
         super().__init__(tokenizer, labels, max_length)
+        self.word_prefix = word_prefix
+        self.add_special_tokens = add_special_tokens
         if "{text}" not in template:
             raise ConfigError(f"model.template = {template!r} must contain {{text}}")
         words = label_words or labels
@@ -126,10 +135,10 @@ class GenerativeClassifier(Formulation):
         tok = self.tokenizer
         tail = self.template.split("{text}")[-1] or " "
         context = tok(tail, add_special_tokens=False)["input_ids"]
-        full = tok(tail + " " + word, add_special_tokens=False)["input_ids"]
+        full = tok(tail + self.word_prefix + word, add_special_tokens=False)["input_ids"]
         if full[: len(context)] == context and len(full) > len(context):
             return full[len(context) :]
-        return tok(" " + word, add_special_tokens=False)["input_ids"]
+        return tok(self.word_prefix + word, add_special_tokens=False)["input_ids"]
 
     def _prompt_ids(self, texts: list[str]) -> list[list[int]]:
         tok = self.tokenizer
@@ -141,7 +150,7 @@ class GenerativeClassifier(Formulation):
             for t, ids in zip(texts, text_ids, strict=True)
         ]
         prompts = [self.template.replace("{text}", t) for t in texts]
-        return tok(prompts)["input_ids"]
+        return tok(prompts, add_special_tokens=self.add_special_tokens)["input_ids"]
 
     def encode(self, texts: list[str], labels: list[int] | None = None) -> list[Feature]:
         feats = []
@@ -178,13 +187,32 @@ class GenerativeClassifier(Formulation):
         return batch
 
     @staticmethod
-    def _target_logprobs(model: nn.Module, ids: Tensor, mask: Tensor, tmask: Tensor) -> Tensor:
+    def _last_logits(model: nn.Module, ids: Tensor, mask: Tensor, first: int) -> Tensor:
+        """Next-token logits at positions first..T-1 of `ids` -> [B, T - first, V].
+
+        The LM head runs only there (transformers' `logits_to_keep`, the last
+        K positions): label tokens sit at the end of each prompt, so with length
+        bucketing K is a few positions, not T. On small LMs the head is a large
+        share of the compute (Gemma 3 270M: a 262k x 640 head, more multiply-adds per
+        token than its transformer layers) and of the memory ([B, T, V] logits).
+        Models whose forward has no `logits_to_keep` compute every position.
+        Prompt-learning methods prepend virtual tokens; the last T positions are the
+        real ones either way."""
+        width = ids.shape[1]
+        if _keeps_logits(model):
+            logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=width - first).logits
+            return logits[:, -(width - first) :]
+        return model(input_ids=ids, attention_mask=mask).logits[:, -width:][:, first:]
+
+    @classmethod
+    def _target_logprobs(cls, model: nn.Module, ids: Tensor, mask: Tensor, tmask: Tensor) -> Tensor:
         """log p(ids[:, t] | ids[:, :t]) at the label positions (tmask [B, T-1]) -> [N]."""
-        logits = model(input_ids=ids, attention_mask=mask).logits
-        # Prompt-learning methods prepend virtual tokens; the last T positions are
-        # the real ones. Only the N label positions get a softmax over the
-        # vocabulary ([N, V], not [B, T, V]: 150k-token vocabularies are large).
-        picked = logits[:, -ids.shape[1] :][:, :-1][tmask].float()
+        cols = tmask.any(0).nonzero()
+        first = int(cols[0]) if len(cols) else tmask.shape[1] - 1
+        logits = cls._last_logits(model, ids, mask, first)  # positions first..T-1
+        # Only the N label positions get a softmax over the vocabulary ([N, V], not
+        # [B, T, V]: 150k-token vocabularies are large).
+        picked = logits[:, :-1][tmask[:, first:]].float()
         return picked.log_softmax(-1).gather(-1, ids[:, 1:][tmask][:, None]).squeeze(-1)
 
     def _target_mask(self, batch: dict[str, Tensor]) -> Tensor:
@@ -202,8 +230,9 @@ class GenerativeClassifier(Formulation):
         ids, mask, plen = batch["input_ids"], batch["attention_mask"], batch["prompt_len"]
         rows = torch.arange(len(ids), device=ids.device)
         if self.single_token:
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, -ids.shape[1] :]
-            last = logits[rows, plen - 1].float().log_softmax(-1)  # [B, V] after the prompt
+            first = int(plen.min()) - 1
+            logits = self._last_logits(model, ids, mask, first)
+            last = logits[rows, plen - 1 - first].float().log_softmax(-1)  # [B, V] after the prompt
             scores = last[:, [ids_[0] for ids_ in self.label_ids]]  # [B, K]
         else:
             scores = torch.stack(
@@ -229,3 +258,15 @@ class GenerativeClassifier(Formulation):
         per_row = torch.zeros(tmask.shape, device=ids.device)
         per_row[tmask] = self._target_logprobs(model, kids, kmask, tmask)
         return per_row.sum(-1)
+
+
+def _keeps_logits(model: nn.Module) -> bool:
+    """Whether the causal LM under `model` (a PEFT wrapper or the model itself)
+    takes `logits_to_keep` (transformers' generative models do)."""
+    inner = model
+    while hasattr(inner, "get_base_model"):
+        base = inner.get_base_model()
+        if base is inner:
+            break
+        inner = base
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters

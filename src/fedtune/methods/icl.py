@@ -68,6 +68,8 @@ PROGRESS_MIN = 16
 """Remote: show a progress bar from this many requests on."""
 _PLACEHOLDER = re.compile(r"\{(\w*)\}")
 _NO_LIMIT = 1 << 60
+Renderer = Callable[[list[tuple[str, str]], str], str]
+"""(demonstration pairs, query text) -> the prompt."""
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,20 @@ class IclConfig(MethodConfig):
     """remote: answer length limit."""
     batch_size: int = 8
     """local: prompts scored per forward pass."""
+    chat: Literal["auto", "on", "off"] = "auto"
+    """local: render each prompt with the model's chat template (the instruction as
+    the system turn, demonstrations and query as the user turn, the label word
+    scored as the first words of the assistant's answer). `auto`: when the
+    tokenizer has a chat template (instruction-tuned models do); `off`: the plain
+    text prompt. The remote backend always chats."""
+    calibrate: bool = False
+    """local: contextual calibration (Zhao et al. 2021, "Calibrate Before Use"):
+    the same prompt with a content-free query (each of `content_free`) gives the
+    model's label prior for that prompt; each label's probability is divided by
+    it and renormalised over the labels. Costs one more forward pass per distinct
+    prompt and content-free input (zero-shot: one in all)."""
+    content_free: tuple[str, ...] = ("N/A", "", "[MASK]")
+    """calibrate: the content-free query texts whose label probabilities are averaged."""
 
 
 # --- prompts: pure functions ---------------------------------------------------------
@@ -220,6 +236,23 @@ def build_messages(
         {"role": "system", "content": system},
         {"role": "user", "content": variant.separator.join(parts)},
     ]
+
+
+def contextual_calibration(
+    scores: np.ndarray, prior: np.ndarray, rows: Sequence[Sequence[int]]
+) -> np.ndarray:
+    """Zhao et al. 2021: p(label | prompt) renormalised over the labels, divided by
+    the mean over content-free queries of the same, renormalised again. scores
+    [N, K] and prior [M, K] are label log-likelihoods; rows[i] the prior rows of
+    query i. Returns calibrated log-probabilities [N, K]."""
+    def normalise(x: np.ndarray) -> np.ndarray:
+        x = x.astype(np.float64)
+        return x - np.logaddexp.reduce(x, axis=-1, keepdims=True)
+
+    p_prior = np.exp(normalise(prior))
+    mean_prior = np.stack([p_prior[list(r)].mean(0) for r in rows])
+    out = normalise(normalise(scores) - np.log(np.maximum(mean_prior, 1e-30)))
+    return out.astype(np.float32)
 
 
 def query_seed(seed: int, text: str) -> list[int]:
@@ -389,6 +422,17 @@ class ICL(FrozenMethod[IclConfig]):
                 raise ConfigError(f"method.{key} = {value} must be >= {low}")
         if cfg.timeout <= 0:
             raise ConfigError(f"method.timeout = {cfg.timeout} must be > 0 seconds")
+        if cfg.calibrate and cfg.backend == "remote":
+            raise ConfigError(
+                'method.calibrate = true needs label probabilities, which the "remote" '
+                "backend (free-text answers) does not give; use the local backend or "
+                "set method.calibrate = false"
+            )
+        if cfg.calibrate and not cfg.content_free:
+            raise ConfigError(
+                'method.calibrate = true needs content-free query texts; set e.g. '
+                'method.content_free = ["N/A", "", "[MASK]"]'
+            )
         words = tuple(self.model_config.label_words) or self.labels
         if len(words) != len(self.labels):
             raise ConfigError(
@@ -415,7 +459,7 @@ class ICL(FrozenMethod[IclConfig]):
         self._lm: Any = None
         self._tokenizer: Any = None
         self._device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self._formulations: dict[str, GenerativeClassifier] = {}
+        self._formulations: dict[tuple[str, bool], GenerativeClassifier] = {}
         self._remote_tokenizer: Any = None
 
     # --- the demonstration pool -------------------------------------------------------
@@ -622,17 +666,55 @@ class ICL(FrozenMethod[IclConfig]):
         self._lm = model
         self._lm.to(self._device).eval()
 
-    def _formulation(self, variant: Variant) -> GenerativeClassifier:
+    @property
+    def uses_chat(self) -> bool:
+        """Whether local prompts go through the tokenizer's chat template."""
+        mode = self.config.chat
+        if mode == "off" or self.config.backend == "remote":
+            return False
         self._load_lm()
-        tail = variant.tail
-        if tail not in self._formulations:
-            # The whole prompt up to the end of the query text is the "text"; the
-            # template adds the query template's tail, after which the label word
-            # is scored. The budget is enforced here, so the text is never cut there.
-            self._formulations[tail] = GenerativeClassifier(
-                self._tokenizer, self.labels, _NO_LIMIT, "{text}" + tail, self.words
+        has = bool(getattr(self._tokenizer, "chat_template", None))
+        if mode == "on" and not has:
+            raise ConfigError(
+                f'method.chat = "on" but the tokenizer of {self.model_name!r} has no chat '
+                'template; set method.chat = "auto" or "off"'
             )
-        return self._formulations[tail]
+        return has
+
+    def _renderer(self, variant: Variant) -> tuple[Renderer, str]:
+        """(render(pairs, query) -> the whole local prompt, its tail): the tail is what
+        follows the query text; the label word is scored right after it."""
+        if not self.uses_chat:
+            return (lambda pairs, q: build_prompt(variant, pairs, q, self.words)), variant.tail
+        tok = self._tokenizer
+
+        def render(pairs: list[tuple[str, str]], query: str) -> str:
+            msgs = build_messages(variant, pairs, query, self.words)
+            return str(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
+
+        sentinel = "\x00fedtune-query\x00"
+        rendered = render([], sentinel)
+        if rendered.count(sentinel) != 1:
+            raise ModelError(
+                f"the chat template of {self.model_name!r} does not keep the query text as "
+                'given; set method.chat = "off"'
+            )
+        return render, rendered.split(sentinel, 1)[1]
+
+    def _formulation(self, variant: Variant, tail: str) -> GenerativeClassifier:
+        self._load_lm()
+        chat = self.uses_chat
+        if (tail, chat) not in self._formulations:
+            # The whole prompt up to the end of the query text is the "text"; the
+            # template adds the tail, after which the label word is scored (after a
+            # space in a plain prompt; as the assistant's first word in a chat). The
+            # budget is enforced here, so the text is never cut there. A rendered
+            # chat holds its own special tokens.
+            self._formulations[(tail, chat)] = GenerativeClassifier(
+                self._tokenizer, self.labels, _NO_LIMIT, "{text}" + tail, self.words,
+                word_prefix="" if chat else " ", add_special_tokens=not chat,
+            )  # fmt: skip
+        return self._formulations[(tail, chat)]
 
     def context_budget(self) -> int:
         """Tokens a prompt plus its answer may take."""
@@ -652,7 +734,8 @@ class ICL(FrozenMethod[IclConfig]):
     def _score_local(
         self, texts: list[str], demos: list[list[int]], variant: Variant, record: bool
     ) -> np.ndarray:
-        form = self._formulation(variant)
+        render, tail = self._renderer(variant)
+        form = self._formulation(variant, tail)
         tok = self._tokenizer
         total = self.context_budget()
         budget = total - max(len(ids) for ids in form.label_ids)
@@ -663,18 +746,34 @@ class ICL(FrozenMethod[IclConfig]):
         def cut(text: str, n: int) -> str:
             return str(tok.decode(tok(text, add_special_tokens=False)["input_ids"][:n]))
 
-        def render(pairs: list[tuple[str, str]], query: str) -> str:
-            return build_prompt(variant, pairs, query, self.words)
+        def head(pairs: list[tuple[str, str]], query: str) -> str:
+            prompt = render(pairs, query)
+            if not prompt.endswith(tail):
+                raise ModelError(
+                    f"the chat template of {self.model_name!r} changes the end of the "
+                    'query turn; set method.chat = "off"'
+                )
+            return prompt[: len(prompt) - len(tail)]
 
         fitted = self._fit_all(texts, demos, render, count, cut, budget, total, record)
-        tail = variant.tail
-        heads = []
-        for pairs, query in fitted:
-            prompt = render(pairs, query)
-            heads.append(prompt[: len(prompt) - len(tail)])
+        scores = self._score_heads(form, [head(pairs, query) for pairs, query in fitted])
+        if not self.config.calibrate:
+            return scores
+        # Contextual calibration: every distinct prompt with each content-free query
+        # instead of the real one (zero-shot or shared demonstrations: scored once).
+        distinct: dict[str, int] = {}
+        rows = [
+            [distinct.setdefault(head(pairs, c), len(distinct)) for c in self.config.content_free]
+            for pairs, _ in fitted
+        ]
+        prior = self._score_heads(form, list(distinct))
+        return contextual_calibration(scores, prior, rows)
+
+    def _score_heads(self, form: GenerativeClassifier, heads: list[str]) -> np.ndarray:
+        """Log-likelihood of each label word after each prompt head -> [N, K]."""
         feats = form.encode(heads)
         order = np.argsort([f["length"] for f in feats], kind="stable")  # less padding
-        scores = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
+        scores = np.zeros((len(heads), len(self.labels)), dtype=np.float32)
         bs = self.config.batch_size
         with torch.no_grad():
             for start in range(0, len(order), bs):
