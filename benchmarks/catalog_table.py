@@ -40,15 +40,17 @@ print(json.dumps({"bytes": payload_bytes(encode_state(adapted.trainable_state())
 """
 
 
-def train(name: str, out: Path, epochs: float, extra: list[str]) -> dict:
+def train(name: str, out: Path, epochs: float, limit: int, extra: list[str]) -> dict:
     """Run `fedtune train` for one model (unless its run is already there) and return
     its test metrics with wall seconds and peak RSS."""
-    run_dir = out / f"{name}-lora"
+    run_dir = out / (f"{name}-lora-{epochs:g}ep" + (f"-limit{limit}" if limit else ""))
     done = run_dir / "bench.json"
     if done.is_file():
         return json.loads(done.read_text())
     cmd = ["fedtune", "train", "--model", name, *RECIPE, "--epochs", str(epochs),
            "--name", run_dir.name, "--output-dir", str(out), *extra]  # fmt: skip
+    if limit:
+        cmd += ["--limit", str(limit)]
     print("$", " ".join(cmd), file=sys.stderr, flush=True)
     start = time.perf_counter()
     child = subprocess.Popen(cmd)
@@ -62,6 +64,7 @@ def train(name: str, out: Path, epochs: float, extra: list[str]) -> dict:
         "model": name,
         "kind": test["kind"],
         "epochs": epochs,
+        "n_train": test["n_train"],
         "accuracy": test["accuracy"],
         "macro_f1": test["macro_f1"],
         "weighted_f1": test["weighted_f1"],
@@ -89,20 +92,21 @@ def main() -> None:
     parser.add_argument("models", nargs="*", default=["minilm", "mpnet", "smollm2", "gemma3"])
     parser.add_argument("--out", type=Path, required=True, help="parent of the run folders")
     parser.add_argument("--epochs", type=float, default=3.0)
+    parser.add_argument("--limit", type=int, default=0, help="at most this many training examples")
     parser.add_argument("--set", action="append", default=[], help="passed to fedtune train")
     args = parser.parse_args()
     extra = [x for s in args.set for x in ("--set", s)]
-    rows = [train(m, args.out, args.epochs, extra) for m in args.models]
+    rows = [train(m, args.out, args.epochs, args.limit, extra) for m in args.models]
     print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"Python {platform.python_version()}")  # fmt: skip
     print()
-    print("| model | kind | epochs | test acc | macro-F1 | weighted F1 | trainable | "
-          "bytes/site/round | samples/s | wall | peak RSS |")  # fmt: skip
+    print("| model | kind | train examples x epochs | test acc | macro-F1 | weighted F1 | "
+          "trainable | bytes/site/round | samples/s | wall | peak RSS |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         share = 100 * r["trainable"] / r["base"]
-        print(f"| {r['model']} | {r['kind']} | {r['epochs']:g} | {r['accuracy']:.4f} | "
-              f"{r['macro_f1']:.4f} | {r['weighted_f1']:.4f} | "
+        print(f"| {r['model']} | {r['kind']} | {r['n_train']} x {r['epochs']:g} | "
+              f"{r['accuracy']:.4f} | {r['macro_f1']:.4f} | {r['weighted_f1']:.4f} | "
               f"{r['trainable'] / 1e6:.2f}M ({share:.2f}%) | "
               f"{r['bytes_per_round'] / 2**20:.1f} MiB | {r['samples_per_second']:.1f} | "
               f"{r['wall_seconds'] / 60:.0f} min | {r['peak_rss_mb'] / 1024:.1f} GB |")  # fmt: skip

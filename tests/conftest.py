@@ -45,6 +45,26 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return {fam: build_tiny_model(root / fam, fam) for fam in FAMILIES}
 
 
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def chat_llama(tiny_models: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A copy of the tiny Llama whose tokenizer has a ChatML chat template (as
+    instruction-tuned models such as SmolLM2-Instruct do)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dest = tmp_path_factory.mktemp("chat-llama")
+    tok = AutoTokenizer.from_pretrained(tiny_models["llama"])
+    tok.chat_template = CHATML
+    AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).save_pretrained(dest)
+    tok.save_pretrained(dest)
+    return str(dest)
+
+
 @pytest.fixture
 def fpb_dir() -> Path:
     """The real Financial PhraseBank folder, or skip: the files are not in the repo."""

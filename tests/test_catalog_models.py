@@ -94,3 +94,29 @@ def _plain_decoder_scores(folder: Path, method: str, ours: AdaptedModel) -> np.n
             logp = model(input_ids=torch.tensor([prompt])).logits[0, -1].log_softmax(-1)
             rows.append(logp[[ids[0] for ids in label_ids]].numpy())
     return np.stack(rows)
+
+
+def test_ask_with_smollm2(tmp_path: Path) -> None:
+    """`fedtune ask` end to end with a real instruction-tuned LM: index two
+    documents, retrieve, answer through SmolLM2's chat template, cite the source."""
+    if not CATALOG["smollm2"].installed():
+        pytest.skip("smollm2 is not installed: fedtune models install smollm2")
+    from fedtune.rag import answer_local, build_index, retrieve
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "acme.md").write_text(
+        "# Acme Corp annual report 2024\n\nAcme Corp's revenue grew 12 percent in 2024 to EUR "
+        "30 million, driven by new contracts in Finland. Operating profit rose to EUR 4.1 "
+        "million from EUR 3.2 million.\n\nThe board proposes a dividend of EUR 0.40 per share.\n"
+    )
+    (docs / "weather.md").write_text(
+        "# Weather\n\nIt rained in Helsinki for most of October. The harbour froze early.\n"
+    )
+    build_index(docs, tmp_path / "idx", "minilm")
+    question = "How much did Acme's revenue grow in 2024?"
+    hits = retrieve(tmp_path / "idx", question, k=1)
+    assert hits[0].source.startswith("acme.md")
+    answer = answer_local("smollm2", question, hits, max_new_tokens=24)
+    assert answer.prompt.startswith("<|im_start|>system\n") and not answer.notes
+    assert "12" in answer.text, answer.text

@@ -13,6 +13,7 @@ from conftest import LABELS, TEXTS, Y
 from flwr.app import Message
 from openai_stub import OpenAIStub
 from sklearn.linear_model import LogisticRegression
+from transformers import AutoTokenizer
 
 import fedtune.federated.apps as apps
 from fedtune.config import ModelConfig, RunConfig, load_config, method_config
@@ -27,7 +28,7 @@ from fedtune.methods.features import Features
 from fedtune.methods.frozen import load_frozen
 from fedtune.methods.retrieval import Knn, top_k, vote
 from fedtune.predict import load_predictor, predict_table
-from fedtune.rag import answer_local, answer_remote, build_index, retrieve
+from fedtune.rag import answer_local, answer_remote, build_index, grounded_messages, retrieve
 from fedtune.regimes import run_centralized
 
 
@@ -314,7 +315,11 @@ def docs(tmp_path: Path) -> Path:
 
 
 def test_index_and_ask(
-    tiny_models: dict[str, str], docs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_models: dict[str, str],
+    chat_llama: str,
+    docs: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     rep = build_index(docs, tmp_path / "idx", "minilm", words=10, overlap=2)
     assert rep.documents == 2 and rep.passages >= 3
@@ -352,6 +357,19 @@ def test_index_and_ask(
     assert short.sources == hits[:1] and "1 of 2 passages dropped" in short.notes[0]
     with pytest.raises(ConfigError, match="not a causal LM"):
         answer_local(tiny_models["bert"], "q", hits)
+    # An instruction-tuned model (a chat template) answers as the assistant.
+    # (Rotary positions: the tiny Llama runs past its nominal 128 positions.)
+    chat = answer_local(chat_llama, "How much did revenue grow?", hits[:1], 4, max_context=256)
+    tok = AutoTokenizer.from_pretrained(chat_llama)
+    assert chat.sources == hits[:1] and not chat.notes
+    assert chat.prompt == tok.apply_chat_template(
+        grounded_messages("How much did revenue grow?", hits[:1]),
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    assert chat.prompt.startswith("<|im_start|>system\nAnswer from the passages.<|im_end|>")
+    assert chat.prompt.endswith("Question: How much did revenue grow?\nAnswer:<|im_end|>\n"
+                                "<|im_start|>assistant\n")  # fmt: skip
 
     with OpenAIStub(lambda body: "12 percent [1]") as stub:
         ans = answer_remote(stub.url, "m", "How much did revenue grow?", hits, retries=0)

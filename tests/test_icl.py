@@ -275,22 +275,10 @@ def test_calibration_refusals(tiny_models: dict[str, str]) -> None:
         make(tiny_models["gpt2"], calibrate=True, content_free=())
 
 
-def _with_chat_template(path: str, dest: Path) -> str:
-    """A copy of a tiny model whose tokenizer has a ChatML chat template."""
-    tok = AutoTokenizer.from_pretrained(path)
-    tok.chat_template = (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    )
-    AutoModelForCausalLM.from_pretrained(path).save_pretrained(dest)
-    tok.save_pretrained(dest)
-    return str(dest)
-
-
-def test_chat_template_prompts(tiny_models: dict[str, str], tmp_path: Path) -> None:
+def test_chat_template_prompts(tiny_models: dict[str, str], chat_llama: str) -> None:
     """With a chat template the prompt is the rendered chat and the label word is
     the assistant's first words; `chat = "off"` keeps the plain prompt."""
-    path = _with_chat_template(tiny_models["llama"], tmp_path / "chat")
+    path = chat_llama
     # The tiny model's 128 positions hold no demonstrations and no instruction.
     m = make(path, shots=0, instruction="")
     assert m.uses_chat

@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -89,6 +90,13 @@ def grounded_prompt(question: str, hits: list[Hit]) -> str:
     return f"{INSTRUCTION}\n\n" + "\n\n".join(blocks) + f"\n\nQuestion: {question}\nAnswer:"
 
 
+def grounded_messages(question: str, hits: list[Hit]) -> list[dict[str, str]]:
+    """The grounded prompt as a chat: the instruction as the system turn, the
+    passages and the question as the user turn."""
+    user = grounded_prompt(question, hits).split("\n\n", 1)[1]
+    return [{"role": "system", "content": INSTRUCTION}, {"role": "user", "content": user}]
+
+
 @dataclass
 class Answer:
     question: str
@@ -101,7 +109,10 @@ class Answer:
 def answer_local(model_name: str, question: str, hits: list[Hit], max_new_tokens: int = 128,
                  max_context: int = 0) -> Answer:  # fmt: skip
     """Greedy answer from a local causal LM; passages that do not fit the model's
-    context are dropped from the end (least similar first), and the answer says so."""
+    context are dropped from the end (least similar first), and the answer says so.
+    A model with a chat template (an instruction-tuned one) gets the grounded prompt
+    as a chat (`grounded_messages`) and answers as the assistant; others continue
+    the plain prompt after "Answer:"."""
     from fedtune.models import detect_kind, load_config, load_tokenizer, resolve_model_name
 
     if detect_kind(load_config(model_name)) != "decoder":
@@ -114,15 +125,27 @@ def answer_local(model_name: str, question: str, hits: list[Hit], max_new_tokens
     limit = max_context or min(int(getattr(model.config, "max_position_embeddings", 2048)), 4096)
     budget = limit - max_new_tokens
     notes: list[str] = []
+    chat = bool(getattr(tok, "chat_template", None))
+
+    def render(passages: list[Hit]) -> str:
+        if not chat:
+            return grounded_prompt(question, passages)
+        msgs = grounded_messages(question, passages)
+        return str(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
+
+    def tokens(prompt: str) -> Any:
+        # A rendered chat holds its own special tokens (BOS included).
+        return tok(prompt, add_special_tokens=not chat, return_tensors="pt")
+
     kept = list(hits)
-    prompt = grounded_prompt(question, kept)
-    while len(tok(prompt)["input_ids"]) > budget and kept:
+    prompt = render(kept)
+    while tokens(prompt)["input_ids"].shape[1] > budget and kept:
         kept.pop()
-        prompt = grounded_prompt(question, kept)
+        prompt = render(kept)
     if len(kept) < len(hits):
         notes.append(f"{len(hits) - len(kept)} of {len(hits)} passages dropped to fit "
                      f"{limit} tokens of context")  # fmt: skip
-    ids = tok(prompt, return_tensors="pt")
+    ids = tokens(prompt)
     if ids["input_ids"].shape[1] > budget:
         raise ConfigError(f"the question alone is longer than {budget} tokens of context")
     with torch.no_grad():
@@ -140,9 +163,5 @@ def answer_remote(base_url: str, api_model: str, question: str, hits: list[Hit],
     ep = Endpoint.from_env(base_url, api_model, api_key_env, timeout=timeout, retries=retries)
     prompt = grounded_prompt(question, hits)
     with ChatClient(ep) as client:
-        text = client.complete(
-            [{"role": "system", "content": INSTRUCTION},
-             {"role": "user", "content": prompt.split("\n\n", 1)[1]}],
-            max_tokens=max_new_tokens,
-        )  # fmt: skip
+        text = client.complete(grounded_messages(question, hits), max_tokens=max_new_tokens)
     return Answer(question, text.strip(), hits, prompt)
