@@ -6,7 +6,9 @@ input is one clear error that leaves nothing half-written."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
+import sys
 import zipfile
 from pathlib import Path
 
@@ -230,3 +232,45 @@ def test_a_stale_cache_folder_is_replaced_and_a_complete_one_kept(tmp_path: Path
     with pytest.raises(RuntimeError), staged_folder(tmp_path / "failed", "done.json"):
         raise RuntimeError("conversion failed")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["entry"]
+
+
+def test_models_serve_runs_the_llama_cpp_server_on_the_gguf_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`fedtune models serve`: llama-cpp-python's server on the model's GGUF file
+    under its catalog name (a stand-in package records its command line)."""
+    gguf = tmp_path / "SmolLM2.gguf"
+    gguf.write_bytes(b"GGUF")
+    monkeypatch.setitem(
+        catalog.CATALOG, "smollm2", dataclasses.replace(catalog.CATALOG["smollm2"], packages=())
+    )
+    monkeypatch.setattr(catalog, "_package_file", lambda package, relative: gguf)
+    fake = tmp_path / "site" / "llama_cpp" / "server"
+    fake.mkdir(parents=True)
+    (fake.parent / "__init__.py").write_text("")
+    (fake / "__init__.py").write_text("")
+    (fake / "app.py").write_text("")
+    record = tmp_path / "argv.json"
+    (fake / "__main__.py").write_text(
+        f"import json, sys\nopen({str(record)!r}, 'w').write(json.dumps(sys.argv[1:]))\n"
+    )
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\nPYTHONPATH={tmp_path / "site"} exec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    runner = CliRunner()
+    result = runner.invoke(
+        app, ["models", "serve", "smollm2", "--port", "8123", "--python", str(python)],
+        env={"COLUMNS": "200"},
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "method.base_url=http://127.0.0.1:8123/v1" in result.output
+    assert json.loads(record.read_text()) == [
+        "--model", str(gguf), "--model_alias", "smollm2", "--host", "127.0.0.1",
+        "--port", "8123", "--n_ctx", "2048",
+    ]  # fmt: skip
+    # Not installed: one error naming the install command.
+    result = runner.invoke(app, ["models", "serve", "smollm2", "--python", sys.executable])
+    if importlib.util.find_spec("llama_cpp") is None:
+        assert result.exit_code == 2 and "pip install 'llama-cpp-python[server]==" in result.output
+    result = runner.invoke(app, ["models", "serve", str(tmp_path / "missing.gguf")])
+    assert result.exit_code == 2 and "neither a catalog decoder" in result.output

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -146,6 +148,45 @@ def models_gguf_cmd(
         print(gguf_file(name))
     except FedtuneError as e:
         _fail(e)
+
+
+@models_app.command("serve")
+def models_serve_cmd(
+    model: Annotated[
+        str, typer.Argument(help="A catalog decoder (smollm2, gemma3) or a .gguf file.")
+    ],
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    context: Annotated[int, typer.Option(help="Context window in tokens.")] = 2048,
+    threads: Annotated[int, typer.Option(help="CPU threads (0: llama.cpp's default).")] = 0,
+    python: Annotated[
+        str, typer.Option(help="Python of the environment with llama-cpp-python's server.")
+    ] = sys.executable,
+) -> None:
+    """Serve a GGUF decoder on an OpenAI-compatible endpoint (llama-cpp-python's
+    server, installed separately: docs/models.md) for remote ICL and `fedtune ask`."""
+    from fedtune.serve import check_server_installed, gguf_of, server_command
+
+    try:
+        gguf, alias = gguf_of(model)
+        check_server_installed(python)
+    except FedtuneError as e:
+        _fail(e)
+    url = f"http://{host}:{port}/v1"
+    console.print(
+        f"serving {gguf} as `{alias}` at {url}; use it with\n"
+        f"  fedtune train --method icl --set method.backend=remote --set method.base_url={url} "
+        f"--set method.api_model={alias}\n"
+        f'  fedtune ask "..." --index my-index --base-url {url} --api-model {alias}',
+        highlight=False,
+        soft_wrap=True,
+    )
+    cmd = server_command(python, gguf, alias, host, port, context, threads)
+    try:
+        code = subprocess.call(cmd)
+    except KeyboardInterrupt:
+        code = 0
+    raise typer.Exit(code)
 
 
 @app.command("run")
