@@ -1,0 +1,118 @@
+"""Remote ICL against a real OpenAI-compatible server (llama-cpp-python serving the
+catalog's GGUF file) next to the local backend on the same sentences.
+
+    python benchmarks/remote_icl.py --python /path/to/venv-with-llama-cpp/bin/python
+    python benchmarks/remote_icl.py --model smollm2 --shots 0,4 --test 150
+
+The server is started by this script (`fedtune.serve.server_command`, the command
+`fedtune models serve` runs) on a free port and stopped at the end. Per shots: the
+local backend (transformers, label words scored, the chat template) and the remote
+one (the server's chat completion at temperature 0, parsed into a label) on a
+stratified, seeded subset of FPB all-agree's test sentences; accuracy, macro-F1, the
+share of answers that named no label, requests (sentences) per second, and how often
+the two backends predict the same label.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+from sklearn.metrics import f1_score
+
+from fedtune.config import DataConfig, ModelConfig
+from fedtune.data import make_splits
+from fedtune.methods.icl import ICL, IclConfig, stratified_subset
+from fedtune.serve import gguf_of, server_command
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 300.0) -> float:
+    """Seconds until GET {url}/models answers (the model is loaded)."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < timeout:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited with {proc.returncode}; see its log")
+        try:
+            if httpx.get(f"{url}/models", timeout=2.0).status_code == 200:
+                return time.perf_counter() - start
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"the server did not answer within {timeout:.0f} s")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--python", default=sys.executable, help="Python with llama_cpp.server")
+    p.add_argument("--shots", default="0,4")
+    p.add_argument("--test", type=int, default=150)
+    p.add_argument("--seed", type=int, default=42)
+    args = p.parse_args()
+    splits = make_splits(DataConfig(agreement="all"))
+    labels = splits.labels
+    test = stratified_subset(splits.test, args.test, args.seed) if args.test else splits.test
+    y = np.array([labels.index(e.label) for e in test])
+    texts = [e.text for e in test]
+    gguf, alias = gguf_of(args.model)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/v1"
+    log = Path(tempfile.mkdtemp(prefix="fedtune-llama-")) / "server.log"
+    cmd = server_command(args.python, gguf, alias, "127.0.0.1", port, 2048, 0)
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        ready = wait_ready(url, proc)
+        print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+              f"server: llama-cpp-python ({gguf.name}), ready in {ready:.1f} s; FPB all-agree, "
+              f"{len(texts)} test sentences (stratified, seed {args.seed})")  # fmt: skip
+        print()
+        print("| shots | backend | accuracy | macro-F1 | no label | sentences/s | same as local |")
+        print("|---|---|---|---|---|---|---|")
+        for shots in (int(s) for s in args.shots.split(",")):
+            preds = {}
+            for backend in ("local", "remote"):
+                extra = {"base_url": url, "api_model": alias, "retries": 1, "timeout": 120.0}
+                cfg = IclConfig(shots=shots, backend=backend, model=args.model,
+                                **(extra if backend == "remote" else {}))  # fmt: skip
+                method = ICL(cfg, ModelConfig(name=args.model), labels, seed=args.seed)
+                method.fit(splits.train)
+                start = time.perf_counter()
+                scores = method.predict_scores(texts)
+                secs = time.perf_counter() - start
+                pred = scores.argmax(-1)
+                top = np.sort(scores, axis=-1)
+                decided = top[:, -1] > top[:, -2]  # a remote answer naming no label is a tie
+                pred = np.where(decided, pred, -1)
+                preds[backend] = pred
+                acc = float((pred == y).mean())
+                f1 = f1_score(y, pred, average="macro", labels=range(len(labels)))
+                none = float((~decided).mean())
+                same = "" if backend == "local" else f"{(pred == preds['local']).mean():.4f}"
+                print(f"| {shots} | {backend} | {acc:.4f} | {f1:.4f} | {none:.4f} | "
+                      f"{len(texts) / secs:.2f} | {same} |", flush=True)  # fmt: skip
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+if __name__ == "__main__":
+    main()
