@@ -263,8 +263,8 @@ class GenerativeClassifier(Formulation):
 def _keeps_logits(model: nn.Module) -> bool:
     """Whether the causal LM under `model` (a PEFT wrapper or the model itself)
     takes `logits_to_keep` (transformers' generative models do)."""
-    inner = model
-    while hasattr(inner, "get_base_model"):
+    inner: Any = model
+    while callable(getattr(inner, "get_base_model", None)):
         base = inner.get_base_model()
         if base is inner:
             break
