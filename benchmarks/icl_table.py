@@ -23,12 +23,12 @@ import time
 from collections import Counter
 
 import numpy as np
+from fpb_test import fpb_test
 from sklearn.metrics import f1_score
 
 import fedtune.methods.icl as icl_module
-from fedtune.config import DataConfig, ModelConfig
-from fedtune.data import make_splits
-from fedtune.methods.icl import ICL, IclConfig, stratified_subset
+from fedtune.config import ModelConfig
+from fedtune.methods.icl import ICL, IclConfig
 
 
 def main() -> None:
@@ -39,11 +39,8 @@ def main() -> None:
     p.add_argument("--test", type=int, default=0, help="stratified test subset (0 = all)")
     p.add_argument("--seed", type=int, default=42)
     args = p.parse_args()
-    splits = make_splits(DataConfig(agreement="all"))
+    splits, test, y, texts = fpb_test(args.test, args.seed)
     labels = splits.labels
-    test = stratified_subset(splits.test, args.test, args.seed) if args.test else splits.test
-    y = np.array([labels.index(e.label) for e in test])
-    texts = [e.text for e in test]
     majority = Counter(e.label for e in test).most_common(1)[0]
     print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
           f"FPB all-agree, {len(splits.train)} train (demonstration pool), {len(test)} test "

@@ -27,11 +27,11 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from fpb_test import fpb_test
 from sklearn.metrics import f1_score
 
-from fedtune.config import DataConfig, ModelConfig
-from fedtune.data import make_splits
-from fedtune.methods.icl import ICL, IclConfig, stratified_subset
+from fedtune.config import ModelConfig
+from fedtune.methods.icl import ICL, IclConfig
 from fedtune.serve import gguf_of, server_command
 
 
@@ -64,11 +64,8 @@ def main() -> None:
     p.add_argument("--test", type=int, default=150)
     p.add_argument("--seed", type=int, default=42)
     args = p.parse_args()
-    splits = make_splits(DataConfig(agreement="all"))
+    splits, _, y, texts = fpb_test(args.test, args.seed)
     labels = splits.labels
-    test = stratified_subset(splits.test, args.test, args.seed) if args.test else splits.test
-    y = np.array([labels.index(e.label) for e in test])
-    texts = [e.text for e in test]
     gguf, alias = gguf_of(args.model)
     port = free_port()
     url = f"http://127.0.0.1:{port}/v1"
