@@ -459,7 +459,7 @@ class ICL(FrozenMethod[IclConfig]):
         self._lm: Any = None
         self._tokenizer: Any = None
         self._device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self._formulations: dict[tuple[str, bool], GenerativeClassifier] = {}
+        self._formulations: dict[str, GenerativeClassifier] = {}
         self._remote_tokenizer: Any = None
 
     # --- the demonstration pool -------------------------------------------------------
@@ -703,18 +703,18 @@ class ICL(FrozenMethod[IclConfig]):
 
     def _formulation(self, variant: Variant, tail: str) -> GenerativeClassifier:
         self._load_lm()
-        chat = self.uses_chat
-        if (tail, chat) not in self._formulations:
+        chat = self.uses_chat  # fixed for this method: the tail alone is the key
+        if tail not in self._formulations:
             # The whole prompt up to the end of the query text is the "text"; the
             # template adds the tail, after which the label word is scored (after a
             # space in a plain prompt; as the assistant's first word in a chat). The
             # budget is enforced here, so the text is never cut there. A rendered
             # chat holds its own special tokens.
-            self._formulations[(tail, chat)] = GenerativeClassifier(
+            self._formulations[tail] = GenerativeClassifier(
                 self._tokenizer, self.labels, _NO_LIMIT, "{text}" + tail, self.words,
                 word_prefix="" if chat else " ", add_special_tokens=not chat,
             )  # fmt: skip
-        return self._formulations[(tail, chat)]
+        return self._formulations[tail]
 
     def context_budget(self) -> int:
         """Tokens a prompt plus its answer may take."""
