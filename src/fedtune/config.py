@@ -156,7 +156,12 @@ class FederatedConfig:
     1/K of the data takes 1/K of centralized training's optimizer steps per epoch at
     the same batch size; batch_size / K gives it as many (what slow optimizers such as
     soft prompts need: docs/federated.md)."""
-    strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "scaffold"] = "fedavg"
+    strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "scaffold", "krum",
+                      "multikrum", "bulyan", "median", "trimmedmean"] = "fedavg"
+    """How the server combines the sites' states: FedAvg and its optimizers (`fedprox`,
+    `fedadam`, `fedyogi`, `fedavgm`), `scaffold`, or a Byzantine-robust rule (`krum`,
+    `multikrum`, `bulyan`: Flower's, with `malicious` sites assumed; `median`:
+    coordinate-wise median; `trimmedmean`: mean without the `trim` share at each end)."""
     fraction: float = 1.0
     """Share of sites sampled each round."""
     min_sites: int = 1
@@ -185,6 +190,40 @@ class FederatedConfig:
     many epochs and reports it on its own validation set (0 = off)."""
     timeout: float = 3600.0
     """Seconds the server waits for the replies of one round."""
+    # --- defences (docs/privacy.md) ---
+    malicious: int = 1
+    """krum/multikrum/bulyan: how many Byzantine sites the rule tolerates (f)."""
+    krum_keep: int = 0
+    """multikrum: how many of the best-scored states are averaged (0 = sites - malicious)."""
+    trim: float = 0.2
+    """trimmedmean: share of the values cut at each end of every coordinate."""
+    max_update_bytes: int = 0
+    """A site's reply larger than this (serialized) is rejected; 0 = four times the
+    expected size plus 1 MB."""
+    update_norm: float = 0.0
+    """Bound on the L2 norm of a site's update (its state minus the global one, all
+    tensors together); 0 = no bound. Beyond it the update is clipped or rejected."""
+    update_norm_action: Literal["clip", "reject"] = "clip"
+    dp: Literal["off", "server", "client"] = "off"
+    """Client-level differential privacy (Flower's fixed-clipping wrappers): each site's
+    update is clipped to `dp_clip` (by the server, or by the site itself) and Gaussian
+    noise is added to the average; the privacy spent is accounted every round."""
+    dp_noise: float = 0.0
+    """Noise multiplier z (noise std = z * dp_clip / sites in the round); 0 = derived
+    from `dp_epsilon` for the run's rounds."""
+    dp_epsilon: float = 0.0
+    """Target epsilon for the whole run at `dp_delta` (used when dp_noise = 0)."""
+    dp_delta: float = 1e-5
+    dp_clip: float = 1.0
+    """L2 bound of one site's update under DP (all trainable tensors together)."""
+    attack: Literal["none", "nan", "inf", "shape", "oversize", "scale", "signflip",
+                    "labelflip"] = "none"
+    """Simulated misbehaving sites, for robustness experiments (never on by default):
+    the first `attackers` sites send NaN / Inf / a wrongly shaped tensor / an oversized
+    message / their update times `attack_scale` / times -`attack_scale`, or train on
+    flipped labels."""
+    attackers: int = 0
+    attack_scale: float = 100.0
 
 
 @dataclass(frozen=True)

@@ -223,6 +223,7 @@ The global model is the round with the lowest shared validation loss.
         lines += [f"| {d['round']} | {d.get('phase', 'train')} | {d['site']} | {d['at']} | "
                   f"{_cell(d['reason'])} |" for d in s["dropped"]]  # fmt: skip
         text += "\n" + "\n".join(lines) + "\n"
+    text += defences_section(s)
     if s.get("personalized"):
         text += "\n" + personalized_table(s["personalized"]) + "\n"
     if s.get("notes"):
@@ -244,3 +245,37 @@ def personalized_table(rows: list[dict[str, Any]]) -> str:
             f"{r['personal_val_loss']:.4f} |"
         )
     return "\n".join(lines)
+
+
+def defences_section(s: dict[str, Any]) -> str:
+    """What defended the aggregate, what it rejected or clipped, the privacy spent."""
+    d = s.get("defences") or {}
+    if not d:
+        return ""
+    norm = (f"L2 norm of an update bounded at {d['update_norm']:g} ({d['update_norm_action']})"
+            if d.get("update_norm") else "no norm bound")  # fmt: skip
+    tolerates = f" (tolerates {d['malicious']} malicious sites)" if "malicious" in d else ""
+    lines = ["", "## Defences", "",
+             f"- update validation (always on): {d['validation']}; {norm}",
+             f"- aggregation: `{d['strategy']}`{tolerates}"]  # fmt: skip
+    if s.get("clipped"):
+        lines.append(f"- updates clipped to the norm bound: {s['clipped']}")
+    if d.get("attack", "none") != "none":
+        lines.append(f"- **simulated attack**: the first {d['attackers']} site(s) sent "
+                     f"`{d['attack']}` updates (scale {d['attack_scale']:g})")  # fmt: skip
+    p = s.get("privacy")
+    if p:
+        target = f" (target {p['target_epsilon']:g})" if p.get("target_epsilon") else ""
+        lines += ["", "## Differential privacy", "",
+                  f"Client-level DP, {p['clipping']}-side clipping of each update to "
+                  f"{p['clip']:g}, Gaussian noise multiplier {p['noise_multiplier']:.4g}: "
+                  f"**epsilon {p['epsilon']:.3g}**{target} at delta {p['delta']:g} after "
+                  f"{s['rounds']} rounds ({p['accounting']})."]  # fmt: skip
+    else:
+        lines.append("- differential privacy: off (no privacy guarantee)")
+    if s.get("rejected"):
+        lines += ["", "## Updates rejected", "",
+                  "A rejected update leaves its site out of that round's aggregate.", "",
+                  "| round | site | reason |", "|---|---|---|"]  # fmt: skip
+        lines += [f"| {r['round']} | {r['site']} | {_cell(r['reason'])} |" for r in s["rejected"]]
+    return "\n".join(lines) + "\n"

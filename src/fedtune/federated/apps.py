@@ -35,13 +35,15 @@ from flwr.serverapp import Grid, ServerApp
 import fedtune
 from fedtune.adapted import AdaptedModel
 from fedtune.classify import Feature
-from fedtune.config import FLOWER_CONFIG_KEY, RunConfig, TrainConfig, load_config
+from fedtune.config import FLOWER_CONFIG_KEY, FederatedConfig, RunConfig, TrainConfig, load_config
 from fedtune.data import Example, Splits, make_splits
 from fedtune.data.sources import check_labels, load_examples
 from fedtune.data.splits import deduplicate
 from fedtune.errors import ConfigError, DataError
 from fedtune.evaluate import Metrics, evaluate_features
+from fedtune.federated.attacks import attack_message, attack_state, attacks, flipped
 from fedtune.federated.partition import Partition, Site, make_site, partition_examples
+from fedtune.federated.privacy import CLIPPING_NORM, UNIT_WEIGHT, clip_update
 from fedtune.federated.scaffold import CONTROL, correction, site_controls, update_site_control
 from fedtune.federated.wire import (
     LAYOUT,
@@ -305,10 +307,16 @@ def site_train(msg: Message, context: Context) -> Message:
     controls = None
     if CONTROL in msg.content.array_records:  # SCAFFOLD (build_strategy refused frozen methods)
         controls = site_controls(decode_state(arrays_of(msg, CONTROL), transport), context.state)
+    attacker = attacks(fed, pid)
+    key = f"train-{pid}"
+    if attacker and fed.attack == "labelflip":
+        site, key = flipped(site, ws.splits.labels), f"train-{pid}-flipped"
+    clip = float(conf.get(CLIPPING_NORM, 0))
     if isinstance(model, Features):
         sites = int(conf.get("sites-in-round", 1))
-        return _reply_train(msg, ws, site, transport, *_features_update(ws, pid, site, sites))
-    feats = ws.features(f"train-{pid}", site.train)
+        return _reply_train(msg, ws, site, transport, *_features_update(ws, pid, site, sites, key),
+                            fed=fed, start=global_state, clip=clip, attacker=attacker)  # fmt: skip
+    feats = ws.features(key, site.train)
     tcfg = site_train_config(cfg)
     steps = local_steps(cfg, len(feats))
     session = None
@@ -339,26 +347,35 @@ def site_train(msg: Message, context: Context) -> Message:
                                              *controls, result.lr_sum)  # fmt: skip
     train_loss = result.history[-1]["train_loss"] if result.history else float("nan")
     return _reply_train(msg, ws, site, transport, float(train_loss), result.train_seconds,
-                        result.steps, extra)  # fmt: skip
+                        result.steps, extra, fed=fed, start=global_state, clip=clip,
+                        attacker=attacker)  # fmt: skip
 
 
-def _features_update(ws: Workspace, pid: int, site: Site,
-                     sites: int = 1) -> tuple[float, float, int]:  # fmt: skip
+def _features_update(ws: Workspace, pid: int, site: Site, sites: int = 1,
+                     key: str = "") -> tuple[float, float, int]:  # fmt: skip
     """`features`: L-BFGS on the site's frozen embeddings from the global weights;
     `sites` is the number of sites training this round (see Features.local_update)."""
     assert isinstance(ws.model, Features)
     t0 = time.perf_counter()
-    x = ws.embeddings(f"train-{pid}", site.train)
+    x = ws.embeddings(key or f"train-{pid}", site.train)
     loss = ws.model.local_update(x, ws.model.label_ids(site.train), sites)
     return loss, time.perf_counter() - t0, ws.model.config.local_iters
 
 
 def _reply_train(msg: Message, ws: Workspace, site: Site, transport: str, train_loss: float,
                  seconds: float, steps: int,
-                 extra: dict[str, dict[str, torch.Tensor]] | None = None) -> Message:  # fmt: skip
+                 extra: dict[str, dict[str, torch.Tensor]] | None = None, *,
+                 fed: FederatedConfig, start: dict[str, torch.Tensor], clip: float = 0.0,
+                 attacker: bool = False) -> Message:  # fmt: skip
     """The site's trained state, plus `extra` states of the same layout (SCAFFOLD's
-    control update), each in the transport type."""
+    control update), each in the transport type. With `clip` (client-side DP: the
+    round's clipping norm) the update from `start` is clipped before it leaves;
+    an `attacker` (a simulated misbehaving site) sends what `federated.attack` says."""
     trained = ws.model.trainable_state()
+    if clip > 0:
+        clip_update(trained, start, clip)
+    if attacker:
+        trained = attack_state(fed, trained, start)
     wire, layout = pack_record(encode_state(trained, transport))
     content = RecordDict(
         {
@@ -366,6 +383,7 @@ def _reply_train(msg: Message, ws: Workspace, site: Site, transport: str, train_
             "metrics": MetricRecord(
                 {
                     "num-examples": len(site.train),
+                    UNIT_WEIGHT: 1,
                     "train_loss": train_loss,
                     "train_seconds": seconds,
                     "steps": steps,
@@ -376,6 +394,8 @@ def _reply_train(msg: Message, ws: Workspace, site: Site, transport: str, train_
     )
     for key, state in (extra or {}).items():
         content[key], _ = pack_record(encode_state({k: state[k] for k in trained}, transport))
+    if attacker:
+        attack_message(fed, content)
     return Message(content, reply_to=msg)
 
 

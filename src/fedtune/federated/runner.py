@@ -259,6 +259,11 @@ def summarize(
         / n_sites,
         "bytes_total": sum(t["bytes"] for t in st.traffic),
         "dropped": _dropped(st.history, outcome.personalized),
+        "rejected": [{"round": r["round"], "site": site, "reason": reason}
+                     for r in st.history for site, reason in (r.get("rejected") or {}).items()],
+        "clipped": sum(len(r.get("clipped") or {}) for r in st.history),
+        "defences": _defences(cfg),
+        "privacy": _privacy(cfg, st.history),
         "personalized": outcome.personalized,
         **test.summary(),
         "report": test.report,
@@ -283,3 +288,34 @@ def _dropped(history: list[dict[str, Any]], personalized: list[dict[str, Any]],
     out += [{"round": "after", "phase": "personalize", "site": p["site"],
              "reason": p["error"], "at": ""} for p in personalized if p.get("error")]  # fmt: skip
     return out
+
+
+def _defences(cfg: RunConfig) -> dict[str, Any]:
+    """What protected this run's aggregate (docs/privacy.md), for the summary and report."""
+    fed = cfg.federated
+    out: dict[str, Any] = {
+        "validation": "size, layout, finite values and example count of every update",
+        "update_norm": fed.update_norm, "update_norm_action": fed.update_norm_action,
+        "strategy": fed.strategy, "dp": fed.dp, "attack": fed.attack,
+    }  # fmt: skip
+    if fed.strategy in ("krum", "multikrum", "bulyan"):
+        out["malicious"] = fed.malicious
+    if fed.attack != "none":
+        out |= {"attackers": fed.attackers, "attack_scale": fed.attack_scale}
+    return out
+
+
+def _privacy(cfg: RunConfig, history: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """With federated.dp: the mechanism and the epsilon spent (the last round's)."""
+    fed = cfg.federated
+    if fed.dp == "off":
+        return None
+    spent = [r for r in history if "epsilon" in r]
+    return {
+        "clipping": fed.dp, "clip": fed.dp_clip, "delta": fed.dp_delta,
+        "noise_multiplier": next((r["noise_multiplier"] for r in spent), fed.dp_noise),
+        "epsilon": spent[-1]["epsilon"] if spent else 0.0,
+        "target_epsilon": fed.dp_epsilon if fed.dp_noise <= 0 else None,
+        "accounting": "RDP (dp-accounting via Flower), add/remove one site, no "
+                      "amplification by sampling",
+    }  # fmt: skip

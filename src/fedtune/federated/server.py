@@ -26,7 +26,19 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
+from flwr.serverapp.strategy import (
+    Bulyan,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    MultiKrum,
+    Strategy,
+)
 from rich.console import Console
 from rich.markup import escape
 from safetensors.torch import load_file, save_file
@@ -36,12 +48,13 @@ from fedtune.config import FederatedConfig, RunConfig
 from fedtune.errors import ConfigError
 from fedtune.evaluate import Metrics
 from fedtune.federated.apps import VERSION_KEY, Workspace, workspace
+from fedtune.federated.attacks import check_attack
 from fedtune.federated.grid import NO_REPLY, exchange
+from fedtune.federated.privacy import UNIT_WEIGHT, PrivateStrategy, wrap
 from fedtune.federated.scaffold import Scaffold
+from fedtune.federated.screen import screen, size_limit
 from fedtune.federated.wire import (
     LAYOUT,
-    arrays_of,
-    decode_record,
     decode_state,
     encode_state,
     message_bytes,
@@ -58,9 +71,26 @@ CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "state.json"
 
 
-def build_strategy(fed: FederatedConfig, lr: float, method: str = "") -> FedAvg:
+def build_strategy(fed: FederatedConfig, lr: float, method: str = "") -> Strategy:
     """Flower's strategy for `fed.strategy`, configured from the run config (`method`:
-    the run's method, checked against strategies that need gradient steps)."""
+    the run's method, checked against strategies that need gradient steps), wrapped in
+    Flower's differential-privacy wrapper with `fed.dp`."""
+    check_attack(fed)
+    if fed.dp == "off":
+        return _base_strategy(fed, lr, method)
+    if fed.strategy not in ("fedavg", "fedprox"):
+        raise ConfigError(
+            f"federated.dp = {fed.dp!r} adds noise calibrated to a plain average of clipped "
+            f"updates; federated.strategy = {fed.strategy!r} is not one: use fedavg or fedprox"
+        )
+    return wrap(_base_strategy(fed, lr, method, weighted_by_key=UNIT_WEIGHT), fed)
+
+
+ROBUST = ("krum", "multikrum", "bulyan", "median", "trimmedmean")
+
+
+def _base_strategy(fed: FederatedConfig, lr: float, method: str = "",
+                   weighted_by_key: str = "num-examples") -> FedAvg:  # fmt: skip
     # Flower logs each sampling/aggregation step (and a warning when federated
     # evaluation is off, which is the shared-validation setup); fedtune prints
     # one line per round instead.
@@ -71,6 +101,7 @@ def build_strategy(fed: FederatedConfig, lr: float, method: str = "") -> FedAvg:
         "min_train_nodes": max(1, fed.min_sites),
         "min_evaluate_nodes": max(1, fed.min_sites) if fed.validation == "site" else 0,
         "min_available_nodes": max(1, fed.min_sites),
+        "weighted_by_key": weighted_by_key,
     }
     if not 0 < fed.fraction <= 1:
         raise ConfigError(f"federated.fraction = {fed.fraction} must be in (0, 1]")
@@ -97,13 +128,43 @@ def build_strategy(fed: FederatedConfig, lr: float, method: str = "") -> FedAvg:
             raise ConfigError(f"federated.strategy = 'scaffold' corrects gradient steps; method "
                               f"{method} has none: use fedavg or fedprox")  # fmt: skip
         return Scaffold(**common, server_lr=fed.server_lr or 1.0)
+    if fed.strategy in ROBUST:
+        return _robust(fed, common)
     raise ConfigError(f"unknown federated.strategy {fed.strategy!r}")  # pragma: no cover
+
+
+def _robust(fed: FederatedConfig, common: dict[str, Any]) -> FedAvg:
+    """Flower's Byzantine-robust rules. Each compares the sites' states (their updates
+    from one global state), so a site's update is judged against the others'."""
+    f = fed.malicious
+    if f < 0:
+        raise ConfigError(f"federated.malicious = {f} must be >= 0")
+    known = fed.partition not in ("column", "own")  # else the number of sites comes later
+    if fed.strategy == "median":
+        return FedMedian(**common)
+    if fed.strategy == "trimmedmean":
+        if not 0 <= fed.trim < 0.5:
+            raise ConfigError(f"federated.trim = {fed.trim} must be in [0, 0.5)")
+        return FedTrimmedAvg(**common, beta=fed.trim)
+    if fed.strategy == "bulyan":
+        if known and fed.sites < 4 * f + 3:
+            raise ConfigError(f"bulyan needs at least 4 * malicious + 3 = {4 * f + 3} sites, "
+                              f"the run has {fed.sites}: lower federated.malicious or use "
+                              "multikrum / trimmedmean")  # fmt: skip
+        return Bulyan(**common, num_malicious_nodes=f)
+    if known and fed.sites < 2 * f + 3:
+        raise ConfigError(f"{fed.strategy} needs at least 2 * malicious + 3 = {2 * f + 3} sites, "
+                          f"the run has {fed.sites}: lower federated.malicious")  # fmt: skip
+    if fed.strategy == "krum":
+        return Krum(**common, num_malicious_nodes=f)
+    keep = fed.krum_keep or max(1, fed.sites - f)
+    return MultiKrum(**common, num_malicious_nodes=f, num_nodes_to_select=keep)
 
 
 # --- strategy state: the server optimizer's moments, for checkpoints ------------
 
 
-def strategy_state(strategy: FedAvg) -> dict[str, torch.Tensor]:
+def strategy_state(strategy: Strategy) -> dict[str, torch.Tensor]:
     """Every array-valued attribute of a Flower strategy (FedOpt's m_t/v_t and
     current arrays, FedAvgM's momentum, SCAFFOLD's control), found generically so
     that a strategy added later is checkpointed too. Private attributes (`_name`) are
@@ -121,7 +182,7 @@ def strategy_state(strategy: FedAvg) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_strategy_state(strategy: FedAvg, tensors: dict[str, torch.Tensor]) -> None:
+def load_strategy_state(strategy: Strategy, tensors: dict[str, torch.Tensor]) -> None:
     from flwr.app import Array
 
     found: dict[str, dict[str, Any]] = {}
@@ -154,6 +215,8 @@ class FederationState:
     stopped_early: bool = False
     complete: bool = False
     seconds: float = 0.0
+    privacy: dict[str, Any] | None = None
+    """With federated.dp: the privacy accountant's state (Flower's `state_dict`)."""
 
 
 def write_checkpoint(
@@ -161,7 +224,7 @@ def write_checkpoint(
     state: FederationState,
     arrays: ArrayRecord,
     best: ArrayRecord,
-    strategy: FedAvg,
+    strategy: Strategy,
     extra: Callable[[Path], None] | None = None,
 ) -> None:
     """Atomically replace `out/checkpoint` (written beside it, then renamed)."""
@@ -207,7 +270,7 @@ def checkpoint_state(ckpt: Path) -> FederationState:
 
 
 def read_checkpoint(
-    ckpt: Path, strategy: FedAvg
+    ckpt: Path, strategy: Strategy
 ) -> tuple[FederationState, ArrayRecord, ArrayRecord]:
     meta = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
     if meta["strategy"] != type(strategy).__name__:
@@ -256,7 +319,8 @@ def _send(
     grid: Grid, messages: list[Message], state: FederationState, rnd: int, kind: str,
     transport: str, timeout: float, names: dict[int, str], timing: dict[str, Any] | None = None,
 ) -> list[Message]:  # fmt: skip
-    """Send, receive, account every message in both directions; replies decoded to fp32.
+    """Send, receive, account every message in both directions (trained states stay
+    as sent: `screen` checks and decodes them).
     A site that sent no reply in time gets an error reply here ("no reply in N s"), so
     that it is reported as failed like a site whose ClientApp raised. `timing` gets
     the seconds the push took and, by site, when its reply came (from the push's
@@ -287,9 +351,6 @@ def _send(
             "bytes": message_bytes(r), "payload_bytes": message_payload_bytes(r),
             "error": r.error.reason if r.has_error() else "",
         })  # fmt: skip
-        if r.has_content() and "arrays" in r.content:  # a trained state (and SCAFFOLD's control)
-            for key in list(r.content.array_records):
-                r.content[key] = decode_record(arrays_of(r, key), transport)
     if timing is not None:
         timing |= {"push": got.pushed, "replies": arrived}
     return replies
@@ -362,6 +423,15 @@ def run_server(
         if state.complete:
             raise ConfigError(f"{resume} is a finished run (all rounds done); nothing to resume")
         console.print(f"resuming after round {state.round} from {escape(str(ckpt))}")
+        if isinstance(strategy, PrivateStrategy):
+            strategy.restore = state.privacy
+    if fed.attack != "none":
+        console.print(f"[bold red]simulated attack:[/] the first {fed.attackers} site(s) send "
+                      f"{fed.attack} updates (federated.attack)")  # fmt: skip
+    if isinstance(strategy, PrivateStrategy):
+        console.print(f"differential privacy ({fed.dp}-side clipping to {fed.dp_clip:g}): "
+                      f"noise multiplier {strategy.noise_multiplier:.4g}, delta {fed.dp_delta:g}")
+    limit_states = 2 if isinstance(strategy, Scaffold) else 1
     # node id -> site name: given in process, else learnt from the sites' replies
     names: dict[int, str] = dict(site_names or {})
     t_start = time.perf_counter() - state.seconds
@@ -400,27 +470,44 @@ def run_server(
                         names, timing)  # fmt: skip
         timing["exchange"] = time.perf_counter() - t_send
         ok = [r for r in replies if not r.has_error()]
-        record: dict[str, Any] = {"round": rnd, "sites": len(ok), "sampled": len(train_msgs)}
+        record: dict[str, Any] = {"round": rnd, "sampled": len(train_msgs)}
         failed = _record_failures(record, "failed", replies, names, console, "dropped out")
+        screened = screen(ok, arrays, fed, names, size_limit(fed, arrays, limit_states))
+        ok = screened.accepted
+        record |= {"sites": len(ok), "rejected": screened.rejected, "clipped": screened.clipped,
+                   "update_norms": screened.norms}  # fmt: skip
+        for site, reason in screened.rejected.items():
+            console.print(f"[yellow]round {rnd}: update of site {escape(site)} rejected:[/] "
+                          f"{escape(reason)}")  # fmt: skip
         if len(ok) < max(1, fed.min_sites):
             record["abandoned"] = True
+            problems = failed | screened.rejected
             console.print(
-                f"[yellow]round {rnd}: {len(ok)} of {len(train_msgs)} sites replied, fewer "
-                f"than federated.min_sites = {fed.min_sites}; round abandoned, global state "
-                f"unchanged[/] {escape(str(failed))}"
+                f"[yellow]round {rnd}: {len(ok)} of {len(train_msgs)} sites sent an accepted "
+                f"update, fewer than federated.min_sites = {fed.min_sites}; round abandoned, "
+                f"global state unchanged[/] {escape(str(problems))}"
             )
-            if not ok and replies and len(failed) == len(replies) and rnd == 1:
-                raise ConfigError(f"every site failed in round 1: {failed}")
+            if not ok and replies and len(problems) == len(replies) and rnd == 1:
+                raise ConfigError(f"every site failed in round 1: {problems}")
         else:
             new_arrays, train_metrics = strategy.aggregate_train(rnd, ok)
             if new_arrays is None:
                 record["abandoned"] = True
+                why = ("differential privacy aggregates a round only when every sampled site's "
+                       "update is accepted" if isinstance(strategy, PrivateStrategy)
+                       else f"{fed.strategy} had too few updates to aggregate")  # fmt: skip
+                console.print(f"[yellow]round {rnd}: round abandoned, global state unchanged "
+                              f"({why})[/]")  # fmt: skip
             else:
                 # Flower averages in float64; the global state is fp32 (as trained,
                 # sent and checkpointed), so a resumed run continues bit for bit.
                 arrays = encode_state(decode_state(new_arrays))
             if train_metrics is not None:
                 record["train_loss"] = float(train_metrics["train_loss"])  # type: ignore[arg-type]
+            if isinstance(strategy, PrivateStrategy):
+                record["epsilon"] = strategy.epsilon()
+                record["noise_multiplier"] = strategy.noise_multiplier
+                state.privacy = strategy.accountant_state()
             record["site_train_seconds"] = {
                 _site_name(r, r.metadata.src_node_id): metrics_of(r)["train_seconds"] for r in ok
             }
@@ -481,6 +568,10 @@ def run_server(
         site_val = (
             f"  site val loss {record['site_val_loss']:.4f}" if "site_val_loss" in record else ""
         )
+        if "epsilon" in record:
+            site_val += f"  epsilon {record['epsilon']:.3g}"
+        if screened.rejected:
+            site_val += f"  rejected {len(screened.rejected)}"
         console.print(
             f"  round {rnd:>3}/{fed.rounds}  sites {record['sites']}/{record['sampled']}  "
             f"train loss {record.get('train_loss', float('nan')):.4f}{val}{site_val}  "
