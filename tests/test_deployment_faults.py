@@ -109,6 +109,26 @@ def test_a_site_that_crashes_mid_round_is_dropped_and_named(
     assert (out / "model" / "adapter_model.safetensors").is_file()
 
 
+def test_a_deployed_sites_nan_update_is_rejected_by_the_server(
+    federation: LocalFederation, tiny_models: dict[str, str], tmp_path: Path
+) -> None:
+    """Update validation under the Deployment Engine: org-a (partition 0) sends a NaN
+    every round; the server rejects it, names it, and averages the two others."""
+    config = _write_config(tmp_path, tiny_models["bert"], 'attack = "nan"', "attackers = 1",
+                           "min_sites = 2")  # fmt: skip
+    out = tmp_path / "run"
+    run = federation.submit(find_app_dir(), fedtune_run_config(config, out), timeout=600)
+    assert run.completed, run
+    rounds = _rounds(out)
+    assert [r["round"] for r in rounds] == [1, 2]
+    for r in rounds:
+        assert r["sites"] == 2 and list(r["rejected"]) == ["site-1"]
+        assert "non-finite values" in r["rejected"]["site-1"]
+    final = load_file(str(out / "checkpoint" / "global.safetensors"))
+    assert all(torch.isfinite(v).all() for v in final.values())
+    assert "## Updates rejected" in (out / "report.md").read_text()
+
+
 @pytest.mark.slow
 def test_superlink_crash_then_resume_equals_the_uninterrupted_run(
     federation: LocalFederation, tiny_models: dict[str, str], tmp_path: Path

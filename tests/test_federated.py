@@ -327,7 +327,7 @@ def _interrupt_at_push(monkeypatch: pytest.MonkeyPatch, n: int):  # type: ignore
     return real
 
 
-@pytest.mark.parametrize("strategy", ["fedadam", "scaffold"])
+@pytest.mark.parametrize("strategy", ["fedadam", "scaffold", "trimmedmean"])
 def test_kill_and_resume_reproduces_the_uninterrupted_run(
     tiny_models: dict[str, str], table: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     strategy: str,
