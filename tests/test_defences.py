@@ -6,10 +6,12 @@ clean run."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -21,7 +23,7 @@ from fedtune.errors import ConfigError
 from fedtune.federated.grid import InProcessGrid
 from fedtune.federated.runner import run_federated
 from fedtune.federated.screen import Screened
-from fedtune.federated.wire import arrays_of, decode_record
+from fedtune.federated.wire import arrays_of, decode_record, roundtrip
 from fedtune.runs import read_jsonl
 
 SITES = 5
@@ -221,6 +223,10 @@ def test_bad_defence_settings_name_the_fix(
         (("federated.dp=server", "federated.dp_noise=1", "federated.strategy=krum"),
          "use fedavg or fedprox"),
         (("federated.strategy=trimmedmean", "federated.trim=0.5"), r"trim = 0.5 must be in"),
+        (("federated.secagg=true", "federated.strategy=median"), "needs to see each one"),
+        (("federated.secagg=true", "federated.transport=bf16"), "transport must be fp32"),
+        (("federated.secagg=true", "federated.dp=client", "federated.dp_noise=1"),
+         "not supported yet"),
     ]  # fmt: skip
     for i, (extra, message) in enumerate(cases):
         with pytest.raises(ConfigError, match=message):
@@ -309,3 +315,123 @@ def test_dp_resume_continues_the_privacy_account(
     run_federated(load_config(None, []), resume=tmp_path / "cut")
     eps = [r["epsilon"] for r in _rounds(tmp_path / "cut")]
     assert eps == pytest.approx([_epsilon(1.0, i, 1e-5) for i in (1, 2, 3)], rel=1e-9)
+
+
+# --- secure aggregation ------------------------------------------------------------------
+
+
+def _received(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Every reply the server receives, as the ServerApp gets it."""
+    got: list = []
+    real = InProcessGrid.pull_messages
+
+    def pull(self, ids):  # type: ignore[no-untyped-def]
+        replies = list(real(self, ids))
+        got.extend(roundtrip(r) for r in replies)  # copies: the server edits its replies
+        return replies
+
+    monkeypatch.setattr(InProcessGrid, "pull_messages", pull)
+    return got
+
+
+def _numeric_arrays(msg) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
+    """Every array a message carries: its ArrayRecords (whatever their encoding) and the
+    serialized ndarrays inside its ConfigRecords (where SecAgg+ puts masked vectors)."""
+    from flwr.common import bytes_to_ndarray
+
+    if not msg.has_content():
+        return []
+    out = []
+    for record in msg.content.array_records.values():
+        for a in record.values():
+            try:
+                out.append(np.asarray(a.numpy(), dtype=np.float64).ravel())
+            except Exception:
+                out.append(np.asarray(bytes_to_ndarray(a.data), dtype=np.float64).ravel())
+    for record in msg.content.config_records.values():
+        for v in record.values():
+            for x in v if isinstance(v, list) else [v]:
+                if isinstance(x, bytes):
+                    with contextlib.suppress(Exception):
+                        out.append(np.asarray(bytes_to_ndarray(x), dtype=np.float64).ravel())
+    return out
+
+
+def _sent_by_sites(monkeypatch: pytest.MonkeyPatch) -> list[np.ndarray]:
+    """Each site's trained state as it leaves the training code (one flat vector)."""
+    sent: list[np.ndarray] = []
+    real = apps._reply_train
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        reply = real(*args, **kwargs)
+        record = arrays_of(reply)
+        sent.append(np.concatenate([np.asarray(a.numpy(), np.float64).ravel()
+                                    for a in record.values()]))  # fmt: skip
+        return reply
+
+    monkeypatch.setattr(apps, "_reply_train", spy)
+    return sent
+
+
+def _max_correlation(sent: list[np.ndarray], received: list) -> float:  # type: ignore[type-arg]
+    best = 0.0
+    for msg in received:
+        for arr in _numeric_arrays(msg):
+            for vec in sent:
+                if arr.size == vec.size and arr.std() > 0:
+                    best = max(best, abs(float(np.corrcoef(arr, vec)[0, 1])))
+    return best
+
+
+def test_secure_aggregation_equals_fedavg_and_the_server_never_sees_an_update(
+    tiny_models: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    clean: tuple[Path, Path, dict[str, torch.Tensor]],
+) -> None:  # fmt: skip
+    clean_run, table, _ = clean
+    received = _received(monkeypatch)
+    sent = _sent_by_sites(monkeypatch)
+    summary = run_federated(_cfg(tiny_models, table, tmp_path, "name=secagg",
+                                 "federated.secagg=true"))  # fmt: skip
+    # The aggregate is FedAvg's, up to SecAgg+'s quantization (2**22 levels over +-8 per
+    # site: at most sites * 16 / 2**22 = 2e-5 per element).
+    plain, secure = _state(clean_run), _state(tmp_path / "secagg")
+    for k in plain:
+        torch.testing.assert_close(secure[k], plain[k], rtol=0, atol=2e-5)
+    assert len(sent) == 2 * SITES and received
+    # No reply the server received carries a site's state, in any encoding: every array
+    # of the right size is uncorrelated with every state a site sent (masked).
+    assert _max_correlation(sent, received) < 0.1
+    assert all(r.get("secagg") for r in _rounds(tmp_path / "secagg"))
+    assert "secure aggregation (SecAgg+)" in (tmp_path / "secagg" / "report.md").read_text()
+    assert summary["bytes_up_per_site_round"] > 0
+    # The same check on a plain run finds the states (the check can see them).
+    received.clear()
+    sent.clear()
+    run_federated(_cfg(tiny_models, table, tmp_path, "name=plain", "federated.rounds=1"))
+    assert _max_correlation(sent, received) > 0.99
+
+
+def test_secure_aggregation_survives_a_site_dropping_out(
+    tiny_models: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    clean: tuple[Path, Path, dict[str, torch.Tensor]],
+) -> None:  # fmt: skip
+    """site-2 crashes after the key exchange, before it sends its masked state: the
+    others' shares of its keys remove its masks (SecAgg+'s threshold), and the round is
+    FedAvg over the four others."""
+    _, table, _ = clean
+    real = apps.train
+
+    def site_2_crashes(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if str(kwargs.get("description", "")).startswith("site-2 "):
+            raise RuntimeError("down")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(apps, "train", site_2_crashes)
+    run_federated(_cfg(tiny_models, table, tmp_path, "name=secagg", "federated.secagg=true",
+                       "federated.rounds=1"))  # fmt: skip
+    run_federated(_cfg(tiny_models, table, tmp_path, "name=plain", "federated.rounds=1"))
+    (rec,) = _rounds(tmp_path / "secagg")
+    assert rec["sites"] == SITES - 1 and not rec.get("abandoned")
+    a, b = _state(tmp_path / "secagg"), _state(tmp_path / "plain")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=2e-5)

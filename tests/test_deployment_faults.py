@@ -129,6 +129,32 @@ def test_a_deployed_sites_nan_update_is_rejected_by_the_server(
     assert "## Updates rejected" in (out / "report.md").read_text()
 
 
+def test_secure_aggregation_deployed_equals_in_process(
+    federation: LocalFederation, tiny_models: dict[str, str], tmp_path: Path
+) -> None:
+    """SecAgg+ across SuperNodes (three sites, TLS): the same global state as the same
+    run in process, up to the protocol's quantization."""
+    import fedtune.federated.apps as apps
+    from fedtune.config import load_config
+    from fedtune.federated.runner import run_federated
+
+    config = _write_config(tmp_path, tiny_models["bert"], "secagg = true")
+    out = tmp_path / "run"
+    run = federation.submit(find_app_dir(), fedtune_run_config(config, out), timeout=600)
+    assert run.completed, run
+    rounds = _rounds(out)
+    assert [(r["round"], r["sites"], r.get("secagg")) for r in rounds] == [(1, 3, True),
+                                                                           (2, 3, True)]
+    apps.clear_workspace()
+    local = tmp_path / "local"
+    run_federated(load_config(str(config), [f"output_dir={local}", "name=x"]))
+    apps.clear_workspace()
+    a = load_file(str(out / "checkpoint" / "global.safetensors"))
+    b = load_file(str(local / "x" / "checkpoint" / "global.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_superlink_crash_then_resume_equals_the_uninterrupted_run(
     federation: LocalFederation, tiny_models: dict[str, str], tmp_path: Path

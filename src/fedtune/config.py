@@ -216,6 +216,15 @@ class FederatedConfig:
     dp_delta: float = 1e-5
     dp_clip: float = 1.0
     """L2 bound of one site's update under DP (all trainable tensors together)."""
+    secagg: bool = False
+    """Secure aggregation (Flower's SecAgg+): the server sees only the sum of the sites'
+    states, never one site's (fedavg/fedprox, fp32 transport, at least 2 sites)."""
+    secagg_shares: float = 1.0
+    """SecAgg+: share of the round's sites each site's secret is split among."""
+    secagg_threshold: float = 0.67
+    """SecAgg+: share of those shares needed to rebuild a secret (tolerates dropouts)."""
+    secagg_clip: float = 8.0
+    """SecAgg+: state values are clipped to +-this before quantization."""
     attack: Literal["none", "nan", "inf", "shape", "oversize", "scale", "signflip",
                     "labelflip"] = "none"
     """Simulated misbehaving sites, for robustness experiments (never on by default):

@@ -258,6 +258,9 @@ def defences_section(s: dict[str, Any]) -> str:
     lines = ["", "## Defences", "",
              f"- update validation (always on): {d['validation']}; {norm}",
              f"- aggregation: `{d['strategy']}`{tolerates}"]  # fmt: skip
+    if d.get("secagg"):
+        lines.append("- **secure aggregation (SecAgg+)**: the server saw only the sum of the "
+                     "sites' states; their updates could not be validated one by one")
     if s.get("clipped"):
         lines.append(f"- updates clipped to the norm bound: {s['clipped']}")
     if d.get("attack", "none") != "none":

@@ -45,6 +45,7 @@ from fedtune.federated.attacks import attack_message, attack_state, attacks, fli
 from fedtune.federated.partition import Partition, Site, make_site, partition_examples
 from fedtune.federated.privacy import CLIPPING_NORM, UNIT_WEIGHT, clip_update
 from fedtune.federated.scaffold import CONTROL, correction, site_controls, update_site_control
+from fedtune.federated.secagg import fitins_as_message, is_legacy_fit, reply_as_fitres, secagg_mod
 from fedtune.federated.wire import (
     LAYOUT,
     arrays_of,
@@ -290,10 +291,15 @@ def _site(context: Context) -> tuple[RunConfig, Workspace, int, Site]:
     return cfg, ws, pid, ws.partition.sites[pid]
 
 
-@client_app.train()
+@client_app.train(mods=[secagg_mod])
 def site_train(msg: Message, context: Context) -> Message:
     """One round at one site: load the global state, train locally, send back the
-    trainable state and the number of examples it was trained on."""
+    trainable state and the number of examples it was trained on. Under SecAgg+
+    (`federated.secagg`) Flower's mod runs the protocol and calls this with the
+    collect stage's FitIns; the reply is the FitRes it masks."""
+    if is_legacy_fit(msg):
+        inner = fitins_as_message(msg)
+        return reply_as_fitres(site_train(inner, context), msg, str(config_of(inner)[LAYOUT]))
     cfg, ws, pid, site = _site(context)
     fed, model = cfg.federated, ws.model
     if isinstance(model, Knn):

@@ -296,7 +296,7 @@ def _defences(cfg: RunConfig) -> dict[str, Any]:
     out: dict[str, Any] = {
         "validation": "size, layout, finite values and example count of every update",
         "update_norm": fed.update_norm, "update_norm_action": fed.update_norm_action,
-        "strategy": fed.strategy, "dp": fed.dp, "attack": fed.attack,
+        "strategy": fed.strategy, "dp": fed.dp, "attack": fed.attack, "secagg": fed.secagg,
     }  # fmt: skip
     if fed.strategy in ("krum", "multikrum", "bulyan"):
         out["malicious"] = fed.malicious

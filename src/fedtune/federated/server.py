@@ -52,7 +52,8 @@ from fedtune.federated.attacks import check_attack
 from fedtune.federated.grid import NO_REPLY, exchange
 from fedtune.federated.privacy import UNIT_WEIGHT, PrivateStrategy, wrap
 from fedtune.federated.scaffold import Scaffold
-from fedtune.federated.screen import screen, size_limit
+from fedtune.federated.screen import Screened, screen, size_limit
+from fedtune.federated.secagg import check_secagg, secure_round
 from fedtune.federated.wire import (
     LAYOUT,
     decode_state,
@@ -76,6 +77,7 @@ def build_strategy(fed: FederatedConfig, lr: float, method: str = "") -> Strateg
     the run's method, checked against strategies that need gradient steps), wrapped in
     Flower's differential-privacy wrapper with `fed.dp`."""
     check_attack(fed)
+    check_secagg(fed, method)
     if fed.dp == "off":
         return _base_strategy(fed, lr, method)
     if fed.strategy not in ("fedavg", "fedprox"):
@@ -432,6 +434,11 @@ def run_server(
         console.print(f"differential privacy ({fed.dp}-side clipping to {fed.dp_clip:g}): "
                       f"noise multiplier {strategy.noise_multiplier:.4g}, delta {fed.dp_delta:g}")
     limit_states = 2 if isinstance(strategy, Scaffold) else 1
+    # SecAgg+: a site's weight is its number of examples, quantized relative to the largest.
+    max_weight = float(max((len(s.train) for s in ws.partition.sites), default=1000))
+    if fed.secagg:
+        console.print("secure aggregation (SecAgg+): the server sees only the sum of the "
+                      "sites' states")  # fmt: skip
     # node id -> site name: given in process, else learnt from the sites' replies
     names: dict[int, str] = dict(site_names or {})
     t_start = time.perf_counter() - state.seconds
@@ -457,67 +464,75 @@ def run_server(
         if state.stopped_early:
             break
         t_round = time.perf_counter()
-        train_msgs = list(strategy.configure_train(rnd, arrays, ConfigRecord(), grid))
-        for msg in train_msgs:  # a site's share of a global objective (features: L2 weight)
-            msg.content.config_records["config"]["sites-in-round"] = len(train_msgs)
-        _set_payload(train_msgs, arrays, fed.transport,
-                     strategy.train_payload() if isinstance(strategy, Scaffold) else None)
-        # Where a round's time goes: the exchange (push, the sites' work, replies as
-        # they came) and the server's own work (validation).
-        timing: dict[str, Any] = {}
-        t_send = time.perf_counter()
-        replies = _send(grid, train_msgs, state, rnd, "train", fed.transport, fed.timeout,
-                        names, timing)  # fmt: skip
-        timing["exchange"] = time.perf_counter() - t_send
-        ok = [r for r in replies if not r.has_error()]
-        record: dict[str, Any] = {"round": rnd, "sampled": len(train_msgs)}
-        failed = _record_failures(record, "failed", replies, names, console, "dropped out")
-        screened = screen(ok, arrays, fed, names, size_limit(fed, arrays, limit_states))
-        ok = screened.accepted
-        record |= {"sites": len(ok), "rejected": screened.rejected, "clipped": screened.clipped,
-                   "update_norms": screened.norms}  # fmt: skip
-        for site, reason in screened.rejected.items():
-            console.print(f"[yellow]round {rnd}: update of site {escape(site)} rejected:[/] "
-                          f"{escape(reason)}")  # fmt: skip
-        if len(ok) < max(1, fed.min_sites):
-            record["abandoned"] = True
-            problems = failed | screened.rejected
-            console.print(
-                f"[yellow]round {rnd}: {len(ok)} of {len(train_msgs)} sites sent an accepted "
-                f"update, fewer than federated.min_sites = {fed.min_sites}; round abandoned, "
-                f"global state unchanged[/] {escape(str(problems))}"
-            )
-            if not ok and replies and len(problems) == len(replies) and rnd == 1:
-                raise ConfigError(f"every site failed in round 1: {problems}")
+        record: dict[str, Any]
+        timing: dict[str, Any]
+        if fed.secagg:
+            arrays, record, timing = _secure_round(grid, rnd, arrays, fed, state, console,
+                                                   max_weight)  # fmt: skip
+            screened = Screened([])
         else:
-            new_arrays, train_metrics = strategy.aggregate_train(rnd, ok)
-            if new_arrays is None:
+            train_msgs = list(strategy.configure_train(rnd, arrays, ConfigRecord(), grid))
+            for msg in train_msgs:  # a site's share of a global objective (features: L2 weight)
+                msg.content.config_records["config"]["sites-in-round"] = len(train_msgs)
+            _set_payload(train_msgs, arrays, fed.transport,
+                         strategy.train_payload() if isinstance(strategy, Scaffold) else None)
+            # Where a round's time goes: the exchange (push, the sites' work, replies as
+            # they came) and the server's own work (validation).
+            timing = {}
+            t_send = time.perf_counter()
+            replies = _send(grid, train_msgs, state, rnd, "train", fed.transport, fed.timeout,
+                            names, timing)  # fmt: skip
+            timing["exchange"] = time.perf_counter() - t_send
+            ok = [r for r in replies if not r.has_error()]
+            record = {"round": rnd, "sampled": len(train_msgs)}
+            failed = _record_failures(record, "failed", replies, names, console, "dropped out")
+            screened = screen(ok, arrays, fed, names, size_limit(fed, arrays, limit_states))
+            ok = screened.accepted
+            record |= {"sites": len(ok), "rejected": screened.rejected, "clipped": screened.clipped,
+                       "update_norms": screened.norms}  # fmt: skip
+            for site, reason in screened.rejected.items():
+                console.print(f"[yellow]round {rnd}: update of site {escape(site)} rejected:[/] "
+                              f"{escape(reason)}")  # fmt: skip
+            if len(ok) < max(1, fed.min_sites):
                 record["abandoned"] = True
-                why = ("differential privacy aggregates a round only when every sampled site's "
-                       "update is accepted" if isinstance(strategy, PrivateStrategy)
-                       else f"{fed.strategy} had too few updates to aggregate")  # fmt: skip
-                console.print(f"[yellow]round {rnd}: round abandoned, global state unchanged "
-                              f"({why})[/]")  # fmt: skip
+                problems = failed | screened.rejected
+                console.print(
+                    f"[yellow]round {rnd}: {len(ok)} of {len(train_msgs)} sites sent an accepted "
+                    f"update, fewer than federated.min_sites = {fed.min_sites}; round abandoned, "
+                    f"global state unchanged[/] {escape(str(problems))}"
+                )
+                if not ok and replies and len(problems) == len(replies) and rnd == 1:
+                    raise ConfigError(f"every site failed in round 1: {problems}")
             else:
-                # Flower averages in float64; the global state is fp32 (as trained,
-                # sent and checkpointed), so a resumed run continues bit for bit.
-                arrays = encode_state(decode_state(new_arrays))
-            if train_metrics is not None:
-                record["train_loss"] = float(train_metrics["train_loss"])  # type: ignore[arg-type]
-            if isinstance(strategy, PrivateStrategy):
-                record["epsilon"] = strategy.epsilon()
-                record["noise_multiplier"] = strategy.noise_multiplier
-                state.privacy = strategy.accountant_state()
-            record["site_train_seconds"] = {
-                _site_name(r, r.metadata.src_node_id): metrics_of(r)["train_seconds"] for r in ok
-            }
-            record["site_train_loss"] = {
-                _site_name(r, r.metadata.src_node_id): metrics_of(r)["train_loss"] for r in ok
-            }
-            record["site_examples"] = {
-                _site_name(r, r.metadata.src_node_id): int(metrics_of(r)["num-examples"])
-                for r in ok
-            }
+                new_arrays, train_metrics = strategy.aggregate_train(rnd, ok)
+                if new_arrays is None:
+                    record["abandoned"] = True
+                    why = ("differential privacy aggregates a round only when every sampled site's "
+                           "update is accepted" if isinstance(strategy, PrivateStrategy)
+                           else f"{fed.strategy} had too few updates to aggregate")  # fmt: skip
+                    console.print(f"[yellow]round {rnd}: round abandoned, global state unchanged "
+                                  f"({why})[/]")  # fmt: skip
+                else:
+                    # Flower averages in float64; the global state is fp32 (as trained,
+                    # sent and checkpointed), so a resumed run continues bit for bit.
+                    arrays = encode_state(decode_state(new_arrays))
+                if train_metrics is not None:
+                    record["train_loss"] = float(train_metrics["train_loss"])  # type: ignore[arg-type]
+                if isinstance(strategy, PrivateStrategy):
+                    record["epsilon"] = strategy.epsilon()
+                    record["noise_multiplier"] = strategy.noise_multiplier
+                    state.privacy = strategy.accountant_state()
+                record["site_train_seconds"] = {
+                    _site_name(r, r.metadata.src_node_id): metrics_of(r)["train_seconds"]
+                    for r in ok
+                }
+                record["site_train_loss"] = {
+                    _site_name(r, r.metadata.src_node_id): metrics_of(r)["train_loss"] for r in ok
+                }
+                record["site_examples"] = {
+                    _site_name(r, r.metadata.src_node_id): int(metrics_of(r)["num-examples"])
+                    for r in ok
+                }
         t_val = time.perf_counter()
         m = evaluate_global(arrays)
         timing["validate"] = time.perf_counter() - t_val
@@ -604,6 +619,36 @@ def run_server(
     if out is not None:
         write_checkpoint(out, state, arrays, best, strategy, save_extra)
     return Outcome(state, chosen, test, personalized, ws)
+
+
+def _secure_round(
+    grid: Grid, rnd: int, arrays: ArrayRecord, fed: FederatedConfig, state: FederationState,
+    console: Console, max_weight: float,
+) -> tuple[ArrayRecord, dict[str, Any], dict[str, Any]]:  # fmt: skip
+    """One training round by SecAgg+ (`fedtune.federated.secagg`): the new global state
+    (unchanged if the round failed), the round's record and its timing."""
+    config: dict[str, Any] = {"server-round": rnd, "transport": "fp32",
+                              VERSION_KEY: fedtune.__version__}  # fmt: skip
+    if fed.strategy == "fedprox":
+        config["proximal-mu"] = fed.proximal_mu
+    t0 = time.perf_counter()
+    res = secure_round(grid, rnd, arrays, config, fed, max_weight)
+    timing = {"exchange": time.perf_counter() - t0}
+    record: dict[str, Any] = {"round": rnd, "sampled": res["sampled"], "sites": res["sites"],
+                              "secagg": True, "failed": {}, "rejected": {}}  # fmt: skip
+    for way in ("down", "up"):
+        state.traffic.append({"round": rnd, "kind": "train", "direction": way,
+                              "site": "all sites (SecAgg+, every stage)",
+                              "bytes": res[f"bytes_{way}"],
+                              "payload_bytes": res[f"payload_{way}"]})  # fmt: skip
+    if res["arrays"] is None:
+        record["abandoned"] = True
+        console.print(f"[yellow]round {rnd}: secure aggregation did not complete "
+                      f"({res['sites']} of {res['sampled']} sites); global state "
+                      "unchanged[/]")  # fmt: skip
+        return arrays, record, timing
+    record["train_loss"] = res["train_loss"]
+    return encode_state(decode_state(res["arrays"])), record, timing
 
 
 def _personalize(
