@@ -13,8 +13,9 @@ accuracy against the privacy spent, and every robust rule against Byzantine site
   the median update norm of the non-private run at that site count (recorded by
   fedtune's update validation), a benchmark choice: a real deployment fixes it
   without looking at private updates, or uses adaptive clipping.
-- `dp-lora`: LoRA on MiniLM (the method's defaults), 100 / 10 / 30 sites, 5 rounds of
-  one local epoch at batch 8, the same epsilons and clipping rule.
+- `dp-lora`: LoRA on MiniLM, 100 sites (~18 sentences each), 5 rounds of one local
+  epoch at batch 4, lr 5e-3 (the defaults, batch 8 at lr 2e-3, stayed at the majority
+  class after 5 rounds: 0.6128), the same epsilons and clipping rule.
 
 Each run is one `run_federated` in this process; finished rows are read back from
 --out/rows.jsonl, so the script resumes. Prints Markdown tables and writes
@@ -109,7 +110,7 @@ def dp(out: Path, sites_list: list[int], method: list[str], rounds: int, tag: st
         plain = _run(out, f"{tag}-{sites}-inf", base)
         rows[(sites, math.inf)] = plain
         clip = plain["median_update_norm"]
-        for eps in [e for e in epsilons if e != math.inf]:
+        for eps in sorted((e for e in epsilons if e != math.inf), reverse=True):
             rows[(sites, eps)] = _run(out, f"{tag}-{sites}-eps{eps:g}", [
                 *base, "federated.dp=server", f"federated.dp_epsilon={eps}",
                 f"federated.dp_clip={clip:.6g}"])  # fmt: skip
@@ -163,8 +164,9 @@ def main() -> None:
     elif a.part == "dp":
         dp(a.out, [10, 30, 100], FEATURES, 10, "features", EPSILONS)
     else:
-        lora = ["method.name=lora", "model.name=minilm", "federated.local_batch_size=8"]
-        dp(a.out, [100, 10, 30], lora, 5, "lora", EPSILONS)
+        lora = ["method.name=lora", "model.name=minilm", "federated.local_batch_size=4",
+                "method.lr=0.005"]
+        dp(a.out, [100], lora, 5, "lora", EPSILONS)
 
 
 if __name__ == "__main__":
