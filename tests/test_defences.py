@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +63,23 @@ def _no_screen(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(server, "screen", passthrough)
 
 
+@contextlib.contextmanager
+def _crashing(monkeypatch: pytest.MonkeyPatch, site: str) -> Iterator[None]:
+    """`site`'s training raises (a site that goes down mid-round) while inside."""
+    real = apps.train
+
+    def crashes(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if str(kwargs.get("description", "")).startswith(f"{site} "):
+            raise RuntimeError("down")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(apps, "train", crashes)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(apps, "train", real)
+
+
 @pytest.fixture(scope="module")
 def clean(tiny_models: dict[str, str], tmp_path_factory: pytest.TempPathFactory,
           ) -> tuple[Path, Path, dict[str, torch.Tensor]]:  # fmt: skip
@@ -102,16 +120,8 @@ def test_a_faulty_update_is_rejected_and_the_round_equals_the_site_absent(
 
     # The defended round is exactly FedAvg over the four honest sites: the same as a run
     # in which site-1 crashed.
-    real = apps.train
-
-    def site_1_crashes(*args, **kwargs):  # type: ignore[no-untyped-def]
-        if str(kwargs.get("description", "")).startswith("site-1 "):
-            raise RuntimeError("down")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(apps, "train", site_1_crashes)
-    run_federated(_cfg(tiny_models, table, tmp_path, "name=absent"))
-    monkeypatch.setattr(apps, "train", real)
+    with _crashing(monkeypatch, "site-1"):
+        run_federated(_cfg(tiny_models, table, tmp_path, "name=absent"))
     a, b = _state(tmp_path / "defended"), _state(tmp_path / "absent")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
@@ -419,16 +429,9 @@ def test_secure_aggregation_survives_a_site_dropping_out(
     others' shares of its keys remove its masks (SecAgg+'s threshold), and the round is
     FedAvg over the four others."""
     _, table, _ = clean
-    real = apps.train
-
-    def site_2_crashes(*args, **kwargs):  # type: ignore[no-untyped-def]
-        if str(kwargs.get("description", "")).startswith("site-2 "):
-            raise RuntimeError("down")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(apps, "train", site_2_crashes)
-    run_federated(_cfg(tiny_models, table, tmp_path, "name=secagg", "federated.secagg=true",
-                       "federated.rounds=1"))  # fmt: skip
+    with _crashing(monkeypatch, "site-2"):
+        run_federated(_cfg(tiny_models, table, tmp_path, "name=secagg",
+                           "federated.secagg=true", "federated.rounds=1"))  # fmt: skip
     run_federated(_cfg(tiny_models, table, tmp_path, "name=plain", "federated.rounds=1"))
     (rec,) = _rounds(tmp_path / "secagg")
     assert rec["sites"] == SITES - 1 and not rec.get("abandoned")
