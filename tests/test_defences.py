@@ -432,7 +432,7 @@ def test_secure_aggregation_survives_a_site_dropping_out(
     with _crashing(monkeypatch, "site-2"):
         run_federated(_cfg(tiny_models, table, tmp_path, "name=secagg",
                            "federated.secagg=true", "federated.rounds=1"))  # fmt: skip
-    run_federated(_cfg(tiny_models, table, tmp_path, "name=plain", "federated.rounds=1"))
+        run_federated(_cfg(tiny_models, table, tmp_path, "name=plain", "federated.rounds=1"))
     (rec,) = _rounds(tmp_path / "secagg")
     assert rec["sites"] == SITES - 1 and not rec.get("abandoned")
     a, b = _state(tmp_path / "secagg"), _state(tmp_path / "plain")
