@@ -211,7 +211,8 @@ def secagg(out: Path, rounds: int = 4) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("part", choices=["robust", "dp", "dp-lora", "dp-head", "dp-head5", "secagg"])
+    p.add_argument("part", choices=["robust", "dp", "dp-lora", "dp-lora10", "dp-head",
+                                    "dp-head5", "secagg"])
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -231,10 +232,13 @@ def main() -> None:
         secagg(a.out)
     elif a.part == "dp":
         dp(a.out, [10, 30, 100], FEATURES, 10, "features", EPSILONS)
-    else:
+    else:  # dp-lora (100 sites) or dp-lora10 (the same recipe with 10 sites)
         lora = ["method.name=lora", "model.name=minilm", "federated.local_batch_size=4",
                 "method.lr=0.005"]
-        dp(a.out, [100], lora, 5, "lora", EPSILONS)
+        if a.part == "dp-lora10":
+            dp(a.out, [10], lora, 5, "lora", [8.0, math.inf])
+        else:
+            dp(a.out, [100], lora, 5, "lora", EPSILONS)
 
 
 if __name__ == "__main__":
