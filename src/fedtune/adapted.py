@@ -29,8 +29,21 @@ META_FILE = "fedtune.json"
 
 
 def make_formulation(
-    kind: Kind, tokenizer: PreTrainedTokenizerBase, labels: tuple[str, ...], cfg: ModelConfig
-) -> Formulation:
+    kind: Kind, tokenizer: PreTrainedTokenizerBase, labels: tuple[str, ...], cfg: ModelConfig,
+    task: str = "classification",
+) -> Formulation:  # fmt: skip
+    """The task as this kind of model poses it: a classifier head or label words for
+    classification, instruction -> response language modelling for generation."""
+    if task == "generation":
+        if kind == "encoder":
+            raise ConfigError(
+                f"data.task=generation needs a decoder (a causal LM); {cfg.name!r} is an "
+                "encoder. Use e.g. --model smollm2 (`fedtune models`)"
+            )
+        from fedtune.generate import InstructionLM
+
+        return InstructionLM(tokenizer, labels, cfg.max_length, cfg.prompt_template, cfg.chat,
+                             cfg.max_target_length)  # fmt: skip
     if kind == "encoder":
         return HeadClassifier(tokenizer, labels, cfg.max_length)
     return GenerativeClassifier(tokenizer, labels, cfg.max_length, cfg.template, cfg.label_words)
@@ -55,6 +68,7 @@ class AdaptedModel:
         method_cfg: MethodConfig,
         labels: tuple[str, ...],
         seed: int = 0,
+        task: str = "classification",
     ) -> AdaptedModel:
         """Load the base model and apply the method. `seed` fixes the random
         initialisation of new heads and adapters."""
@@ -62,7 +76,7 @@ class AdaptedModel:
             detect_kind(load_config(model_cfg.name)) if model_cfg.kind == "auto" else model_cfg.kind
         )
         tokenizer = load_tokenizer(model_cfg.name, kind)
-        formulation = make_formulation(kind, tokenizer, labels, model_cfg)
+        formulation = make_formulation(kind, tokenizer, labels, model_cfg, task)
         torch.manual_seed(seed)
         base = load_base_model(model_cfg.name, kind, labels)
         n_base = sum(p.numel() for p in base.parameters())
@@ -117,8 +131,31 @@ class AdaptedModel:
         return out
 
     def predict(self, texts: list[str], batch_size: int = 64) -> list[str]:
+        """Classification: the label of each text; generation: the generated answer to
+        each instruction (see `generate` for contexts)."""
+        if self.task == "generation":
+            return self.generate(texts, batch_size=batch_size)
         scores = self.predict_scores(texts, batch_size)
         return [self.labels[i] for i in scores.argmax(-1)]
+
+    @property
+    def task(self) -> str:
+        return self.formulation.task
+
+    def generate(
+        self, instructions: list[str], contexts: list[str] | None = None, batch_size: int = 16,
+        bf16: bool = False, max_new_tokens: int = 0,
+    ) -> list[str]:  # fmt: skip
+        """Greedy answers of a generation model (`model.max_new_tokens` tokens at most)."""
+        from fedtune.generate import InstructionLM, generate_texts
+
+        form = self.formulation
+        if not isinstance(form, InstructionLM):
+            raise ConfigError("this model classifies; it was not trained to generate answers")
+        prompts = form.prompt_ids(instructions, contexts or [""] * len(instructions))
+        return generate_texts(self.module, self.tokenizer, prompts,
+                              max_new_tokens or self.model_config.max_new_tokens, batch_size,
+                              bf16)  # fmt: skip
 
     # --- save / load ------------------------------------------------------------
 
@@ -129,6 +166,7 @@ class AdaptedModel:
         self.tokenizer.save_pretrained(out)
         meta: dict[str, Any] = {
             "format": 1,
+            "task": self.task,
             "kind": self.kind,
             "labels": list(self.labels),
             "model": asdict(self.model_config),
@@ -158,7 +196,8 @@ class AdaptedModel:
             src, kind, lambda: load_base_model(model_cfg.name, kind, labels), trainable
         )
         module.eval()
-        formulation = make_formulation(kind, tokenizer, labels, model_cfg)
+        formulation = make_formulation(kind, tokenizer, labels, model_cfg,
+                                       meta.get("task", "classification"))  # fmt: skip
         return cls(
             module, tokenizer, formulation, method, model_cfg, kind, labels, meta["base_parameters"]
         )

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import inspect
 from abc import ABC, abstractmethod
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,9 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from fedtune.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fedtune.data.sources import Example
 
 Feature = dict[str, Any]
 
@@ -33,12 +37,20 @@ def to_device(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tenso
 
 
 class Formulation(ABC):
+    task: ClassVar[str] = "classification"
+    """The task this formulation poses (fedtune.evaluate picks the metrics by it)."""
+
     def __init__(
         self, tokenizer: PreTrainedTokenizerBase, labels: tuple[str, ...], max_length: int
     ):
         self.tokenizer = tokenizer
         self.labels = labels
         self.max_length = max_length
+
+    def encode_examples(self, examples: Sequence[Example]) -> list[Feature]:
+        """Labelled examples -> features (what every regime calls)."""
+        index = {label: i for i, label in enumerate(self.labels)}
+        return self.encode([e.text for e in examples], [index[e.label] for e in examples])
 
     @abstractmethod
     def encode(self, texts: list[str], labels: list[int] | None = None) -> list[Feature]:
@@ -94,7 +106,64 @@ class HeadClassifier(Formulation):
         return torch.stack([loss_sum, n]), logits.log_softmax(-1)
 
 
-class GenerativeClassifier(Formulation):
+class CausalLMFormulation(Formulation):
+    """What every decoder formulation shares: right-padded batches of token ids with a
+    `prompt_len`, and a loss on the tokens after the prompt (a label word, or a whole
+    response for generation)."""
+
+    def _pad(self, seqs: list[list[int]]) -> tuple[Tensor, Tensor]:
+        width = max(len(s) for s in seqs)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+        return ids, mask
+
+    @staticmethod
+    def _last_logits(model: nn.Module, ids: Tensor, mask: Tensor, first: int) -> Tensor:
+        """Next-token logits at positions first..T-1 of `ids` -> [B, T - first, V].
+
+        The LM head runs only there (transformers' `logits_to_keep`, the last
+        K positions): label tokens sit at the end of each prompt, so with length
+        bucketing K is a few positions, not T. On small LMs the head is a large
+        share of the compute (Gemma 3 270M: a 262k x 640 head, more multiply-adds per
+        token than its transformer layers) and of the memory ([B, T, V] logits).
+        Models whose forward has no `logits_to_keep` compute every position.
+        Prompt-learning methods prepend virtual tokens; the last T positions are the
+        real ones either way."""
+        width = ids.shape[1]
+        if _keeps_logits(model):
+            logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=width - first).logits
+            return logits[:, -(width - first) :]
+        return model(input_ids=ids, attention_mask=mask).logits[:, -width:][:, first:]
+
+    @classmethod
+    def _target_logprobs(cls, model: nn.Module, ids: Tensor, mask: Tensor, tmask: Tensor) -> Tensor:
+        """log p(ids[:, t] | ids[:, :t]) at the target positions (tmask [B, T-1]) -> [N]."""
+        cols = tmask.any(0).nonzero()
+        first = int(cols[0]) if len(cols) else tmask.shape[1] - 1
+        logits = cls._last_logits(model, ids, mask, first)  # positions first..T-1
+        # Only the N target positions get a softmax over the vocabulary ([N, V], not
+        # [B, T, V]: 150k-token vocabularies are large).
+        picked = logits[:, :-1][tmask[:, first:]].float()
+        return picked.log_softmax(-1).gather(-1, ids[:, 1:][tmask][:, None]).squeeze(-1)
+
+    def _target_mask(self, batch: dict[str, Tensor]) -> Tensor:
+        """[B, T-1]: True where the next token is a target token."""
+        ids, mask, plen = batch["input_ids"], batch["attention_mask"], batch["prompt_len"]
+        pos = torch.arange(1, ids.shape[1], device=ids.device)[None, :]
+        return (pos >= plen[:, None]) & mask[:, 1:].bool()
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        """Mean negative log-likelihood per target token of the batch."""
+        tmask = self._target_mask(batch)
+        logp = self._target_logprobs(model, batch["input_ids"], batch["attention_mask"], tmask)
+        return -logp.mean()
+
+
+class GenerativeClassifier(CausalLMFormulation):
     def __init__(
         self,
         tokenizer: PreTrainedTokenizerBase,
@@ -165,16 +234,6 @@ class GenerativeClassifier(Formulation):
             feats.append(f)
         return feats
 
-    def _pad(self, seqs: list[list[int]]) -> tuple[Tensor, Tensor]:
-        width = max(len(s) for s in seqs)
-        pad = self.tokenizer.pad_token_id
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
-        return ids, mask
-
     def collate(self, features: list[Feature]) -> dict[str, Tensor]:
         ids, mask = self._pad([f["input_ids"] for f in features])
         batch = {
@@ -185,46 +244,6 @@ class GenerativeClassifier(Formulation):
         if "labels" in features[0]:
             batch["labels"] = torch.tensor([f["labels"] for f in features])
         return batch
-
-    @staticmethod
-    def _last_logits(model: nn.Module, ids: Tensor, mask: Tensor, first: int) -> Tensor:
-        """Next-token logits at positions first..T-1 of `ids` -> [B, T - first, V].
-
-        The LM head runs only there (transformers' `logits_to_keep`, the last
-        K positions): label tokens sit at the end of each prompt, so with length
-        bucketing K is a few positions, not T. On small LMs the head is a large
-        share of the compute (Gemma 3 270M: a 262k x 640 head, more multiply-adds per
-        token than its transformer layers) and of the memory ([B, T, V] logits).
-        Models whose forward has no `logits_to_keep` compute every position.
-        Prompt-learning methods prepend virtual tokens; the last T positions are the
-        real ones either way."""
-        width = ids.shape[1]
-        if _keeps_logits(model):
-            logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=width - first).logits
-            return logits[:, -(width - first) :]
-        return model(input_ids=ids, attention_mask=mask).logits[:, -width:][:, first:]
-
-    @classmethod
-    def _target_logprobs(cls, model: nn.Module, ids: Tensor, mask: Tensor, tmask: Tensor) -> Tensor:
-        """log p(ids[:, t] | ids[:, :t]) at the label positions (tmask [B, T-1]) -> [N]."""
-        cols = tmask.any(0).nonzero()
-        first = int(cols[0]) if len(cols) else tmask.shape[1] - 1
-        logits = cls._last_logits(model, ids, mask, first)  # positions first..T-1
-        # Only the N label positions get a softmax over the vocabulary ([N, V], not
-        # [B, T, V]: 150k-token vocabularies are large).
-        picked = logits[:, :-1][tmask[:, first:]].float()
-        return picked.log_softmax(-1).gather(-1, ids[:, 1:][tmask][:, None]).squeeze(-1)
-
-    def _target_mask(self, batch: dict[str, Tensor]) -> Tensor:
-        """[B, T-1]: True where the next token is a label token."""
-        ids, mask, plen = batch["input_ids"], batch["attention_mask"], batch["prompt_len"]
-        pos = torch.arange(1, ids.shape[1], device=ids.device)[None, :]
-        return (pos >= plen[:, None]) & mask[:, 1:].bool()
-
-    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-        tmask = self._target_mask(batch)
-        logp = self._target_logprobs(model, batch["input_ids"], batch["attention_mask"], tmask)
-        return -logp.mean()
 
     def evaluate(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         ids, mask, plen = batch["input_ids"], batch["attention_mask"], batch["prompt_len"]

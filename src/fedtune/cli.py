@@ -392,9 +392,12 @@ def predict_cmd(
     input: Annotated[Path | None, typer.Option("--input", help="CSV/TSV/JSONL/Parquet.")] = None,
     output: Annotated[Path | None, typer.Option(help="Where to write predictions.")] = None,
     text_column: Annotated[str, typer.Option(help="Column of --input holding the text.")] = "text",
+    context_column: Annotated[str, typer.Option(
+        help="Generation: column of --input holding each question's context.")] = "",
     batch_size: int = 64,
 ) -> None:
-    """Predict labels with a saved run, for --text or an --input file."""
+    """Predict labels (or, for a generation run, answers) with a saved run, for --text or
+    an --input file."""
     from fedtune.predict import (
         check_output_path,
         load_predictor,
@@ -413,13 +416,20 @@ def predict_cmd(
         texts, source = list(text or []), None
         if output is not None:
             check_output_path(output)  # before the (slow) model load
+        contexts = None
         if input is not None:
             source, texts = read_texts(input, text_column)
+            if context_column:
+                _, contexts = read_texts(input, context_column, allow_empty=True)
         model = load_predictor(find_model_dir(run_dir))
-        table = predict_table(model, texts, batch_size, source)
+        table = predict_table(model, texts, batch_size, source, contexts)
         if output is not None:
             write_predictions(table, output)
             console.print(f"{len(table)} predictions written to {output}")
+        elif "answer" in table.columns:
+            for row in table.to_dict("records"):
+                console.print(f"[bold]{escape(row['text'])}[/]\n{escape(row['answer'])}",
+                              soft_wrap=True)  # fmt: skip
         else:
             for row in table.to_dict("records"):
                 probs = "  ".join(f"{lab} {row['p_' + lab]:.3f}" for lab in model.labels)

@@ -32,11 +32,16 @@ sites, so that no party needs the TOML file."""
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where the labelled examples come from and how they are split."""
+    """Where the examples come from, what task they pose and how they are split."""
 
-    source: Literal["fpb", "file", "hf"] = "fpb"
-    """`fpb`: Financial PhraseBank; `file`: CSV/TSV/JSONL/Parquet at `path`; `hf`: a
-    Hugging Face `datasets` id in `name` (needs the network)."""
+    task: Literal["classification", "generation"] = "classification"
+    """`classification`: (text, label) examples, scored by accuracy and F1;
+    `generation`: instruction (+ optional context) -> response, trained with a loss on
+    the response tokens and scored on generated text (ROUGE-L, exact match, token F1)."""
+    source: Literal["fpb", "file", "hf", "tatqa"] = "fpb"
+    """`fpb`: Financial PhraseBank; `file`: CSV/TSV/JSON/JSONL/Parquet at `path`; `hf`: a
+    Hugging Face `datasets` id in `name` (needs the network); `tatqa`: TAT-QA's JSON
+    files (a file or a folder; generation task: closed QA over a table and paragraphs)."""
     path: str = ""
     """fpb: a Sentences_*.txt file, the published zip or a folder holding either
     (default: $FEDTUNE_DATA_DIR/financial_phrasebank, else the Hub). file: the table."""
@@ -52,6 +57,21 @@ class DataConfig:
     label_column: str = "label"
     site_column: str = ""
     """file: the column naming each row's site, for `federated.partition = "column"`."""
+    instruction_column: str = ""
+    """generation: the instruction/question column ('' = the first of instruction,
+    question, prompt, text). A `messages` column (chat format) is read instead when there
+    is one: the last user turn is the instruction, the last assistant turn the response."""
+    context_column: str = ""
+    """generation: the optional context column ('' = context or input, if present)."""
+    response_column: str = ""
+    """generation: the target column ('' = the first of response, output, answer, target)."""
+    category_column: str = ""
+    """generation: a category per example ('' = `category` if present; tatqa: the answer
+    type). Metrics are reported per category, splits stratify by it, and `dirichlet`
+    partitioning skews sites by it."""
+    group_column: str = ""
+    """Rows sharing a value here stay in one split (tatqa: the report a question is
+    about, so that no table is in both train and test)."""
     encoding: str = "auto"
     """Text encoding of fpb/file sources; `auto` tries UTF-8, then Latin-1."""
     labels: tuple[str, ...] = ()
@@ -78,11 +98,24 @@ class ModelConfig:
     """`encoder`: classification head on top; `decoder`: generative classifier that
     scores each label word after `template`. `auto` decides from the model config."""
     max_length: int = 64
-    """Maximum tokens of the input text (the template and label word come on top)."""
+    """Maximum tokens of the input text (the template and label word come on top);
+    generation: of instruction + context together, the context cut first."""
     template: str = "Sentence: {text}\nSentiment:"
     """Decoder prompt; `{text}` is replaced by the example. The label word follows."""
     label_words: tuple[str, ...] = ()
     """Decoder: the word generated for each label (default: the label names)."""
+    chat: Literal["auto", "on", "off"] = "auto"
+    """generation: render prompts with the tokenizer's chat template (`auto`: when it
+    has one); `off`: the plain `prompt_template`."""
+    prompt_template: str = (
+        "### Instruction:\n{instruction}\n\n{context}### Response:\n"
+    )
+    """generation without a chat template: `{instruction}` and `{context}` (rendered as
+    "### Context:\n<context>\n\n" when the example has one, else empty)."""
+    max_target_length: int = 128
+    """generation: response tokens trained on (longer responses are cut)."""
+    max_new_tokens: int = 64
+    """generation: tokens generated per answer at evaluation and prediction (greedy)."""
 
 
 @dataclass(frozen=True)

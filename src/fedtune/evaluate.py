@@ -17,37 +17,98 @@ if TYPE_CHECKING:  # avoids an import cycle at runtime
 
 @dataclass
 class Metrics:
+    """A model's scores on a set of examples. `values` are the task's metrics (all in
+    0..1, higher is better): classification accuracy / macro_f1 / weighted_f1,
+    generation rougeL / exact_match / f1; `primary` names the one regimes are ranked
+    by. `loss` is the training objective on the same examples."""
+
     loss: float
-    accuracy: float
-    macro_f1: float
-    weighted_f1: float
     n: int
+    values: dict[str, float] = field(default_factory=dict)
+    primary: str = "accuracy"
     report: dict[str, Any] = field(default_factory=dict)
-    """Per-class precision/recall/F1/support (sklearn's classification_report)."""
+    """Classification: per-class precision/recall/F1/support (sklearn's
+    classification_report). Generation: per-category metrics and counts."""
     confusion: list[list[int]] = field(default_factory=list)
-    """Rows: true label, columns: predicted label, in label order."""
+    """Rows: true label, columns: predicted label, in label order (classification)."""
+    samples: list[dict[str, str]] = field(default_factory=list)
+    """Generation: a few (instruction, reference, prediction) triples for the report."""
 
     def summary(self) -> dict[str, float]:
-        return {
-            "loss": self.loss,
-            "accuracy": self.accuracy,
-            "macro_f1": self.macro_f1,
-            "weighted_f1": self.weighted_f1,
-        }
+        return {"loss": self.loss, **self.values}
+
+    @property
+    def score(self) -> float:
+        """The primary metric (nan when only the loss was computed)."""
+        return self.values.get(self.primary, float("nan"))
+
+    @property
+    def accuracy(self) -> float:
+        return self.values.get("accuracy", float("nan"))
+
+    @property
+    def macro_f1(self) -> float:
+        return self.values.get("macro_f1", float("nan"))
+
+    @property
+    def weighted_f1(self) -> float:
+        return self.values.get("weighted_f1", float("nan"))
+
+    def brief(self) -> str:
+        """The metrics as a short console line, e.g. `acc 0.8761  macro-F1 0.8512`."""
+        return "  ".join(f"{SHORT.get(k, k)} {v:.4f}" for k, v in self.values.items())
+
+
+SHORT = {"accuracy": "acc", "macro_f1": "macro-F1", "weighted_f1": "weighted F1",
+         "rougeL": "ROUGE-L", "exact_match": "EM", "f1": "F1"}  # fmt: skip
+"""Display names of metric keys."""
+
+TASK_METRICS = {"classification": ("accuracy", "macro_f1", "weighted_f1"),
+                "generation": ("rougeL", "exact_match", "f1")}  # fmt: skip
+"""Each task's metrics, the primary (ranking) one first."""
+
+
+def metric_names(rows: list[dict[str, Any]]) -> tuple[str, ...]:
+    """The metrics of run summaries (all of one task; summaries written before tasks
+    existed are classification)."""
+    tasks = {r.get("task", "classification") for r in rows}
+    if len(tasks) > 1:
+        raise ValueError(f"runs of different tasks ({', '.join(sorted(tasks))}) in one table")
+    return TASK_METRICS[tasks.pop() if tasks else "classification"]
+
+
+def val_line(record: dict[str, Any]) -> str:
+    """`  val loss 0.4321  acc 0.8761 ...`: the validation part of a progress line, with
+    whatever metrics the task computed between steps (generation: the loss alone)."""
+    if "val_loss" not in record:
+        return ""
+    rest = "".join(f"  {SHORT.get(k[4:], k[4:])} {v:.4f}" for k, v in record.items()
+                   if k.startswith("val_") and k != "val_loss"
+                   and isinstance(v, float))  # fmt: skip
+    return f"  val loss {record['val_loss']:.4f}{rest}"
+
+
+def test_line(test: Metrics) -> str:
+    """`accuracy 0.8761  macro-F1 0.8512  weighted F1 0.8700` (or the task's metrics)."""
+    names = {**SHORT, "accuracy": "accuracy"}
+    return "  ".join(f"{names.get(k, k)} {v:.4f}" for k, v in test.values.items())
 
 
 def classification_metrics(
     y_true: np.ndarray, y_pred: np.ndarray, labels: tuple[str, ...], loss: float = float("nan")
 ) -> Metrics:
     ids = list(range(len(labels)))
-    return Metrics(
-        loss=loss,
-        accuracy=float(accuracy_score(y_true, y_pred)),
-        macro_f1=float(f1_score(y_true, y_pred, labels=ids, average="macro", zero_division=0)),
-        weighted_f1=float(
+    values = {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "macro_f1": float(f1_score(y_true, y_pred, labels=ids, average="macro", zero_division=0)),
+        "weighted_f1": float(
             f1_score(y_true, y_pred, labels=ids, average="weighted", zero_division=0)
         ),
+    }
+    return Metrics(
+        loss=loss,
         n=len(y_true),
+        values=values,
         report=classification_report(
             y_true, y_pred, labels=ids, target_names=list(labels), output_dict=True, zero_division=0
         ),
@@ -56,25 +117,38 @@ def classification_metrics(
 
 
 @torch.no_grad()
-def evaluate_features(model: AdaptedModel, feats: list[Feature], batch_size: int = 64) -> Metrics:
-    """Loss (the training objective, averaged like in training) and metrics of
-    already-encoded labelled features."""
+def evaluate_features(
+    model: AdaptedModel, feats: list[Feature], batch_size: int = 64, generate: bool = True,
+    bf16: bool = False,
+) -> Metrics:  # fmt: skip
+    """Loss (the training objective, averaged like in training) and the task's metrics
+    of already-encoded labelled features. Generation tasks decode answers only when
+    `generate` (test sets, not the validation checks between steps and rounds, where
+    the loss alone decides); `bf16` autocasts that decoding."""
     order = np.argsort([f["length"] for f in feats], kind="stable")  # less padding
     was_training = model.module.training
     model.module.eval()
     totals = torch.zeros(2, dtype=torch.float64)  # (summed loss, loss units)
     preds = np.zeros(len(feats), dtype=np.int64)
+    classify = model.formulation.task == "classification"
     try:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             batch = to_device(model.formulation.collate([feats[i] for i in idx]), model.device)
             loss_units, scores = model.formulation.evaluate(model.module, batch)
             totals += loss_units.double().cpu()
-            preds[idx] = scores.argmax(-1).cpu().numpy()
+            if classify:
+                preds[idx] = scores.argmax(-1).cpu().numpy()
     finally:
         model.module.train(was_training)
-    y_true = np.array([f["labels"] for f in feats])
     loss = float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
+    if not classify:
+        from fedtune.generate import generation_metrics
+
+        if not generate:
+            return Metrics(loss=loss, n=len(feats), primary="rougeL")
+        return generation_metrics(model, feats, loss, batch_size, bf16)
+    y_true = np.array([f["labels"] for f in feats])
     return classification_metrics(y_true, preds, model.labels, loss)
 
 

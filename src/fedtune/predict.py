@@ -37,7 +37,8 @@ def check_output_path(output: str | Path) -> Path:
     return out
 
 
-def read_texts(path: str | Path, column: str = "text") -> tuple[pd.DataFrame, list[str]]:
+def read_texts(path: str | Path, column: str = "text",
+               allow_empty: bool = False) -> tuple[pd.DataFrame, list[str]]:  # fmt: skip
     p = Path(path)
     if not p.is_file():
         raise DataError(f"input file {p} does not exist")
@@ -51,13 +52,13 @@ def read_texts(path: str | Path, column: str = "text") -> tuple[pd.DataFrame, li
     if column not in df.columns:
         raise DataError(
             f"{p}: no column {column!r}; available: {', '.join(map(str, df.columns))}. "
-            "Choose one with --text-column"
+            "Choose one with --text-column (or --context-column)"
         )
     if df.empty:
         raise DataError(f"{p}: no rows to predict")
     texts = ["" if v is None else str(v) for v in df[column].tolist()]
     for i, t in enumerate(texts):
-        if not t.strip():
+        if not t.strip() and not allow_empty:
             row = i + 2 if p.suffix.lower() in (".csv", ".tsv") else i + 1
             where = "line" if p.suffix.lower() in (".csv", ".tsv") else "record"
             raise DataError(f"{p}: {where} {row}: empty {column!r}; remove the row or fill it")
@@ -69,9 +70,23 @@ def predict_table(
     texts: list[str],
     batch_size: int = 64,
     source: pd.DataFrame | None = None,
+    contexts: list[str] | None = None,
 ) -> pd.DataFrame:
-    """`text`, `label` and one `p_<label>` column per label; with `source` (the
-    input table), its other columns come first, so ids travel with predictions."""
+    """Classification: `text`, `label` and one `p_<label>` column per label.
+    Generation: `text` and the generated `answer` (to the text and its context, if
+    given). With `source` (the input table), its other columns come first, so ids
+    travel with predictions."""
+    if model.task == "generation":
+        if isinstance(model, AdaptedModel):
+            answers = model.generate(texts, contexts, batch_size=min(batch_size, 16))
+        else:
+            from fedtune.data import Example
+
+            ctx = contexts or [""] * len(texts)
+            answers = model.answer([Example(t, "", context=c)  # type: ignore[attr-defined]
+                                    for t, c in zip(texts, ctx, strict=True)])  # fmt: skip
+        out = pd.DataFrame({"text": texts, "answer": answers})
+        return _with_source(out, source)
     if isinstance(model, AdaptedModel):
         scores = model.predict_scores(texts, batch_size)
     else:
@@ -88,6 +103,10 @@ def predict_table(
     out = pd.DataFrame({"text": texts, "label": labels})
     for k, name in enumerate(model.labels):
         out[f"p_{name}"] = probs[:, k].round(6)
+    return _with_source(out, source)
+
+
+def _with_source(out: pd.DataFrame, source: pd.DataFrame | None) -> pd.DataFrame:
     if source is not None:
         rest = source.drop(columns=[c for c in source.columns if c in out.columns])
         out = pd.concat([rest.reset_index(drop=True), out], axis=1)

@@ -19,7 +19,7 @@ from fedtune.adapted import AdaptedModel
 from fedtune.config import MethodConfig, RunConfig, method_config
 from fedtune.data import Example, Splits, make_splits
 from fedtune.data.sources import fpb_file_agreement
-from fedtune.evaluate import Metrics, evaluate_features
+from fedtune.evaluate import Metrics, evaluate_features, test_line, val_line
 from fedtune.methods import FrozenMethod, get_method, is_frozen
 from fedtune.methods.frozen import EmbeddingMethod
 from fedtune.report import write_run_report
@@ -37,8 +37,7 @@ from fedtune.train import train
 
 
 def encode(model: AdaptedModel, examples: list[Example]) -> list[dict[str, Any]]:
-    index = {label: i for i, label in enumerate(model.labels)}
-    return model.formulation.encode([e.text for e in examples], [index[e.label] for e in examples])
+    return model.formulation.encode_examples(examples)
 
 
 def describe_data(cfg: RunConfig) -> str:
@@ -69,7 +68,8 @@ def run_centralized(
     # Everything a user can get wrong is checked before anything is written.
     final = final_run_dir(cfg)
     splits = splits or make_splits(cfg.data)
-    model = AdaptedModel.build(cfg.model, cfg.method, splits.labels, seed=cfg.seed)
+    model = AdaptedModel.build(cfg.model, cfg.method, splits.labels, seed=cfg.seed,
+                               task=cfg.data.task)  # fmt: skip
     train_feats = encode(model, splits.train)
     val_feats = encode(model, splits.validation) if splits.validation else None
     test_feats = encode(model, splits.test)
@@ -85,22 +85,17 @@ def run_centralized(
 
         def on_eval(record: dict[str, Any]) -> None:
             append_jsonl(metrics_path, {"event": "eval", **record})
-            val = (
-                f"  val loss {record['val_loss']:.4f}  acc {record['val_accuracy']:.4f}  "
-                f"macro-F1 {record['val_macro_f1']:.4f}"
-                if "val_loss" in record
-                else ""
-            )
             console.print(
                 f"  step {record['step']:>5}  epoch {record['epoch']:.2f}  "
-                f"train loss {record['train_loss']:.4f}{val}"
+                f"train loss {record['train_loss']:.4f}{val_line(record)}"
             )
 
         result = train(
             model, train_feats, val_feats, cfg.train, cfg.method.lr, cfg.seed, on_eval,
             description=cfg.method_name,
         )  # fmt: skip
-        test = evaluate_features(model, test_feats, cfg.train.eval_batch_size)
+        test = evaluate_features(model, test_feats, cfg.train.eval_batch_size,
+                                 bf16=cfg.train.bf16)  # fmt: skip
         model.save(run_dir / MODEL_DIR)
         training = {
             "steps": result.steps,
@@ -149,8 +144,11 @@ def _finish(
         "trainable_percent": 100 * n_train / max(1, n_base),
         **training,
         **test.summary(),
+        "task": cfg.data.task,
+        "primary": test.primary,
         "report": test.report,
         "confusion": test.confusion,
+        "samples": test.samples,
         "notes": list(splits.notes) + list(notes or []),
         **(extra or {}),
     }
@@ -164,8 +162,7 @@ def _finish(
 def _announce(console: Console, summary: dict[str, Any], test: Metrics,
               shown_as: Path) -> dict[str, Any]:  # fmt: skip
     console.print(
-        f"[bold green]test[/] accuracy {test.accuracy:.4f}  macro-F1 {test.macro_f1:.4f}  "
-        f"weighted F1 {test.weighted_f1:.4f}  ({summary['wall_seconds']:.0f} s) "
+        f"[bold green]test[/] {test_line(test)}  ({summary['wall_seconds']:.0f} s) "
         f"-> {escape(str(shown_as))}"
     )
     return summary
@@ -186,7 +183,7 @@ def method_configs(
 def build_frozen(cfg: RunConfig, labels: tuple[str, ...]) -> FrozenMethod[Any]:
     cls = get_method(cfg.method_name)
     assert issubclass(cls, FrozenMethod)
-    return cls(cfg.method, cfg.model, labels, seed=cfg.seed)
+    return cls.for_task(cfg.data.task)(cfg.method, cfg.model, labels, seed=cfg.seed)
 
 
 def run_frozen(
@@ -211,7 +208,7 @@ def run_frozen(
         with console.status(f"{cfg.method_name}: fitting on {len(splits.train)} examples"):
             method.fit(splits.train, run_dir / MODEL_DIR, splits.validation)
         history: list[dict[str, Any]] = []
-        if splits.validation:
+        if splits.validation and method.validates:
             with console.status(f"{cfg.method_name}: validation"):
                 val = method.evaluate(splits.validation)
             record = {"step": 0, "epoch": 0.0, "train_loss": float("nan"),

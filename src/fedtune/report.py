@@ -33,11 +33,14 @@ def plot_curves(
     if with_val:
         xs = [r[x] for r in with_val]
         lines += ax.plot(xs, [r["val_loss"] for r in with_val], "s-", label="validation loss")
-        ax2 = ax.twinx()
-        lines += ax2.plot(xs, [r["val_accuracy"] for r in with_val], "^--", color="tab:green",
-                          label="validation accuracy")  # fmt: skip
-        ax2.set_ylabel("accuracy")
-        ax2.set_ylim(0, 1)
+        # The task's main metric when it is computed between steps (classification's
+        # accuracy; generation checks the loss alone there).
+        if all("val_accuracy" in r for r in with_val):
+            ax2 = ax.twinx()
+            lines += ax2.plot(xs, [r["val_accuracy"] for r in with_val], "^--",
+                              color="tab:green", label="validation accuracy")  # fmt: skip
+            ax2.set_ylabel("accuracy")
+            ax2.set_ylim(0, 1)
     ax.set_xlabel("optimizer step" if x == "step" else x)
     ax.set_ylabel("loss")
     ax.set_title(title)
@@ -71,6 +74,30 @@ def _pct(x: float) -> str:
     return f"{x:.4f}"
 
 
+def test_section(m: Metrics, labels: tuple[str, ...]) -> str:
+    """The test set's metrics, their breakdown (per class with the confusion matrix, or
+    per category with generated samples) and the plots that go with them."""
+    from fedtune.evaluate import SHORT
+
+    names = list(m.values)
+    head = "| " + " | ".join(SHORT.get(k, k) for k in names) + " | loss |"
+    row = "| " + " | ".join(_pct(m.values[k]) for k in names) + f" | {m.loss:.4f} |"
+    lines = [head, "|---" * (len(names) + 1) + "|", row, ""]
+    if m.confusion:
+        lines += [metrics_table(m, labels), "", "![confusion matrix](confusion.png)"]
+    if m.report and not m.confusion:
+        lines += ["| category | examples | " + " | ".join(SHORT.get(k, k) for k in names) + " |",
+                  "|---" * (len(names) + 2) + "|"]  # fmt: skip
+        lines += [f"| {c} | {r['n']} | " + " | ".join(_pct(r[k]) for k in names) + " |"
+                  for c, r in m.report.items()]  # fmt: skip
+    if m.samples:
+        lines += ["", "Generated answers (the first test examples):", "",
+                  "| instruction | reference | generated |", "|---|---|---|"]  # fmt: skip
+        lines += [f"| {_cell(x['instruction'])[:300]} | {_cell(x['reference'])[:300]} "
+                  f"| {_cell(x['prediction'])[:300]} |" for x in m.samples]  # fmt: skip
+    return "\n".join(lines)
+
+
 def metrics_table(m: Metrics, labels: tuple[str, ...]) -> str:
     lines = ["| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
     for name in labels:
@@ -94,7 +121,8 @@ def write_run_report(run_dir: Path, summary: dict[str, Any], test: Metrics,
     frozen = summary["kind"] == "frozen"  # no training curve: nothing was trained
     if not frozen:
         plot_curves(history, run_dir / "curves.png", title)
-    plot_confusion(test, labels, run_dir / "confusion.png", f"test, {title}")
+    if test.confusion:
+        plot_confusion(test, labels, run_dir / "confusion.png", f"test, {title}")
     s = summary
     early = " (stopped early)" if s["stopped_early"] else ""
     fitting = (
@@ -125,15 +153,9 @@ def write_run_report(run_dir: Path, summary: dict[str, Any], test: Metrics,
 
 ## Test set
 
-| accuracy | macro-F1 | weighted F1 | loss |
-|---|---|---|---|
-| {_pct(test.accuracy)} | {_pct(test.macro_f1)} | {_pct(test.weighted_f1)} | {test.loss:.4f} |
-
-{metrics_table(test, labels)}
+{test_section(test, labels)}
 
 {"" if frozen else "![training curves](curves.png)"}
-
-![confusion matrix](confusion.png)
 """
     if s.get("notes"):
         text += "\n## Data notes\n\n" + "\n".join(f"- {n}" for n in s["notes"]) + "\n"
@@ -160,7 +182,8 @@ def write_federated_report(
     title = f"{s['method']} on {s['model']}, federated ({s['strategy']})"
     plot_curves(history, run_dir / "rounds.png", title, x="round",
                 train_label="site train loss (mean)")  # fmt: skip
-    plot_confusion(test, labels, run_dir / "confusion.png", f"test, {title}")
+    if test.confusion:
+        plot_confusion(test, labels, run_dir / "confusion.png", f"test, {title}")
     early = " (stopped early)" if s["stopped_early"] else ""
     facts = [
         ("method", f"`{s['method']}`"),
@@ -179,15 +202,17 @@ def write_federated_report(
         ("wall time", f"{s['wall_seconds']:.1f} s"),
     ]  # fmt: skip
     rows = "\n".join(f"| {k} | {v} |" for k, v in facts)
-    per_round = ["| round | sites | train loss | val loss | val accuracy | down | up | s |",
-                 "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    acc = any("val_accuracy" in r for r in history)  # generation checks rounds by loss
+    per_round = ["| round | sites | train loss | val loss | " + ("val accuracy | " if acc else "")
+                 + "down | up | s |", "|---|---|---|---|---|---|---|" + ("---|" if acc else "")]
     for r in history:
         if r["round"] == 0:
             continue
         per_round.append(
             f"| {r['round']} | {r.get('sites', '')}/{r.get('sampled', '')} "
             f"| {r.get('train_loss', float('nan')):.4f} | {r.get('val_loss', float('nan')):.4f} "
-            f"| {_pct(r.get('val_accuracy', float('nan')))} | {_mb(r.get('bytes_down', 0))} "
+            + (f"| {_pct(r.get('val_accuracy', float('nan')))} " if acc else "")
+            + f"| {_mb(r.get('bytes_down', 0))} "
             f"| {_mb(r.get('bytes_up', 0))} | {r.get('seconds', 0):.1f} |"
             + (" abandoned" if r.get("abandoned") else "")
         )
@@ -201,15 +226,9 @@ The global model is the round with the lowest shared validation loss.
 
 ## Test set (global model)
 
-| accuracy | macro-F1 | weighted F1 | loss |
-|---|---|---|---|
-| {_pct(test.accuracy)} | {_pct(test.macro_f1)} | {_pct(test.weighted_f1)} | {test.loss:.4f} |
-
-{metrics_table(test, labels)}
+{test_section(test, labels)}
 
 ![rounds](rounds.png)
-
-![confusion matrix](confusion.png)
 
 ## Rounds
 
@@ -232,18 +251,23 @@ The global model is the round with the lowest shared validation loss.
 
 
 def personalized_table(rows: list[dict[str, Any]]) -> str:
+    """Each site's validation metric (the task's primary one) and loss, global model
+    versus the site's personalized one."""
+    ok = [r for r in rows if "error" not in r]
+    key = next((k for k in ("accuracy", "rougeL") if ok and f"global_val_{k}" in ok[0]), "")
+    name = {"accuracy": "accuracy", "rougeL": "ROUGE-L"}.get(key, "")
+    head = f"| global {name} | personalized {name} " if key else ""
     lines = ["## Global and personalized models (each site's own validation set)", "",
-             "| site | global accuracy | personalized accuracy | global loss | personalized loss |",
-             "|---|---|---|---|---|"]  # fmt: skip
+             f"| site {head}| global loss | personalized loss |",
+             "|---|---|---|" + ("---|---|" if key else "")]  # fmt: skip
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['site']} | failed: {r['error']} | | | |")
+            lines.append(f"| {r['site']} | failed: {r['error']} | |" + (" | |" if key else ""))
             continue
-        lines.append(
-            f"| {r['site']} | {_pct(r['global_val_accuracy'])} | "
-            f"{_pct(r['personal_val_accuracy'])} | {r['global_val_loss']:.4f} | "
-            f"{r['personal_val_loss']:.4f} |"
-        )
+        metric = (f"| {_pct(r[f'global_val_{key}'])} | {_pct(r[f'personal_val_{key}'])} "
+                  if key else "")  # fmt: skip
+        lines.append(f"| {r['site']} {metric}| {r['global_val_loss']:.4f} "
+                     f"| {r['personal_val_loss']:.4f} |")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -36,13 +36,23 @@ _C1 = re.compile("[\u0080-\u009f]")
 
 @dataclass(frozen=True)
 class Example:
-    """One labelled text. `origin` lets every later error or report point at its source."""
+    """One example. `origin` lets every later error or report point at its source.
+
+    Classification: `text` and its `label`. Generation: `text` is the instruction (or
+    question), `context` the optional passage it is about, `response` the target, and
+    `label` the example's category ('' -> "all"): the stratum that splits stratify by,
+    partitions skew by and reports break metrics down by, as a class label is for
+    classification."""
 
     text: str
     label: str
     origin: str = ""
     site: str = ""
     """The site the row belongs to, from `data.site_column` (federated `column` partitioning)."""
+    context: str = ""
+    response: str = ""
+    group: str = ""
+    """Examples sharing a group stay in one split (`data.group_column`)."""
 
 
 # --- decoding ----------------------------------------------------------------------
@@ -335,6 +345,10 @@ def load_hf(
 
 def load_examples(cfg: DataConfig) -> list[Example]:
     """The examples named by a `[data]` config."""
+    if cfg.task == "generation" or cfg.source == "tatqa":
+        from fedtune.data.instructions import load_instructions
+
+        return load_instructions(cfg)
     if cfg.source == "fpb":
         return load_fpb(cfg.path or None, cfg.agreement, cfg.encoding)
     if cfg.source == "file":
@@ -357,7 +371,7 @@ def label_names(examples: Sequence[Example], cfg: DataConfig) -> tuple[str, ...]
             raise DataError(f"data.labels={list(labels)} repeats a label; list each once")
         check_labels(examples, labels)
         return labels
-    if cfg.source == "fpb":
+    if cfg.source == "fpb" and cfg.task == "classification":
         return FPB_LABELS
     return tuple(sorted({e.label for e in examples}))
 

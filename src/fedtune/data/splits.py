@@ -40,18 +40,27 @@ def normalize_text(text: str) -> str:
     return " ".join(text.split())
 
 
+def _key(e: Example) -> str:
+    """Duplicates: the same text (and, for generation, the same context)."""
+    return normalize_text(e.text) + ("\x00" + normalize_text(e.context) if e.context else "")
+
+
 def deduplicate(examples: Sequence[Example]) -> tuple[list[Example], list[str]]:
     """Keep the first occurrence of each sentence. A sentence whose copies carry different
     labels is dropped entirely: there is no way to tell which label is right, and keeping
     one would put a sentence with a contradicting twin into the data."""
     groups: dict[str, list[Example]] = {}
     for e in examples:
-        groups.setdefault(normalize_text(e.text), []).append(e)
-    conflicting = {k for k, g in groups.items() if len({e.label for e in g}) > 1}
+        groups.setdefault(_key(e), []).append(e)
+    # A generation example's label is its category, not an answer: the same question
+    # asked twice keeps its first copy whatever the copies say.
+    conflicting = {
+        k for k, g in groups.items() if len({e.label for e in g}) > 1 and not g[0].response
+    }
     kept: list[Example] = []
     seen: set[str] = set()
     for e in examples:
-        key = normalize_text(e.text)
+        key = _key(e)
         if key in conflicting or key in seen:
             continue
         seen.add(key)
@@ -59,7 +68,9 @@ def deduplicate(examples: Sequence[Example]) -> tuple[list[Example], list[str]]:
     notes: list[str] = []
     same = sum(len(g) - 1 for k, g in groups.items() if k not in conflicting)
     if same:
-        notes.append(f"removed {same} duplicate sentences (same text and label)")
+        what = ("examples (same instruction and context)" if examples[0].response
+                else "sentences (same text and label)")
+        notes.append(f"removed {same} duplicate {what}")
     if conflicting:
         copies = sum(len(groups[k]) for k in conflicting)
         where = ", ".join(e.origin for k in sorted(conflicting) for e in groups[k] if e.origin)
@@ -77,9 +88,36 @@ def _count(share: float, n: int, what: str) -> int:
     return math.ceil(share * n)
 
 
-def _take(
+def _take_groups(
     examples: list[Example], k: int, seed: int, what: str, notes: list[str]
 ) -> tuple[list[Example], list[Example]]:
+    """Whole groups, in a seeded random order, until at least `k` examples are taken:
+    a group (e.g. one report's table) never sits on both sides."""
+    import numpy as np
+
+    by_group: dict[str, list[int]] = {}
+    for i, e in enumerate(examples):
+        by_group.setdefault(e.group or f"\x00{i}", []).append(i)
+    names = sorted(by_group)
+    taken: set[int] = set()
+    for gi in np.random.default_rng(seed).permutation(len(names)):
+        if len(taken) >= k:
+            break
+        taken.update(by_group[names[gi]])
+    if len(taken) >= len(examples):
+        raise DataError(
+            f"{what}: {len(names)} groups (data.group_column) are too few to split off "
+            f"{k} examples and keep some; use more data or smaller shares"
+        )
+    notes.append(f"{what}: {len(taken)} examples from whole groups (no group in two sets)")
+    rest = [e for i, e in enumerate(examples) if i not in taken]
+    return rest, [e for i, e in enumerate(examples) if i in taken]
+
+
+def _take(
+    examples: list[Example], k: int, seed: int, what: str, notes: list[str],
+    grouped: bool = True,
+) -> tuple[list[Example], list[Example]]:  # fmt: skip
     """Split off `k` examples (stratified by label when every class allows it), returning
     (rest, taken). Tiny data sets fall back to a plain seeded split, noted, instead of
     failing, so that smoke runs on a handful of rows still work."""
@@ -92,6 +130,8 @@ def _take(
             f"cannot take {k} {what} examples out of {len(examples)}; use more data or "
             "smaller data.test_size / data.val_size"
         )
+    if grouped and any(e.group for e in examples):
+        return _take_groups(examples, k, seed, what, notes)
     labels = [e.label for e in examples]
     try:
         rest, taken = train_test_split(
@@ -110,7 +150,7 @@ def _take(
 def _limit_train(train: list[Example], limit: int, seed: int, notes: list[str]) -> list[Example]:
     if limit <= 0 or limit >= len(train):
         return train
-    _, kept = _take(train, limit, seed, "train limit", notes)
+    _, kept = _take(train, limit, seed, "train limit", notes, grouped=False)
     notes.append(f"kept a stratified subsample of {limit} of {len(train)} train examples")
     return kept
 

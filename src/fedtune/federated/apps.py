@@ -124,21 +124,20 @@ class Workspace:
             self._embeddings[key] = self.model.embed([e.text for e in examples])
         return self._embeddings[key]
 
-    def evaluate(self, key: str, examples: list[Example]) -> Metrics:
-        """The current model on labelled examples (encoded once per key)."""
+    def evaluate(self, key: str, examples: list[Example], generate: bool = True) -> Metrics:
+        """The current model on labelled examples (encoded once per key). Generation
+        decodes answers only when `generate` (the test set, not every round's check)."""
         if isinstance(self.model, Features | Knn):
             x = self.embeddings(key, examples)
             return self.model.metrics(self.model.scores_of(x), self.model.label_ids(examples))
         return evaluate_features(self.model, self.features(key, examples),
-                                 self.cfg.train.eval_batch_size)  # fmt: skip
+                                 self.cfg.train.eval_batch_size, generate=generate,
+                                 bf16=self.cfg.train.bf16)  # fmt: skip
 
     def features(self, key: str, examples: list[Example]) -> list[Feature]:
         assert isinstance(self.model, AdaptedModel)
         if key not in self._features:
-            index = {label: i for i, label in enumerate(self.model.labels)}
-            self._features[key] = self.model.formulation.encode(
-                [e.text for e in examples], [index[e.label] for e in examples]
-            )
+            self._features[key] = self.model.formulation.encode_examples(examples)
         return self._features[key]
 
 
@@ -234,7 +233,8 @@ def site_workspace(cfg: RunConfig, data_path: str, name: str) -> Workspace:
 def _model(cfg: RunConfig, labels: tuple[str, ...]) -> AdaptedModel | Features | Knn:
     if is_frozen(cfg.method_name):
         return _federable_frozen(cfg, labels)
-    model = AdaptedModel.build(cfg.model, cfg.method, labels, seed=cfg.seed)
+    model = AdaptedModel.build(cfg.model, cfg.method, labels, seed=cfg.seed,
+                               task=cfg.data.task)  # fmt: skip
     model.to(cfg.train.device)
     return model
 
@@ -407,7 +407,7 @@ def _reply_train(msg: Message, ws: Workspace, site: Site, transport: str, train_
 
 def _evaluate_on(ws: Workspace, key: str, examples: list[Example]) -> dict[str, float]:
     m = ws.evaluate(key, examples)
-    return {"val_loss": m.loss, "val_accuracy": m.accuracy, "val_macro_f1": m.macro_f1}
+    return {f"val_{k}": v for k, v in m.summary().items()}
 
 
 @client_app.evaluate()

@@ -33,6 +33,7 @@ from rich.console import Console
 from fedtune.config import REGIMES, FederatedConfig, RunConfig
 from fedtune.data import Splits, make_splits
 from fedtune.errors import ConfigError
+from fedtune.evaluate import SHORT, metric_names
 from fedtune.federated.partition import partition_examples
 from fedtune.federated.runner import run_federated
 from fedtune.federated.server import build_strategy, checkpoint_state, find_checkpoint
@@ -319,44 +320,47 @@ def write_seeds_report(out: Path, per_seed: dict[int, list[dict[str, Any]]],
     for seed, rows in per_seed.items():
         for r in rows:
             groups.setdefault((r["method"], r["regime"], r["site"]), {})[seed] = r
+    names = metric_names([r for rows in per_seed.values() for r in rows])
+    top = names[0]
+    label = {**SHORT, "accuracy": "accuracy"}
     lines = [
         f"# {title}", "",
         f"Seeds {', '.join(map(str, seeds))}: each changes model initialisation, data "
         "order and the partition into sites; every seed is tested on the same held-out "
-        "sentences. Accuracy and F1 in points, mean ± sample standard deviation over "
+        "examples. Metrics in points, mean ± sample standard deviation over "
         "seeds. Each seed's own report: " + ", ".join(f"[seed {s}](seed-{s}/report.md)"
                                                       for s in seeds) + ".", "",
-        "| method | regime | site | seeds | accuracy | macro-F1 | weighted F1 | min–max accuracy |",
+        "| method | regime | site | seeds | " + " | ".join(label[k] for k in names)
+        + f" | min–max {label[top]} |",
         "|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for (method, regime, site), by_seed in groups.items():
-        acc = [r["accuracy"] for r in by_seed.values()]
+        acc = [r[top] for r in by_seed.values()]
         lines.append(
-            f"| {method} | {regime} | {site} | {len(by_seed)} | {_pm(acc)} "
-            f"| {_pm([r['macro_f1'] for r in by_seed.values()])} "
-            f"| {_pm([r['weighted_f1'] for r in by_seed.values()])} "
-            f"| {100 * min(acc):.1f}–{100 * max(acc):.1f} |"
+            f"| {method} | {regime} | {site} | {len(by_seed)} | "
+            + " | ".join(_pm([r[k] for r in by_seed.values()]) for k in names)
+            + f" | {100 * min(acc):.1f}–{100 * max(acc):.1f} |"
         )
     gap_lines = []
     for method in dict.fromkeys(m for m, _, _ in groups):
         fed = groups.get((method, "federated", "all"), {})
         cen = groups.get((method, "centralized", "all"), {})
-        local = {s: [g[s]["accuracy"] for (m, reg, _), g in groups.items()
+        local = {s: [g[s][top] for (m, reg, _), g in groups.items()
                      if m == method and reg == "local" and s in g] for s in seeds}  # fmt: skip
-        vs_c = [fed[s]["accuracy"] - cen[s]["accuracy"] for s in seeds if s in fed and s in cen]
-        vs_l = [fed[s]["accuracy"] - max(local[s]) for s in seeds if s in fed and local[s]]
+        vs_c = [fed[s][top] - cen[s][top] for s in seeds if s in fed and s in cen]
+        vs_l = [fed[s][top] - max(local[s]) for s in seeds if s in fed and local[s]]
         if vs_c or vs_l:
             gap_lines.append(f"| {method} | {_pm(vs_c) if vs_c else '-'} "
                              f"| {_pm(vs_l) if vs_l else '-'} |")  # fmt: skip
     if gap_lines:
-        lines += ["", "Paired gaps (same seed), accuracy points:", "",
+        lines += ["", f"Paired gaps (same seed), {label[top]} points:", "",
                   "| method | federated − centralized | federated − best local-only site |",
                   "|---|---|---|", *gap_lines]  # fmt: skip
-    _plot_seeds(groups, out / "seeds.png")
-    lines += ["", "![test accuracy of every seed](seeds.png)", ""]
+    _plot_seeds(groups, out / "seeds.png", top, label[top])
+    lines += ["", f"![test {label[top]} of every seed](seeds.png)", ""]
     write_json(out / "seeds.json", [
         {"method": m, "regime": reg, "site": site, "seed": s,
-         **{k: r[k] for k in ("accuracy", "macro_f1", "weighted_f1")}}
+         **{k: r[k] for k in names}}
         for (m, reg, site), g in groups.items() for s, r in g.items()
     ])  # fmt: skip
     path = out / "report.md"
@@ -365,7 +369,7 @@ def write_seeds_report(out: Path, per_seed: dict[int, list[dict[str, Any]]],
 
 
 def _plot_seeds(groups: dict[tuple[str, str, str], dict[int, dict[str, Any]]],
-                path: Path) -> None:  # fmt: skip
+                path: Path, key: str = "accuracy", name: str = "accuracy") -> None:  # fmt: skip
     methods = list(dict.fromkeys(m for m, _, _ in groups))
     widest = max(sum(1 for k in groups if k[0] == m) for m in methods)
     width = max(4.5, 1.2 + 0.8 * widest)
@@ -374,7 +378,7 @@ def _plot_seeds(groups: dict[tuple[str, str, str], dict[int, dict[str, Any]]],
     for ax, m in zip(axes[0], methods, strict=True):
         keys = [k for k in groups if k[0] == m]
         for x, k in enumerate(keys):
-            acc = [r["accuracy"] for r in groups[k].values()]
+            acc = [r[key] for r in groups[k].values()]
             mean, std = _mean_std(acc)
             ax.scatter([x] * len(acc), acc, s=18, alpha=0.6, color="tab:gray")
             ax.errorbar([x], [mean], yerr=[std], fmt="o", capsize=4,
@@ -383,7 +387,7 @@ def _plot_seeds(groups: dict[tuple[str, str, str], dict[int, dict[str, Any]]],
         ax.set_xticklabels([k[1] if k[2] == "all" else f"local {k[2]}" for k in keys], rotation=30,
                            fontsize=8)  # fmt: skip
         ax.set_title(m)
-        ax.set_ylabel("test accuracy (mean ± sd; dots: seeds)")
+        ax.set_ylabel(f"test {name} (mean ± sd; dots: seeds)")
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -412,20 +416,23 @@ def _plot(curves: dict[str, dict[str, list[tuple[float, float]]]], keep: str, pa
 
 
 def _ranking(rows: list[dict[str, Any]], out: Path) -> list[str]:
-    """Methods ranked by test accuracy per regime, and the cost-versus-quality plot."""
+    """Methods ranked by the task's primary test metric per regime, and the
+    cost-versus-quality plot."""
+    first, second = metric_names(rows)[:2]
     pooled = [r for r in rows if r["regime"] in ("centralized", "federated")]
-    pooled.sort(key=lambda r: (r["regime"], -r["accuracy"]))
+    pooled.sort(key=lambda r: (r["regime"], -r[first]))
     lines = ["## Ranking: quality versus cost", "",
              "Local-only rows are left out (one per site, each on a third of the data).", "",
-             "| rank | regime | method | accuracy | macro-F1 | trainable params "
-             "| bytes total | wall time (s) |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             f"| rank | regime | method | {SHORT.get(first, first)} | {SHORT[second]} "
+             "| trainable params | bytes total | wall time (s) |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     rank, last = 0, ""
     for r in pooled:
         rank = 1 if r["regime"] != last else rank + 1
         last = r["regime"]
         total = f"{r['bytes_total'] / 1e6:.2f} MB" if r["regime"] == "federated" else "-"
-        lines.append(f"| {rank} | {r['regime']} | {r['method']} | {_pct(r['accuracy'])} "
-                     f"| {_pct(r['macro_f1'])} | {r['trainable_parameters']:,} | {total} "
+        lines.append(f"| {rank} | {r['regime']} | {r['method']} | {_pct(r[first])} "
+                     f"| {_pct(r[second])} | {r['trainable_parameters']:,} | {total} "
                      f"| {r['wall_seconds']:.1f} |")  # fmt: skip
     fig, axes = plt.subplots(1, 2, figsize=(11.5, 4.4))
     markers = {"centralized": "o", "federated": "s"}
@@ -435,22 +442,47 @@ def _ranking(rows: list[dict[str, Any]], out: Path) -> list[str]:
                        else None)):  # fmt: skip
             if x is None:
                 continue
-            ax.scatter(max(x, 1e-3), r["accuracy"], marker=markers[r["regime"]], s=45,
+            ax.scatter(max(x, 1e-3), r[first], marker=markers[r["regime"]], s=45,
                        color="tab:blue" if r["regime"] == "centralized" else "tab:orange")
-            ax.annotate(r["method"], (max(x, 1e-3), r["accuracy"]), textcoords="offset points",
+            ax.annotate(r["method"], (max(x, 1e-3), r[first]), textcoords="offset points",
                         xytext=(5, 4), fontsize=8)  # fmt: skip
     axes[0].set_xlabel("wall time, s (log)")
-    axes[0].set_title("accuracy vs compute (o centralized, s federated)")
+    name = SHORT.get(first, first) if first != "accuracy" else "accuracy"
+    axes[0].set_title(f"{name} vs compute (o centralized, s federated)")
     axes[1].set_xlabel("bytes communicated in total, MB (log)")
-    axes[1].set_title("federated: accuracy vs communication")
+    axes[1].set_title(f"federated: {name} vs communication")
     for ax in axes:
         ax.set_xscale("log")
-        ax.set_ylabel("test accuracy")
+        ax.set_ylabel(f"test {name}")
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "ranking.png", dpi=110)
     plt.close(fig)
     return [*lines, "", "![quality versus cost](ranking.png)", ""]
+
+
+def _samples_side_by_side(rows: list[dict[str, Any]]) -> list[str]:
+    """Generation: the first test answers of every regime next to the reference, one
+    table per method (every run is tested on the same examples in the same order)."""
+    from fedtune.report import _cell
+
+    lines: list[str] = []
+    for method in dict.fromkeys(r["method"] for r in rows):
+        runs = [r for r in rows if r["method"] == method and r.get("samples")]
+        if not runs:
+            continue
+        heads = [r["regime"] if r["regime"] != "local" else f"local {r['site']}" for r in runs]
+        lines += [f"## Generated answers side by side: {method}", "",
+                  "| instruction | reference | " + " | ".join(heads) + " |",
+                  "|---" * (len(runs) + 2) + "|"]  # fmt: skip
+        for i, first in enumerate(runs[0]["samples"]):
+            answers = [r["samples"][i]["prediction"] if i < len(r["samples"]) else ""
+                       for r in runs]  # fmt: skip
+            lines.append(f"| {_cell(first['instruction'])[:200]} "
+                         f"| {_cell(first['reference'])[:200]} | "
+                         + " | ".join(_cell(a)[:200] for a in answers) + " |")  # fmt: skip
+        lines.append("")
+    return lines
 
 
 def write_regimes_report(out: Path, rows: list[dict[str, Any]],
@@ -461,6 +493,7 @@ def write_regimes_report(out: Path, rows: list[dict[str, Any]],
     _plot(curves, "local", out / "fig_b_local_vs_federated.png",
           "(b) each local-only site vs the federated global model")  # fmt: skip
     fed = cfg.federated
+    names = metric_names(rows)
     lines = [
         f"# {title}",
         "",
@@ -472,8 +505,9 @@ def write_regimes_report(out: Path, rows: list[dict[str, Any]],
         "epochs or rounds run, and the one with the lowest validation loss (the model that "
         "is tested).",
         "",
-        "| method | regime | site | train examples | trained (best) | accuracy | macro-F1 "
-        "| weighted F1 | trainable params | bytes/site/round down / up | bytes total "
+        "| method | regime | site | train examples | trained (best) | "
+        + " | ".join(SHORT[k] if k != "accuracy" else k for k in names)
+        + " | trainable params | bytes/site/round down / up | bytes total "
         "| wall time (s) | run |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -494,8 +528,8 @@ def write_regimes_report(out: Path, rows: list[dict[str, Any]],
             trained = f"{r['epochs']:.0f} epochs ({best:.0f})"
         lines.append(
             f"| {r['method']} | {r['regime']} | {r['site']} | {r['n_train']} | {trained} "
-            f"| {_pct(r['accuracy'])} | {_pct(r['macro_f1'])} | {_pct(r['weighted_f1'])} "
-            f"| {r['trainable_parameters']:,} | {traffic} | {total} | {r['wall_seconds']:.1f} "
+            + "".join(f"| {_pct(r[k])} " for k in names)
+            + f"| {r['trainable_parameters']:,} | {traffic} | {total} | {r['wall_seconds']:.1f} "
             f"| [{r['name']}]({r['name']}/report.md) |"
         )
     lines += [
@@ -507,6 +541,7 @@ def write_regimes_report(out: Path, rows: list[dict[str, Any]],
     ]
     if len({r["method"] for r in rows}) > 1:
         lines += _ranking(rows, out)
+    lines += _samples_side_by_side(rows)
     for r in rows:
         if r["regime"] == "federated" and r.get("personalized"):
             lines += [f"### {r['method']}", "", personalized_table(r["personalized"]), ""]

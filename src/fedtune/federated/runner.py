@@ -24,6 +24,7 @@ from rich.markup import escape
 from fedtune.config import RunConfig
 from fedtune.data import Splits
 from fedtune.errors import ConfigError
+from fedtune.evaluate import test_line
 from fedtune.federated.apps import CONFIG_KEY, client_app, site_train_config, workspace
 from fedtune.federated.grid import InProcessGrid
 from fedtune.federated.partition import Site, describe_partition
@@ -198,8 +199,7 @@ def finish_run(
         write_federated_report(out, summary, outcome.test, outcome.state.history, ws.splits.labels)
     t = outcome.test
     console.print(
-        f"[bold green]test[/] accuracy {t.accuracy:.4f}  macro-F1 {t.macro_f1:.4f}  "
-        f"weighted F1 {t.weighted_f1:.4f}  ({summary['wall_seconds']:.0f} s)"
+        f"[bold green]test[/] {test_line(t)}  ({summary['wall_seconds']:.0f} s)"
         + (f" -> {escape(str(shown_as or out))}" if out is not None else "")
     )
     summary["run_dir"] = str(out) if out is not None else ""
@@ -266,8 +266,11 @@ def summarize(
         "privacy": _privacy(cfg, st.history),
         "personalized": outcome.personalized,
         **test.summary(),
+        "task": cfg.data.task,
+        "primary": test.primary,
         "report": test.report,
         "confusion": test.confusion,
+        "samples": test.samples,
         "notes": list(ws.splits.notes) + list(ws.partition.notes),
         "wall_seconds": wall,
         "history": st.history,

@@ -46,7 +46,7 @@ from safetensors.torch import load_file, save_file
 import fedtune
 from fedtune.config import FederatedConfig, RunConfig
 from fedtune.errors import ConfigError
-from fedtune.evaluate import Metrics
+from fedtune.evaluate import Metrics, val_line
 from fedtune.federated.apps import VERSION_KEY, Workspace, workspace
 from fedtune.federated.attacks import check_attack
 from fedtune.federated.grid import NO_REPLY, exchange
@@ -447,14 +447,14 @@ def run_server(
         if not has_val:
             return None
         model.load_trainable_state(decode_state(record))
-        return ws.evaluate("shared-val", ws.splits.validation)
+        return ws.evaluate("shared-val", ws.splits.validation, generate=False)
 
     if state.round == 0 and not state.history:
         m0 = evaluate_global(arrays)
         rec0: dict[str, Any] = {"round": 0}
         if m0 is not None:
             rec0 |= {f"val_{k}": v for k, v in m0.summary().items()}
-            console.print(f"  round   0  val loss {m0.loss:.4f}  acc {m0.accuracy:.4f}")
+            console.print(f"  round   0{val_line(rec0)}")
         state.history.append(rec0)
 
     bad_rounds = 0
@@ -574,12 +574,7 @@ def run_server(
         state.seconds = time.perf_counter() - t_start
         if fed.patience and bad_rounds >= fed.patience:
             state.stopped_early = True
-        val = (
-            f"  val loss {record['val_loss']:.4f}  acc {record['val_accuracy']:.4f}  "
-            f"macro-F1 {record['val_macro_f1']:.4f}"
-            if "val_loss" in record
-            else ""
-        )
+        val = val_line(record)
         site_val = (
             f"  site val loss {record['site_val_loss']:.4f}" if "site_val_loss" in record else ""
         )

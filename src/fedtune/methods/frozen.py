@@ -24,7 +24,7 @@ from torch import Tensor
 from fedtune.config import MethodConfig, ModelConfig, method_config
 from fedtune.data import Example
 from fedtune.embed import Embedder
-from fedtune.errors import ModelError
+from fedtune.errors import ConfigError, ModelError
 from fedtune.evaluate import Metrics, classification_metrics
 
 META_FILE = "fedtune.json"  # the same name AdaptedModel uses
@@ -53,6 +53,20 @@ class FrozenMethod(ABC, Generic[C]):
     kind: ClassVar[str] = "frozen"
     federates: ClassVar[bool] = True
     """False for methods with no federated form (in-context learning)."""
+    task: ClassVar[str] = "classification"
+    validates: ClassVar[bool] = True
+    """False where a validation pass decides nothing and costs much (generation ICL)."""
+
+    @classmethod
+    def for_task(cls, task: str) -> type[FrozenMethod[Any]]:
+        """The class that runs this method on `task` (data.task)."""
+        if task != "classification":
+            raise ConfigError(
+                f"method {cls.name} classifies; it has no form for data.task={task}. For "
+                "generation use icl (the base model zero/few-shot) or a trained method "
+                "(lora, ptuning, prompt, prefix, ia3, full)"
+            )
+        return cls
 
     def __init__(self, config: C, model_config: ModelConfig, labels: tuple[str, ...],
                  seed: int = 0):  # fmt: skip
@@ -182,6 +196,7 @@ def load_frozen(directory: str | Path) -> FrozenMethod[Any]:
     cls = get_method(name)
     if not issubclass(cls, FrozenMethod):
         raise ModelError(f"{src}: method {name} is not a frozen-model method")
+    cls = cls.for_task(meta.get("task", "classification"))
     values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v
                               for k, v in meta["model"].items()}  # fmt: skip
     model_cfg = ModelConfig(**values)

@@ -407,6 +407,14 @@ class ICL(FrozenMethod[IclConfig]):
     # prompt with its own examples: that is the local-only regime.
     federates = False
 
+    @classmethod
+    def for_task(cls, task: str) -> type[FrozenMethod[Any]]:
+        if task == "generation":
+            from fedtune.methods.icl_generate import GenerationICL
+
+            return GenerationICL
+        return super().for_task(task)
+
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         cfg = self.config

@@ -1,0 +1,160 @@
+"""Generation benchmarks: closed QA on TAT-QA and instruction following on the Alpaca
+demo set, with SmolLM2-135M-Instruct (or --model), on the CPU.
+
+    python benchmarks/generation.py --out /work/bench/generation tatqa          # methods
+    python benchmarks/generation.py --out /work/bench/generation tatqa-regimes  # 3 regimes
+    python benchmarks/generation.py --out /work/bench/generation alpaca         # instructions
+
+- `tatqa`: one split of TAT-QA (examples/tatqa-lora.toml: 300 training questions, ~100
+  test questions from reports no training question is about), the base model
+  zero-shot (`icl`, 0 shots), 2 similar demonstrations, LoRA SFT and P-tuning SFT, one
+  epoch each. ROUGE-L, exact match and token F1, overall and for span questions apart
+  from arithmetic ones.
+- `tatqa-regimes`: LoRA SFT centralized, at each site alone and federated (FedAvg, 3
+  rounds of one local epoch), sites by answer source (`answer_from`: table, text,
+  table-text), so the sites hold different kinds of question.
+- `alpaca`: the base model zero-shot vs LoRA SFT on the instruction set (ROUGE-L).
+
+Each run's summary is appended to --out/rows.jsonl and read back on the next call, so
+the script resumes; it prints Markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+TATQA = str(ROOT / "examples" / "tatqa-lora.toml")
+ALPACA = [
+    "data.task=generation", "data.source=file", "data.test_size=0.1", "data.val_size=0.05",
+    "data.limit=400", "model.max_length=256", "model.max_new_tokens=64",
+    "model.max_target_length=128", "method.lr=1e-3", "train.epochs=1", "train.batch_size=8",
+    "train.bf16=true",
+]  # fmt: skip
+
+
+def _done(out: Path) -> dict[str, dict[str, Any]]:
+    rows = out / "rows.jsonl"
+    if not rows.is_file():
+        return {}
+    return {r["key"]: r for r in map(json.loads, rows.read_text().splitlines())}
+
+
+def _keep(out: Path, row: dict[str, Any]) -> dict[str, Any]:
+    with (out / "rows.jsonl").open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    return row
+
+
+def _row(key: str, s: dict[str, Any], seconds: float, **extra: Any) -> dict[str, Any]:
+    per = s.get("report") or {}
+    return {
+        "key": key, "method": s["method"], "regime": extra.pop("regime", "centralized"),
+        "site": extra.pop("site", "all"), "rougeL": s["rougeL"], "exact_match": s["exact_match"],
+        "f1": s["f1"], "loss": s["loss"], "n_train": s["n_train"], "n_test": s["n_test"],
+        "per_category": per, "samples": s.get("samples", [])[:3],
+        "train_seconds": s.get("train_seconds"), "wall_seconds": seconds,
+        "bytes_total": s.get("bytes_total"), **extra,
+    }  # fmt: skip
+
+
+def _central(out: Path, key: str, config: str | None, overrides: list[str]) -> dict[str, Any]:
+    done = _done(out)
+    if key in done:
+        return done[key]
+    from fedtune.config import load_config
+    from fedtune.regimes import run_centralized
+
+    cfg = load_config(config, ["train.progress=false", f"output_dir={out / 'runs'}",
+                               f"name={key}", *overrides])  # fmt: skip
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        s = run_centralized(cfg)
+    row = _keep(out, _row(key, s, time.perf_counter() - t0))
+    print(f"{key}: ROUGE-L {row['rougeL']:.4f}  EM {row['exact_match']:.4f}  F1 {row['f1']:.4f}"
+          f"  ({row['wall_seconds']:.0f} s)", file=sys.stderr, flush=True)  # fmt: skip
+    return row
+
+
+def tatqa(out: Path) -> list[dict[str, Any]]:
+    return [
+        _central(out, "tatqa-icl0", TATQA, ["method.name=icl", "method.shots=0"]),
+        _central(out, "tatqa-icl2", TATQA, ["method.name=icl", "method.shots=2",
+                                            "method.selection=similar"]),
+        _central(out, "tatqa-lora", TATQA, []),
+        _central(out, "tatqa-ptuning", TATQA, ["method.name=ptuning", "method.lr=1e-2"]),
+    ]
+
+
+def tatqa_regimes(out: Path) -> list[dict[str, Any]]:
+    key = "tatqa-regimes"
+    done = _done(out)
+    if any(k.startswith(key + "/") for k in done):
+        return [r for k, r in done.items() if k.startswith(key + "/")]
+    from fedtune.config import load_config
+    from fedtune.federated.compare import run_regimes
+
+    cfg = load_config(TATQA, ["train.progress=false", f"output_dir={out / 'runs'}",
+                              f"name={key}", "data.site_column=answer_from",
+                              "federated.partition=column", "federated.rounds=3",
+                              "federated.local_epochs=1", "train.epochs=3"])  # fmt: skip
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        folder = run_regimes(cfg, ["lora"])
+    rows = json.loads((folder / "comparison.json").read_text())
+    return [_keep(out, _row(f"{key}/{r['regime']}/{r['site']}", r, time.perf_counter() - t0,
+                            regime=r["regime"], site=r["site"]))
+            for r in rows]  # fmt: skip
+
+
+def alpaca(out: Path) -> list[dict[str, Any]]:
+    path = f"data.path={os.environ.get('FEDTUNE_DATA_DIR', '')}/instructions/alpaca_en_demo.json"
+    base = [*ALPACA, path, "model.name=smollm2"]
+    return [
+        _central(out, "alpaca-icl0", None, [*base, "method.name=icl", "method.shots=0"]),
+        _central(out, "alpaca-lora", None, [*base, "method.name=lora"]),
+    ]
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| run | regime | site | train | test | ROUGE-L | EM | F1 | span F1 "
+             "| arithmetic F1 | train s | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        per = r["per_category"]
+        span = per.get("span", {}).get("f1")
+        arith = per.get("arithmetic", {}).get("f1")
+        lines.append(
+            f"| {r['key']} | {r['regime']} | {r['site']} | {r['n_train']} | {r['n_test']} "
+            f"| {100 * r['rougeL']:.1f} | {100 * r['exact_match']:.1f} | {100 * r['f1']:.1f} "
+            f"| {'-' if span is None else f'{100 * span:.1f}'} "
+            f"| {'-' if arith is None else f'{100 * arith:.1f}'} "
+            f"| {r['train_seconds'] or 0:.0f} | {r['wall_seconds']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("parts", nargs="+", choices=["tatqa", "tatqa-regimes", "alpaca"])
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"python {platform.python_version()}")  # fmt: skip
+    parts = {"tatqa": tatqa, "tatqa-regimes": tatqa_regimes, "alpaca": alpaca}
+    for part in args.parts:
+        print(f"\n## {part}\n\n{table(parts[part](args.out))}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,329 @@
+"""The generation task: instruction (+ context) -> response with a causal LM.
+
+- `InstructionLM` (a Formulation): renders each example as a prompt (through the
+  tokenizer's chat template when it has one, else `model.prompt_template`) followed
+  by the response and the end-of-sequence token; supervised fine-tuning's loss is the
+  mean negative log-likelihood of the response tokens only (the prompt is context,
+  not a target), computed by the same code that scores label words for
+  classification (fedtune.classify.CausalLMFormulation).
+- `generate_texts`: batched greedy decoding with transformers' `generate`, left
+  padded, bf16 autocast on request, a progress bar for long sets.
+- `generation_metrics`: ROUGE-L (F-measure) and SQuAD exact match / token F1, from
+  torchmetrics (the same normalisation as the official SQuAD script), overall and per
+  category, plus a few samples for the report.
+
+A formulation never knows which method adapted the model: every decoder method (full,
+LoRA, IA3, prompt/prefix/P-tuning) trains and generates through this one file.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+from fedtune.classify import CausalLMFormulation, Feature, _keeps_logits
+from fedtune.errors import ConfigError
+from fedtune.progress import bars_visible
+
+if TYPE_CHECKING:
+    from fedtune.adapted import AdaptedModel
+    from fedtune.data.sources import Example
+    from fedtune.evaluate import Metrics
+
+SAMPLES = 5
+"""Generated examples kept for the report."""
+
+
+class InstructionLM(CausalLMFormulation):
+    task: ClassVar[str] = "generation"
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        labels: tuple[str, ...],
+        max_length: int,
+        template: str,
+        chat: str = "auto",
+        max_target_length: int = 128,
+    ):
+        """`labels` are the categories (metrics per category); `max_length` bounds the
+        instruction + context tokens (the context is cut first); `template` is used
+        when the chat template is not (`chat` = auto/on/off)."""
+        super().__init__(tokenizer, labels, max_length)
+        has_chat = bool(getattr(tokenizer, "chat_template", None))
+        if chat == "on" and not has_chat:
+            raise ConfigError(
+                'model.chat = "on" but the tokenizer has no chat template; set model.chat = '
+                '"auto" or "off"'
+            )
+        if "{instruction}" not in template:
+            raise ConfigError(
+                f"model.prompt_template = {template!r} must contain {{instruction}} (and "
+                "may contain {context})"
+            )
+        self.chat = has_chat and chat != "off"
+        self.template = template
+        self.max_target_length = max_target_length
+        if tokenizer.eos_token_id is None:
+            raise ConfigError("the tokenizer has no end-of-sequence token to end responses with")
+
+    # --- prompts ------------------------------------------------------------------
+
+    def render(self, instruction: str, context: str) -> str:
+        """The prompt text, up to where the response starts."""
+        if self.chat:
+            content = f"{context}\n\n{instruction}" if context else instruction
+            msgs = [{"role": "user", "content": content}]
+            return str(self.tokenizer.apply_chat_template(
+                msgs, tokenize=False, add_generation_prompt=True))  # fmt: skip
+        block = f"### Context:\n{context}\n\n" if context else ""
+        return self.template.replace("{context}", block).replace("{instruction}", instruction)
+
+    def fit_texts(self, instruction: str, context: str) -> tuple[str, str]:
+        """(instruction, context) cut to `max_length` tokens together: the context's
+        end goes first, then the instruction's end."""
+        tok = self.tokenizer
+        ins_ids = tok(instruction, add_special_tokens=False)["input_ids"]
+        if len(ins_ids) >= self.max_length:
+            return str(tok.decode(ins_ids[: self.max_length])), ""
+        room = self.max_length - len(ins_ids)
+        if context:
+            ctx_ids = tok(context, add_special_tokens=False)["input_ids"]
+            if len(ctx_ids) > room:
+                context = str(tok.decode(ctx_ids[:room]))
+        return instruction, context
+
+    def prompt_ids(self, instructions: Sequence[str], contexts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each prompt (instruction + context cut to `max_length`)."""
+        # A rendered chat holds its own special tokens (BOS included).
+        return [
+            self.tokenizer(self.render(*self.fit_texts(i, c or "")),
+                           add_special_tokens=not self.chat)["input_ids"]
+            for i, c in zip(instructions, contexts, strict=True)
+        ]  # fmt: skip
+
+    # --- the Formulation contract -------------------------------------------------------
+
+    def encode_examples(self, examples: Sequence[Example]) -> list[Feature]:
+        index = {label: i for i, label in enumerate(self.labels)}
+        prompts = self.prompt_ids([e.text for e in examples], [e.context for e in examples])
+        responses = self.tokenizer([e.response for e in examples],
+                                   add_special_tokens=False)["input_ids"]  # fmt: skip
+        feats = []
+        for e, prompt, resp in zip(examples, prompts, responses, strict=True):
+            # A cut response ends without EOS: the model must not learn to stop there.
+            target = resp[: self.max_target_length]
+            if len(resp) <= self.max_target_length:
+                target = [*target, self.tokenizer.eos_token_id]
+            ids = prompt + target
+            feats.append({"input_ids": ids, "prompt_len": len(prompt), "length": len(ids),
+                          "labels": index.get(e.label, 0), "reference": e.response,
+                          "instruction": e.text, "context": e.context})  # fmt: skip
+        return feats
+
+    def encode(self, texts: list[str], labels: list[int] | None = None) -> list[Feature]:
+        """Prompts only (what `predict` decodes from); `labels` are not used."""
+        prompts = self.prompt_ids(texts, [""] * len(texts))
+        return [{"input_ids": p, "prompt_len": len(p), "length": len(p), "instruction": t}
+                for p, t in zip(prompts, texts, strict=True)]  # fmt: skip
+
+    def collate(self, features: list[Feature]) -> dict[str, Tensor]:
+        ids, mask = self._pad([f["input_ids"] for f in features])
+        return {"input_ids": ids, "attention_mask": mask,
+                "prompt_len": torch.tensor([f["prompt_len"] for f in features])}  # fmt: skip
+
+    def evaluate(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """(summed response-token NLL, response tokens) and no scores."""
+        tmask = self._target_mask(batch)
+        logp = self._target_logprobs(model, batch["input_ids"], batch["attention_mask"], tmask)
+        units = tmask.sum().to(logp.dtype)
+        return torch.stack([-logp.sum(), units]), logp.new_zeros((len(tmask), 0))
+
+
+# --- decoding ---------------------------------------------------------------------------
+
+
+def _stop_ids(model: nn.Module, tok: PreTrainedTokenizerBase) -> list[int]:
+    """Tokens that end an answer: the tokenizer's EOS and the model's own (Gemma's
+    end_of_turn, for one)."""
+    ids = {int(tok.eos_token_id)}
+    gen = getattr(model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None)
+    for i in extra if isinstance(extra, list) else [extra]:
+        if i is not None:
+            ids.add(int(i))
+    return sorted(ids)
+
+
+def _prompt_learning(module: nn.Module) -> str:
+    """The PEFT prompt-learning type of `module` ('' for any other model)."""
+    for c in (getattr(module, "peft_config", None) or {}).values():
+        if getattr(c, "is_prompt_learning", False):
+            return str(getattr(c, "peft_type", "")).rsplit(".", 1)[-1]
+    return ""
+
+
+def _greedy_uncached(module: nn.Module, ids: Tensor, max_new_tokens: int,
+                     stop: list[int]) -> Tensor:  # fmt: skip
+    """Greedy decoding by whole forward passes, no KV cache: [B, T] -> [B, T + new].
+
+    Written here for prefix tuning: with transformers 5.24 and peft 0.21, `generate`
+    on a prefix-tuned model ignores the prefix's key/values ("Both `past_key_values`
+    and `cache` are set ... ignoring past_key_values") and answers like the base
+    model (tested). The forward pass is the one training uses, so this is exact; it
+    costs one forward over the whole sequence per new token. Rows are equal length
+    (no padding: the caller groups them)."""
+    keep = {"logits_to_keep": 1} if _keeps_logits(module) else {}
+    done = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
+    for _ in range(max_new_tokens):
+        logits = module(input_ids=ids, attention_mask=torch.ones_like(ids), **keep).logits
+        nxt = logits[:, -1].argmax(-1)
+        ids = torch.cat([ids, nxt[:, None]], dim=1)
+        done |= torch.isin(nxt, torch.tensor(stop, device=ids.device))
+        if bool(done.all()):
+            break
+    return ids
+
+
+@torch.no_grad()
+def generate_texts(
+    module: nn.Module, tok: PreTrainedTokenizerBase, prompts: list[list[int]],
+    max_new_tokens: int, batch_size: int = 16, bf16: bool = False,
+    description: str = "generate",
+) -> list[str]:  # fmt: skip
+    """Greedy answers of a causal LM (or its PEFT wrapper) to tokenized prompts, in
+    prompt order. Prompts of similar length are batched together (left padded, as
+    decoder-only generation needs)."""
+    from transformers import GenerationConfig
+    stops = _stop_ids(module, tok)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                              pad_token_id=tok.pad_token_id, eos_token_id=stops)  # fmt: skip
+    lengths = [len(p) for p in prompts]
+    order = np.argsort(lengths, kind="stable")
+    learning = _prompt_learning(module)
+    if learning:
+        # PEFT's prompt/P-tuning generate from input embeddings with the virtual tokens
+        # in front and drop `position_ids` ("not supported for parameter efficient
+        # tuning"): left padding would shift every real token's position (tested).
+        # So only prompts of one length share a batch: no padding at all.
+        cuts = [i for i in range(1, len(order)) if lengths[order[i]] != lengths[order[i - 1]]]
+        groups = [g for part in np.split(order, cuts)
+                  for g in np.array_split(part, max(1, math.ceil(len(part) / batch_size)))]
+    else:
+        groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    out = [""] * len(prompts)
+    was_training = module.training
+    module.eval()
+    device = next(module.parameters()).device
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(),
+               TextColumn("{task.completed}/{task.total} answers"), TimeElapsedColumn(),
+               TimeRemainingColumn())  # fmt: skip
+    try:
+        with Progress(*columns, disable=not bars_visible(), transient=True) as bar:
+            task = bar.add_task(description, total=len(prompts))
+            for idx in groups:
+                seqs = [prompts[i] for i in idx]
+                width = max(len(s) for s in seqs)
+                ids = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)
+                mask = torch.zeros((len(seqs), width), dtype=torch.long)
+                for r, s in enumerate(seqs):
+                    ids[r, width - len(s) :] = torch.tensor(s)
+                    mask[r, width - len(s) :] = 1
+                ids, mask = ids.to(device), mask.to(device)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    if learning == "PREFIX_TUNING":
+                        gen = _greedy_uncached(module, ids, max_new_tokens, stops)
+                    else:
+                        gen = module.generate(  # type: ignore[operator]
+                            input_ids=ids, attention_mask=mask, generation_config=config
+                        )
+                # Decoder-only models return prompt + answer; a model fed embeddings
+                # (some prompt-learning paths) returns the answer alone.
+                if gen.shape[1] >= width and torch.equal(gen[:, :width], ids):
+                    gen = gen[:, width:]
+                for r, i in enumerate(idx):
+                    answer = gen[r].tolist()
+                    # Up to the first stop token (the uncached loop runs past it).
+                    cut = next((j for j, t in enumerate(answer) if t in stops), len(answer))
+                    out[i] = str(tok.decode(answer[:cut], skip_special_tokens=True)).strip()
+                bar.update(task, advance=len(idx))
+    finally:
+        module.train(was_training)
+    return out
+
+
+# --- metrics ----------------------------------------------------------------------------
+
+GENERATION_METRICS = ("rougeL", "exact_match", "f1")
+
+
+def score_texts(predictions: Sequence[str], references: Sequence[str]) -> list[dict[str, float]]:
+    """Per answer: ROUGE-L F-measure, SQuAD exact match and token F1, all in 0..1.
+    torchmetrics computes each (its SQuAD metric is the official script's
+    normalisation: lower case, no punctuation or articles)."""
+    from torchmetrics.functional.text import rouge_score, squad
+
+    out = []
+    for i, (pred, ref) in enumerate(zip(predictions, references, strict=True)):
+        rouge = rouge_score(pred, ref, rouge_keys="rougeL")["rougeL_fmeasure"]
+        sq = squad([{"prediction_text": pred, "id": str(i)}],
+                   [{"answers": {"answer_start": [0], "text": [ref]}, "id": str(i)}])  # fmt: skip
+        out.append({"rougeL": float(rouge), "exact_match": float(sq["exact_match"]) / 100,
+                    "f1": float(sq["f1"]) / 100})  # fmt: skip
+    return out
+
+
+def summarize_scores(
+    scores: list[dict[str, float]], categories: Sequence[str], labels: Sequence[str]
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """(mean of each metric, per-category means with their counts)."""
+    def mean(rows: list[dict[str, float]]) -> dict[str, float]:
+        return {k: float(np.mean([r[k] for r in rows])) if rows else float("nan")
+                for k in GENERATION_METRICS}  # fmt: skip
+
+    per = {}
+    for label in labels:
+        rows = [s for s, c in zip(scores, categories, strict=True) if c == label]
+        if rows:
+            per[label] = {**mean(rows), "n": len(rows)}
+    return mean(scores), per
+
+
+def generation_metrics(
+    model: AdaptedModel, feats: list[Feature], loss: float, batch_size: int, bf16: bool
+) -> Metrics:
+    """Generate an answer for every feature and score it against its reference."""
+    form = model.formulation
+    prompts = [f["input_ids"][: f["prompt_len"]] for f in feats]
+    predictions = generate_texts(model.module, model.tokenizer, prompts,
+                                 model.model_config.max_new_tokens, min(batch_size, 16),
+                                 bf16)  # fmt: skip
+    return answer_metrics(predictions, [f["reference"] for f in feats],
+                          [form.labels[f["labels"]] for f in feats], form.labels,
+                          [f["instruction"] for f in feats], loss,
+                          [f["context"] for f in feats])  # fmt: skip
+
+
+def answer_metrics(
+    predictions: Sequence[str], references: Sequence[str], categories: Sequence[str],
+    labels: Sequence[str], instructions: Sequence[str], loss: float = float("nan"),
+    contexts: Sequence[str] | None = None,
+) -> Metrics:  # fmt: skip
+    """Metrics of generated answers against references (any method that generates)."""
+    from fedtune.evaluate import Metrics
+
+    scores = score_texts(predictions, references)
+    values, per = summarize_scores(scores, categories, labels)
+    contexts = contexts or [""] * len(predictions)
+    samples = [{"instruction": i, "context": x, "reference": r, "prediction": p, "category": c}
+               for i, x, r, p, c in zip(instructions, contexts, references, predictions,
+                                        categories, strict=True)][:SAMPLES]  # fmt: skip
+    return Metrics(loss=loss, n=len(predictions), values=values, primary="rougeL", report=per,
+                   samples=samples)  # fmt: skip

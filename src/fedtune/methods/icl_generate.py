@@ -1,0 +1,195 @@
+"""In-context learning for the generation task: the base model answers with 0..k
+solved examples in its prompt. The zero-shot row is the "base model" baseline every
+trained method is measured against.
+
+It is the `icl` method (same `[method]` keys: shots, selection, embedder, seed,
+max_context, batch_size) when `data.task = "generation"`: `ICL.for_task` hands over
+to this class. Demonstrations are rendered like training examples
+(fedtune.generate.InstructionLM): through the chat template as earlier user /
+assistant turns, else as earlier prompt + response blocks. Prompts that would pass
+the context budget drop demonstrations, last first. Like ICL for classification it
+has no federated form (the demonstrations are the sites' own texts).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedtune.data import Example
+from fedtune.errors import ConfigError, ModelError
+from fedtune.evaluate import Metrics
+from fedtune.generate import InstructionLM, answer_metrics, generate_texts
+from fedtune.methods.frozen import FrozenMethod
+from fedtune.methods.icl import MAX_POSITIONS, IclConfig, query_seed
+
+DEMOS_FILE = "demonstrations.jsonl"
+PROMPT_FILE = "prompt.json"
+
+
+class GenerationICL(FrozenMethod[IclConfig]):
+    name = "icl"
+    description = "in-context learning: zero/few-shot answers of a causal LM"
+    config_class = IclConfig
+    federates = False
+    task = "generation"
+    validates = False  # nothing is chosen on validation: test answers only
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        cfg = self.config
+        if cfg.backend != "local":
+            raise ConfigError(
+                'method.backend = "remote" scores label words; generation with icl runs the '
+                'local LM (method.backend = "local")'
+            )
+        if cfg.shots < 0 or cfg.batch_size < 1:
+            raise ConfigError("method.shots must be >= 0 and method.batch_size >= 1")
+        self.model_name = cfg.model or self.model_config.name
+        self._pool: list[Example] = []
+        self._vectors: np.ndarray | None = None
+        self._lm: Any = None
+        self._form: InstructionLM | None = None
+        self.dropped = 0
+
+    # --- the model and the prompt ------------------------------------------------------
+
+    def _load(self) -> InstructionLM:
+        if self._form is None:
+            from fedtune.models import load_base_model, load_tokenizer
+
+            tok = load_tokenizer(self.model_name, "decoder")
+            self._lm = load_base_model(self.model_name, "decoder", self.labels).eval()
+            mc = self.model_config
+            self._form = InstructionLM(tok, self.labels, mc.max_length, mc.prompt_template,
+                                       mc.chat, mc.max_target_length)  # fmt: skip
+        return self._form
+
+    def _budget(self) -> int:
+        """Prompt tokens allowed: the context window less the answer's tokens."""
+        if self.config.max_context:
+            return self.config.max_context - self.model_config.max_new_tokens
+        mc = self._lm.config
+        positions = getattr(mc, "max_position_embeddings", None) or MAX_POSITIONS
+        return min(int(positions), MAX_POSITIONS) - self.model_config.max_new_tokens
+
+    def _prompt(self, form: InstructionLM, demos: list[Example], query: Example) -> list[int]:
+        tok = form.tokenizer
+        turns = [(*form.fit_texts(d.text, d.context), d.response) for d in demos]
+        ins, ctx = form.fit_texts(query.text, query.context)
+        while True:
+            if form.chat:
+                msgs: list[dict[str, str]] = []
+                for i, c, r in turns:
+                    msgs += [{"role": "user", "content": f"{c}\n\n{i}" if c else i},
+                             {"role": "assistant", "content": r}]  # fmt: skip
+                msgs.append({"role": "user", "content": f"{ctx}\n\n{ins}" if ctx else ins})
+                text = str(tok.apply_chat_template(msgs, tokenize=False,
+                                                   add_generation_prompt=True))  # fmt: skip
+            else:
+                text = "".join(form.render(i, c) + f"{r}\n\n" for i, c, r in turns)
+                text += form.render(ins, ctx)
+            ids: list[int] = tok(text, add_special_tokens=not form.chat)["input_ids"]
+            if len(ids) <= self._budget() or not turns:
+                return ids
+            turns.pop()  # the last demonstration first
+            self.dropped += 1
+
+    # --- demonstrations ------------------------------------------------------------------
+
+    def fit(self, train: list[Example], directory: Path | None = None,
+            validation: list[Example] | None = None) -> GenerationICL:  # fmt: skip
+        t0 = time.perf_counter()
+        self._pool = list(train)
+        if self.config.shots and self.config.selection == "similar":
+            self._vectors = self._embed(self._pool)
+        self.fit_seconds = time.perf_counter() - t0
+        return self
+
+    def _embed(self, examples: list[Example]) -> np.ndarray:
+        from fedtune.embed import Embedder
+
+        embedder = Embedder(self.config.embedder)
+        return embedder.embed([f"{e.context}\n{e.text}" if e.context else e.text
+                               for e in examples])  # fmt: skip
+
+    def _demonstrations(self, queries: list[Example]) -> list[list[Example]]:
+        k = min(self.config.shots, len(self._pool))
+        if k == 0:
+            return [[] for _ in queries]
+        if self.config.selection == "similar":
+            assert self._vectors is not None
+            sims = self._embed(queries) @ self._vectors.T  # [Q, N] cosine (unit vectors)
+            return [[self._pool[j] for j in np.argsort(-row, kind="stable")[:k]] for row in sims]
+        out = []
+        for q in queries:
+            rng = np.random.default_rng(query_seed(self.seed, q.text + q.context))
+            out.append([self._pool[j] for j in rng.choice(len(self._pool), k, replace=False)])
+        return out
+
+    # --- answering -----------------------------------------------------------------------
+
+    def answer(self, queries: list[Example]) -> list[str]:
+        """Greedy answers to generation examples (their responses are not looked at)."""
+        form = self._load()
+        self.dropped = 0
+        demos = self._demonstrations(queries)
+        prompts = [self._prompt(form, d, q) for d, q in zip(demos, queries, strict=True)]
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self._lm.to(device)
+        answers = generate_texts(self._lm, form.tokenizer, prompts,
+                                 self.model_config.max_new_tokens, self.config.batch_size,
+                                 description=f"icl {self.config.shots}-shot")  # fmt: skip
+        if self.dropped:
+            self.notes.append(f"{self.dropped} demonstrations dropped to fit the context budget "
+                              f"of {self._budget()} prompt tokens")  # fmt: skip
+        return answers
+
+    def evaluate(self, examples: list[Example]) -> Metrics:
+        answers = self.answer(examples)
+        return answer_metrics(answers, [e.response for e in examples],
+                              [e.label for e in examples], self.labels,
+                              [e.text for e in examples],
+                              contexts=[e.context for e in examples])  # fmt: skip
+
+    def predict(self, texts: list[str]) -> list[str]:
+        return self.answer([Example(t, self.labels[0] if self.labels else "") for t in texts])
+
+    def predict_scores(self, texts: list[str]) -> np.ndarray:
+        raise ConfigError("a generation model has no label scores; use predict() for answers")
+
+    def metrics(self, scores: np.ndarray, y: np.ndarray) -> Metrics:
+        raise ConfigError("a generation model has no label scores to score")
+
+    # --- sizes, save / load --------------------------------------------------------------
+
+    @property
+    def base_parameters(self) -> int:
+        self._load()
+        return int(sum(p.numel() for p in self._lm.parameters()))
+
+    def meta(self) -> dict[str, Any]:
+        return {**super().meta(), "task": "generation"}
+
+    def _save_state(self, directory: Path) -> None:
+        (directory / PROMPT_FILE).write_text(json.dumps({"seed": self.seed}), encoding="utf-8")
+        with (directory / DEMOS_FILE).open("w", encoding="utf-8") as fh:
+            for e in self._pool:
+                fh.write(json.dumps({"instruction": e.text, "context": e.context,
+                                     "response": e.response, "category": e.label},
+                                    ensure_ascii=False) + "\n")  # fmt: skip
+
+    def _load_state(self, directory: Path) -> None:
+        demos = directory / DEMOS_FILE
+        if not demos.is_file():
+            raise ModelError(f"{directory}: no {DEMOS_FILE}; not a generation icl model")
+        self.seed = int(json.loads((directory / PROMPT_FILE).read_text("utf-8"))["seed"])
+        with demos.open(encoding="utf-8") as fh:
+            rows = [json.loads(line) for line in fh if line.strip()]
+        self.fit([Example(r["instruction"], r["category"], context=r["context"],
+                          response=r["response"]) for r in rows])  # fmt: skip

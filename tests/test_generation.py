@@ -1,0 +1,368 @@
+"""The generation task: data layouts, the SFT loss, decoding, metrics, every decoder
+method, save/load/peft interop, ICL, `fedtune run` / `compare` / `predict`."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fedtune.adapted import AdaptedModel
+from fedtune.cli import app
+from fedtune.config import DataConfig, ModelConfig, load_config, method_config
+from fedtune.data import make_splits
+from fedtune.data.sources import load_examples
+from fedtune.errors import ConfigError, DataError
+from fedtune.generate import InstructionLM, generate_texts, score_texts
+
+DECODER_METHODS = ("full", "lora", "ptuning", "prompt", "prefix", "ia3")
+
+
+def _rows(n: int = 60) -> list[dict[str, str]]:
+    rows = []
+    for i in range(n):
+        a, b = i % 7, (i * 3) % 5
+        if i % 2:
+            rows.append({"instruction": f"What is {a} plus {b}? ({i})", "context": "",
+                         "response": str(a + b), "category": "add"})  # fmt: skip
+        else:
+            rows.append({"instruction": f"Repeat the code. ({i})", "context": f"code {a}{b}",
+                         "response": f"{a}{b}", "category": "copy"})  # fmt: skip
+    return rows
+
+
+@pytest.fixture
+def dolly(tmp_path: Path) -> Path:
+    path = tmp_path / "dolly.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in _rows()))
+    return path
+
+
+def _gen_cfg(path: Path, model: str, tmp_path: Path, *extra: str):  # type: ignore[no-untyped-def]
+    return load_config(None, [
+        f"output_dir={tmp_path / 'runs'}", "data.task=generation", "data.source=file",
+        f"data.path={path}", f"model.name={model}", "model.max_length=24",
+        "model.max_new_tokens=4", "train.epochs=1", "train.batch_size=8", "train.progress=false",
+        *extra,
+    ])  # fmt: skip
+
+
+# --- data -------------------------------------------------------------------------------
+
+
+def test_alpaca_dolly_and_messages_layouts(tmp_path: Path) -> None:
+    alpaca = tmp_path / "alpaca.json"
+    alpaca.write_text(json.dumps([{"instruction": "Add.", "input": "2 and 3", "output": "5"},
+                                  {"instruction": "Name a color.", "input": "", "output": "red"}]))
+    ex = load_examples(DataConfig(task="generation", source="file", path=str(alpaca)))
+    assert [(e.text, e.context, e.response, e.label) for e in ex] == [
+        ("Add.", "2 and 3", "5", "all"), ("Name a color.", "", "red", "all")]
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
+        {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"}]}) + "\n")  # fmt: skip
+    (e,) = load_examples(DataConfig(task="generation", source="file", path=str(chat)))
+    assert (e.text, e.response) == ("2+2?", "4")
+    assert e.context == "system: Be brief.\nuser: Hi?\nassistant: Hello."
+    table = tmp_path / "t.csv"
+    pd.DataFrame({"q": ["a?", "b?"], "a": ["x", "y"], "kind": ["k1", "k2"]}).to_csv(table,
+                                                                                    index=False)
+    ex = load_examples(DataConfig(task="generation", source="file", path=str(table),
+                                  instruction_column="q", response_column="a",
+                                  category_column="kind"))  # fmt: skip
+    assert [(e.text, e.response, e.label) for e in ex] == [("a?", "x", "k1"), ("b?", "y", "k2")]
+
+
+def test_generation_data_errors_name_the_fix(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "q", "reply": "r"}) + "\n")
+    with pytest.raises(DataError, match=r"no response column.*available columns: question, "
+                                        r"reply; set data.response_column"):
+        load_examples(DataConfig(task="generation", source="file", path=str(bad)))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"instruction": "q", "response": " "}) + "\n")
+    with pytest.raises(DataError, match=r"record 1: empty response"):
+        load_examples(DataConfig(task="generation", source="file", path=str(empty)))
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    with pytest.raises(DataError, match="needs a user turn followed by a non-empty assistant"):
+        load_examples(DataConfig(task="generation", source="file", path=str(chat)))
+    with pytest.raises(DataError, match=r"set data\.task=generation"):
+        load_examples(DataConfig(source="tatqa", path=str(tmp_path)))
+
+
+def _tatqa(tmp_path: Path) -> Path:
+    reports = []
+    for r in range(12):
+        reports.append({
+            "table": {"uid": f"t{r}", "table": [["", "2019"], ["Revenue", f"{100 + r}"]]},
+            "paragraphs": [{"uid": "p", "order": 1, "text": f"Revenue grew in year {r}."}],
+            "questions": [
+                {"uid": f"q{r}a", "question": f"What was revenue {r}?", "answer": f"{100 + r}",
+                 "answer_type": "span", "answer_from": "table", "scale": "million"},
+                {"uid": f"q{r}b", "question": f"What grew {r}?", "answer": ["Revenue"],
+                 "answer_type": "multi-span", "answer_from": "text", "scale": ""},
+                {"uid": f"q{r}c", "question": f"Change {r}?", "answer": 1.5,
+                 "answer_type": "arithmetic", "answer_from": "table-text", "scale": ""},
+            ]})  # fmt: skip
+    path = tmp_path / "tatqa_dataset_dev.json"
+    path.write_text(json.dumps(reports))
+    return path
+
+
+def test_tatqa_loader_and_split_keep_each_table_in_one_set(tmp_path: Path) -> None:
+    path = _tatqa(tmp_path)
+    cfg = DataConfig(task="generation", source="tatqa", path=str(tmp_path), test_size=0.25,
+                     val_size=0.2, site_column="answer_from")  # fmt: skip
+    ex = load_examples(cfg)
+    assert len(ex) == 36 and ex[0].text == "What was revenue 0?" and ex[0].response == "100"
+    assert ex[0].context.startswith("Table:\n | 2019\nRevenue | 100\n\nRevenue grew")
+    assert ex[1].response == "Revenue" and ex[2].response == "1.5"
+    assert {e.label for e in ex} == {"span", "multi-span", "arithmetic"}
+    assert {e.site for e in ex} == {"table", "text", "table-text"}
+    assert load_examples(DataConfig(task="generation", source="tatqa", path=str(path),
+                                    site_column="answer_from")) == ex
+    s = make_splits(cfg)
+    groups = [{e.group for e in part} for part in (s.train, s.validation, s.test)]
+    assert not (groups[0] & groups[1] or groups[0] & groups[2] or groups[1] & groups[2])
+    assert sum(len(g) for g in groups) == 12 and s.labels == ("arithmetic", "multi-span", "span")
+    assert any("whole groups" in n for n in s.notes)
+
+
+def test_duplicate_questions_are_keyed_by_their_context(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    rows = [{"instruction": "Total?", "context": f"table {i % 3}", "response": str(i)}
+            for i in range(30)]  # fmt: skip
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    s = make_splits(DataConfig(task="generation", source="file", path=str(path), test_size=0.34,
+                               val_size=0.0))  # fmt: skip
+    assert len(s.train) + len(s.test) == 3  # one per context, the first copy kept
+    assert any("duplicate examples (same instruction and context)" in n for n in s.notes)
+
+
+# --- the formulation and decoding --------------------------------------------------------
+
+
+def test_sft_loss_is_the_mean_nll_of_response_tokens_only(tiny_models: dict[str, str]) -> None:
+    from fedtune.data import Example
+
+    model = AdaptedModel.build(ModelConfig(name=tiny_models["llama"], max_length=32),
+                               method_config("lora"), ("all",), task="generation")  # fmt: skip
+    form = model.formulation
+    assert isinstance(form, InstructionLM) and not form.chat
+    exs = [Example("Say hi.", "all", response="hi there"),
+           Example("Count.", "all", context="one two", response="three four five")]
+    feats = form.encode_examples(exs)
+    eos = form.tokenizer.eos_token_id
+    for f, e in zip(feats, exs, strict=True):
+        prompt = f["input_ids"][: f["prompt_len"]]
+        assert form.tokenizer.decode(prompt).endswith("### Response:\n")
+        assert f["input_ids"][f["prompt_len"] :] == (
+            form.tokenizer(e.response, add_special_tokens=False)["input_ids"] + [eos])
+    batch = form.collate(feats)
+    loss = form.loss(model.module, batch)
+    # By hand: full logits, log p of each response token given everything before it.
+    with torch.no_grad():
+        logits = model.module(input_ids=batch["input_ids"],
+                              attention_mask=batch["attention_mask"]).logits.float()
+    terms = []
+    for i, f in enumerate(feats):
+        logp = logits[i].log_softmax(-1)
+        terms += [logp[t - 1, f["input_ids"][t]] for t in range(f["prompt_len"], f["length"])]
+    assert loss.item() == pytest.approx(-torch.stack(terms).mean().item(), rel=1e-5)
+    sums, _ = form.evaluate(model.module, batch)
+    assert sums[1].item() == len(terms)
+
+
+def test_chat_template_prompts_and_long_contexts_cut_first(chat_llama: str) -> None:
+    from fedtune.data import Example
+
+    model = AdaptedModel.build(ModelConfig(name=chat_llama, max_length=12), method_config("lora"),
+                               ("all",), task="generation")  # fmt: skip
+    form = model.formulation
+    assert isinstance(form, InstructionLM) and form.chat
+    (f,) = form.encode_examples([Example("Why?", "all", context="word " * 50, response="ok")])
+    text = form.tokenizer.decode(f["input_ids"][: f["prompt_len"]])
+    assert text.startswith("<|im_start|>user\n") and text.endswith("<|im_start|>assistant\n")
+    assert "Why?" in text and text.count("word") < 12
+    off = AdaptedModel.build(ModelConfig(name=chat_llama, chat="off"), method_config("lora"),
+                             ("all",), task="generation")  # fmt: skip
+    assert not off.formulation.chat  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("method", DECODER_METHODS)
+def test_generation_is_greedy_decoding_of_the_trained_forward(
+    tiny_models: dict[str, str], method: str
+) -> None:
+    """Batched, left-padded generation gives, for every method, the tokens of greedy
+    decoding with the forward pass training uses (one prompt at a time, no cache).
+    Catches PEFT paths that drop positions under padding (prompt, ptuning) or ignore
+    the adapter in `generate` (prefix)."""
+    model = AdaptedModel.build(ModelConfig(name=tiny_models["llama"], max_new_tokens=4),
+                               method_config(method), ("all",), seed=1,
+                               task="generation")  # fmt: skip
+    for p in model.module.parameters():  # a trained-looking adapter, not the identity
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.5)
+    model.module.eval()
+    questions = ["What is two plus two?", "Hi", "Name the largest city in a long country."]
+    expected = []
+    for ids in model.formulation.prompt_ids(questions, [""] * 3):  # type: ignore[attr-defined]
+        seq = list(ids)
+        with torch.no_grad():
+            for _ in range(4):
+                x = torch.tensor([seq])
+                logits = model.module(input_ids=x, attention_mask=torch.ones_like(x)).logits
+                seq.append(int(logits[0, -1].argmax()))
+        new = seq[len(ids):]
+        if model.tokenizer.eos_token_id in new:
+            new = new[: new.index(model.tokenizer.eos_token_id)]
+        expected.append(model.tokenizer.decode(new, skip_special_tokens=True).strip())
+    assert model.generate(questions, batch_size=3) == expected and any(expected)
+
+
+def test_scores_are_rouge_l_and_squad_em_f1() -> None:
+    (a, b, c) = score_texts(["15", "the cat sat", "Paris."], ["15", "a cat sat down", "London"])
+    assert a == {"rougeL": 1.0, "exact_match": 1.0, "f1": 1.0}
+    # ROUGE-L: LCS 2 of 3 and 4 tokens; SQuAD F1 drops articles: (cat sat) vs (cat sat down).
+    assert b["rougeL"] == pytest.approx(2 * (2 / 3) * (2 / 4) / (2 / 3 + 2 / 4), abs=1e-4)
+    assert b["exact_match"] == 0.0 and b["f1"] == pytest.approx(0.8)
+    assert c == {"rougeL": 0.0, "exact_match": 0.0, "f1": 0.0}
+
+
+# --- methods, runs, save/load ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", DECODER_METHODS)
+def test_every_decoder_method_trains_saves_and_generates_the_same(
+    tiny_models: dict[str, str], dolly: Path, tmp_path: Path, method: str
+) -> None:
+    from fedtune.regimes import run_centralized
+
+    cfg = _gen_cfg(dolly, tiny_models["llama"], tmp_path, f"method.name={method}",
+                   "method.lr=0.01", f"name={method}")  # fmt: skip
+    summary = run_centralized(cfg)
+    assert summary["task"] == "generation" and summary["primary"] == "rougeL"
+    assert set(summary["report"]) == {"add", "copy"}
+    assert 0 <= summary["rougeL"] <= 1 and not math.isnan(summary["loss"])
+    run = Path(summary["run_dir"])
+    report = (run / "report.md").read_text()
+    assert "| ROUGE-L | EM | F1 | loss |" in report and "Generated answers" in report
+    assert not (run / "confusion.png").exists()
+    loaded = AdaptedModel.load(run / "model")
+    assert loaded.task == "generation"
+    samples = summary["samples"]
+    assert any(s["context"] for s in samples) and any(not s["context"] for s in samples)
+    assert loaded.generate([s["instruction"] for s in samples],
+                           [s["context"] for s in samples]) == [s["prediction"] for s in samples]
+
+
+def test_adapter_generates_the_same_text_in_plain_peft(
+    tiny_models: dict[str, str], dolly: Path, tmp_path: Path
+) -> None:
+    from peft import AutoPeftModelForCausalLM
+
+    from fedtune.regimes import run_centralized
+
+    summary = run_centralized(_gen_cfg(dolly, tiny_models["llama"], tmp_path,
+                                       "method.name=lora", "method.lr=0.05"))  # fmt: skip
+    model_dir = Path(summary["run_dir"]) / "model"
+    ours = AdaptedModel.load(model_dir)
+    peft_model = AutoPeftModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    prompt = ours.formulation.prompt_ids(["What is 3 plus 4?"], [""])[0]  # type: ignore[attr-defined]
+    plain = peft_model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=4,
+                                do_sample=False, pad_token_id=ours.tokenizer.pad_token_id)
+    text = ours.tokenizer.decode(plain[0, len(prompt):], skip_special_tokens=True).strip()
+    assert ours.generate(["What is 3 plus 4?"], max_new_tokens=4) == [text]
+    assert generate_texts(peft_model, ours.tokenizer, [prompt], 4) == [text]
+
+
+def test_icl_zero_and_few_shot_generate(tiny_models: dict[str, str], dolly: Path,
+                                        tmp_path: Path) -> None:  # fmt: skip
+    from fedtune.regimes import run_centralized
+
+    for shots in (0, 2):
+        s = run_centralized(_gen_cfg(dolly, tiny_models["llama"], tmp_path, "method.name=icl",
+                                     f"method.shots={shots}", f"name=icl{shots}"))  # fmt: skip
+        assert s["kind"] == "frozen" and s["task"] == "generation" and len(s["samples"]) == 5
+    r = CliRunner().invoke(app, ["predict", s["run_dir"], "--text", "What is 1 plus 1?"])
+    assert r.exit_code == 0, r.output
+
+
+def test_classification_only_methods_and_encoders_refuse_generation(
+    tiny_models: dict[str, str], dolly: Path, tmp_path: Path
+) -> None:
+    from fedtune.regimes import run_centralized
+
+    with pytest.raises(ConfigError, match=r"knn classifies; it has no form for data\.task"):
+        run_centralized(_gen_cfg(dolly, tiny_models["llama"], tmp_path, "method.name=knn"))
+    with pytest.raises(ConfigError, match=r"needs a decoder.*is an encoder"):
+        run_centralized(_gen_cfg(dolly, tiny_models["bert"], tmp_path, "method.name=lora"))
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_compare_runs_three_regimes_on_generation(tiny_models: dict[str, str], dolly: Path,
+                                                   tmp_path: Path) -> None:  # fmt: skip
+    from fedtune.federated.compare import run_regimes
+
+    cfg = _gen_cfg(dolly, tiny_models["llama"], tmp_path, "method.name=lora",
+                   "federated.rounds=2", "federated.partition=dirichlet",
+                   "federated.min_site_size=3", "name=cmp")  # fmt: skip
+    out = run_regimes(cfg)
+    rows = json.loads((out / "comparison.json").read_text())
+    assert {r["regime"] for r in rows} == {"centralized", "local", "federated"}
+    assert all(r["task"] == "generation" and "rougeL" in r for r in rows)
+    report = (out / "report.md").read_text()
+    assert "| ROUGE-L | EM | F1 |" in report
+    assert "## Generated answers side by side: lora" in report
+    assert "| instruction | reference | centralized | local site-1 |" in report
+    # Rounds are checked on the loss alone (no decoding between rounds).
+    rounds = [json.loads(line) for line in
+              (out / "lora-federated" / "metrics.jsonl").read_text().splitlines()]
+    rounds = [r for r in rounds if r.get("event") == "round"]
+    assert len(rounds) == 2 and all("val_loss" in r and "val_rougeL" not in r for r in rounds)
+
+
+def test_predict_answers_from_a_file(tiny_models: dict[str, str], dolly: Path,
+                                     tmp_path: Path) -> None:  # fmt: skip
+    from fedtune.regimes import run_centralized
+
+    s = run_centralized(_gen_cfg(dolly, tiny_models["llama"], tmp_path, "method.name=lora"))
+    questions = tmp_path / "q.csv"
+    pd.DataFrame({"id": [7, 8], "question": ["Repeat.", "What is 1 plus 2?"],
+                  "ctx": ["code 12", ""]}).to_csv(questions, index=False)  # fmt: skip
+    out = tmp_path / "answers.jsonl"
+    r = CliRunner().invoke(app, ["predict", s["run_dir"], "--input", str(questions),
+                                 "--text-column", "question", "--context-column", "ctx",
+                                 "--output", str(out)])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    model = AdaptedModel.load(Path(s["run_dir"]) / "model")
+    assert [str(x["id"]) for x in rows] == ["7", "8"]
+    assert [x["answer"] for x in rows] == model.generate(["Repeat.", "What is 1 plus 2?"],
+                                                         ["code 12", ""])  # fmt: skip
+
+
+def test_sites_by_category_and_personalized_generation(tiny_models: dict[str, str], dolly: Path,
+                                                       tmp_path: Path) -> None:  # fmt: skip
+    """Non-IID by construction (one site per category, as FLARE's per-dataset sites),
+    each site's own validation set, and per-site personalization scored by ROUGE-L."""
+    from fedtune.federated.runner import run_federated
+
+    cfg = _gen_cfg(dolly, tiny_models["llama"], tmp_path, "method.name=lora", "name=p",
+                   "data.site_column=category", "federated.partition=column",
+                   "federated.sites=2", "federated.rounds=1", "federated.validation=site",
+                   "federated.site_val_size=0.2", "federated.personalize_epochs=1")  # fmt: skip
+    summary = run_federated(cfg)
+    assert summary["sites"] == ["add", "copy"]
+    rows = summary["personalized"]
+    assert [r["site"] for r in rows] == ["add", "copy"]
+    assert all("personal_val_rougeL" in r and "global_val_loss" in r for r in rows)
+    report = (tmp_path / "runs" / "p" / "report.md").read_text()
+    assert "| site | global ROUGE-L | personalized ROUGE-L | global loss |" in report
