@@ -405,8 +405,11 @@ def _reply_train(msg: Message, ws: Workspace, site: Site, transport: str, train_
     return Message(content, reply_to=msg)
 
 
-def _evaluate_on(ws: Workspace, key: str, examples: list[Example]) -> dict[str, float]:
-    m = ws.evaluate(key, examples)
+def _evaluate_on(ws: Workspace, key: str, examples: list[Example],
+                 generate: bool = True) -> dict[str, float]:  # fmt: skip
+    """`val_*` metrics; generation decodes only when `generate` (personalization's
+    before/after, not every round's check)."""
+    m = ws.evaluate(key, examples, generate=generate)
     return {f"val_{k}": v for k, v in m.summary().items()}
 
 
@@ -421,7 +424,7 @@ def site_evaluate(msg: Message, context: Context) -> Message:
     ws.model.load_trainable_state(decode_state(arrays_of(msg), str(conf.get("transport", "fp32"))))
     if not site.validation:
         raise ConfigError(f"{site.name} has no validation set; set federated.validation = 'site'")
-    metrics = _evaluate_on(ws, f"val-{pid}", site.validation)
+    metrics = _evaluate_on(ws, f"val-{pid}", site.validation, generate=False)
     content = RecordDict(
         {
             "metrics": MetricRecord({"num-examples": len(site.validation), **metrics}),

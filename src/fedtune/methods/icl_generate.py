@@ -53,6 +53,7 @@ class GenerationICL(FrozenMethod[IclConfig]):
         self.model_name = cfg.model or self.model_config.name
         self._pool: list[Example] = []
         self._vectors: np.ndarray | None = None
+        self._embedder: Any = None
         self._lm: Any = None
         self._form: InstructionLM | None = None
         self.dropped = 0
@@ -114,8 +115,9 @@ class GenerationICL(FrozenMethod[IclConfig]):
     def _embed(self, examples: list[Example]) -> np.ndarray:
         from fedtune.embed import Embedder
 
-        embedder = Embedder(self.config.embedder)
-        return embedder.embed([f"{e.context}\n{e.text}" if e.context else e.text
+        if self._embedder is None:
+            self._embedder = Embedder(self.config.embedder)
+        return self._embedder.embed([f"{e.context}\n{e.text}" if e.context else e.text
                                for e in examples])  # fmt: skip
 
     def _demonstrations(self, queries: list[Example]) -> list[list[Example]]:
