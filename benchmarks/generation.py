@@ -7,12 +7,16 @@ demo set, with SmolLM2-135M-Instruct (or --model), on the CPU.
 
 - `tatqa`: one split of TAT-QA (examples/tatqa-lora.toml: 300 training questions, ~100
   test questions from reports no training question is about), the base model
-  zero-shot (`icl`, 0 shots), 2 similar demonstrations, LoRA SFT and P-tuning SFT, one
-  epoch each. ROUGE-L, exact match and token F1, overall and for span questions apart
-  from arithmetic ones.
-- `tatqa-regimes`: LoRA SFT centralized, at each site alone and federated (FedAvg, 3
-  rounds of one local epoch), sites by answer source (`answer_from`: table, text,
-  table-text), so the sites hold different kinds of question.
+  zero-shot (`icl`, 0 shots), 2 similar demonstrations, retrieval-grounded (the 3
+  passages nearest to the question from all reports instead of its own report), LoRA
+  SFT and P-tuning SFT, one epoch each. ROUGE-L, exact match and token F1, overall and
+  for span questions apart from arithmetic ones.
+- `tatqa-regimes`: LoRA SFT centralized (2 epochs), at each site alone (2 epochs) and
+  federated (FedAvg, 2 rounds of one local epoch), sites by answer source
+  (`answer_from`: table, text, table-text), so the sites hold different kinds of
+  question; 150 training questions, contexts cut at 384 tokens (CPU budget).
+- `--import NAME=RUN_DIR`: record a finished `fedtune run` of the same config as row
+  NAME instead of running it again.
 - `alpaca`: the base model zero-shot vs LoRA SFT on the instruction set (ROUGE-L).
 
 Each run's summary is appended to --out/rows.jsonl and read back on the next call, so
@@ -40,6 +44,12 @@ ALPACA = [
     "model.max_target_length=128", "method.lr=1e-3", "train.epochs=1", "train.batch_size=8",
     "train.bf16=true",
 ]  # fmt: skip
+
+
+# The three regimes cost 3x the methods' runs (centralized, each site, federated), so
+# on 2 CPU cores they run on half the training questions with a shorter context.
+REGIMES = ["data.limit=150", "model.max_length=384", "federated.rounds=2",
+           "federated.local_epochs=1", "train.epochs=2"]  # fmt: skip
 
 
 def _done(out: Path) -> dict[str, dict[str, Any]]:
@@ -90,6 +100,8 @@ def tatqa(out: Path) -> list[dict[str, Any]]:
         _central(out, "tatqa-icl0", TATQA, ["method.name=icl", "method.shots=0"]),
         _central(out, "tatqa-icl2", TATQA, ["method.name=icl", "method.shots=2",
                                             "method.selection=similar"]),
+        _central(out, "tatqa-rag3", TATQA, ["method.name=icl", "method.shots=0",
+                                            "method.retrieve=3"]),
         _central(out, "tatqa-lora", TATQA, []),
         _central(out, "tatqa-ptuning", TATQA, ["method.name=ptuning", "method.lr=1e-2"]),
     ]
@@ -105,8 +117,7 @@ def tatqa_regimes(out: Path) -> list[dict[str, Any]]:
 
     cfg = load_config(TATQA, ["train.progress=false", f"output_dir={out / 'runs'}",
                               f"name={key}", "data.site_column=answer_from",
-                              "federated.partition=column", "federated.rounds=3",
-                              "federated.local_epochs=1", "train.epochs=3"])  # fmt: skip
+                              "federated.partition=column", *REGIMES])  # fmt: skip
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
         folder = run_regimes(cfg, ["lora"])
@@ -146,9 +157,16 @@ def table(rows: list[dict[str, Any]]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("parts", nargs="+", choices=["tatqa", "tatqa-regimes", "alpaca"])
+    ap.add_argument("parts", nargs="*", choices=["tatqa", "tatqa-regimes", "alpaca"])
+    ap.add_argument("--import", dest="imports", action="append", default=[],
+                    metavar="NAME=RUN_DIR")  # fmt: skip
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    for item in args.imports:
+        key, _, run = item.partition("=")
+        if key not in _done(args.out):
+            summary = json.loads((Path(run) / "metrics.jsonl").read_text().splitlines()[-1])
+            _keep(args.out, _row(key, summary, summary["wall_seconds"]))
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"python {platform.python_version()}")  # fmt: skip
     parts = {"tatqa": tatqa, "tatqa-regimes": tatqa_regimes, "alpaca": alpaca}

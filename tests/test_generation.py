@@ -366,3 +366,26 @@ def test_sites_by_category_and_personalized_generation(tiny_models: dict[str, st
     assert all("personal_val_rougeL" in r and "global_val_loss" in r for r in rows)
     report = (tmp_path / "runs" / "p" / "report.md").read_text()
     assert "| site | global ROUGE-L | personalized ROUGE-L | global loss |" in report
+
+
+def test_retrieval_grounded_answers_use_the_nearest_passages(tiny_models: dict[str, str],
+                                                             tmp_path: Path) -> None:  # fmt: skip
+    """icl with method.retrieve: each question's context is replaced by the passages
+    nearest to it from the whole collection (here, its own report's is the nearest)."""
+    from fedtune.data import Example
+    from fedtune.methods.icl import IclConfig
+    from fedtune.methods.icl_generate import GenerationICL
+
+    icl = GenerationICL(IclConfig(shots=0, retrieve=1),
+                        ModelConfig(name=tiny_models["llama"], max_length=64,
+                                    max_new_tokens=2), ("all",))  # fmt: skip
+    pool = [Example("q", "all", context="Bananas are yellow fruit grown in the tropics.",
+                    response="x"),
+            Example("q", "all", context="The company revenue rose to 40 million dollars.",
+                    response="y")]  # fmt: skip
+    icl.fit(pool)
+    queries = [Example("What was the revenue of the company?", "all", context="unrelated")]
+    grounded = icl._grounded(queries)
+    assert grounded[0].context == "The company revenue rose to 40 million dollars."
+    assert "a passage of the question's own context among them for 0 of 1" in icl.notes[-1]
+    assert len(icl.answer(queries)) == 1

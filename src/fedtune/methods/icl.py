@@ -141,6 +141,11 @@ class IclConfig(MethodConfig):
     prompt and content-free input (zero-shot: one in all)."""
     content_free: tuple[str, ...] = ("N/A", "", "[MASK]")
     """calibrate: the content-free query texts whose label probabilities are averaged."""
+    retrieve: int = 0
+    """generation (`data.task = "generation"`): answer from the `retrieve` passages
+    most similar to the question (by `embedder`), drawn from every example's context
+    split into ~120-word passages, instead of the example's own context: open-book QA
+    over the whole document collection. 0 = the example's own context."""
 
 
 # --- prompts: pure functions ---------------------------------------------------------

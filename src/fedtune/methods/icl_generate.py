@@ -48,8 +48,9 @@ class GenerationICL(FrozenMethod[IclConfig]):
                 'method.backend = "remote" scores label words; generation with icl runs the '
                 'local LM (method.backend = "local")'
             )
-        if cfg.shots < 0 or cfg.batch_size < 1:
-            raise ConfigError("method.shots must be >= 0 and method.batch_size >= 1")
+        if cfg.shots < 0 or cfg.batch_size < 1 or cfg.retrieve < 0:
+            raise ConfigError("method.shots and method.retrieve must be >= 0 and "
+                              "method.batch_size >= 1")  # fmt: skip
         self.model_name = cfg.model or self.model_config.name
         self._pool: list[Example] = []
         self._vectors: np.ndarray | None = None
@@ -134,11 +135,40 @@ class GenerationICL(FrozenMethod[IclConfig]):
             out.append([self._pool[j] for j in rng.choice(len(self._pool), k, replace=False)])
         return out
 
+    # --- retrieval-grounded answers ---------------------------------------------------------
+
+    def _grounded(self, queries: list[Example]) -> list[Example]:
+        """The queries with their context replaced by the `retrieve` passages nearest to
+        the question, from every context of the pool and the queries (the documents;
+        never a response). Passages: ~120-word windows (fedtune.vectorstore)."""
+        from dataclasses import replace
+
+        from fedtune.vectorstore import split_passages
+
+        docs = dict.fromkeys(e.context for e in [*self._pool, *queries] if e.context)
+        passages = [p.text for d in docs for p in split_passages(d, "context")]
+        if not passages:
+            raise ConfigError("method.retrieve > 0 needs examples with a context to retrieve "
+                              "from; the data has none")  # fmt: skip
+        vectors = self._embed([Example(t, "") for t in passages])  # [P, D] unit rows
+        sims = self._embed([Example(q.text, "") for q in queries]) @ vectors.T  # [Q, P]
+        k = min(self.config.retrieve, len(passages))
+        top = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+        hit = sum(any(passages[j] in " ".join(q.context.split()) for j in row)
+                  for q, row in zip(queries, top, strict=True))  # fmt: skip
+        self.notes.append(f"retrieval: {k} of {len(passages)} passages per question; a passage "
+                          f"of the question's own context among them for {hit} of "
+                          f"{len(queries)}")  # fmt: skip
+        return [replace(q, context="\n\n".join(passages[j] for j in row))
+                for q, row in zip(queries, top, strict=True)]  # fmt: skip
+
     # --- answering -----------------------------------------------------------------------
 
     def answer(self, queries: list[Example]) -> list[str]:
         """Greedy answers to generation examples (their responses are not looked at)."""
         form = self._load()
+        if self.config.retrieve > 0:
+            queries = self._grounded(queries)
         self.dropped = 0
         demos = self._demonstrations(queries)
         prompts = [self._prompt(form, d, q) for d, q in zip(demos, queries, strict=True)]
