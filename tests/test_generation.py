@@ -389,3 +389,28 @@ def test_retrieval_grounded_answers_use_the_nearest_passages(tiny_models: dict[s
     assert grounded[0].context == "The company revenue rose to 40 million dollars."
     assert "a passage of the question's own context among them for 0 of 1" in icl.notes[-1]
     assert len(icl.answer(queries)) == 1
+
+
+@pytest.mark.parametrize("method", ["lora", "ptuning", "full"])
+def test_gradient_checkpointing_trains_the_same(tiny_models: dict[str, str], dolly: Path,
+                                                method: str) -> None:  # fmt: skip
+    """train.gradient_checkpointing recomputes activations: the same trained state."""
+    from fedtune.config import TrainConfig
+    from fedtune.data import make_splits
+    from fedtune.train import train
+
+    splits = make_splits(DataConfig(task="generation", source="file", path=str(dolly)))
+    states = []
+    for checkpointing in (False, True):
+        model = AdaptedModel.build(ModelConfig(name=tiny_models["llama"]), method_config(method),
+                                   splits.labels, seed=3, task="generation")  # fmt: skip
+        feats = model.formulation.encode_examples(splits.train[:16])
+        cfg = TrainConfig(max_steps=2, batch_size=8, progress=False,
+                          gradient_checkpointing=checkpointing)  # fmt: skip
+        train(model, feats, None, cfg, lr=0.01, seed=3)
+        module = model.module
+        base = module.get_base_model() if method != "full" else module
+        assert base.is_gradient_checkpointing == checkpointing
+        states.append(model.trainable_state())
+    for name, value in states[0].items():
+        torch.testing.assert_close(states[1][name], value, rtol=1e-4, atol=1e-6)

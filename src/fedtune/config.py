@@ -149,6 +149,10 @@ class TrainConfig:
     bf16: bool = False
     """Compute under bfloat16 autocast (weights and optimizer state stay fp32). On a
     CPU with AVX512-BF16/AMX about 1.5x faster training; see docs/benchmarks.md."""
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations in the backward pass instead of keeping them
+    (transformers' gradient checkpointing): far less memory for long sequences (a
+    decoder on 600-token closed-QA prompts), about a third more compute."""
     progress: bool = True
 
 

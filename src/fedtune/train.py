@@ -234,12 +234,27 @@ def train(
         torch.set_num_threads(cfg.threads)
     try:
         model.to(cfg.device)
+        if cfg.gradient_checkpointing:
+            _checkpoint_layers(model)
         if session is None:
             session = TrainSession.new(model, len(train_feats), cfg, lr, seed)
         return _train(model, train_feats, val_feats, cfg, session, steps, proximal, correction,
                       on_eval, description)  # fmt: skip
     finally:
         torch.set_num_threads(threads_before)
+
+
+def _checkpoint_layers(model: AdaptedModel) -> None:
+    """transformers' gradient checkpointing on the base model (through a PEFT wrapper).
+    Non-reentrant: it needs no input that requires grad, so frozen embeddings under
+    LoRA or prompt learning still train."""
+    enable = getattr(model.module, "gradient_checkpointing_enable", None)
+    if enable is None:
+        raise ConfigError(
+            f"train.gradient_checkpointing: the {model.method.name} model has no gradient "
+            "checkpointing; set train.gradient_checkpointing = false"
+        )
+    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _check(cfg: TrainConfig, has_validation: bool) -> None:
