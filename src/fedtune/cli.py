@@ -210,7 +210,9 @@ def train_cmd(
         str | None,
         typer.Option(help="Catalog name (`fedtune models`), Hub id, local folder or .gguf file."),
     ] = None,
-    data: Annotated[str | None, typer.Option(help="fpb, file or hf.")] = None,
+    task: Annotated[str | None, typer.Option(
+        help="classification (default) or generation (instruction -> response).")] = None,
+    data: Annotated[str | None, typer.Option(help="fpb, file, hf or tatqa.")] = None,
     data_path: Annotated[str | None, typer.Option(help="FPB txt/zip/dir or data table.")] = None,
     agreement: Annotated[str | None, typer.Option(help="FPB agreement: 50, 66, 75, all.")] = None,
     split: Annotated[str | None, typer.Option(help="random or fingpt.")] = None,
@@ -240,7 +242,7 @@ def train_cmd(
                           "pass one (the positional CONFIG or --config)"))  # fmt: skip
     config = config_file if config_file is not None else config
     flags = {
-        "data.source": data, "data.path": data_path, "data.agreement": agreement,
+        "data.task": task, "data.source": data, "data.path": data_path, "data.agreement": agreement,
         "data.split": split, "data.text_column": text_column,
         "data.label_column": label_column, "data.limit": limit, "train.epochs": epochs,
         "train.max_steps": max_steps, "train.batch_size": batch_size,
