@@ -165,6 +165,13 @@ def test_sft_loss_is_the_mean_nll_of_response_tokens_only(tiny_models: dict[str,
         assert form.tokenizer.decode(prompt).endswith("### Response:\n")
         assert f["input_ids"][f["prompt_len"] :] == (
             form.tokenizer(e.response, add_special_tokens=False)["input_ids"] + [eos])
+    # A response cut at max_target_length ends without EOS (the model must not learn
+    # to stop there).
+    form.max_target_length = 2
+    (cut,) = form.encode_examples([exs[1]])
+    assert cut["input_ids"][cut["prompt_len"] :] == form.tokenizer(
+        exs[1].response, add_special_tokens=False)["input_ids"][:2]
+    form.max_target_length = 128
     batch = form.collate(feats)
     loss = form.loss(model.module, batch)
     # By hand: full logits, log p of each response token given everything before it.
@@ -190,7 +197,8 @@ def test_chat_template_prompts_and_long_contexts_cut_first(chat_llama: str) -> N
     (f,) = form.encode_examples([Example("Why?", "all", context="word " * 50, response="ok")])
     text = form.tokenizer.decode(f["input_ids"][: f["prompt_len"]])
     assert text.startswith("<|im_start|>user\n") and text.endswith("<|im_start|>assistant\n")
-    assert "Why?" in text and text.count("word") < 12
+    assert "Why?" in text and 0 < text.count("word") < 12  # the context cut, not dropped
+    assert text.index("word") < text.index("Why?")  # its end cut, the question kept
     off = AdaptedModel.build(ModelConfig(name=chat_llama, chat="off"), method_config("lora"),
                              ("all",), task="generation")  # fmt: skip
     assert not off.formulation.chat  # type: ignore[attr-defined]
@@ -211,9 +219,14 @@ def test_generation_is_greedy_decoding_of_the_trained_forward(
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.5)
     model.module.eval()
-    questions = ["What is two plus two?", "Hi", "Name the largest city in a long country."]
+    # Two prompts of one length (prompt-learning models batch only those), one shorter,
+    # one longer.
+    questions = ["What is 2 plus 2?", "What is 3 plus 5?", "Hi",
+                 "Name the largest city in a long country."]  # fmt: skip
+    prompts = model.formulation.prompt_ids(questions, [""] * 4)  # type: ignore[attr-defined]
+    assert len(prompts[0]) == len(prompts[1]) != len(prompts[2])
     expected = []
-    for ids in model.formulation.prompt_ids(questions, [""] * 3):  # type: ignore[attr-defined]
+    for ids in prompts:
         seq = list(ids)
         with torch.no_grad():
             for _ in range(4):
@@ -224,7 +237,14 @@ def test_generation_is_greedy_decoding_of_the_trained_forward(
         if model.tokenizer.eos_token_id in new:
             new = new[: new.index(model.tokenizer.eos_token_id)]
         expected.append(model.tokenizer.decode(new, skip_special_tokens=True).strip())
-    assert model.generate(questions, batch_size=3) == expected and any(expected)
+    assert model.generate(questions, batch_size=4) == expected and any(expected)
+    # The adapter changes the answers (prefix's key/values are not ignored).
+    if method in ("prompt", "ptuning", "prefix"):  # the base model stays untouched
+        base = model.module.get_base_model()  # type: ignore[operator]
+        assert generate_texts(base, model.tokenizer, prompts, 4) != expected
+    elif method != "full":  # adapters injected into the base's layers
+        with model.module.disable_adapter():  # type: ignore[operator]
+            assert model.generate(questions, batch_size=4) != expected
 
 
 def test_scores_are_rouge_l_and_squad_em_f1() -> None:
@@ -414,3 +434,20 @@ def test_gradient_checkpointing_trains_the_same(tiny_models: dict[str, str], dol
         states.append(model.trainable_state())
     for name, value in states[0].items():
         torch.testing.assert_close(states[1][name], value, rtol=1e-4, atol=1e-6)
+
+
+def test_classification_reports_keep_their_layout(tiny_models: dict[str, str], table: Path,
+                                                  tmp_path: Path) -> None:  # fmt: skip
+    """The task layer leaves classification's report and summary as they were."""
+    from fedtune.regimes import run_centralized
+
+    cfg = load_config(None, [f"output_dir={tmp_path}", "name=c", "data.source=file",
+                             f"data.path={table}", f"model.name={tiny_models['bert']}",
+                             "method.name=lora", "train.epochs=1", "train.progress=false"])
+    s = run_centralized(cfg)
+    assert {"accuracy", "macro_f1", "weighted_f1", "loss", "confusion"} <= set(s)
+    assert s["task"] == "classification" and s["primary"] == "accuracy" and not s["samples"]
+    report = (tmp_path / "c" / "report.md").read_text()
+    assert "| accuracy | macro-F1 | weighted F1 | loss |" in report
+    assert "| class | precision | recall | F1 | support |" in report
+    assert report.index("![training curves]") < report.index("![confusion matrix](confusion.png)")

@@ -61,7 +61,10 @@ class Metrics:
 
 SHORT = {"accuracy": "acc", "macro_f1": "macro-F1", "weighted_f1": "weighted F1",
          "rougeL": "ROUGE-L", "exact_match": "EM", "f1": "F1"}  # fmt: skip
-"""Display names of metric keys."""
+"""Display names of metric keys (console lines)."""
+
+LABEL = {**SHORT, "accuracy": "accuracy"}
+"""Display names of metric keys (table headers)."""
 
 TASK_METRICS = {"classification": ("accuracy", "macro_f1", "weighted_f1"),
                 "generation": ("rougeL", "exact_match", "f1")}  # fmt: skip
@@ -90,8 +93,7 @@ def val_line(record: dict[str, Any]) -> str:
 
 def test_line(test: Metrics) -> str:
     """`accuracy 0.8761  macro-F1 0.8512  weighted F1 0.8700` (or the task's metrics)."""
-    names = {**SHORT, "accuracy": "accuracy"}
-    return "  ".join(f"{names.get(k, k)} {v:.4f}" for k, v in test.values.items())
+    return "  ".join(f"{LABEL.get(k, k)} {v:.4f}" for k, v in test.values.items())
 
 
 def classification_metrics(

@@ -28,8 +28,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from fedtune.classify import CausalLMFormulation, Feature, _keeps_logits
-from fedtune.errors import ConfigError
+from fedtune.classify import CausalLMFormulation, Feature
+from fedtune.errors import ConfigError, DataError
 from fedtune.progress import bars_visible
 
 if TYPE_CHECKING:
@@ -72,7 +72,13 @@ class InstructionLM(CausalLMFormulation):
         self.template = template
         self.max_target_length = max_target_length
         if tokenizer.eos_token_id is None:
-            raise ConfigError("the tokenizer has no end-of-sequence token to end responses with")
+            raise ConfigError(
+                f"the tokenizer of {tokenizer.name_or_path!r} has no end-of-sequence token to "
+                "end responses with; use a causal LM whose tokenizer has one"
+            )
+        for key, value in (("max_length", max_length), ("max_target_length", max_target_length)):
+            if value < 1:
+                raise ConfigError(f"model.{key} = {value} must be at least 1 token")
 
     # --- prompts ------------------------------------------------------------------
 
@@ -113,6 +119,12 @@ class InstructionLM(CausalLMFormulation):
 
     def encode_examples(self, examples: Sequence[Example]) -> list[Feature]:
         index = {label: i for i, label in enumerate(self.labels)}
+        unknown = next((e for e in examples if e.label not in index), None)
+        if unknown is not None:
+            raise DataError(
+                f"{unknown.origin or 'example'}: category {unknown.label!r} is not in "
+                f"data.labels ({', '.join(self.labels)}); add it there or fix the data"
+            )
         prompts = self.prompt_ids([e.text for e in examples], [e.context for e in examples])
         responses = self.tokenizer([e.response for e in examples],
                                    add_special_tokens=False)["input_ids"]  # fmt: skip
@@ -124,7 +136,7 @@ class InstructionLM(CausalLMFormulation):
                 target = [*target, self.tokenizer.eos_token_id]
             ids = prompt + target
             feats.append({"input_ids": ids, "prompt_len": len(prompt), "length": len(ids),
-                          "labels": index.get(e.label, 0), "reference": e.response,
+                          "labels": index[e.label], "reference": e.response,
                           "instruction": e.text, "context": e.context})  # fmt: skip
         return feats
 
@@ -170,25 +182,43 @@ def _prompt_learning(module: nn.Module) -> str:
     return ""
 
 
-def _greedy_uncached(module: nn.Module, ids: Tensor, max_new_tokens: int,
-                     stop: list[int]) -> Tensor:  # fmt: skip
-    """Greedy decoding by whole forward passes, no KV cache: [B, T] -> [B, T + new].
+def _greedy_prompt_learning(module: nn.Module, ids: Tensor, max_new_tokens: int,
+                            stop: list[int]) -> Tensor:  # fmt: skip
+    """Greedy decoding of a PEFT prompt-learning model (prompt tuning, P-tuning, prefix
+    tuning) with a KV cache and the positions training uses: [B, T] -> [B, T + new].
 
-    Written here for prefix tuning: with transformers 5.24 and peft 0.21, `generate`
-    on a prefix-tuned model ignores the prefix's key/values ("Both `past_key_values`
-    and `cache` are set ... ignoring past_key_values") and answers like the base
-    model (tested). The forward pass is the one training uses, so this is exact; it
-    costs one forward over the whole sequence per new token. Rows are equal length
-    (no padding: the caller groups them)."""
-    keep = {"logits_to_keep": 1} if _keeps_logits(module) else {}
-    done = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
-    for _ in range(max_new_tokens):
-        logits = module(input_ids=ids, attention_mask=torch.ones_like(ids), **keep).logits
-        nxt = logits[:, -1].argmax(-1)
+    Written here because `generate` gets those models wrong with transformers 5.24 and
+    peft 0.21 (tested against whole forward passes): prompt tuning and P-tuning drop
+    `position_ids`, so after the first step the new tokens sit V positions (the virtual
+    tokens) too early; prefix tuning's prefix key/values are ignored ("Both
+    `past_key_values` and `cache` are set"). Here the base model gets, once, what PEFT's
+    own forward gives it in training (the virtual tokens' embeddings in front of the
+    prompt's, or the prefix as the cache) and then one token at a time on that cache.
+    Rows are equal length (no padding: the caller groups them)."""
+    peft: Any = module
+    base = peft.get_base_model()
+    rows = len(ids)
+    prompts = peft.get_prompt(batch_size=rows)
+    embeds = base.get_input_embeddings()(ids)  # [B, T, H]
+    if _prompt_learning(module) == "PREFIX_TUNING":
+        cache, virtual = prompts, int(peft.active_peft_config.num_virtual_tokens)
+    else:  # virtual token embeddings [B, V, H] in front of the prompt's
+        cache, virtual = None, int(prompts.shape[1])
+        embeds = torch.cat([prompts.to(embeds.dtype), embeds], dim=1)
+    mask = torch.ones(rows, virtual + ids.shape[1], dtype=torch.long, device=ids.device)
+    out = base(inputs_embeds=embeds, attention_mask=mask, past_key_values=cache, use_cache=True,
+               logits_to_keep=1)  # fmt: skip
+    done = torch.zeros(rows, dtype=torch.bool, device=ids.device)
+    stops = torch.tensor(stop, device=ids.device)
+    for step in range(max_new_tokens):
+        nxt = out.logits[:, -1].argmax(-1)
         ids = torch.cat([ids, nxt[:, None]], dim=1)
-        done |= torch.isin(nxt, torch.tensor(stop, device=ids.device))
-        if bool(done.all()):
+        done |= torch.isin(nxt, stops)
+        if bool(done.all()) or step == max_new_tokens - 1:
             break
+        mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
+        out = base(input_ids=nxt[:, None], attention_mask=mask, past_key_values=out.past_key_values,
+                   use_cache=True)  # fmt: skip
     return ids
 
 
@@ -202,6 +232,9 @@ def generate_texts(
     prompt order. Prompts of similar length are batched together (left padded, as
     decoder-only generation needs)."""
     from transformers import GenerationConfig
+
+    if max_new_tokens < 1:
+        raise ConfigError(f"model.max_new_tokens = {max_new_tokens} must be at least 1")
     stops = _stop_ids(module, tok)
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                               pad_token_id=tok.pad_token_id, eos_token_id=stops)  # fmt: skip
@@ -209,10 +242,8 @@ def generate_texts(
     order = np.argsort(lengths, kind="stable")
     learning = _prompt_learning(module)
     if learning:
-        # PEFT's prompt/P-tuning generate from input embeddings with the virtual tokens
-        # in front and drop `position_ids` ("not supported for parameter efficient
-        # tuning"): left padding would shift every real token's position (tested).
-        # So only prompts of one length share a batch: no padding at all.
+        # Decoded without padding (see _greedy_prompt_learning): prompts of one length
+        # per batch.
         cuts = [i for i in range(1, len(order)) if lengths[order[i]] != lengths[order[i - 1]]]
         groups = [g for part in np.split(order, cuts)
                   for g in np.array_split(part, max(1, math.ceil(len(part) / batch_size)))]
@@ -238,8 +269,8 @@ def generate_texts(
                     mask[r, width - len(s) :] = 1
                 ids, mask = ids.to(device), mask.to(device)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    if learning == "PREFIX_TUNING":
-                        gen = _greedy_uncached(module, ids, max_new_tokens, stops)
+                    if learning:
+                        gen = _greedy_prompt_learning(module, ids, max_new_tokens, stops)
                     else:
                         gen = module.generate(  # type: ignore[operator]
                             input_ids=ids, attention_mask=mask, generation_config=config

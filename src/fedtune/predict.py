@@ -56,7 +56,10 @@ def read_texts(path: str | Path, column: str = "text",
         )
     if df.empty:
         raise DataError(f"{p}: no rows to predict")
-    texts = ["" if v is None else str(v) for v in df[column].tolist()]
+    from fedtune.data.sources import _cell
+
+    # Missing cells (None, NaN from a JSONL record without the field) are empty text.
+    texts = [_cell(v) if not isinstance(v, str) else v for v in df[column].tolist()]
     for i, t in enumerate(texts):
         if not t.strip() and not allow_empty:
             row = i + 2 if p.suffix.lower() in (".csv", ".tsv") else i + 1

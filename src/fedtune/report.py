@@ -77,24 +77,24 @@ def _pct(x: float) -> str:
 def test_section(m: Metrics, labels: tuple[str, ...]) -> str:
     """The test set's metrics, their breakdown (per class with the confusion matrix, or
     per category with generated samples) and the plots that go with them."""
-    from fedtune.evaluate import SHORT
+    from fedtune.evaluate import LABEL
 
     names = list(m.values)
-    head = "| " + " | ".join(SHORT.get(k, k) for k in names) + " | loss |"
+    head = "| " + " | ".join(LABEL.get(k, k) for k in names) + " | loss |"
     row = "| " + " | ".join(_pct(m.values[k]) for k in names) + f" | {m.loss:.4f} |"
     lines = [head, "|---" * (len(names) + 1) + "|", row, ""]
     if m.confusion:
-        lines += [metrics_table(m, labels), "", "![confusion matrix](confusion.png)"]
+        lines += [metrics_table(m, labels)]
     if m.report and not m.confusion:
-        lines += ["| category | examples | " + " | ".join(SHORT.get(k, k) for k in names) + " |",
+        lines += ["| category | examples | " + " | ".join(LABEL.get(k, k) for k in names) + " |",
                   "|---" * (len(names) + 2) + "|"]  # fmt: skip
         lines += [f"| {c} | {r['n']} | " + " | ".join(_pct(r[k]) for k in names) + " |"
                   for c, r in m.report.items()]  # fmt: skip
     if m.samples:
         lines += ["", "Generated answers (the first test examples):", "",
                   "| instruction | reference | generated |", "|---|---|---|"]  # fmt: skip
-        lines += [f"| {_cell(x['instruction'])[:300]} | {_cell(x['reference'])[:300]} "
-                  f"| {_cell(x['prediction'])[:300]} |" for x in m.samples]  # fmt: skip
+        lines += [f"| {_cell(x['instruction'], 300)} | {_cell(x['reference'], 300)} "
+                  f"| {_cell(x['prediction'], 300)} |" for x in m.samples]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -156,6 +156,7 @@ def write_run_report(run_dir: Path, summary: dict[str, Any], test: Metrics,
 {test_section(test, labels)}
 
 {"" if frozen else "![training curves](curves.png)"}
+{"![confusion matrix](confusion.png)" if test.confusion else ""}
 """
     if s.get("notes"):
         text += "\n## Data notes\n\n" + "\n".join(f"- {n}" for n in s["notes"]) + "\n"
@@ -166,9 +167,13 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:.3f} MB"
 
 
-def _cell(text: str) -> str:
-    """`text` fit for a markdown table cell: one line, no pipes."""
-    return " ".join(str(text).split()).replace("|", "\\|")
+def _cell(text: str, limit: int = 0) -> str:
+    """`text` fit for a markdown table cell: one line, no pipes, at most `limit`
+    characters (cut before escaping, so a cut never splits an escape)."""
+    one = " ".join(str(text).split())
+    if limit and len(one) > limit:
+        one = one[: limit - 1] + "…"
+    return one.replace("|", "\\|")
 
 
 def write_federated_report(
@@ -202,7 +207,7 @@ def write_federated_report(
         ("wall time", f"{s['wall_seconds']:.1f} s"),
     ]  # fmt: skip
     rows = "\n".join(f"| {k} | {v} |" for k, v in facts)
-    acc = any("val_accuracy" in r for r in history)  # generation checks rounds by loss
+    acc = s.get("task", "classification") == "classification"  # generation: loss only
     per_round = ["| round | sites | train loss | val loss | " + ("val accuracy | " if acc else "")
                  + "down | up | s |", "|---|---|---|---|---|---|---|" + ("---|" if acc else "")]
     for r in history:
@@ -229,7 +234,7 @@ The global model is the round with the lowest shared validation loss.
 {test_section(test, labels)}
 
 ![rounds](rounds.png)
-
+{chr(10) + "![confusion matrix](confusion.png)" + chr(10) if test.confusion else ""}
 ## Rounds
 
 {chr(10).join(per_round)}

@@ -155,6 +155,12 @@ def _workspace_key(cfg: RunConfig) -> str:
 def workspace(cfg: RunConfig, splits: Splits | None = None) -> Workspace:
     """This process's workspace for `cfg` (built on first use; one at a time, so
     that a comparison of several methods does not keep every model in memory)."""
+    if cfg.federated.attack == "labelflip" and cfg.data.task != "classification":
+        raise ConfigError(
+            "federated.attack = 'labelflip' flips class labels; a generation task has none "
+            "(its categories do not change what is learnt): use a state attack such as "
+            "'signflip' or 'scale'"
+        )
     key = _workspace_key(cfg)
     ws = _WORKSPACE.get(key)
     if ws is None:
@@ -197,6 +203,8 @@ def _require_labels(cfg: RunConfig) -> None:
         raise ConfigError(
             "federated.partition = 'own' (sites read their own data) needs data.labels in "
             "the run config, so that the server and every site use one label order"
+            + (" (generation: the categories, e.g. data.labels = [\"all\"] when the data "
+               "names none)" if cfg.data.task == "generation" else "")
         )
 
 

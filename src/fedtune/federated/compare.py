@@ -33,7 +33,7 @@ from rich.console import Console
 from fedtune.config import REGIMES, FederatedConfig, RunConfig
 from fedtune.data import Splits, make_splits
 from fedtune.errors import ConfigError
-from fedtune.evaluate import SHORT, metric_names
+from fedtune.evaluate import LABEL, metric_names
 from fedtune.federated.partition import partition_examples
 from fedtune.federated.runner import run_federated
 from fedtune.federated.server import build_strategy, checkpoint_state, find_checkpoint
@@ -322,7 +322,7 @@ def write_seeds_report(out: Path, per_seed: dict[int, list[dict[str, Any]]],
             groups.setdefault((r["method"], r["regime"], r["site"]), {})[seed] = r
     names = metric_names([r for rows in per_seed.values() for r in rows])
     top = names[0]
-    label = {**SHORT, "accuracy": "accuracy"}
+    label = LABEL
     lines = [
         f"# {title}", "",
         f"Seeds {', '.join(map(str, seeds))}: each changes model initialisation, data "
@@ -423,7 +423,7 @@ def _ranking(rows: list[dict[str, Any]], out: Path) -> list[str]:
     pooled.sort(key=lambda r: (r["regime"], -r[first]))
     lines = ["## Ranking: quality versus cost", "",
              "Local-only rows are left out (one per site, each on a third of the data).", "",
-             f"| rank | regime | method | {SHORT.get(first, first)} | {SHORT[second]} "
+             f"| rank | regime | method | {LABEL.get(first, first)} | {LABEL[second]} "
              "| trainable params | bytes total | wall time (s) |",
              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     rank, last = 0, ""
@@ -447,7 +447,7 @@ def _ranking(rows: list[dict[str, Any]], out: Path) -> list[str]:
             ax.annotate(r["method"], (max(x, 1e-3), r[first]), textcoords="offset points",
                         xytext=(5, 4), fontsize=8)  # fmt: skip
     axes[0].set_xlabel("wall time, s (log)")
-    name = SHORT.get(first, first) if first != "accuracy" else "accuracy"
+    name = LABEL.get(first, first)
     axes[0].set_title(f"{name} vs compute (o centralized, s federated)")
     axes[1].set_xlabel("bytes communicated in total, MB (log)")
     axes[1].set_title(f"federated: {name} vs communication")
@@ -478,9 +478,9 @@ def _samples_side_by_side(rows: list[dict[str, Any]]) -> list[str]:
         for i, first in enumerate(runs[0]["samples"]):
             answers = [r["samples"][i]["prediction"] if i < len(r["samples"]) else ""
                        for r in runs]  # fmt: skip
-            lines.append(f"| {_cell(first['instruction'])[:200]} "
-                         f"| {_cell(first['reference'])[:200]} | "
-                         + " | ".join(_cell(a)[:200] for a in answers) + " |")  # fmt: skip
+            lines.append(f"| {_cell(first['instruction'], 200)} "
+                         f"| {_cell(first['reference'], 200)} | "
+                         + " | ".join(_cell(a, 200) for a in answers) + " |")  # fmt: skip
         lines.append("")
     return lines
 
@@ -506,7 +506,7 @@ def write_regimes_report(out: Path, rows: list[dict[str, Any]],
         "is tested).",
         "",
         "| method | regime | site | train examples | trained (best) | "
-        + " | ".join(SHORT[k] if k != "accuracy" else k for k in names)
+        + " | ".join(LABEL[k] for k in names)
         + " | trainable params | bytes/site/round down / up | bytes total "
         "| wall time (s) | run |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",

@@ -48,9 +48,13 @@ class GenerationICL(FrozenMethod[IclConfig]):
                 'method.backend = "remote" scores label words; generation with icl runs the '
                 'local LM (method.backend = "local")'
             )
-        if cfg.shots < 0 or cfg.batch_size < 1 or cfg.retrieve < 0:
-            raise ConfigError("method.shots and method.retrieve must be >= 0 and "
-                              "method.batch_size >= 1")  # fmt: skip
+        for key, value, low in (("shots", cfg.shots, 0), ("retrieve", cfg.retrieve, 0),
+                                ("batch_size", cfg.batch_size, 1)):  # fmt: skip
+            if value < low:
+                raise ConfigError(f"method.{key} = {value} must be >= {low}")
+        if cfg.calibrate:
+            raise ConfigError("method.calibrate corrects label scores; generation has none: "
+                              "set method.calibrate = false")  # fmt: skip
         self.model_name = cfg.model or self.model_config.name
         self._pool: list[Example] = []
         self._vectors: np.ndarray | None = None
@@ -94,7 +98,10 @@ class GenerationICL(FrozenMethod[IclConfig]):
                 text = str(tok.apply_chat_template(msgs, tokenize=False,
                                                    add_generation_prompt=True))  # fmt: skip
             else:
-                text = "".join(form.render(i, c) + f"{r}\n\n" for i, c, r in turns)
+                # Each answer ends with EOS, as in training: the model learns from the
+                # demonstrations where an answer stops (else it writes the next block).
+                end = tok.eos_token or ""
+                text = "".join(form.render(i, c) + f"{r}{end}\n\n" for i, c, r in turns)
                 text += form.render(ins, ctx)
             ids: list[int] = tok(text, add_special_tokens=not form.chat)["input_ids"]
             if len(ids) <= self._budget() or not turns:
