@@ -67,8 +67,8 @@ class DataConfig:
     """generation: the target column ('' = the first of response, output, answer, target)."""
     category_column: str = ""
     """generation: a category per example ('' = `category` if present; tatqa: the answer
-    type). Metrics are reported per category, splits stratify by it, and `dirichlet`
-    partitioning skews sites by it."""
+    type). Metrics are reported per category, splits stratify by it (grouped splits
+    take whole groups instead), and `dirichlet` partitioning skews sites by it."""
     group_column: str = ""
     """Rows sharing a value here stay in one split (tatqa: the report a question is
     about, so that no table is in both train and test)."""
