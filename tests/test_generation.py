@@ -451,3 +451,15 @@ def test_classification_reports_keep_their_layout(tiny_models: dict[str, str], t
     assert "| accuracy | macro-F1 | weighted F1 | loss |" in report
     assert "| class | precision | recall | F1 | support |" in report
     assert report.index("![training curves]") < report.index("![confusion matrix](confusion.png)")
+
+
+def test_seeds_report_uses_the_generation_metrics(tiny_models: dict[str, str], dolly: Path,
+                                                  tmp_path: Path) -> None:  # fmt: skip
+    from fedtune.federated.compare import run_seeds
+
+    cfg = _gen_cfg(dolly, tiny_models["llama"], tmp_path, "method.name=lora", "name=seeds")
+    out = run_seeds(cfg, [1, 2], regimes=("centralized",))
+    report = (out / "report.md").read_text()
+    assert "| method | regime | site | seeds | ROUGE-L | EM | F1 | min–max ROUGE-L |" in report
+    rows = json.loads((out / "seeds.json").read_text())
+    assert {r["seed"] for r in rows} == {1, 2} and all("rougeL" in r for r in rows)

@@ -191,7 +191,8 @@ def records_to_examples(
                 raise DataError(f"{unit}: empty response in column {resp!r}; fix or remove it")
         site = _cell(row.get(cfg.site_column)) if cfg.site_column else ""
         if cfg.site_column and not site:
-            raise DataError(f"{unit}: empty site in column {cfg.site_column!r}")
+            raise DataError(f"{unit}: empty site in column {cfg.site_column!r}; fill it or "
+                            "remove the record")
         out.append(Example(
             text, (_cell(row.get(cat)) if cat else "") or DEFAULT_CATEGORY, f"{name}:{i}",
             site, context, response, _cell(row.get(cfg.group_column)) if cfg.group_column else "",
