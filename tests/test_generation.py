@@ -463,3 +463,25 @@ def test_seeds_report_uses_the_generation_metrics(tiny_models: dict[str, str], d
     assert "| method | regime | site | seeds | ROUGE-L | EM | F1 | min–max ROUGE-L |" in report
     rows = json.loads((out / "seeds.json").read_text())
     assert {r["seed"] for r in rows} == {1, 2} and all("rougeL" in r for r in rows)
+
+
+def test_system_prompt_leads_every_prompt(tiny_models: dict[str, str], chat_llama: str) -> None:
+    from fedtune.data import Example
+    from fedtune.methods.icl import IclConfig
+    from fedtune.methods.icl_generate import GenerationICL
+
+    system = "Answer with the value only."
+    for name, start in ((chat_llama, "<|im_start|>system\n" + system), (tiny_models["llama"],
+                                                                        system + "\n\n###")):
+        model = AdaptedModel.build(ModelConfig(name=name, system_prompt=system),
+                                   method_config("lora"), ("all",), task="generation")
+        (f,) = model.formulation.encode_examples([Example("Why?", "all", response="ok")])
+        prompt = model.tokenizer.decode(f["input_ids"][: f["prompt_len"]])
+        assert prompt.find(start) in (0, 1, 3, 4)  # first, after a BOS token at most
+        icl = GenerationICL(IclConfig(shots=2, max_context=512),
+                            ModelConfig(name=name, system_prompt=system),
+                            ("all",))  # fmt: skip
+        icl.fit([Example(f"q{i}", "all", response=f"a{i}") for i in range(3)])
+        form = icl._load()
+        text = form.tokenizer.decode(icl._prompt(form, icl._pool[:2], Example("Why?", "all")))
+        assert text.count(system) == 1 and text.index(system) < text.index("q")

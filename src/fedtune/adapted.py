@@ -43,7 +43,7 @@ def make_formulation(
         from fedtune.generate import InstructionLM
 
         return InstructionLM(tokenizer, labels, cfg.max_length, cfg.prompt_template, cfg.chat,
-                             cfg.max_target_length)  # fmt: skip
+                             cfg.max_target_length, cfg.system_prompt)  # fmt: skip
     if kind == "encoder":
         return HeadClassifier(tokenizer, labels, cfg.max_length)
     return GenerativeClassifier(tokenizer, labels, cfg.max_length, cfg.template, cfg.label_words)

@@ -112,6 +112,10 @@ class ModelConfig:
     )
     """generation without a chat template: `{instruction}` and `{context}` (rendered as
     "### Context:\n<context>\n\n" when the example has one, else empty)."""
+    system_prompt: str = ""
+    """generation: a standing instruction put before every prompt (the chat template's
+    system turn, else the prompt's first paragraph), e.g. "Answer with the value or the
+    words from the context only." '' = none (a chat template may add its default)."""
     max_target_length: int = 128
     """generation: response tokens trained on (longer responses are cut)."""
     max_new_tokens: int = 64

@@ -52,6 +52,7 @@ class InstructionLM(CausalLMFormulation):
         template: str,
         chat: str = "auto",
         max_target_length: int = 128,
+        system_prompt: str = "",
     ):
         """`labels` are the categories (metrics per category); `max_length` bounds the
         instruction + context tokens (the context is cut first); `template` is used
@@ -70,6 +71,7 @@ class InstructionLM(CausalLMFormulation):
             )
         self.chat = has_chat and chat != "off"
         self.template = template
+        self.system_prompt = system_prompt
         self.max_target_length = max_target_length
         if tokenizer.eos_token_id is None:
             raise ConfigError(
@@ -82,15 +84,24 @@ class InstructionLM(CausalLMFormulation):
 
     # --- prompts ------------------------------------------------------------------
 
-    def render(self, instruction: str, context: str) -> str:
-        """The prompt text, up to where the response starts."""
+    def render(self, instruction: str, context: str, system: bool = True) -> str:
+        """The prompt text, up to where the response starts (`system`: with the system
+        prompt, when there is one; few-shot prompts put it only before the first
+        block)."""
         if self.chat:
             content = f"{context}\n\n{instruction}" if context else instruction
             msgs = [{"role": "user", "content": content}]
             return str(self.tokenizer.apply_chat_template(
-                msgs, tokenize=False, add_generation_prompt=True))  # fmt: skip
+                self.with_system(msgs), tokenize=False, add_generation_prompt=True))  # fmt: skip
         block = f"### Context:\n{context}\n\n" if context else ""
-        return self.template.replace("{context}", block).replace("{instruction}", instruction)
+        text = self.template.replace("{context}", block).replace("{instruction}", instruction)
+        return f"{self.system_prompt}\n\n{text}" if self.system_prompt and system else text
+
+    def with_system(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+        """`messages` after the system turn, when there is a system prompt."""
+        if not self.system_prompt:
+            return messages
+        return [{"role": "system", "content": self.system_prompt}, *messages]
 
     def fit_texts(self, instruction: str, context: str) -> tuple[str, str]:
         """(instruction, context) cut to `max_length` tokens together: the context's

@@ -73,7 +73,8 @@ class GenerationICL(FrozenMethod[IclConfig]):
             self._lm = load_base_model(self.model_name, "decoder", self.labels).eval()
             mc = self.model_config
             self._form = InstructionLM(tok, self.labels, mc.max_length, mc.prompt_template,
-                                       mc.chat, mc.max_target_length)  # fmt: skip
+                                       mc.chat, mc.max_target_length,
+                                       mc.system_prompt)  # fmt: skip
         return self._form
 
     def _budget(self) -> int:
@@ -95,14 +96,16 @@ class GenerationICL(FrozenMethod[IclConfig]):
                     msgs += [{"role": "user", "content": f"{c}\n\n{i}" if c else i},
                              {"role": "assistant", "content": r}]  # fmt: skip
                 msgs.append({"role": "user", "content": f"{ctx}\n\n{ins}" if ctx else ins})
-                text = str(tok.apply_chat_template(msgs, tokenize=False,
+                text = str(tok.apply_chat_template(form.with_system(msgs), tokenize=False,
                                                    add_generation_prompt=True))  # fmt: skip
             else:
                 # Each answer ends with EOS, as in training: the model learns from the
                 # demonstrations where an answer stops (else it writes the next block).
+                # The system prompt, if any, comes once, first.
                 end = tok.eos_token or ""
-                text = "".join(form.render(i, c) + f"{r}{end}\n\n" for i, c, r in turns)
-                text += form.render(ins, ctx)
+                text = "".join(form.render(i, c, system=n == 0) + f"{r}{end}\n\n"
+                               for n, (i, c, r) in enumerate(turns))  # fmt: skip
+                text += form.render(ins, ctx, system=not turns)
             ids: list[int] = tok(text, add_special_tokens=not form.chat)["input_ids"]
             if len(ids) <= self._budget() or not turns:
                 return ids
