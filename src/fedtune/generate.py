@@ -18,6 +18,7 @@ LoRA, IA3, prompt/prefix/P-tuning) trains and generates through this one file.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -217,8 +218,10 @@ def _greedy_prompt_learning(module: nn.Module, ids: Tensor, max_new_tokens: int,
         cache, virtual = None, int(prompts.shape[1])
         embeds = torch.cat([prompts.to(embeds.dtype), embeds], dim=1)
     mask = torch.ones(rows, virtual + ids.shape[1], dtype=torch.long, device=ids.device)
-    out = base(inputs_embeds=embeds, attention_mask=mask, past_key_values=cache, use_cache=True,
-               logits_to_keep=1)  # fmt: skip
+    # transformers 5.x calls the KV cache `cache` (`past_key_values` is deprecated).
+    key = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    out = base(inputs_embeds=embeds, attention_mask=mask, use_cache=True, logits_to_keep=1,
+               **{key: cache})  # fmt: skip
     done = torch.zeros(rows, dtype=torch.bool, device=ids.device)
     stops = torch.tensor(stop, device=ids.device)
     for step in range(max_new_tokens):
@@ -228,8 +231,8 @@ def _greedy_prompt_learning(module: nn.Module, ids: Tensor, max_new_tokens: int,
         if bool(done.all()) or step == max_new_tokens - 1:
             break
         mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
-        out = base(input_ids=nxt[:, None], attention_mask=mask, past_key_values=out.past_key_values,
-                   use_cache=True)  # fmt: skip
+        out = base(input_ids=nxt[:, None], attention_mask=mask, use_cache=True,
+                   **{key: getattr(out, key)})  # fmt: skip
     return ids
 
 
