@@ -583,10 +583,10 @@ def test_a_failing_site_drops_out_and_min_sites_abandons_the_round(
     # A site that fails its evaluation (per-site validation) is named too, with the phase.
     real_eval = apps._evaluate_on
 
-    def site_3_cannot_evaluate(ws, tag, examples):  # type: ignore[no-untyped-def]
+    def site_3_cannot_evaluate(ws, tag, examples, **kwargs):  # type: ignore[no-untyped-def]
         if tag == "val-2":
             raise OSError("validation file unreadable")
-        return real_eval(ws, tag, examples)
+        return real_eval(ws, tag, examples, **kwargs)
 
     monkeypatch.setattr(apps, "_evaluate_on", site_3_cannot_evaluate)
     summary = run_federated(_cfg(tiny_models, table, tmp_path, "name=eval", "federated.rounds=1",

@@ -204,23 +204,23 @@ def test_chat_template_prompts_and_long_contexts_cut_first(chat_llama: str) -> N
     assert not off.formulation.chat  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
 @pytest.mark.parametrize("method", DECODER_METHODS)
 def test_generation_is_greedy_decoding_of_the_trained_forward(
-    tiny_models: dict[str, str], method: str
+    tiny_models: dict[str, str], method: str, family: str
 ) -> None:
     """Batched, left-padded generation gives, for every method, the tokens of greedy
     decoding with the forward pass training uses (one prompt at a time, no cache).
     Catches PEFT paths that drop positions under padding (prompt, ptuning) or ignore
     the adapter in `generate` (prefix)."""
-    model = AdaptedModel.build(ModelConfig(name=tiny_models["llama"], max_new_tokens=4),
+    model = AdaptedModel.build(ModelConfig(name=tiny_models[family], max_new_tokens=4),
                                method_config(method), ("all",), seed=1,
                                task="generation")  # fmt: skip
     for p in model.module.parameters():  # a trained-looking adapter, not the identity
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.5)
     model.module.eval()
-    # Two prompts of one length (prompt-learning models batch only those), one shorter,
-    # one longer.
+    # Two prompts of one length, one shorter, one longer: one left-padded batch.
     questions = ["What is 2 plus 2?", "What is 3 plus 5?", "Hi",
                  "Name the largest city in a long country."]  # fmt: skip
     prompts = model.formulation.prompt_ids(questions, [""] * 4)  # type: ignore[attr-defined]

@@ -19,7 +19,6 @@ LoRA, IA3, prompt/prefix/P-tuning) trains and generates through this one file.
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -194,19 +193,21 @@ def _prompt_learning(module: nn.Module) -> str:
     return ""
 
 
-def _greedy_prompt_learning(module: nn.Module, ids: Tensor, max_new_tokens: int,
+def _greedy_prompt_learning(module: nn.Module, ids: Tensor, mask: Tensor, max_new_tokens: int,
                             stop: list[int]) -> Tensor:  # fmt: skip
     """Greedy decoding of a PEFT prompt-learning model (prompt tuning, P-tuning, prefix
-    tuning) with a KV cache and the positions training uses: [B, T] -> [B, T + new].
+    tuning) with a KV cache and the positions training uses: left-padded ids [B, T]
+    and their mask -> [B, T + new].
 
     Written here because `generate` gets those models wrong with transformers 5.24 and
     peft 0.21 (tested against whole forward passes): prompt tuning and P-tuning drop
     `position_ids`, so after the first step the new tokens sit V positions (the virtual
-    tokens) too early; prefix tuning's prefix key/values are ignored ("Both
-    `past_key_values` and `cache` are set"). Here the base model gets, once, what PEFT's
-    own forward gives it in training (the virtual tokens' embeddings in front of the
-    prompt's, or the prefix as the cache) and then one token at a time on that cache.
-    Rows are equal length (no padding: the caller groups them)."""
+    tokens) too early, and padding shifts them further; prefix tuning's prefix
+    key/values are ignored ("Both `past_key_values` and `cache` are set"). Here the
+    base model gets, once, what PEFT's own forward gives it in training: the V virtual
+    tokens' embeddings in front (prompt/P-tuning), or the prefix as the cache; a row's
+    real tokens take positions V, V+1, ... whatever its padding (explicit
+    `position_ids`); then one token at a time on that cache."""
     peft: Any = module
     base = peft.get_base_model()
     rows = len(ids)
@@ -214,25 +215,32 @@ def _greedy_prompt_learning(module: nn.Module, ids: Tensor, max_new_tokens: int,
     embeds = base.get_input_embeddings()(ids)  # [B, T, H]
     if _prompt_learning(module) == "PREFIX_TUNING":
         cache, virtual = prompts, int(peft.active_peft_config.num_virtual_tokens)
-    else:  # virtual token embeddings [B, V, H] in front of the prompt's
+    else:  # [virtual][pads][prompt]: the pads are masked, the positions skip them
         cache, virtual = None, int(prompts.shape[1])
         embeds = torch.cat([prompts.to(embeds.dtype), embeds], dim=1)
-    mask = torch.ones(rows, virtual + ids.shape[1], dtype=torch.long, device=ids.device)
+    full_mask = torch.cat([mask.new_ones(rows, virtual), mask], dim=1)  # the cache's mask
+    # Real tokens at V.. in order (as in training); pads get any position (masked).
+    positions = (virtual + mask.cumsum(1) - 1).clamp(min=0)
+    if cache is None:
+        positions = torch.cat([torch.arange(virtual, device=ids.device).expand(rows, -1),
+                               positions], dim=1)  # fmt: skip
     # transformers 5.x calls the KV cache `cache` (`past_key_values` is deprecated).
     key = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-    out = base(inputs_embeds=embeds, attention_mask=mask, use_cache=True, logits_to_keep=1,
-               **{key: cache})  # fmt: skip
+    out = base(inputs_embeds=embeds, attention_mask=full_mask, position_ids=positions,
+               use_cache=True, logits_to_keep=1, **{key: cache})  # fmt: skip
     done = torch.zeros(rows, dtype=torch.bool, device=ids.device)
     stops = torch.tensor(stop, device=ids.device)
+    nxt_pos = positions[:, -1:] + 1  # [B, 1]
     for step in range(max_new_tokens):
         nxt = out.logits[:, -1].argmax(-1)
         ids = torch.cat([ids, nxt[:, None]], dim=1)
         done |= torch.isin(nxt, stops)
         if bool(done.all()) or step == max_new_tokens - 1:
             break
-        mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
-        out = base(input_ids=nxt[:, None], attention_mask=mask, use_cache=True,
-                   **{key: getattr(out, key)})  # fmt: skip
+        full_mask = torch.cat([full_mask, full_mask.new_ones(rows, 1)], dim=1)
+        out = base(input_ids=nxt[:, None], attention_mask=full_mask, position_ids=nxt_pos,
+                   use_cache=True, **{key: getattr(out, key)})  # fmt: skip
+        nxt_pos = nxt_pos + 1
     return ids
 
 
@@ -255,14 +263,7 @@ def generate_texts(
     lengths = [len(p) for p in prompts]
     order = np.argsort(lengths, kind="stable")
     learning = _prompt_learning(module)
-    if learning:
-        # Decoded without padding (see _greedy_prompt_learning): prompts of one length
-        # per batch.
-        cuts = [i for i in range(1, len(order)) if lengths[order[i]] != lengths[order[i - 1]]]
-        groups = [g for part in np.split(order, cuts)
-                  for g in np.array_split(part, max(1, math.ceil(len(part) / batch_size)))]
-    else:
-        groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     out = [""] * len(prompts)
     was_training = module.training
     module.eval()
@@ -284,7 +285,7 @@ def generate_texts(
                 ids, mask = ids.to(device), mask.to(device)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     if learning:
-                        gen = _greedy_prompt_learning(module, ids, max_new_tokens, stops)
+                        gen = _greedy_prompt_learning(module, ids, mask, max_new_tokens, stops)
                     else:
                         gen = module.generate(  # type: ignore[operator]
                             input_ids=ids, attention_mask=mask, generation_config=config
