@@ -485,3 +485,23 @@ def test_system_prompt_leads_every_prompt(tiny_models: dict[str, str], chat_llam
         form = icl._load()
         text = form.tokenizer.decode(icl._prompt(form, icl._pool[:2], Example("Why?", "all")))
         assert text.count(system) == 1 and text.index(system) < text.index("q")
+
+
+def test_a_chat_template_that_refuses_a_system_turn_names_the_fix(chat_llama: str,
+                                                                  tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fedtune.data import Example
+
+    dest = tmp_path / "no-system"
+    tok = AutoTokenizer.from_pretrained(chat_llama)
+    tok.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception("
+                         "'System role not supported') }}{% endif %}"
+                         "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    tok.save_pretrained(dest)
+    AutoModelForCausalLM.from_pretrained(chat_llama).save_pretrained(dest)
+    model = AdaptedModel.build(ModelConfig(name=str(dest), system_prompt="Be brief."),
+                               method_config("lora"), ("all",), task="generation")
+    with pytest.raises(ConfigError, match=r"System role not supported.*clear "
+                                          r"model\.system_prompt"):
+        model.formulation.encode_examples([Example("Why?", "all", response="ok")])

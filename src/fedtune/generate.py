@@ -90,18 +90,26 @@ class InstructionLM(CausalLMFormulation):
         block)."""
         if self.chat:
             content = f"{context}\n\n{instruction}" if context else instruction
-            msgs = [{"role": "user", "content": content}]
-            return str(self.tokenizer.apply_chat_template(
-                self.with_system(msgs), tokenize=False, add_generation_prompt=True))  # fmt: skip
+            return self.chat_text([{"role": "user", "content": content}])
         block = f"### Context:\n{context}\n\n" if context else ""
         text = self.template.replace("{context}", block).replace("{instruction}", instruction)
         return f"{self.system_prompt}\n\n{text}" if self.system_prompt and system else text
 
-    def with_system(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
-        """`messages` after the system turn, when there is a system prompt."""
-        if not self.system_prompt:
-            return messages
-        return [{"role": "system", "content": self.system_prompt}, *messages]
+    def chat_text(self, messages: list[dict[str, str]]) -> str:
+        """`messages` (after the system turn, when there is a system prompt) through the
+        chat template, up to where the assistant's answer starts."""
+        if self.system_prompt:
+            messages = [{"role": "system", "content": self.system_prompt}, *messages]
+        try:
+            return str(self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                          add_generation_prompt=True))
+        except Exception as e:  # jinja errors raised by the template itself
+            hint = ("; this template may not take a system turn: clear model.system_prompt"
+                    if self.system_prompt else "")
+            raise ConfigError(
+                f"the chat template of {self.tokenizer.name_or_path!r} failed ({e}){hint}, or "
+                'set model.chat = "off" to use model.prompt_template'
+            ) from e
 
     def fit_texts(self, instruction: str, context: str) -> tuple[str, str]:
         """(instruction, context) cut to `max_length` tokens together: the context's

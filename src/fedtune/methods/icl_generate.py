@@ -96,8 +96,7 @@ class GenerationICL(FrozenMethod[IclConfig]):
                     msgs += [{"role": "user", "content": f"{c}\n\n{i}" if c else i},
                              {"role": "assistant", "content": r}]  # fmt: skip
                 msgs.append({"role": "user", "content": f"{ctx}\n\n{ins}" if ctx else ins})
-                text = str(tok.apply_chat_template(form.with_system(msgs), tokenize=False,
-                                                   add_generation_prompt=True))  # fmt: skip
+                text = form.chat_text(msgs)
             else:
                 # Each answer ends with EOS, as in training: the model learns from the
                 # demonstrations where an answer stops (else it writes the next block).
