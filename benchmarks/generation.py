@@ -121,9 +121,12 @@ def tatqa_regimes(out: Path) -> list[dict[str, Any]]:
     with contextlib.redirect_stdout(io.StringIO()):
         folder = run_regimes(cfg, ["lora"])
     rows = json.loads((folder / "comparison.json").read_text())
-    return [_keep(out, _row(f"{key}/{r['regime']}/{r['site']}", r, r["wall_seconds"],
-                            regime=r["regime"], site=r["site"]))
+    # comparison.json leaves out the per-category report: each run's summary has it.
+    full = [json.loads((folder / r["name"] / "metrics.jsonl").read_text().splitlines()[-1])
             for r in rows]  # fmt: skip
+    return [_keep(out, _row(f"{key}/{r['regime']}/{r['site']}", {**r, "report": f["report"]},
+                            r["wall_seconds"], regime=r["regime"], site=r["site"]))
+            for r, f in zip(rows, full, strict=True)]  # fmt: skip
 
 
 def alpaca(out: Path) -> list[dict[str, Any]]:
