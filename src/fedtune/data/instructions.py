@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.config import DataConfig
-from fedtune.data.sources import TABLE_SUFFIXES, Example, _cell, _read_bytes, decode_bytes
+from fedtune.data.sources import Example, _cell, _read_bytes, checked_table, decode_bytes
 from fedtune.errors import DataError
 
 DEFAULT_CATEGORY = "all"
@@ -71,14 +71,8 @@ def read_records(p: Path, encoding: str = "auto") -> list[dict[str, Any]]:
     """The rows of a table file as dicts (nested values such as `messages` kept)."""
     import pandas as pd
 
+    p = checked_table(p)
     suffix = p.suffix.lower()
-    if suffix not in TABLE_SUFFIXES:
-        raise DataError(
-            f"{p}: unsupported file type {suffix or '(no suffix)'!r}; supported: "
-            f"{', '.join(TABLE_SUFFIXES)}"
-        )
-    if not p.is_file():
-        raise DataError(f"{p}: no such file; pass an existing file as data.path")
     if suffix == ".parquet":
         try:
             return [dict(r) for r in pd.read_parquet(p).to_dict("records")]

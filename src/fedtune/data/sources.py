@@ -222,15 +222,8 @@ def load_table(
     strings so that texts like "NA" survive and labels 1 and "1" are the same label."""
     import pandas as pd
 
-    p = Path(path).expanduser()
+    p = checked_table(path)
     suffix = p.suffix.lower()
-    if suffix not in TABLE_SUFFIXES:
-        raise DataError(
-            f"{p}: unsupported file type {suffix or '(no suffix)'!r}; supported: "
-            f"{', '.join(TABLE_SUFFIXES)}"
-        )
-    if not p.is_file():
-        raise DataError(f"{p}: no such file; pass an existing table as data.path")
     # CSV/TSV rows are reported by line number (header = line 1), other formats by record.
     first_row = 2 if suffix in (".csv", ".tsv") else 1
     unit = "line" if suffix in (".csv", ".tsv") else "record"
@@ -272,6 +265,20 @@ def load_table(
     if not out:
         raise DataError(f"{p}: empty dataset (no rows); check the file")
     return out
+
+
+def checked_table(path: str | Path) -> Path:
+    """`path` as a table file fedtune reads (by suffix), or a DataError saying why not."""
+    p = Path(path).expanduser()
+    suffix = p.suffix.lower()
+    if suffix not in TABLE_SUFFIXES:
+        raise DataError(
+            f"{p}: unsupported file type {suffix or '(no suffix)'!r}; supported: "
+            f"{', '.join(TABLE_SUFFIXES)}"
+        )
+    if not p.is_file():
+        raise DataError(f"{p}: no such file; pass an existing table as data.path")
+    return p
 
 
 def _cell(value: Any) -> str:
