@@ -505,3 +505,12 @@ def test_a_chat_template_that_refuses_a_system_turn_names_the_fix(chat_llama: st
     with pytest.raises(ConfigError, match=r"System role not supported.*clear "
                                           r"model\.system_prompt"):
         model.formulation.encode_examples([Example("Why?", "all", response="ok")])
+
+
+def test_too_few_groups_to_split_name_the_fix(tmp_path: Path) -> None:
+    path = tmp_path / "g.jsonl"
+    path.write_text("\n".join(json.dumps({"instruction": f"q{i}", "response": "a",
+                                          "report": "one"}) for i in range(10)))  # fmt: skip
+    with pytest.raises(DataError, match=r"groups \(data\.group_column\) are too few"):
+        make_splits(DataConfig(task="generation", source="file", path=str(path),
+                               group_column="report"))  # fmt: skip
