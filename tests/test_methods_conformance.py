@@ -18,6 +18,8 @@ from fedtune.errors import ModelError
 from fedtune.methods import trainable_methods
 
 METHODS = ("head", "full", "lora", "ptuning", "prompt", "prefix", "ia3")
+PREFERENCE_METHODS = ("reward", "dpo")
+"""Trained on preference pairs only: their conformance tests are in test_preference.py."""
 
 
 def _build(path: str, method: str, seed: int = 0) -> AdaptedModel:
@@ -38,7 +40,7 @@ def _steps(model: AdaptedModel, n: int = 3, lr: float = 1e-2) -> None:
 
 
 def test_registry_lists_every_method() -> None:
-    assert set(trainable_methods()) == set(METHODS)
+    assert set(trainable_methods()) == set(METHODS) | set(PREFERENCE_METHODS)
 
 
 @pytest.fixture(params=FAMILIES)

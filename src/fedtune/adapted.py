@@ -30,16 +30,38 @@ META_FILE = "fedtune.json"
 
 def make_formulation(
     kind: Kind, tokenizer: PreTrainedTokenizerBase, labels: tuple[str, ...], cfg: ModelConfig,
-    task: str = "classification",
+    task: str = "classification", method: Method | None = None,
 ) -> Formulation:  # fmt: skip
     """The task as this kind of model poses it: a classifier head or label words for
-    classification, instruction -> response language modelling for generation."""
-    if task == "generation":
-        if kind == "encoder":
+    classification, instruction -> response language modelling for generation, the
+    method's objective (reward model or DPO) on preference pairs."""
+    objective = method.objective if method is not None else ""
+    name = method.name if method is not None else ""
+    if task != "classification" and kind == "encoder":
+        raise ConfigError(
+            f"data.task={task} needs a decoder (a causal LM); {cfg.name!r} is an "
+            "encoder. Use e.g. --model smollm2 (`fedtune models`)"
+        )
+    if task == "preference":
+        from fedtune.preference import DPOPairs, RewardPairs
+
+        if objective not in ("reward", "dpo"):
             raise ConfigError(
-                f"data.task=generation needs a decoder (a causal LM); {cfg.name!r} is an "
-                "encoder. Use e.g. --model smollm2 (`fedtune models`)"
+                f"data.task=preference trains with method reward (a reward model) or dpo; "
+                f"method {name or '?'} has no preference objective"
             )
+        if objective == "reward":
+            return RewardPairs(tokenizer, labels, cfg.max_length, cfg.prompt_template,
+                               cfg.chat, cfg.max_target_length, cfg.system_prompt)  # fmt: skip
+        return DPOPairs(tokenizer, labels, cfg.max_length, cfg.prompt_template, cfg.chat,
+                        cfg.max_target_length, cfg.system_prompt,
+                        beta=getattr(method.config if method else None, "beta", 0.1))  # fmt: skip
+    if objective:
+        raise ConfigError(
+            f"method {name} learns from preference pairs (prompt, chosen, rejected); set "
+            f"data.task=preference (this run's task is {task})"
+        )
+    if task == "generation":
         from fedtune.generate import InstructionLM
 
         return InstructionLM(tokenizer, labels, cfg.max_length, cfg.prompt_template, cfg.chat,
@@ -76,11 +98,11 @@ class AdaptedModel:
             detect_kind(load_config(model_cfg.name)) if model_cfg.kind == "auto" else model_cfg.kind
         )
         tokenizer = load_tokenizer(model_cfg.name, kind)
-        formulation = make_formulation(kind, tokenizer, labels, model_cfg, task)
-        torch.manual_seed(seed)
-        base = load_base_model(model_cfg.name, kind, labels)
-        n_base = sum(p.numel() for p in base.parameters())
         method = build_method(method_cfg)
+        formulation = make_formulation(kind, tokenizer, labels, model_cfg, task, method)
+        torch.manual_seed(seed)
+        base = _base(model_cfg.name, kind, labels, method, tokenizer)
+        n_base = sum(p.numel() for p in base.parameters())
         module = method.apply(base, kind)
         return cls(module, tokenizer, formulation, method, model_cfg, kind, labels, n_base)
 
@@ -193,14 +215,25 @@ class AdaptedModel:
         method = build_method(method_config(mcfg.pop("name"), mcfg))
         tokenizer = load_tokenizer(str(src), kind)
         module = method.load(
-            src, kind, lambda: load_base_model(model_cfg.name, kind, labels), trainable
+            src, kind, lambda: _base(model_cfg.name, kind, labels, method, tokenizer), trainable
         )
         module.eval()
         formulation = make_formulation(kind, tokenizer, labels, model_cfg,
-                                       meta.get("task", "classification"))  # fmt: skip
+                                       meta.get("task", "classification"), method)  # fmt: skip
         return cls(
             module, tokenizer, formulation, method, model_cfg, kind, labels, meta["base_parameters"]
         )
+
+
+def _base(name: str, kind: Kind, labels: tuple[str, ...], method: Method,
+          tokenizer: PreTrainedTokenizerBase) -> Any:  # fmt: skip
+    """The base model with the head the method asks for. A scalar (reward) head reads
+    each sequence's last token that is not the pad token, so the model's pad id must be
+    the one batches are padded with."""
+    base = load_base_model(name, kind, labels, head=method.head)
+    if method.head == "score":
+        base.config.pad_token_id = tokenizer.pad_token_id
+    return base
 
 
 def _untuple(v: Any) -> Any:

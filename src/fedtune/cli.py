@@ -204,15 +204,16 @@ def train_cmd(
         typer.Argument(metavar="[CONFIG]", help="TOML run config to start from (optional)."),
     ] = None,
     method: Annotated[
-        str | None, typer.Option(help="head, full, lora, ptuning, prompt, prefix, ia3")
+        str | None, typer.Option(help="head, full, lora, ptuning, prompt, prefix, ia3, reward, dpo")
     ] = None,
     model: Annotated[
         str | None,
         typer.Option(help="Catalog name (`fedtune models`), Hub id, local folder or .gguf file."),
     ] = None,
     task: Annotated[str | None, typer.Option(
-        help="classification (default) or generation (instruction -> response).")] = None,
-    data: Annotated[str | None, typer.Option(help="fpb, file, hf or tatqa.")] = None,
+        help="classification (default), generation (instruction -> response) or preference "
+             "(prompt, chosen, rejected: methods reward, dpo).")] = None,
+    data: Annotated[str | None, typer.Option(help="fpb, file, hf, tatqa or hh.")] = None,
     data_path: Annotated[str | None, typer.Option(help="FPB txt/zip/dir or data table.")] = None,
     agreement: Annotated[str | None, typer.Option(help="FPB agreement: 50, 66, 75, all.")] = None,
     split: Annotated[str | None, typer.Option(help="random or fingpt.")] = None,

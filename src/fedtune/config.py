@@ -34,14 +34,18 @@ sites, so that no party needs the TOML file."""
 class DataConfig:
     """Where the examples come from, what task they pose and how they are split."""
 
-    task: Literal["classification", "generation"] = "classification"
+    task: Literal["classification", "generation", "preference"] = "classification"
     """`classification`: (text, label) examples, scored by accuracy and F1;
     `generation`: instruction (+ optional context) -> response, trained with a loss on
-    the response tokens and scored on generated text (ROUGE-L, exact match, token F1)."""
-    source: Literal["fpb", "file", "hf", "tatqa"] = "fpb"
+    the response tokens and scored on generated text (ROUGE-L, exact match, token F1);
+    `preference`: (prompt, chosen, rejected) pairs, trained by the `reward` and `dpo`
+    methods and scored by how often the chosen response gets the higher reward."""
+    source: Literal["fpb", "file", "hf", "tatqa", "hh"] = "fpb"
     """`fpb`: Financial PhraseBank; `file`: CSV/TSV/JSON/JSONL/Parquet at `path`; `hf`: a
     Hugging Face `datasets` id in `name` (needs the network); `tatqa`: TAT-QA's JSON
-    files (a file or a folder; generation task: closed QA over a table and paragraphs)."""
+    files (a file or a folder; generation task: closed QA over a table and paragraphs);
+    `hh`: Anthropic HH preference pairs, `*.jsonl.gz` files (a file or a folder; each
+    file's subset is the pairs' category and site)."""
     path: str = ""
     """fpb: a Sentences_*.txt file, the published zip or a folder holding either
     (default: $FEDTUNE_DATA_DIR/financial_phrasebank, else the Hub). file: the table."""
@@ -64,7 +68,11 @@ class DataConfig:
     context_column: str = ""
     """generation: the optional context column ('' = context or input, if present)."""
     response_column: str = ""
-    """generation: the target column ('' = the first of response, output, answer, target)."""
+    """generation: the target column ('' = the first of response, output, answer, target);
+    preference: the chosen response ('' = chosen). Preference prompts come from
+    instruction_column ('' = prompt, else HH transcripts in the chosen/rejected cells)."""
+    rejected_column: str = ""
+    """preference: the rejected response ('' = rejected)."""
     category_column: str = ""
     """generation: a category per example ('' = `category` if present; tatqa: the answer
     type). Metrics are reported per category, splits stratify by it (grouped splits

@@ -17,10 +17,11 @@ if TYPE_CHECKING:  # avoids an import cycle at runtime
 
 @dataclass
 class Metrics:
-    """A model's scores on a set of examples. `values` are the task's metrics (all in
-    0..1, higher is better): classification accuracy / macro_f1 / weighted_f1,
-    generation rougeL / exact_match / f1; `primary` names the one regimes are ranked
-    by. `loss` is the training objective on the same examples."""
+    """A model's scores on a set of examples. `values` are the task's metrics (higher
+    is better): classification accuracy / macro_f1 / weighted_f1, generation rougeL /
+    exact_match / f1 (all in 0..1), preference pair_accuracy (0..1) / reward_margin;
+    `primary` names the one regimes are ranked by. `loss` is the training objective on
+    the same examples."""
 
     loss: float
     n: int
@@ -28,7 +29,7 @@ class Metrics:
     primary: str = "accuracy"
     report: dict[str, Any] = field(default_factory=dict)
     """Classification: per-class precision/recall/F1/support (sklearn's
-    classification_report). Generation: per-category metrics and counts."""
+    classification_report). Generation and preference: per-category metrics and counts."""
     confusion: list[list[int]] = field(default_factory=list)
     """Rows: true label, columns: predicted label, in label order (classification)."""
     samples: list[dict[str, str]] = field(default_factory=list)
@@ -60,14 +61,17 @@ class Metrics:
 
 
 SHORT = {"accuracy": "acc", "macro_f1": "macro-F1", "weighted_f1": "weighted F1",
-         "rougeL": "ROUGE-L", "exact_match": "EM", "f1": "F1"}  # fmt: skip
+         "rougeL": "ROUGE-L", "exact_match": "EM", "f1": "F1", "pair_accuracy": "pair acc",
+         "reward_margin": "margin"}  # fmt: skip
 """Display names of metric keys (console lines)."""
 
-LABEL = {**SHORT, "accuracy": "accuracy"}
+LABEL = {**SHORT, "accuracy": "accuracy", "pair_accuracy": "pair accuracy",
+         "reward_margin": "reward margin"}  # fmt: skip
 """Display names of metric keys (table headers)."""
 
 TASK_METRICS = {"classification": ("accuracy", "macro_f1", "weighted_f1"),
-                "generation": ("rougeL", "exact_match", "f1")}  # fmt: skip
+                "generation": ("rougeL", "exact_match", "f1"),
+                "preference": ("pair_accuracy", "reward_margin")}  # fmt: skip
 """Each task's metrics, the primary (ranking) one first."""
 
 
@@ -124,7 +128,8 @@ def evaluate_features(
     bf16: bool = False,
 ) -> Metrics:  # fmt: skip
     """Loss (the training objective, averaged like in training) and the task's metrics
-    of already-encoded labelled features. Generation tasks decode answers only when
+    of already-encoded labelled features (preference: the pairs' rewards come with the
+    loss, so validation gets them too). Generation tasks decode answers only when
     `generate` (test sets, not the validation checks between steps and rounds, where
     the loss alone decides); `bf16` autocasts that decoding."""
     order = np.argsort([f["length"] for f in feats], kind="stable")  # less padding
@@ -132,7 +137,9 @@ def evaluate_features(
     model.module.eval()
     totals = torch.zeros(2, dtype=torch.float64)  # (summed loss, loss units)
     preds = np.zeros(len(feats), dtype=np.int64)
-    classify = model.formulation.task == "classification"
+    task = model.formulation.task
+    classify = task == "classification"
+    pair_scores = np.zeros((len(feats), 2), dtype=np.float64)  # preference: [N, 2] rewards
     try:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
@@ -141,9 +148,15 @@ def evaluate_features(
             totals += loss_units.double().cpu()
             if classify:
                 preds[idx] = scores.argmax(-1).cpu().numpy()
+            elif task == "preference":
+                pair_scores[idx] = scores.double().cpu().numpy()
     finally:
         model.module.train(was_training)
     loss = float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
+    if task == "preference":
+        from fedtune.preference import preference_metrics
+
+        return preference_metrics(pair_scores, [f["labels"] for f in feats], model.labels, loss)
     if not classify:
         from fedtune.generate import generation_metrics
 

@@ -194,13 +194,19 @@ def load_tokenizer(name: str, kind: Kind) -> PreTrainedTokenizerBase:
 
 
 def load_base_model(
-    name: str, kind: Kind, labels: tuple[str, ...], dtype: torch.dtype = torch.float32
-) -> PreTrainedModel:
+    name: str, kind: Kind, labels: tuple[str, ...], dtype: torch.dtype = torch.float32,
+    head: str = "auto",
+) -> PreTrainedModel:  # fmt: skip
     """The pretrained model with the right head: sequence classification with
-    `len(labels)` outputs for encoders, the causal LM for decoders."""
+    `len(labels)` outputs for encoders, the causal LM for decoders; `head="score"`: one
+    scalar output per sequence for either (a reward model; a new, random head)."""
     path = resolve_model_name(name)
     try:
-        if kind == "encoder":
+        if head == "score":
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=1, id2label={0: "reward"}, label2id={"reward": 0}, dtype=dtype
+            )
+        elif kind == "encoder":
             model = AutoModelForSequenceClassification.from_pretrained(
                 path,
                 num_labels=len(labels),
@@ -213,6 +219,7 @@ def load_base_model(
     except OSError as e:
         raise ModelError(f"cannot load model weights of {name!r}: {e}") from e
     if kind == "decoder" and model.config.pad_token_id is None:
+        # Also where a score head finds each sequence's last token (the last non-pad one).
         model.config.pad_token_id = model.config.eos_token_id
     return model
 

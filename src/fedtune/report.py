@@ -12,6 +12,18 @@ import matplotlib.pyplot as plt
 
 from fedtune.evaluate import Metrics
 
+# The task metric computed between steps and rounds next to the validation loss
+# (generation decodes only on the test set, so it has none there).
+VAL_METRICS = (("accuracy", "accuracy"), ("pair_accuracy", "pair accuracy"))
+
+
+def _val_metric(records: list[dict[str, Any]]) -> tuple[str, str]:
+    """(record key, display name) of the validation metric every record has, else ('', '')."""
+    for key, name in VAL_METRICS:
+        if records and all(f"val_{key}" in r for r in records):
+            return f"val_{key}", name
+    return "", ""
+
 
 def plot_curves(
     history: list[dict[str, Any]],
@@ -34,12 +46,13 @@ def plot_curves(
         xs = [r[x] for r in with_val]
         lines += ax.plot(xs, [r["val_loss"] for r in with_val], "s-", label="validation loss")
         # The task's main metric when it is computed between steps (classification's
-        # accuracy; generation checks the loss alone there).
-        if all("val_accuracy" in r for r in with_val):
+        # accuracy, preference's pair accuracy; generation checks the loss alone there).
+        key, name = _val_metric(with_val)
+        if key:
             ax2 = ax.twinx()
-            lines += ax2.plot(xs, [r["val_accuracy"] for r in with_val], "^--",
-                              color="tab:green", label="validation accuracy")  # fmt: skip
-            ax2.set_ylabel("accuracy")
+            lines += ax2.plot(xs, [r[key] for r in with_val], "^--",
+                              color="tab:green", label=f"validation {name}")  # fmt: skip
+            ax2.set_ylabel(name)
             ax2.set_ylim(0, 1)
     ax.set_xlabel("optimizer step" if x == "step" else x)
     ax.set_ylabel("loss")
@@ -207,8 +220,9 @@ def write_federated_report(
         ("wall time", f"{s['wall_seconds']:.1f} s"),
     ]  # fmt: skip
     rows = "\n".join(f"| {k} | {v} |" for k, v in facts)
-    acc = s.get("task", "classification") == "classification"  # generation: loss only
-    per_round = ["| round | sites | train loss | val loss | " + ("val accuracy | " if acc else "")
+    key, name = _val_metric([r for r in history if r["round"] > 0 and "val_loss" in r])
+    acc = bool(key)  # generation: loss only
+    per_round = ["| round | sites | train loss | val loss | " + (f"val {name} | " if acc else "")
                  + "down | up | s |", "|---|---|---|---|---|---|---|" + ("---|" if acc else "")]
     for r in history:
         if r["round"] == 0:
@@ -216,7 +230,7 @@ def write_federated_report(
         per_round.append(
             f"| {r['round']} | {r.get('sites', '')}/{r.get('sampled', '')} "
             f"| {r.get('train_loss', float('nan')):.4f} | {r.get('val_loss', float('nan')):.4f} "
-            + (f"| {_pct(r.get('val_accuracy', float('nan')))} " if acc else "")
+            + (f"| {_pct(r.get(key, float('nan')))} " if acc else "")
             + f"| {_mb(r.get('bytes_down', 0))} "
             f"| {_mb(r.get('bytes_up', 0))} | {r.get('seconds', 0):.1f} |"
             + (" abandoned" if r.get("abandoned") else "")
@@ -259,8 +273,9 @@ def personalized_table(rows: list[dict[str, Any]]) -> str:
     """Each site's validation metric (the task's primary one) and loss, global model
     versus the site's personalized one."""
     ok = [r for r in rows if "error" not in r]
-    key = next((k for k in ("accuracy", "rougeL") if ok and f"global_val_{k}" in ok[0]), "")
-    name = {"accuracy": "accuracy", "rougeL": "ROUGE-L"}.get(key, "")
+    names = {"accuracy": "accuracy", "rougeL": "ROUGE-L", "pair_accuracy": "pair accuracy"}
+    key = next((k for k in names if ok and f"global_val_{k}" in ok[0]), "")
+    name = names.get(key, "")
     head = f"| global {name} | personalized {name} " if key else ""
     lines = ["## Global and personalized models (each site's own validation set)", "",
              f"| site {head}| global loss | personalized loss |",

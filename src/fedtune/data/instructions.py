@@ -37,6 +37,10 @@ _GUESS = {
     "context": ("context", "input"),
     "response": ("response", "output", "answer", "target"),
     "category": ("category",),
+    # The preference task (fedtune.data.preferences).
+    "prompt": ("prompt", "instruction", "question"),
+    "chosen": ("chosen",),
+    "rejected": ("rejected",),
 }
 
 TATQA_FILES = ("tatqa_dataset_train.json", "tatqa_dataset_dev.json", "tatqa_dataset_test_gold.json")

@@ -42,7 +42,8 @@ class Example:
     question), `context` the optional passage it is about, `response` the target, and
     `label` the example's category ('' -> "all"): the stratum that splits stratify by,
     partitions skew by and reports break metrics down by, as a class label is for
-    classification."""
+    classification. Preference: as generation, with `response` the chosen answer and
+    `rejected` the other."""
 
     text: str
     label: str
@@ -53,6 +54,8 @@ class Example:
     response: str = ""
     group: str = ""
     """Examples sharing a group stay in one split (`data.group_column`)."""
+    rejected: str = ""
+    """Preference: the response judged worse (`response` is the chosen one)."""
 
 
 # --- decoding ----------------------------------------------------------------------
@@ -352,6 +355,10 @@ def load_hf(
 
 def load_examples(cfg: DataConfig) -> list[Example]:
     """The examples named by a `[data]` config."""
+    if cfg.task == "preference" or cfg.source == "hh":
+        from fedtune.data.preferences import load_preferences
+
+        return load_preferences(cfg)
     if cfg.task == "generation" or cfg.source == "tatqa":
         from fedtune.data.instructions import load_instructions
 

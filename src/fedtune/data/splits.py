@@ -41,8 +41,10 @@ def normalize_text(text: str) -> str:
 
 
 def _key(e: Example) -> str:
-    """Duplicates: the same text (and, for generation, the same context)."""
-    return normalize_text(e.text) + ("\x00" + normalize_text(e.context) if e.context else "")
+    """Duplicates: the same text (and, for generation, the same context; for preference,
+    the same pair of responses too)."""
+    key = normalize_text(e.text) + ("\x00" + normalize_text(e.context) if e.context else "")
+    return key + (f"\x00{e.response}\x00{e.rejected}" if e.rejected else "")
 
 
 def deduplicate(examples: Sequence[Example]) -> tuple[list[Example], list[str]]:
@@ -68,7 +70,8 @@ def deduplicate(examples: Sequence[Example]) -> tuple[list[Example], list[str]]:
     notes: list[str] = []
     same = sum(len(g) - 1 for k, g in groups.items() if k not in conflicting)
     if same:
-        what = ("examples (same instruction and context)" if examples[0].response
+        what = ("pairs (same prompt and responses)" if examples[0].rejected
+                else "examples (same instruction and context)" if examples[0].response
                 else "sentences (same text and label)")
         notes.append(f"removed {same} duplicate {what}")
     if conflicting:

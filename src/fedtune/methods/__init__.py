@@ -15,8 +15,9 @@ M = TypeVar("M", type[Method], type[FrozenMethod])
 _REGISTRY: dict[str, AnyMethod] = {}
 # Listing order of the built-in methods: the frozen-model ones first (no weight
 # updates), then from least to most of the model adapted, then the prompt-style
-# PEFT methods.
-_ORDER = ("icl", "knn", "features", "head", "full", "lora", "ptuning", "prompt", "prefix", "ia3")
+# PEFT methods, then those that learn from preference pairs.
+_ORDER = ("icl", "knn", "features", "head", "full", "lora", "ptuning", "prompt", "prefix", "ia3",
+          "reward", "dpo")
 
 
 def register(cls: M) -> M:
@@ -67,7 +68,7 @@ def build_method(config: MethodConfig) -> Method:
 
 def _load_builtin() -> None:
     # Imported for their @register side effect, late to avoid import cycles.
-    from fedtune.methods import features, finetune, icl, peft, retrieval  # noqa: F401
+    from fedtune.methods import features, finetune, icl, peft, preference, retrieval  # noqa: F401
 
 
 __all__ = [

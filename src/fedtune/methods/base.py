@@ -32,6 +32,12 @@ class Method(ABC, Generic[C]):
     name: ClassVar[str]
     description: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]]
+    objective: ClassVar[str] = ""
+    """What the method learns from preference pairs (`reward`, `dpo`); '' = it trains
+    with the task's own loss and does not take preference data."""
+    head: ClassVar[str] = "auto"
+    """The base model's output: `auto` = the task's (a classifier head for encoders, the
+    LM head for decoders); `score` = one scalar per sequence (a reward model)."""
 
     def __init__(self, config: C):
         self.config = config

@@ -60,6 +60,11 @@ class FrozenMethod(ABC, Generic[C]):
     @classmethod
     def for_task(cls, task: str) -> type[FrozenMethod[Any]]:
         """The class that runs this method on `task` (data.task)."""
+        if task == "preference":
+            raise ConfigError(
+                f"method {cls.name} classifies; preference pairs (data.task=preference) are "
+                "learned by method reward (a reward model) or dpo"
+            )
         if task != "classification":
             raise ConfigError(
                 f"method {cls.name} classifies; it has no form for data.task={task}. For "
