@@ -1,0 +1,141 @@
+"""Preference benchmarks on Anthropic HH with SmolLM2-135M-Instruct (or --model), CPU.
+
+    python benchmarks/preference.py --out /work/bench/pref hh          # reward, dpo
+    python benchmarks/preference.py --out /work/bench/pref hh-regimes  # 3 regimes
+
+- `hh`: examples/hh-preference.toml (160 training pairs from all four subsets, ~100
+  held-out pairs from prompts no training pair has), a reward model (`reward`) and DPO
+  (`dpo`, beta 0.1), one epoch each, fp32 (see docs/preference.md on bf16). Held-out
+  pair accuracy (chosen scored above rejected: the reward model's reward, DPO's
+  implicit reward), mean reward margin, per subset.
+- `hh-regimes`: `reward` centralized, at each subset alone and federated (FedAvg of
+  LoRA + head, one local epoch per round), the four subsets as the four sites.
+- `--import NAME=RUN_DIR`: record a finished `fedtune run` of the same config as row NAME.
+
+Each run's summary is appended to --out/rows.jsonl and read back on the next call, so
+the script resumes; it prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+HH = str(ROOT / "examples" / "hh-preference.toml")
+REGIMES = ["federated.partition=column", "federated.rounds=2", "federated.local_epochs=1"]
+
+
+def _done(out: Path) -> dict[str, dict[str, Any]]:
+    rows = out / "rows.jsonl"
+    if not rows.is_file():
+        return {}
+    return {r["key"]: r for r in map(json.loads, rows.read_text().splitlines())}
+
+
+def _keep(out: Path, row: dict[str, Any]) -> dict[str, Any]:
+    with (out / "rows.jsonl").open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    return row
+
+
+def _row(key: str, s: dict[str, Any], seconds: float, **extra: Any) -> dict[str, Any]:
+    return {
+        "key": key, "method": s["method"], "regime": extra.pop("regime", "centralized"),
+        "site": extra.pop("site", "all"), "pair_accuracy": s["pair_accuracy"],
+        "reward_margin": s["reward_margin"], "loss": s["loss"], "n_train": s["n_train"],
+        "n_test": s["n_test"], "per_category": s.get("report") or {},
+        "train_seconds": s.get("train_seconds"), "wall_seconds": seconds,
+        "bytes_total": s.get("bytes_total"), **extra,
+    }  # fmt: skip
+
+
+def _central(out: Path, key: str, overrides: list[str]) -> dict[str, Any]:
+    done = _done(out)
+    if key in done:
+        return done[key]
+    from fedtune.config import load_config
+    from fedtune.regimes import run_centralized
+
+    cfg = load_config(HH, ["train.progress=false", f"output_dir={out / 'runs'}", f"name={key}",
+                           *overrides])  # fmt: skip
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        s = run_centralized(cfg)
+    row = _keep(out, _row(key, s, time.perf_counter() - t0))
+    print(f"{key}: pair accuracy {row['pair_accuracy']:.4f}  margin {row['reward_margin']:.3f}"
+          f"  ({row['wall_seconds']:.0f} s)", file=sys.stderr, flush=True)  # fmt: skip
+    return row
+
+
+def hh(out: Path) -> list[dict[str, Any]]:
+    return [_central(out, "hh-reward-160", []),
+            _central(out, "hh-dpo-160", ["method.name=dpo"])]  # fmt: skip
+
+
+def hh_regimes(out: Path) -> list[dict[str, Any]]:
+    key = "hh-regimes"
+    done = _done(out)
+    if any(k.startswith(key + "/") for k in done):
+        return [r for k, r in done.items() if k.startswith(key + "/")]
+    from fedtune.config import load_config
+    from fedtune.federated.compare import run_regimes
+
+    cfg = load_config(HH, ["train.progress=false", f"output_dir={out / 'runs'}", f"name={key}",
+                           *REGIMES])  # fmt: skip
+    with contextlib.redirect_stdout(io.StringIO()):
+        folder = run_regimes(cfg, ["reward"])
+    rows = json.loads((folder / "comparison.json").read_text())
+    full = [json.loads((folder / r["name"] / "metrics.jsonl").read_text().splitlines()[-1])
+            for r in rows]  # fmt: skip
+    return [_keep(out, _row(f"{key}/{r['regime']}/{r['site']}", {**r, "report": f["report"]},
+                            r["wall_seconds"], regime=r["regime"], site=r["site"]))
+            for r, f in zip(rows, full, strict=True)]  # fmt: skip
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    subsets = sorted({c for r in rows for c in r["per_category"]})
+    lines = ["| run | regime | site | train pairs | test pairs | pair accuracy | margin | "
+             + " | ".join(subsets) + " | train s | wall s |",
+             "|---" * (9 + len(subsets)) + "|"]  # fmt: skip
+    for r in rows:
+        per = [r["per_category"].get(c, {}).get("pair_accuracy") for c in subsets]
+        lines.append(
+            f"| {r['key']} | {r['regime']} | {r['site']} | {r['n_train']} | {r['n_test']} "
+            f"| {r['pair_accuracy']:.4f} | {r['reward_margin']:.3f} | "
+            + " | ".join("-" if p is None else f"{p:.3f}" for p in per)
+            + f" | {r['train_seconds'] or 0:.0f} | {r['wall_seconds']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("parts", nargs="*", choices=["hh", "hh-regimes"])
+    ap.add_argument("--import", dest="imports", action="append", default=[],
+                    metavar="NAME=RUN_DIR")  # fmt: skip
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    for item in args.imports:
+        key, _, run = item.partition("=")
+        if key not in _done(args.out):
+            summary = json.loads((Path(run) / "metrics.jsonl").read_text().splitlines()[-1])
+            _keep(args.out, _row(key, summary, summary["wall_seconds"]))
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"python {platform.python_version()}")  # fmt: skip
+    parts = {"hh": hh, "hh-regimes": hh_regimes}
+    for part in args.parts:
+        print(f"\n## {part}\n\n{table(parts[part](args.out))}")
+
+
+if __name__ == "__main__":
+    main()
