@@ -29,22 +29,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+# The resumable rows file of benchmarks/generation.py (this script's folder is on sys.path).
+from generation import _done, _keep
+
 ROOT = Path(__file__).resolve().parents[1]
 HH = str(ROOT / "examples" / "hh-preference.toml")
 REGIMES = ["federated.partition=column", "federated.rounds=2", "federated.local_epochs=1"]
-
-
-def _done(out: Path) -> dict[str, dict[str, Any]]:
-    rows = out / "rows.jsonl"
-    if not rows.is_file():
-        return {}
-    return {r["key"]: r for r in map(json.loads, rows.read_text().splitlines())}
-
-
-def _keep(out: Path, row: dict[str, Any]) -> dict[str, Any]:
-    with (out / "rows.jsonl").open("a") as f:
-        f.write(json.dumps(row) + "\n")
-    return row
 
 
 def _row(key: str, s: dict[str, Any], seconds: float, **extra: Any) -> dict[str, Any]:

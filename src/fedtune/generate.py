@@ -136,7 +136,8 @@ class InstructionLM(CausalLMFormulation):
 
     # --- the Formulation contract -------------------------------------------------------
 
-    def encode_examples(self, examples: Sequence[Example]) -> list[Feature]:
+    def category_ids(self, examples: Sequence[Example]) -> list[int]:
+        """Each example's category as its index in `labels`; DataError for an unknown one."""
         index = {label: i for i, label in enumerate(self.labels)}
         unknown = next((e for e in examples if e.label not in index), None)
         if unknown is not None:
@@ -144,18 +145,22 @@ class InstructionLM(CausalLMFormulation):
                 f"{unknown.origin or 'example'}: category {unknown.label!r} is not in "
                 f"data.labels ({', '.join(self.labels)}); add it there or fix the data"
             )
+        return [index[e.label] for e in examples]
+
+    def encode_examples(self, examples: Sequence[Example]) -> list[Feature]:
+        categories = self.category_ids(examples)
         prompts = self.prompt_ids([e.text for e in examples], [e.context for e in examples])
         responses = self.tokenizer([e.response for e in examples],
                                    add_special_tokens=False)["input_ids"]  # fmt: skip
         feats = []
-        for e, prompt, resp in zip(examples, prompts, responses, strict=True):
+        for e, cat, prompt, resp in zip(examples, categories, prompts, responses, strict=True):
             # A cut response ends without EOS: the model must not learn to stop there.
             target = resp[: self.max_target_length]
             if len(resp) <= self.max_target_length:
                 target = [*target, self.tokenizer.eos_token_id]
             ids = prompt + target
             feats.append({"input_ids": ids, "prompt_len": len(prompt), "length": len(ids),
-                          "labels": index[e.label], "reference": e.response,
+                          "labels": cat, "reference": e.response,
                           "instruction": e.text, "context": e.context})  # fmt: skip
         return feats
 

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from fedtune.classify import Feature
-from fedtune.errors import ConfigError, DataError
+from fedtune.errors import ConfigError
 from fedtune.generate import InstructionLM
 
 if TYPE_CHECKING:
@@ -52,22 +52,16 @@ class PreferencePairs(InstructionLM):
     task: ClassVar[str] = "preference"
 
     def encode_examples(self, examples: Sequence[Example]) -> list[Feature]:
-        index = {label: i for i, label in enumerate(self.labels)}
-        unknown = next((e for e in examples if e.label not in index), None)
-        if unknown is not None:
-            raise DataError(
-                f"{unknown.origin or 'example'}: category {unknown.label!r} is not in "
-                f"data.labels ({', '.join(self.labels)}); add it there or fix the data"
-            )
+        categories = self.category_ids(examples)
         prompts = self.prompt_ids([e.text for e in examples], [e.context for e in examples])
         tok = self.tokenizer
         chosen = tok([e.response for e in examples], add_special_tokens=False)["input_ids"]
         rejected = tok([e.rejected for e in examples], add_special_tokens=False)["input_ids"]
         feats = []
-        for e, prompt, good, bad in zip(examples, prompts, chosen, rejected, strict=True):
+        for cat, prompt, good, bad in zip(categories, prompts, chosen, rejected, strict=True):
             c, r = prompt + self._target(good), prompt + self._target(bad)
             feats.append({"chosen_ids": c, "rejected_ids": r, "prompt_len": len(prompt),
-                          "length": max(len(c), len(r)), "labels": index[e.label]})  # fmt: skip
+                          "length": max(len(c), len(r)), "labels": cat})  # fmt: skip
         return feats
 
     def _target(self, ids: list[int]) -> list[int]:

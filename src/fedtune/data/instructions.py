@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -55,13 +55,9 @@ def load_instructions(cfg: DataConfig) -> list[Example]:
         )
     if cfg.source == "tatqa":
         return load_tatqa(cfg.path or None, cfg)
-    if cfg.source == "file":
-        if not cfg.path:
-            raise DataError("data.source=file needs data.path (.json/.jsonl/.csv/.tsv/.parquet)")
-        p = Path(cfg.path).expanduser()
-        return records_to_examples(read_records(p, cfg.encoding), cfg, p.name, str(p))
-    if cfg.source == "hf":
-        return records_to_examples(_hf_records(cfg), cfg, f"hf:{cfg.name}", f"hf:{cfg.name}")
+    table = table_rows(cfg)
+    if table is not None:
+        return records_to_examples(*table, cfg)
     raise DataError(
         f"data.source={cfg.source!r} has no generation examples; use file, hf or tatqa "
         "with data.task=generation"
@@ -69,6 +65,42 @@ def load_instructions(cfg: DataConfig) -> list[Example]:
 
 
 # --- reading records ------------------------------------------------------------------
+
+
+def table_rows(cfg: DataConfig) -> tuple[list[dict[str, Any]], str, str] | None:
+    """(rows, name, where) of a `file` or `hf` source (None for other sources): the
+    tables both the generation and the preference loaders map columns of."""
+    if cfg.source == "file":
+        if not cfg.path:
+            raise DataError("data.source=file needs data.path (.json/.jsonl/.csv/.tsv/.parquet)")
+        p = Path(cfg.path).expanduser()
+        return read_records(p, cfg.encoding), p.name, str(p)
+    if cfg.source == "hf":
+        return _hf_records(cfg), f"hf:{cfg.name}", f"hf:{cfg.name}"
+    return None
+
+
+def dataset_files(path: str | Path | None, source: str, folder: str, what: str,
+                  wanted: Callable[[Path], bool], none: str) -> tuple[Path, list[Path]]:
+    """(the location, its data files in name order) of a published dataset: `path` (a file,
+    or a folder whose `wanted` files are read) or $FEDTUNE_DATA_DIR/`folder`."""
+    import os
+
+    if path:
+        p = Path(path).expanduser()
+    elif os.environ.get("FEDTUNE_DATA_DIR"):
+        p = Path(os.environ["FEDTUNE_DATA_DIR"]) / folder
+    else:
+        raise DataError(f"data.source={source} needs data.path ({what} or its folder) or "
+                        f"FEDTUNE_DATA_DIR holding {folder}/")  # fmt: skip
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if wanted(f))
+        if not files:
+            raise DataError(f"{p}: holds {none}; pass {what}")
+        return p, files
+    if p.is_file():
+        return p, [p]
+    raise DataError(f"{p}: no such file or folder; pass {what} or its folder")
 
 
 def read_records(p: Path, encoding: str = "auto") -> list[dict[str, Any]]:
@@ -155,7 +187,7 @@ def _column(columns: Iterable[str], configured: str, role: str, key: str, where:
 
 
 def records_to_examples(
-    rows: list[dict[str, Any]], cfg: DataConfig, name: str, where: str
+    rows: list[dict[str, Any]], name: str, where: str, cfg: DataConfig
 ) -> list[Example]:
     """Rows -> examples through the column mapping (or the `messages` chat layout)."""
     if not rows:
@@ -239,34 +271,21 @@ def load_tatqa(path: str | Path | None, cfg: DataConfig) -> list[Example]:
     The context is the table as pipe-separated rows, then the paragraphs in order. The
     response is the gold answer: spans joined with ', ', numbers as written (the
     answer's `scale`, e.g. million, is in the record, not in the response)."""
-    import os
-
-    if path:
-        p = Path(path).expanduser()
-    elif os.environ.get("FEDTUNE_DATA_DIR"):
-        p = Path(os.environ["FEDTUNE_DATA_DIR"]) / "tatqa"
-    else:
-        raise DataError("data.source=tatqa needs data.path (a tatqa_dataset_*.json file or "
-                        "its folder) or FEDTUNE_DATA_DIR holding tatqa/")  # fmt: skip
-    if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.name in TATQA_FILES)
-        if not files:
-            raise DataError(f"{p}: holds none of {', '.join(TATQA_FILES)}; pass a TAT-QA file")
-    elif p.is_file():
-        files = [p]
-    else:
-        raise DataError(f"{p}: no such file or folder; pass a TAT-QA JSON file or its folder")
+    p, files = dataset_files(path, "tatqa", "tatqa", "a TAT-QA JSON file",
+                             lambda f: f.name in TATQA_FILES,
+                             f"none of {', '.join(TATQA_FILES)}")  # fmt: skip
     rows: list[dict[str, Any]] = []
     for f in files:
         rows += _tatqa_rows(f)
-    flat = DataConfig(**{**_fields(cfg), "instruction_column": "question",
+    flat = DataConfig(**{**config_fields(cfg), "instruction_column": "question",
                          "context_column": "context", "response_column": "answer",
                          "category_column": cfg.category_column or "answer_type",
                          "group_column": cfg.group_column or "report"})  # fmt: skip
-    return records_to_examples(rows, flat, "tatqa", str(p))
+    return records_to_examples(rows, "tatqa", str(p), flat)
 
 
-def _fields(cfg: DataConfig) -> dict[str, Any]:
+def config_fields(cfg: DataConfig) -> dict[str, Any]:
+    """A data config as keyword arguments (to copy it with other column names)."""
     import dataclasses
 
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}

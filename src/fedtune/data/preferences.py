@@ -21,12 +21,17 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from fedtune.config import DataConfig
-from fedtune.data.instructions import DEFAULT_CATEGORY, _column, _hf_records, read_records
+from fedtune.data.instructions import (
+    DEFAULT_CATEGORY,
+    _column,
+    config_fields,
+    dataset_files,
+    table_rows,
+)
 from fedtune.data.sources import Example, _cell, decode_bytes
 from fedtune.errors import DataError
 
@@ -43,13 +48,9 @@ def load_preferences(cfg: DataConfig) -> list[Example]:
         )
     if cfg.source == "hh":
         return load_hh(cfg.path or None, cfg)
-    if cfg.source == "file":
-        if not cfg.path:
-            raise DataError("data.source=file needs data.path (.json/.jsonl/.csv/.tsv/.parquet)")
-        p = Path(cfg.path).expanduser()
-        return records_to_pairs(read_records(p, cfg.encoding), cfg, p.name, str(p))
-    if cfg.source == "hf":
-        return records_to_pairs(_hf_records(cfg), cfg, f"hf:{cfg.name}", f"hf:{cfg.name}")
+    table = table_rows(cfg)
+    if table is not None:
+        return records_to_pairs(*table, cfg)
     raise DataError(
         f"data.source={cfg.source!r} has no preference pairs; use hh, file or hf with "
         "data.task=preference"
@@ -61,34 +62,16 @@ def load_hh(path: str | Path | None, cfg: DataConfig) -> list[Example]:
     order). The file's subset name (e.g. `helpful-base` of helpful-base-test.jsonl.gz)
     is each pair's category and site, unless data.category_column/site_column say
     otherwise."""
-    if path:
-        p = Path(path).expanduser()
-    elif os.environ.get("FEDTUNE_DATA_DIR"):
-        p = Path(os.environ["FEDTUNE_DATA_DIR"]) / "hh-rlhf"
-    else:
-        raise DataError("data.source=hh needs data.path (an HH .jsonl.gz file or its folder) "
-                        "or FEDTUNE_DATA_DIR holding hh-rlhf/")  # fmt: skip
-    if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.name.endswith((".jsonl.gz", ".jsonl")))
-        if not files:
-            raise DataError(f"{p}: holds no .jsonl.gz or .jsonl files; pass HH's files")
-    elif p.is_file():
-        files = [p]
-    else:
-        raise DataError(f"{p}: no such file or folder; pass an HH .jsonl.gz file or its folder")
+    p, files = dataset_files(path, "hh", "hh-rlhf", "an HH .jsonl.gz file",
+                             lambda f: f.name.endswith((".jsonl.gz", ".jsonl")),
+                             "no .jsonl.gz or .jsonl files")  # fmt: skip
     rows: list[dict[str, Any]] = []
     for f in files:
         subset = f.name.split(".")[0].removesuffix("-test").removesuffix("-train")
         rows += [{**r, "subset": subset} for r in _jsonl(f)]
-    flat = DataConfig(**{**_fields(cfg), "category_column": cfg.category_column or "subset",
+    flat = DataConfig(**{**config_fields(cfg), "category_column": cfg.category_column or "subset",
                          "site_column": cfg.site_column or "subset"})  # fmt: skip
-    return records_to_pairs(rows, flat, "hh", str(p))
-
-
-def _fields(cfg: DataConfig) -> dict[str, Any]:
-    import dataclasses
-
-    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    return records_to_pairs(rows, "hh", str(p), flat)
 
 
 def _jsonl(f: Path) -> list[dict[str, Any]]:
@@ -114,7 +97,7 @@ def _jsonl(f: Path) -> list[dict[str, Any]]:
 
 
 def records_to_pairs(
-    rows: list[dict[str, Any]], cfg: DataConfig, name: str, where: str
+    rows: list[dict[str, Any]], name: str, where: str, cfg: DataConfig
 ) -> list[Example]:
     """Rows -> preference examples. With a prompt column the responses are the
     `chosen`/`rejected` cells; without one, the two cells are whole HH transcripts."""
