@@ -76,7 +76,7 @@ def test_example_configs_parse() -> None:
             assert load_variants(path, Variant.from_config(method_config("icl")))
             continue
         cfg = load_config(path)
-        assert cfg.name and cfg.method_name in ("lora", "full", "ptuning", "icl")
+        assert cfg.name and cfg.method_name in ("lora", "full", "ptuning", "icl", "reward")
 
 
 def test_set_values_keep_text_for_string_fields() -> None:
