@@ -178,6 +178,27 @@ def test_bf16_autocast_trains(tiny_models: dict[str, str]) -> None:
     assert evaluate_features(model, _feats(model, 1)).loss < before.loss
 
 
+def test_bf16_on_a_cpu_without_it_warns_once(
+    tiny_models: dict[str, str], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import fedtune.train as train_module
+
+    monkeypatch.setattr(train_module, "_warned_bf16", False)
+    monkeypatch.setattr(train_module, "cpu_has_bf16", lambda: False)
+    cfg = TrainConfig(epochs=1, batch_size=8, bf16=True, progress=False, device="cpu")
+    with caplog.at_level("WARNING", logger="fedtune.train"):
+        _run(tiny_models["gpt2"], cfg)
+        _run(tiny_models["gpt2"], cfg)
+    warned = [r.message for r in caplog.records if "train.bf16" in r.message]
+    assert len(warned) == 1 and "train.bf16 = false" in warned[0]
+    monkeypatch.setattr(train_module, "_warned_bf16", False)
+    monkeypatch.setattr(train_module, "cpu_has_bf16", lambda: True)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fedtune.train"):
+        _run(tiny_models["gpt2"], cfg)
+    assert not [r for r in caplog.records if "train.bf16" in r.message]
+
+
 def test_unusable_device_is_a_config_error(tiny_models: dict[str, str]) -> None:
     model = _model(tiny_models["bert"])
     cfg = TrainConfig(max_steps=1, device="nodevice", progress=False)

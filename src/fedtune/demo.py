@@ -17,6 +17,7 @@ from rich.console import Console
 
 from fedtune.config import DataConfig, FederatedConfig, RunConfig, TrainConfig
 from fedtune.federated.compare import run_regimes
+from fedtune.train import cpu_has_bf16
 
 # Budget per method: rounds x 1 local epoch federated = as many epochs centralized
 # and at each local-only site. Three regimes x two methods x 1,800 sentences fit
@@ -36,15 +37,6 @@ DEMO_PLAN: dict[str, dict[str, Any]] = {
     "knn": {"method": {}, "rounds": 1},
 }
 QUICK_LIMIT = 150  # training examples in --quick mode (3 sites x 50)
-
-
-def cpu_has_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 autocast is faster there, slower elsewhere."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def demo_config(output_dir: str, quick: bool) -> RunConfig:

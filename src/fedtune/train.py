@@ -12,10 +12,12 @@ and final weights.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,6 +31,8 @@ from fedtune.config import TrainConfig
 from fedtune.errors import ConfigError
 from fedtune.evaluate import Metrics, evaluate_features
 from fedtune.progress import bars_visible
+
+log = logging.getLogger(__name__)
 
 EvalCallback = Callable[[dict[str, Any]], None]
 
@@ -203,6 +207,30 @@ def proximal_term(
     return mu / 2 * total
 
 
+def cpu_has_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 autocast is faster there, far slower elsewhere."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+_warned_bf16 = False
+
+
+def _warn_slow_bf16(cfg: TrainConfig, device: torch.device) -> None:
+    """bf16 autocast on a CPU without native bf16 is emulated: say so, once."""
+    global _warned_bf16
+    if cfg.bf16 and device.type == "cpu" and not _warned_bf16 and not cpu_has_bf16():
+        _warned_bf16 = True
+        log.warning(
+            "train.bf16 = true, but this CPU has no AVX512-BF16 or AMX: bf16 autocast is "
+            "emulated here and trains many times slower than fp32 (a SmolLM2 step 15x, "
+            "docs/benchmarks.md); set train.bf16 = false (--no-bf16) on this machine"
+        )
+
+
 def train(
     model: AdaptedModel,
     train_feats: list[Feature],
@@ -234,6 +262,7 @@ def train(
         torch.set_num_threads(cfg.threads)
     try:
         model.to(cfg.device)
+        _warn_slow_bf16(cfg, model.device)
         if cfg.gradient_checkpointing:
             _checkpoint_layers(model)
         if session is None:
