@@ -204,7 +204,8 @@ def train_cmd(
         typer.Argument(metavar="[CONFIG]", help="TOML run config to start from (optional)."),
     ] = None,
     method: Annotated[
-        str | None, typer.Option(help="head, full, lora, ptuning, prompt, prefix, ia3, reward, dpo")
+        str | None,
+        typer.Option(help="head, full, lora, ptuning, prompt, prefix, ia3, reward, dpo, rloo"),
     ] = None,
     model: Annotated[
         str | None,
@@ -212,7 +213,7 @@ def train_cmd(
     ] = None,
     task: Annotated[str | None, typer.Option(
         help="classification (default), generation (instruction -> response) or preference "
-             "(prompt, chosen, rejected: methods reward, dpo).")] = None,
+             "(prompt, chosen, rejected: methods reward, dpo, rloo).")] = None,
     data: Annotated[str | None, typer.Option(help="fpb, file, hf, tatqa or hh.")] = None,
     data_path: Annotated[str | None, typer.Option(help="FPB txt/zip/dir or data table.")] = None,
     agreement: Annotated[str | None, typer.Option(help="FPB agreement: 50, 66, 75, all.")] = None,

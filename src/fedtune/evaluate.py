@@ -139,7 +139,7 @@ def evaluate_features(
     preds = np.zeros(len(feats), dtype=np.int64)
     task = model.formulation.task
     classify = task == "classification"
-    pair_scores = np.zeros((len(feats), 2), dtype=np.float64)  # preference: [N, 2] rewards
+    pair_scores = np.zeros((len(feats), 2))  # preference: [N, 2 or 3] rewards (and KL)
     try:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
@@ -149,6 +149,8 @@ def evaluate_features(
             if classify:
                 preds[idx] = scores.argmax(-1).cpu().numpy()
             elif task == "preference":
+                if pair_scores.shape[1] != scores.shape[1]:
+                    pair_scores = np.zeros((len(feats), scores.shape[1]), dtype=np.float64)
                 pair_scores[idx] = scores.double().cpu().numpy()
     finally:
         model.module.train(was_training)

@@ -112,7 +112,31 @@ class RewardPairs(PreferencePairs):
         return chosen, rejected
 
 
-class DPOPairs(PreferencePairs):
+class PolicyLM(InstructionLM):
+    """A policy: the adapted LM's log-probabilities of responses, and the reference's
+    (the same LM with its adapter switched off). DPO and RLOO (fedtune.rlhf) share it."""
+
+    def sequence_logprobs(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        """Sum of log p(response tokens | prompt) of every row -> [rows]."""
+        tmask = self._target_mask(batch)  # [2B, T-1]
+        per_token = torch.zeros(tmask.shape, device=tmask.device)
+        per_token[tmask] = self._target_logprobs(model, batch["input_ids"],
+                                                 batch["attention_mask"], tmask)  # fmt: skip
+        return per_token.sum(-1)
+
+    def reference_logprobs(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        """The same sums under the base model: the adapter switched off, no gradient."""
+        disable = getattr(model, "disable_adapter", None)
+        if disable is None:
+            raise ConfigError(
+                "the reference policy is the base model with the adapter switched off; this "
+                "model has no adapter (use method dpo or rloo, which train a LoRA adapter)"
+            )
+        with torch.no_grad(), disable():
+            return self.sequence_logprobs(model, batch)
+
+
+class DPOPairs(PreferencePairs, PolicyLM):
     """DPO: implicit rewards of the policy against the adapter-free reference."""
 
     def __init__(
@@ -126,25 +150,6 @@ class DPOPairs(PreferencePairs):
             raise ConfigError(f"method.beta = {beta} must be > 0 (DPO's usual value: 0.1)")
         self.beta = beta
 
-    def sequence_logprobs(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-        """Sum of log p(response tokens | prompt) of every row -> [2B]."""
-        tmask = self._target_mask(batch)  # [2B, T-1]
-        per_token = torch.zeros(tmask.shape, device=tmask.device)
-        per_token[tmask] = self._target_logprobs(model, batch["input_ids"],
-                                                 batch["attention_mask"], tmask)  # fmt: skip
-        return per_token.sum(-1)
-
-    def reference_logprobs(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-        """The same sums under the base model: the adapter switched off, no gradient."""
-        disable = getattr(model, "disable_adapter", None)
-        if disable is None:
-            raise ConfigError(
-                "DPO's reference is the base model with the adapter switched off; this model "
-                "has no adapter (use method dpo, which trains a LoRA adapter)"
-            )
-        with torch.no_grad(), disable():
-            return self.sequence_logprobs(model, batch)
-
     def rewards(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         ratios = self.sequence_logprobs(model, batch) - self.reference_logprobs(model, batch)
         chosen, rejected = (self.beta * ratios).chunk(2)
@@ -154,12 +159,18 @@ class DPOPairs(PreferencePairs):
 def preference_metrics(
     scores: np.ndarray, categories: Sequence[int], labels: Sequence[str], loss: float
 ) -> Metrics:
-    """Pair accuracy and mean reward margin of scores [N, 2], overall and per category."""
+    """Pair accuracy and mean reward margin of scores [N, 2], overall and per category.
+    A third column (an RLOO policy's answers, fedtune.rlhf: policy vs base model) is the
+    KL of the first answer from the reference; its mean is reported as `kl`, and the
+    first column's mean as `reward`."""
     from fedtune.evaluate import Metrics
 
     def summary(s: np.ndarray) -> dict[str, float]:
         margin = s[:, 0] - s[:, 1]
-        return {"pair_accuracy": float((margin > 0).mean()), "reward_margin": float(margin.mean())}
+        out = {"pair_accuracy": float((margin > 0).mean()), "reward_margin": float(margin.mean())}
+        if s.shape[1] > 2:
+            out.update(reward=float(s[:, 0].mean()), kl=float(s[:, 2].mean()))
+        return out
 
     cats = np.asarray(categories)
     per = {label: {**summary(scores[cats == i]), "n": int((cats == i).sum())}

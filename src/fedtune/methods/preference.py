@@ -1,12 +1,17 @@
-"""Learning from human preferences: a reward model (`reward`) and direct preference
-optimisation (`dpo`), both as LoRA adapters of a decoder, trained on
-`data.task = "preference"` pairs (fedtune.preference has the two losses).
+"""Learning from human preferences: a reward model (`reward`), RL against it (`rloo`)
+and direct preference optimisation (`dpo`), all as LoRA adapters of a decoder, trained
+on `data.task = "preference"` data (fedtune.preference has the pair losses,
+fedtune.rlhf the RL one).
 
 - `reward`: the survey's first RLHF stage. The decoder gets one scalar output on its
   last token (transformers' *ForSequenceClassification, PEFT's SEQ_CLS task: the new
   `score` head is trained in full next to the LoRA matrices, and crosses site
   boundaries with them). The saved adapter loads in plain PEFT
   (AutoPeftModelForSequenceClassification) and gives the same rewards.
+- `rloo`: the survey's second RLHF stage: the policy samples answers to the data's
+  prompts, a trained `reward` model scores them, REINFORCE leave-one-out (with a KL
+  penalty to the adapter-free base) moves the policy towards higher reward. Only the
+  policy's LoRA state is trained and exchanged; every site loads the same reward model.
 - `dpo`: the preference objective without a separate reward model; the reference is
   the base model, reached by switching the adapter off, so every site and the server
   share it without exchanging it.
@@ -67,3 +72,30 @@ class DpoMethod(LoraMethod):
     description = "DPO: a LoRA policy trained on preference pairs against the frozen base model."
     config_class = DpoConfig
     objective: ClassVar[str] = "dpo"
+
+
+@dataclass(frozen=True)
+class RlooConfig(LoraConfig):
+    """A LoRA policy trained by RL (RLOO) against a trained reward model."""
+
+    lr: float = 1e-4
+    reward_model: str = ""
+    """A run directory (or its model/ folder) of method `reward`: it scores the
+    policy's samples, frozen. Required."""
+    num_generations: int = 4
+    """Completions sampled per prompt (k): each one's baseline is the mean reward of the
+    other k - 1 (>= 2; TRL's default is 2, more gives a steadier baseline)."""
+    beta: float = 0.05
+    """KL penalty: each reward minus beta x log(pi/pi_ref) summed over the completion
+    (TRL's RLOO default, 0.05; 0 switches it off)."""
+    temperature: float = 1.0
+    max_new_tokens: int = 64
+    """Tokens sampled at most per completion (a completion ends at its end token)."""
+
+
+@register
+class RlooMethod(LoraMethod):
+    name = "rloo"
+    description = "RLHF: a LoRA policy trained with RLOO against a trained reward model."
+    config_class = RlooConfig
+    objective: ClassVar[str] = "rloo"

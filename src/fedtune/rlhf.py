@@ -1,0 +1,320 @@
+"""RL from a reward model (the survey's RLHF stage two): RLOO on the prompts of
+preference data, scored online by a trained fedtune reward model.
+
+Each step, for B prompts:
+
+1. the policy (the LoRA-adapted LM, dropout off) samples k completions per prompt
+   (`method.num_generations`, temperature `method.temperature`, up to
+   `method.max_new_tokens` tokens, a completion ending at its first end token);
+2. the frozen reward model (`method.reward_model`: a run of method `reward`) scores
+   each (prompt, completion), through its own tokenizer and prompt rendering, so the
+   policy and the reward model need not share a base;
+3. each reward is penalised by beta x KL, KL being the completion's summed log-ratio
+   log pi(y|x) - log pi_ref(y|x), the reference being the base model reached by
+   switching the adapter off (as for DPO: no second copy, and in a federation every
+   site holds the same reference);
+4. the advantage of a completion is its penalised reward minus the mean of the other
+   k-1 completions of the same prompt (REINFORCE leave-one-out, Ahmadian et al. 2024);
+5. the loss is -mean(A x exp(log pi(y|x) - log pi(y|x).detach())), whose gradient is
+   -mean(A x grad log pi(y|x)) with log pi summed over the completion's tokens.
+
+Steps 3-5 are TRL 1.16's RLOOTrainer with one update per generation batch (its
+`num_iterations` = 1, so its ratio clipping never acts) and unnormalised advantages,
+its defaults; tests/test_rlhf.py checks the loss and its gradient against
+`RLOOTrainer._compute_loss`. Written here rather than run through TRL because
+fedtune's training loop (federated rounds, sites' optimizer state, checkpoints)
+drives every method; RLOO is a loss over a batch like any other.
+
+The loss *value* that training reports adds the step's mean penalised reward, negated
+and detached (it does not change the gradient): the train loss falls as the policy
+earns more reward, instead of RLOO's policy loss, which is zero by construction.
+
+Evaluation (validation between rounds, the test set) pits the policy against the
+base model: both answer each prompt greedily, the reward model judges. Scores per
+prompt are (reward of the policy's answer, reward of the base's answer, KL of the
+policy's answer), so the preference metrics read as: pair_accuracy = the policy's
+win rate over the base model, reward_margin = its mean reward gain, kl = how far it
+has moved. The loss is -log sigmoid(gain), the Bradley-Terry probability that the
+reward model prefers the policy's answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+from fedtune.classify import Feature
+from fedtune.errors import ConfigError
+from fedtune.generate import _stop_ids
+from fedtune.preference import PolicyLM
+
+if TYPE_CHECKING:
+    from fedtune.adapted import AdaptedModel
+    from fedtune.data.sources import Example
+
+
+def rloo_advantages(rewards: Tensor, k: int) -> Tensor:
+    """Leave-one-out advantages of rewards [N * k] (k consecutive per prompt): each
+    minus the mean of its prompt's other k - 1."""
+    if k < 2:
+        raise ConfigError(f"method.num_generations = {k}: RLOO needs at least 2 per prompt")
+    grouped = rewards.view(-1, k)
+    baseline = (grouped.sum(1, keepdim=True) - grouped) / (k - 1)
+    return (grouped - baseline).reshape(-1)
+
+
+def rloo_policy_loss(logps: Tensor, advantages: Tensor) -> Tensor:
+    """-mean(A x ratio) with ratio = exp(logp - logp.detach()) = 1: the value is
+    -mean(A), the gradient -mean(A grad logp) (TRL's RLOO loss at one iteration)."""
+    return -(torch.exp(logps - logps.detach()) * advantages).mean()
+
+
+class RewardScorer:
+    """A trained fedtune reward model, frozen: rewards of (prompt, response) texts."""
+
+    def __init__(self, path: str):
+        from fedtune.adapted import AdaptedModel
+        from fedtune.preference import RewardPairs
+        from fedtune.runs import find_model_dir
+
+        if not path:
+            raise ConfigError(
+                "method rloo needs a reward model: set method.reward_model to a run of method "
+                "reward (fedtune train --task preference --method reward ...)"
+            )
+        if not Path(path).exists():
+            raise ConfigError(
+                f"method.reward_model = {path!r} does not exist; train one with fedtune train "
+                "--task preference --method reward, and give its run directory"
+            )
+        model = AdaptedModel.load(find_model_dir(path))
+        if not isinstance(model.formulation, RewardPairs):
+            raise ConfigError(
+                f"method.reward_model = {path!r} is a {model.method.name} model, not a reward "
+                "model; give a run of method reward"
+            )
+        for p in model.module.parameters():
+            p.requires_grad_(False)
+        model.module.eval()
+        self.model: AdaptedModel = model
+        self.formulation: RewardPairs = model.formulation
+
+    def prompt_ids(self, instructions: Sequence[str], contexts: Sequence[str]) -> list[list[int]]:
+        return self.formulation.prompt_ids(instructions, contexts)
+
+    @torch.no_grad()
+    def score(self, prompts: Sequence[list[int]], responses: Sequence[str],
+              whole: Sequence[bool], batch_size: int = 16) -> Tensor:  # fmt: skip
+        """Reward [N] of each prompt (the reward model's ids) + response text; a whole
+        response (it ended at an end token) gets the end token it was trained with."""
+        form, tok = self.formulation, self.formulation.tokenizer
+        ids = tok(list(responses), add_special_tokens=False)["input_ids"] if responses else []
+        seqs = [list(p) + (form._target(r) if w else r[: form.max_target_length])
+                for p, r, w in zip(prompts, ids, whole, strict=True)]  # fmt: skip
+        module = self.model.module
+        device = next(module.parameters()).device
+        out = []
+        for start in range(0, len(seqs), batch_size):
+            tokens, mask = form._pad(seqs[start : start + batch_size])
+            logits = module(input_ids=tokens.to(device), attention_mask=mask.to(device)).logits
+            out.append(logits.squeeze(-1).float())
+        return torch.cat(out) if out else torch.zeros(0)
+
+
+_SCORERS: dict[tuple[str, float], RewardScorer] = {}
+"""Loaded reward models by (resolved path, mtime): sites in one process share one."""
+
+
+def reward_scorer(path: str) -> RewardScorer:
+    key = str(Path(path).resolve()) if path else ""
+    stamp = Path(key).stat().st_mtime if key and Path(key).exists() else 0.0
+    if (key, stamp) not in _SCORERS:
+        _SCORERS.clear()  # one reward model at a time: each is a whole LM
+        _SCORERS[(key, stamp)] = RewardScorer(path)
+    return _SCORERS[(key, stamp)]
+
+
+class RLOOPrompts(PolicyLM):
+    """Prompts in, RLOO's loss out (see the module docstring)."""
+
+    task: ClassVar[str] = "preference"
+
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, labels: tuple[str, ...], max_length: int,
+        template: str, chat: str = "auto", max_target_length: int = 128,
+        system_prompt: str = "", reward_model: str = "", num_generations: int = 4,
+        beta: float = 0.05, temperature: float = 1.0, max_new_tokens: int = 64,
+    ):  # fmt: skip
+        super().__init__(tokenizer, labels, max_length, template, chat, max_target_length,
+                         system_prompt)  # fmt: skip
+        problems = []
+        if num_generations < 2:
+            problems.append(f"method.num_generations = {num_generations} must be >= 2 "
+                            "(the leave-one-out baseline needs another sample)")  # fmt: skip
+        if beta < 0:
+            problems.append(f"method.beta = {beta} must be >= 0 (0: no KL penalty)")
+        if temperature <= 0:
+            problems.append(f"method.temperature = {temperature} must be > 0 (1.0 samples "
+                            "the policy as it is)")  # fmt: skip
+        if max_new_tokens < 1:
+            problems.append(f"method.max_new_tokens = {max_new_tokens} must be >= 1")
+        if problems:
+            raise ConfigError("; ".join(problems))
+        self.reward_model = reward_model
+        self.k = num_generations
+        self.beta = beta
+        self.temperature = temperature
+        self.max_new_tokens = max_new_tokens
+
+    @property
+    def scorer(self) -> RewardScorer:
+        """The reward model, loaded on first use (building or loading the policy does
+        not need it)."""
+        return reward_scorer(self.reward_model)
+
+    # --- the Formulation contract -----------------------------------------------------
+
+    def encode_examples(self, examples: Sequence[Example]) -> list[Feature]:
+        """Only the prompts of preference examples (their chosen/rejected answers are
+        what the reward model learnt from, not used here)."""
+        cats = self.category_ids(examples)
+        texts, contexts = [e.text for e in examples], [e.context for e in examples]
+        prompts = self.prompt_ids(texts, contexts)
+        judged = self.scorer.prompt_ids(texts, contexts)
+        return [{"prompt_ids": p, "reward_prompt_ids": r, "length": len(p), "labels": c}
+                for p, r, c in zip(prompts, judged, cats, strict=True)]  # fmt: skip
+
+    def encode(self, texts: list[str], labels: list[int] | None = None) -> list[Feature]:
+        raise ConfigError(
+            "an RLOO policy is trained and evaluated on prompts of preference data "
+            "(data.task=preference); to answer instructions, load it for generation"
+        )
+
+    def collate(self, features: list[Feature]) -> dict[str, Tensor]:
+        """Prompts left padded (generation appends on the right); the reward model's
+        prompts right padded, with their lengths."""
+        pad = self.tokenizer.pad_token_id
+        seqs = [f["prompt_ids"] for f in features]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, width - len(s) :] = torch.tensor(s)
+            mask[i, width - len(s) :] = 1
+        judged, _ = self._pad([f["reward_prompt_ids"] for f in features])
+        return {"prompt_ids": ids, "prompt_mask": mask, "reward_prompt_ids": judged,
+                "reward_prompt_len": torch.tensor([len(f["reward_prompt_ids"]) for f in features]),
+                "labels": torch.tensor([f["labels"] for f in features])}  # fmt: skip
+
+    # --- sampling, scoring ------------------------------------------------------------
+
+    @torch.no_grad()
+    def complete(self, model: nn.Module, batch: dict[str, Tensor], k: int, sample: bool,
+                 reference: bool = False) -> tuple[Tensor, Tensor]:  # fmt: skip
+        """k completions per prompt -> (token ids [B*k, L], mask [B*k, L] up to and
+        including each one's first end token). `sample`: the policy's distribution at
+        `temperature`; else greedy. `reference`: the base model (adapter off)."""
+        from contextlib import nullcontext
+
+        from transformers import GenerationConfig
+
+        ids = batch["prompt_ids"].repeat_interleave(k, 0)
+        mask = batch["prompt_mask"].repeat_interleave(k, 0)
+        stops = _stop_ids(model, self.tokenizer)
+        options: dict[str, Any] = (
+            {"do_sample": True, "temperature": self.temperature, "top_k": 0, "top_p": 1.0}
+            if sample else {"do_sample": False}
+        )  # fmt: skip
+        config = GenerationConfig(max_new_tokens=self.max_new_tokens, num_beams=1,
+                                  pad_token_id=self.tokenizer.pad_token_id,
+                                  eos_token_id=stops, **options)  # fmt: skip
+        was_training = model.training
+        model.eval()  # no dropout while sampling: the policy as it would answer
+        try:
+            with self._reference(model) if reference else nullcontext():
+                out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)  # type: ignore[operator]
+        finally:
+            model.train(was_training)
+        tokens = out[:, ids.shape[1] :]
+        is_stop = torch.isin(tokens, torch.tensor(stops, device=tokens.device))
+        before_stop = (is_stop.long().cumsum(1) - is_stop.long()) == 0
+        return tokens, before_stop
+
+    def _reference(self, model: nn.Module) -> Any:
+        disable = getattr(model, "disable_adapter", None)
+        if disable is None:
+            raise ConfigError(
+                "RLOO's reference is the base model with the adapter switched off; this model "
+                "has no adapter (use method rloo, which trains a LoRA adapter)"
+            )
+        return disable()
+
+    def _sequences(self, batch: dict[str, Tensor], tokens: Tensor, cmask: Tensor,
+                   k: int) -> dict[str, Tensor]:  # fmt: skip
+        """Prompt (unpadded) + completion rows, right padded, as the log-prob code reads."""
+        prompts = [row[m.bool()].tolist() for row, m in
+                   zip(batch["prompt_ids"], batch["prompt_mask"], strict=True)]  # fmt: skip
+        seqs, plens = [], []
+        for i, (row, m) in enumerate(zip(tokens, cmask, strict=True)):
+            prompt = prompts[i // k]
+            seqs.append(prompt + row[m].tolist())
+            plens.append(len(prompt))
+        ids, mask = self._pad(seqs)
+        device = tokens.device
+        return {"input_ids": ids.to(device), "attention_mask": mask.to(device),
+                "prompt_len": torch.tensor(plens, device=device)}  # fmt: skip
+
+    def rewards_of(self, batch: dict[str, Tensor], tokens: Tensor, cmask: Tensor,
+                   k: int) -> Tensor:  # fmt: skip
+        """The reward model's reward [B*k] of each completion (decoded to text, re-read
+        through the reward model's tokenizer)."""
+        tok = self.tokenizer
+        whole = (cmask.sum(1) < cmask.shape[1]).tolist()  # an end token came
+        ends = cmask.sum(1).tolist()
+        texts = [str(tok.decode(row[:end].tolist(), skip_special_tokens=True))
+                 for row, end in zip(tokens, ends, strict=True)]  # fmt: skip
+        lens = batch["reward_prompt_len"].tolist()
+        rows = batch["reward_prompt_ids"]
+        prompts = [row[:n].tolist() for row, n in zip(rows, lens, strict=True)]
+        judged = [prompts[i // k] for i in range(len(texts))]
+        return self.scorer.score(judged, texts, whole).to(tokens.device)
+
+    # --- objective and evaluation -----------------------------------------------------
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        k = self.k
+        tokens, before = self.complete(model, batch, k, sample=True)
+        seq = self._sequences(batch, tokens, self._with_stop(tokens, before), k)
+        logps = self.sequence_logprobs(model, seq)
+        kl = logps.detach() - self.reference_logprobs(model, seq)
+        rewards = self.rewards_of(batch, tokens, before, k) - self.beta * kl
+        advantages = rloo_advantages(rewards, k)
+        return rloo_policy_loss(logps, advantages) - rewards.mean()
+
+    @staticmethod
+    def _with_stop(tokens: Tensor, before: Tensor) -> Tensor:
+        """The completion mask with its end token: it is a choice the policy made."""
+        first_stop = before.sum(1)
+        pos = torch.arange(tokens.shape[1], device=tokens.device)[None, :]
+        return before | (pos == first_stop[:, None])
+
+    def evaluate(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """The policy's greedy answer against the base model's, judged by the reward
+        model: (summed -log sigmoid(gain), prompts) and [B, 3] = (reward of the policy's
+        answer, of the base's, KL of the policy's answer)."""
+        tokens, before = self.complete(model, batch, 1, sample=False)
+        base_tokens, base_before = self.complete(model, batch, 1, sample=False, reference=True)
+        seq = self._sequences(batch, tokens, self._with_stop(tokens, before), 1)
+        kl = self.sequence_logprobs(model, seq) - self.reference_logprobs(model, seq)
+        policy = self.rewards_of(batch, tokens, before, 1)
+        base = self.rewards_of(batch, base_tokens, base_before, 1)
+        loss_sum = -F.logsigmoid(policy - base).sum()
+        units = torch.tensor(float(len(policy)), device=policy.device)
+        return torch.stack([loss_sum, units]), torch.stack([policy, base, kl.float()], dim=1)
+
