@@ -2,6 +2,7 @@
 
     python benchmarks/preference.py --out /work/bench/pref hh          # reward, dpo
     python benchmarks/preference.py --out /work/bench/pref hh-regimes  # 3 regimes
+    python benchmarks/preference.py --out /work/bench/pref rloo        # RL vs the reward model
 
 - `hh`: examples/hh-preference.toml (160 training pairs from all four subsets, ~100
   held-out pairs from prompts no training pair has), a reward model (`reward`) and DPO
@@ -10,6 +11,10 @@
   implicit reward), mean reward margin, per subset.
 - `hh-regimes`: `reward` centralized, at each subset alone and federated (FedAvg of
   LoRA + head, one local epoch per round), the four subsets as the four sites.
+- `rloo`: a LoRA policy trained with RLOO against the `hh` reward model (the run
+  hh-reward-160, which must exist in --out), on 48 training prompts, 4 samples each, up to
+  48 new tokens; scored on the held-out prompts by its win rate over the base model
+  (both answer greedily; the same reward model judges), reward gain and KL.
 - `--import NAME=RUN_DIR`: record a finished `fedtune run` of the same config as row NAME.
 
 Each run's summary is appended to --out/rows.jsonl and read back on the next call, so
@@ -44,7 +49,8 @@ def _row(key: str, s: dict[str, Any], seconds: float, **extra: Any) -> dict[str,
         "reward_margin": s["reward_margin"], "loss": s["loss"], "n_train": s["n_train"],
         "n_test": s["n_test"], "per_category": s.get("report") or {},
         "train_seconds": s.get("train_seconds"), "wall_seconds": seconds,
-        "bytes_total": s.get("bytes_total"), **extra,
+        "bytes_total": s.get("bytes_total"), "reward": s.get("reward"), "kl": s.get("kl"),
+        **extra,
     }  # fmt: skip
 
 
@@ -71,6 +77,17 @@ def hh(out: Path) -> list[dict[str, Any]]:
             _central(out, "hh-dpo-160", ["method.name=dpo"])]  # fmt: skip
 
 
+RLOO = ["method.name=rloo", "data.limit=48", "train.batch_size=4", "method.num_generations=4",
+        "method.max_new_tokens=48", "method.lr=1e-4", "method.beta=0.05"]  # fmt: skip
+
+
+def rloo(out: Path) -> list[dict[str, Any]]:
+    judge = out / "runs" / "hh-reward-160"
+    if not (judge / "model").is_dir():
+        sys.exit(f"rloo needs the reward model {judge}: run the `hh` part first")
+    return [_central(out, "hh-rloo-48", [*RLOO, f"method.reward_model={judge}"])]
+
+
 def hh_regimes(out: Path) -> list[dict[str, Any]]:
     key = "hh-regimes"
     done = _done(out)
@@ -93,14 +110,15 @@ def hh_regimes(out: Path) -> list[dict[str, Any]]:
 
 def table(rows: list[dict[str, Any]]) -> str:
     subsets = sorted({c for r in rows for c in r["per_category"]})
-    lines = ["| run | regime | site | train pairs | test pairs | pair accuracy | margin | "
-             + " | ".join(subsets) + " | train s | wall s |",
-             "|---" * (9 + len(subsets)) + "|"]  # fmt: skip
+    lines = ["| run | regime | site | train pairs | test pairs | pair accuracy (rloo: win rate) "
+             "| margin (rloo: reward gain) | kl | " + " | ".join(subsets) + " | train s | wall s |",
+             "|---" * (10 + len(subsets)) + "|"]  # fmt: skip
     for r in rows:
         per = [r["per_category"].get(c, {}).get("pair_accuracy") for c in subsets]
         lines.append(
             f"| {r['key']} | {r['regime']} | {r['site']} | {r['n_train']} | {r['n_test']} "
             f"| {r['pair_accuracy']:.4f} | {r['reward_margin']:.3f} | "
+            + ("-" if r.get("kl") is None else f"{r['kl']:.2f}") + " | "
             + " | ".join("-" if p is None else f"{p:.3f}" for p in per)
             + f" | {r['train_seconds'] or 0:.0f} | {r['wall_seconds']:.0f} |"
         )
@@ -110,7 +128,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("parts", nargs="*", choices=["hh", "hh-regimes"])
+    ap.add_argument("parts", nargs="*", choices=["hh", "hh-regimes", "rloo"])
     ap.add_argument("--import", dest="imports", action="append", default=[],
                     metavar="NAME=RUN_DIR")  # fmt: skip
     args = ap.parse_args()
@@ -122,7 +140,7 @@ def main() -> None:
             _keep(args.out, _row(key, summary, summary["wall_seconds"]))
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"python {platform.python_version()}")  # fmt: skip
-    parts = {"hh": hh, "hh-regimes": hh_regimes}
+    parts = {"hh": hh, "hh-regimes": hh_regimes, "rloo": rloo}
     for part in args.parts:
         print(f"\n## {part}\n\n{table(parts[part](args.out))}")
 

@@ -393,7 +393,9 @@ def test_compare_pipeline_writes_both_figures(
                       federated_overrides={"ptuning": {"local_batch_size": 4}})  # fmt: skip
     report = (out / "report.md").read_text()
     (line,) = [x for x in report.splitlines() if x.startswith("| ptuning | federated | all |")]
-    assert "), site batch 4 |" in line and report.count("site batch") == 1  # said, once
+    # Local-only sites train at the sites' batch too (same steps as a federated site).
+    assert "), site batch 4 |" in line and report.count("site batch 4 |") == 4
+    assert not [x for x in report.splitlines() if x.startswith("| lora |") and "site batch" in x]
     for name in ("fig_a_centralized_vs_federated.png", "fig_b_local_vs_federated.png"):
         assert (out / name).stat().st_size > 10_000 and name in report
     rows = json.loads((out / "comparison.json").read_text())
@@ -405,6 +407,10 @@ def test_compare_pipeline_writes_both_figures(
     assert all(r["bytes_total"] > 0 and r["sites"] == ["org-0", "org-1", "org-2"] for r in fed)
     cen = [r for r in rows if r["regime"] == "centralized"]
     assert all(r["epochs"] == pytest.approx(2.0) for r in cen)  # same budget
+    local = [r for r in rows if r["method"] == "ptuning" and r["regime"] == "local"]
+    assert all(r["site_batch_size"] == 4 for r in local)
+    for r in local:  # each local site took ceil(n / 4) steps per epoch, as its federated twin
+        assert r["steps"] == 2 * -(-r["n_train"] // 4)
 
 
 def test_compare_over_seeds_reports_mean_and_spread(

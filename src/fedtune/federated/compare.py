@@ -128,14 +128,23 @@ def run_regimes(
                 for st in partition.sites:
                     own = Splits(st.train, splits.validation, splits.test, splits.labels)
                     runs.append((own, "local", st.name))
+            # A local-only site is a federation's site without the federation: it trains
+            # at the sites' batch size (federated.local_batch_size), so both take the
+            # same optimizer steps on the same data.
+            site_train = dataclasses.replace(tcfg, batch_size=fcfg.local_batch_size
+                                             or tcfg.batch_size)  # fmt: skip
             for data, regime, site in runs:
                 # Centralized = one model on the pooled data; local = one per site.
                 what = "pooled data" if site == "all" else f"{site}, local only"
                 console.rule(f"{mname}: {regime}, {what} ({len(data.train)} examples)")
                 name = f"{mname}-{regime}" + ("" if site == "all" else f"-{site}")
+                run_cfg = dataclasses.replace(base, name=name)
+                if regime == "local":
+                    run_cfg = dataclasses.replace(run_cfg, train=site_train)
                 r = _finished(staging / name, console) if resume else None
-                r = r or run_centralized(dataclasses.replace(base, name=name), console, data,
-                                         shown_as=shown / name)  # fmt: skip
+                r = r or run_centralized(run_cfg, console, data, shown_as=shown / name)
+                if regime == "local":
+                    r = {**r, "site_batch_size": site_train.batch_size}
                 rows.append({**r, "regime": regime, "site": site})
                 key = regime if site == "all" else f"local {site}"
                 curves[mname][key] = _val_curve(staging / name)
@@ -500,10 +509,10 @@ def write_regimes_report(out: Path, rows: list[dict[str, Any]],
         "Same split, method and budget for every regime: federated runs `rounds` x "
         f"{fed.local_epochs:g} local epochs ({fed.strategy}, {fed.transport} transport, "
         f"partition `{fed.partition}`), centralized training and each local-only site as "
-        f"many epochs; batch size {cfg.train.batch_size} (a different batch at the sites is "
-        "noted). Validation: the shared set; test: the held-out set. `trained (best)`: "
-        "epochs or rounds run, and the one with the lowest validation loss (the model that "
-        "is tested).",
+        f"many epochs; batch size {cfg.train.batch_size} (a different batch at the sites, "
+        "federated and local-only alike, is noted). Validation: the shared set; test: the "
+        "held-out set. `trained (best)`: epochs or rounds run, and the one with the lowest "
+        "validation loss (the model that is tested).",
         "",
         "| method | regime | site | train examples | trained (best) | "
         + " | ".join(LABEL[k] for k in names)
@@ -526,6 +535,8 @@ def write_regimes_report(out: Path, rows: list[dict[str, Any]],
             traffic, total = "-", "-"
             best = r["best_step"] / max(r["steps"], 1) * r["epochs"]
             trained = f"{r['epochs']:.0f} epochs ({best:.0f})"
+            if r.get("site_batch_size", cfg.train.batch_size) != cfg.train.batch_size:
+                trained += f", site batch {r['site_batch_size']}"
         lines.append(
             f"| {r['method']} | {r['regime']} | {r['site']} | {r['n_train']} | {trained} "
             + "".join(f"| {_pct(r[k])} " for k in names)
