@@ -50,6 +50,7 @@ def _row(key: str, s: dict[str, Any], seconds: float, **extra: Any) -> dict[str,
         "n_test": s["n_test"], "per_category": s.get("report") or {},
         "train_seconds": s.get("train_seconds"), "wall_seconds": seconds,
         "bytes_total": s.get("bytes_total"), "reward": s.get("reward"), "kl": s.get("kl"),
+        "ties": s.get("ties"),
         **extra,
     }  # fmt: skip
 
@@ -78,7 +79,7 @@ def hh(out: Path) -> list[dict[str, Any]]:
 
 
 RLOO = ["method.name=rloo", "data.limit=48", "train.batch_size=4", "method.num_generations=4",
-        "method.max_new_tokens=48", "method.lr=1e-4", "method.beta=0.05"]  # fmt: skip
+        "method.max_new_tokens=48", "method.lr=3e-4", "method.beta=0.05"]  # fmt: skip
 
 
 def rloo(out: Path) -> list[dict[str, Any]]:
@@ -111,14 +112,15 @@ def hh_regimes(out: Path) -> list[dict[str, Any]]:
 def table(rows: list[dict[str, Any]]) -> str:
     subsets = sorted({c for r in rows for c in r["per_category"]})
     lines = ["| run | regime | site | train pairs | test pairs | pair accuracy (rloo: win rate) "
-             "| margin (rloo: reward gain) | kl | " + " | ".join(subsets) + " | train s | wall s |",
-             "|---" * (10 + len(subsets)) + "|"]  # fmt: skip
+             "| margin (rloo: reward gain) | kl | ties | " + " | ".join(subsets)
+             + " | train s | wall s |", "|---" * (11 + len(subsets)) + "|"]  # fmt: skip
     for r in rows:
         per = [r["per_category"].get(c, {}).get("pair_accuracy") for c in subsets]
         lines.append(
             f"| {r['key']} | {r['regime']} | {r['site']} | {r['n_train']} | {r['n_test']} "
             f"| {r['pair_accuracy']:.4f} | {r['reward_margin']:.3f} | "
-            + ("-" if r.get("kl") is None else f"{r['kl']:.2f}") + " | "
+            + " | ".join("-" if r.get(k) is None else f"{r[k]:.2f}" for k in ("kl", "ties"))
+            + " | "
             + " | ".join("-" if p is None else f"{p:.3f}" for p in per)
             + f" | {r['train_seconds'] or 0:.0f} | {r['wall_seconds']:.0f} |"
         )

@@ -123,6 +123,7 @@ def test_a_fresh_policy_ties_with_the_base_model(tiny_models: dict[str, str],
     assert math.isclose(float(loss_sum / n), math.log(2), rel_tol=1e-5)
     metrics = evaluate_features(model, form.encode_examples(_examples()))
     assert metrics.values["pair_accuracy"] == 0.0 and abs(metrics.values["kl"]) < 1e-5
+    assert metrics.values["ties"] == 1.0
     assert metrics.values["reward"] == pytest.approx(float(scores[:, 0].mean().detach()), abs=1e-5)
 
 
@@ -186,7 +187,7 @@ def test_rloo_raises_reward_saves_loads_and_federates(
     assert summary["task"] == "preference" and summary["method"] == "rloo"
     # The trained policy's greedy answers beat the base model's, as judged.
     assert summary["pair_accuracy"] > 0.9 and summary["reward_margin"] > 0.1
-    assert summary["reward"] > 0.9 and summary["kl"] > 0
+    assert summary["reward"] > 0.9 and summary["kl"] > 0 and summary["ties"] < 0.1
     run = Path(summary["run_dir"])
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train_losses = [r["train_loss"] for r in records if r.get("event") == "eval"]

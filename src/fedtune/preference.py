@@ -161,15 +161,17 @@ def preference_metrics(
 ) -> Metrics:
     """Pair accuracy and mean reward margin of scores [N, 2], overall and per category.
     A third column (an RLOO policy's answers, fedtune.rlhf: policy vs base model) is the
-    KL of the first answer from the reference; its mean is reported as `kl`, and the
-    first column's mean as `reward`."""
+    KL of the first answer from the reference; its mean is reported as `kl`, the first
+    column's mean as `reward`, and the share of equal rewards (the same answer, as a
+    barely trained policy gives) as `ties`: pair_accuracy counts them as losses."""
     from fedtune.evaluate import Metrics
 
     def summary(s: np.ndarray) -> dict[str, float]:
         margin = s[:, 0] - s[:, 1]
         out = {"pair_accuracy": float((margin > 0).mean()), "reward_margin": float(margin.mean())}
         if s.shape[1] > 2:
-            out.update(reward=float(s[:, 0].mean()), kl=float(s[:, 2].mean()))
+            out.update(reward=float(s[:, 0].mean()), kl=float(s[:, 2].mean()),
+                       ties=float((np.abs(margin) < 1e-4).mean()))
         return out
 
     cats = np.asarray(categories)
