@@ -159,6 +159,9 @@ class LetterJudge:
     def prompt_ids(self, instructions: list[str], contexts: list[str]) -> list[list[int]]:
         return [[0] for _ in instructions]
 
+    def to(self, device: torch.device) -> LetterJudge:
+        return self
+
     def score(self, prompts: object, responses: list[str], whole: object,
               batch_size: int = 16) -> torch.Tensor:  # fmt: skip
         return torch.tensor([sum(c in "abcdefghijklmnopqrstuvwxyz" for c in r) / max(len(r), 1)

@@ -108,6 +108,11 @@ class RewardScorer:
     def prompt_ids(self, instructions: Sequence[str], contexts: Sequence[str]) -> list[list[int]]:
         return self.formulation.prompt_ids(instructions, contexts)
 
+    def to(self, device: torch.device) -> RewardScorer:
+        """Onto the policy's device (a no-op once there)."""
+        self.model.module.to(device)
+        return self
+
     @torch.no_grad()
     def score(self, prompts: Sequence[list[int]], responses: Sequence[str],
               whole: Sequence[bool], batch_size: int = 16) -> Tensor:  # fmt: skip
@@ -283,7 +288,7 @@ class RLOOPrompts(PolicyLM):
         rows = batch["reward_prompt_ids"]
         prompts = [row[:n].tolist() for row, n in zip(rows, lens, strict=True)]
         judged = [prompts[i // k] for i in range(len(texts))]
-        return self.scorer.score(judged, texts, whole).to(tokens.device)
+        return self.scorer.to(tokens.device).score(judged, texts, whole).to(tokens.device)
 
     # --- objective and evaluation -----------------------------------------------------
 
