@@ -106,20 +106,26 @@ class HeadClassifier(Formulation):
         return torch.stack([loss_sum, n]), logits.log_softmax(-1)
 
 
+def pad_batch(seqs: list[list[int]], pad: int, left: bool = False) -> tuple[Tensor, Tensor]:
+    """Token id lists -> (ids [B, T], attention mask [B, T]), padded with `pad` on the
+    right (training and scoring) or on the left (`left`: prompts to generate from)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        cols = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[i, cols] = torch.tensor(s, dtype=torch.long)
+        mask[i, cols] = 1
+    return ids, mask
+
+
 class CausalLMFormulation(Formulation):
     """What every decoder formulation shares: right-padded batches of token ids with a
     `prompt_len`, and a loss on the tokens after the prompt (a label word, or a whole
     response for generation)."""
 
     def _pad(self, seqs: list[list[int]]) -> tuple[Tensor, Tensor]:
-        width = max(len(s) for s in seqs)
-        pad = self.tokenizer.pad_token_id
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
-        return ids, mask
+        return pad_batch(seqs, self.tokenizer.pad_token_id)
 
     @staticmethod
     def _last_logits(model: nn.Module, ids: Tensor, mask: Tensor, first: int) -> Tensor:

@@ -28,7 +28,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from fedtune.classify import CausalLMFormulation, Feature
+from fedtune.classify import CausalLMFormulation, Feature, pad_batch
 from fedtune.errors import ConfigError, DataError
 from fedtune.progress import bars_visible
 
@@ -288,14 +288,9 @@ def generate_texts(
         with Progress(*columns, disable=not bars_visible(), transient=True) as bar:
             task = bar.add_task(description, total=len(prompts))
             for idx in groups:
-                seqs = [prompts[i] for i in idx]
-                width = max(len(s) for s in seqs)
-                ids = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)
-                mask = torch.zeros((len(seqs), width), dtype=torch.long)
-                for r, s in enumerate(seqs):
-                    ids[r, width - len(s) :] = torch.tensor(s)
-                    mask[r, width - len(s) :] = 1
+                ids, mask = pad_batch([prompts[i] for i in idx], tok.pad_token_id, left=True)
                 ids, mask = ids.to(device), mask.to(device)
+                width = ids.shape[1]
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     if learning:
                         gen = _greedy_prompt_learning(module, ids, mask, max_new_tokens, stops)

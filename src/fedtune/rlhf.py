@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from fedtune.classify import Feature
+from fedtune.classify import Feature, pad_batch
 from fedtune.errors import ConfigError
 from fedtune.generate import _stop_ids
 from fedtune.preference import PolicyLM
@@ -204,14 +204,8 @@ class RLOOPrompts(PolicyLM):
     def collate(self, features: list[Feature]) -> dict[str, Tensor]:
         """Prompts left padded (generation appends on the right); the reward model's
         prompts right padded, with their lengths."""
-        pad = self.tokenizer.pad_token_id
-        seqs = [f["prompt_ids"] for f in features]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, width - len(s) :] = torch.tensor(s)
-            mask[i, width - len(s) :] = 1
+        ids, mask = pad_batch([f["prompt_ids"] for f in features], self.tokenizer.pad_token_id,
+                              left=True)  # fmt: skip
         judged, _ = self._pad([f["reward_prompt_ids"] for f in features])
         return {"prompt_ids": ids, "prompt_mask": mask, "reward_prompt_ids": judged,
                 "reward_prompt_len": torch.tensor([len(f["reward_prompt_ids"]) for f in features]),
