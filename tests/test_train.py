@@ -139,14 +139,16 @@ def test_early_stopping_restores_best_state(tiny_models: dict[str, str]) -> None
 
 
 def test_training_learns_the_toy_task(tiny_models: dict[str, str]) -> None:
-    # LoRA on query/value, rank 8: learns the six toy sentences reliably.
+    # LoRA on query/value, rank 8, at lr 3e-2 for 30 epochs: 8 of 8 seeds reach
+    # accuracy 1.0 with loss <= 0.06 (measured 2026-12-04). At lr 1e-2 only 5 of 8
+    # did, and the CI machine's different CPU kernels once tipped seed 0 to 0.67.
     small_lora = method_config("lora", {"target_modules": [], "r": 8, "alpha": 16})
     model = AdaptedModel.build(ModelConfig(name=tiny_models["bert"]), small_lora, LABELS)
     before = evaluate_features(model, _feats(model, 1))
     cfg = TrainConfig(epochs=30, batch_size=8, progress=False)
-    train(model, _feats(model, 8), None, cfg, lr=1e-2, seed=0)
+    train(model, _feats(model, 8), None, cfg, lr=3e-2, seed=0)
     after = evaluate_features(model, _feats(model, 1))
-    assert after.loss < before.loss and after.accuracy == 1.0
+    assert after.loss < 0.25 * before.loss and after.accuracy == 1.0
 
 
 def test_bad_inputs(tiny_models: dict[str, str]) -> None:
