@@ -14,7 +14,11 @@ Parts:
               tested on the same all-agree split: the accuracy reference.
   throughput  training samples/s of fedtune's `train()`, a minimal hand-written loop and
               `transformers.Trainer` on the same model, data, batch size and step count,
-              interleaved over several rounds (medians reported).
+              interleaved over several rounds (medians reported). On a decoder
+              (`--model smollm2 --batch-size 8 --throughput-methods lora`) the loops
+              train the generative classifier (prompt + label word) and fedtune also
+              runs with the LM head at every position, to show what scoring only the
+              label positions gives.
 
 Results are printed and appended as a dated section (machine, command, tables, plots
 under img/ next to it) to `--output` (default docs/benchmarks.md). Run directories go to
@@ -50,6 +54,7 @@ import transformers
 from rich.console import Console
 from rich.table import Table
 from transformers import (
+    DataCollatorForSeq2Seq,
     DataCollatorWithPadding,
     PrinterCallback,
     Trainer,
@@ -58,9 +63,11 @@ from transformers import (
 )
 
 from fedtune.adapted import AdaptedModel
+from fedtune.classify import CausalLMFormulation
 from fedtune.config import DataConfig, ModelConfig, RunConfig, TrainConfig, method_config
 from fedtune.data import Splits, make_splits
 from fedtune.evaluate import evaluate
+from fedtune.models import detect_kind, load_config, resolve_model_name
 from fedtune.regimes import run_centralized
 from fedtune.train import train
 
@@ -245,13 +252,48 @@ def fedtune_loop_unbucketed(
     return fedtune_loop(model, texts, labels, steps, lr, bucket_size=1)
 
 
+def fedtune_loop_all_logits(
+    model: AdaptedModel, texts: list[str], labels: list[int], steps: int, lr: float
+) -> tuple[int, float]:
+    """Decoders: fedtune's loop with the LM head run at every position (as a model's
+    own `labels=` loss does) instead of only where label tokens are scored: what
+    `logits_to_keep` gives."""
+    import fedtune.classify as classify
+
+    keeps = classify._keeps_logits
+    classify._keeps_logits = lambda _model: False
+    try:
+        return fedtune_loop(model, texts, labels, steps, lr)
+    finally:
+        classify._keeps_logits = keeps
+
+
+def hf_rows(model: AdaptedModel, texts: list[str], labels: list[int]) -> tuple[list[dict], Any]:
+    """The training rows and collator a user of plain PyTorch or the Trainer would
+    write. Encoders: tokenized sentences with a class label, `DataCollatorWithPadding`.
+    Decoders (a generative classifier): fedtune's own prompt + label-word token ids
+    (so every loop sees the same tokens), `labels` = -100 on the prompt and the ids on
+    the label word, `DataCollatorForSeq2Seq` (pads labels with -100): the model's own
+    causal-LM loss on the label word, its head run at every position."""
+    tok = model.tokenizer
+    if isinstance(model.formulation, CausalLMFormulation):
+        rows = [
+            {"input_ids": f["input_ids"], "attention_mask": [1] * len(f["input_ids"]),
+             "labels": [-100] * f["prompt_len"] + f["input_ids"][f["prompt_len"]:]}
+            for f in model.formulation.encode(texts, labels)
+        ]  # fmt: skip
+        return rows, DataCollatorForSeq2Seq(tok, label_pad_token_id=-100)
+    enc = tok(texts, truncation=True, max_length=MODEL.max_length)
+    rows = [{**{k: enc[k][i] for k in enc}, "labels": y} for i, y in enumerate(labels)]
+    return rows, DataCollatorWithPadding(tok)
+
+
 def plain_loop(
     model: AdaptedModel, texts: list[str], labels: list[int], steps: int, lr: float
 ) -> tuple[int, float]:
     """The simplest correct loop: random batches, padded per batch, AdamW, linear decay."""
-    tok, net = model.tokenizer, model.module
-    enc = tok(texts, truncation=True, max_length=MODEL.max_length)
-    rows = [{**{k: enc[k][i] for k in enc}, "labels": y} for i, y in enumerate(labels)]
+    net = model.module
+    rows, collate = hf_rows(model, texts, labels)
     torch.manual_seed(SEED)
     t0 = time.perf_counter()
     params = [p for p in net.parameters() if p.requires_grad]
@@ -261,7 +303,7 @@ def plain_loop(
     step = seen = 0
     while step < steps:
         for idx in torch.randperm(len(rows)).split(BATCH_SIZE):
-            batch = tok.pad([rows[i] for i in idx], return_tensors="pt")
+            batch = collate([rows[i] for i in idx])
             loss = net(**batch).loss
             loss.backward()
             optimizer.step()
@@ -304,9 +346,7 @@ def hf_trainer(
 ) -> tuple[int, float]:
     """transformers.Trainer with its defaults (sampler, optimizer, clipping); the timed
     trainer.train() call includes its own dataloader and optimizer setup."""
-    tok = model.tokenizer
-    enc = tok(texts, truncation=True, max_length=MODEL.max_length)
-    rows = [{**{k: enc[k][i] for k in enc}, "labels": y} for i, y in enumerate(labels)]
+    rows, collate = hf_rows(model, texts, labels)
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
             output_dir=out, per_device_train_batch_size=BATCH_SIZE, learning_rate=lr,
@@ -315,7 +355,7 @@ def hf_trainer(
             disable_tqdm=True, use_cpu=True, seed=SEED,
         )  # fmt: skip
         trainer = Trainer(model=model.module, args=args, train_dataset=rows,
-                          data_collator=DataCollatorWithPadding(tok))  # fmt: skip
+                          data_collator=collate)  # fmt: skip
         trainer.remove_callback(PrinterCallback)  # added by disable_tqdm; prints the metrics
         t0 = time.perf_counter()
         trainer.train()
@@ -332,13 +372,22 @@ CONTENDERS: dict[str, Contender] = {
     "HF Trainer": hf_trainer,
     "fedtune, no bucketing": fedtune_loop_unbucketed,
 }
+DECODER_CONTENDERS: dict[str, Contender] = {
+    **CONTENDERS, "fedtune, all-position logits": fedtune_loop_all_logits,
+}
+
+
+def contenders() -> dict[str, Contender]:
+    """The loops compared on MODEL: decoders add fedtune with the LM head at every position."""
+    kind = detect_kind(load_config(resolve_model_name(MODEL.name)))
+    return DECODER_CONTENDERS if kind == "decoder" else CONTENDERS
 
 
 def run_throughput(splits: Splits, s: Settings, console: Console) -> list[Record]:
     index = {label: i for i, label in enumerate(splits.labels)}
     texts = [e.text for e in splits.train]
     labels = [index[e.label] for e in splits.train]
-    names = list(CONTENDERS)
+    names = list(contenders())
     records = []
     for method in THROUGHPUT_METHODS:
         mcfg = method_config(method, HPARAMS[method]["method"])
@@ -347,7 +396,7 @@ def run_throughput(splits: Splits, s: Settings, console: Console) -> list[Record
             for name in order:
                 model = AdaptedModel.build(MODEL, mcfg, splits.labels, seed=SEED)
                 torch.set_num_threads(s.threads)
-                samples, seconds = CONTENDERS[name](model, texts, labels, s.steps, mcfg.lr)
+                samples, seconds = contenders()[name](model, texts, labels, s.steps, mcfg.lr)
                 records.append({"method": method, "round": rnd + 1, "contender": name,
                                 "samples": samples, "seconds": seconds,
                                 "samples_per_second": samples / seconds})  # fmt: skip
@@ -370,21 +419,22 @@ def medians(records: list[Record]) -> dict[tuple[str, str], float]:
 
 def throughput_rows(records: list[Record]) -> list[Row]:
     med = medians(records)
-    ours, plain, hf, flat = CONTENDERS
+    names = list(contenders())
+    ours, plain, hf, flat = list(CONTENDERS)
     rows = []
     for m in THROUGHPUT_METHODS:
         rows.append([
-            m, f"{med[m, ours]:.1f}", f"{med[m, plain]:.1f}", f"{med[m, hf]:.1f}",
-            f"{med[m, flat]:.1f}",
+            m, *(f"{med[m, n]:.1f}" for n in names),
             f"{med[m, ours] / med[m, plain]:.2f}×", f"{med[m, ours] / med[m, hf]:.2f}×",
             f"{med[m, flat] / med[m, plain]:.2f}×",
+            *(f"{med[m, ours] / med[m, n]:.2f}×" for n in names[len(CONTENDERS):]),
         ])  # fmt: skip
     return rows
 
 
 def plot_throughput(records: list[Record], path: Path, title: str) -> None:
     med = medians(records)
-    names = list(CONTENDERS)
+    names = list(contenders())
     width = 0.8 / len(names)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for j, name in enumerate(names):
@@ -419,6 +469,15 @@ rotating each round; the table gives medians.
 - fedtune, no bucketing: `fedtune.train.train()` with `bucket_size` 1 (random batches padded
   per batch, as the plain loop's): the loop's own cost without the bucketing speed-up.
 """
+DECODER_NOTES = """\
+- Decoders (a generative classifier: prompt, then the label word): every loop trains on
+  the same token ids (fedtune's prompt + label word). The plain loop and the Trainer use
+  the model's own causal-LM loss (`labels` = -100 on the prompt, `DataCollatorForSeq2Seq`),
+  which runs the LM head at every position; fedtune runs it only from the first label
+  position on (`logits_to_keep`).
+- fedtune, all-position logits: fedtune's loop with the head at every position: what
+  `logits_to_keep` gives (column "ours / all-position logits").
+"""
 
 
 def part_throughput(splits: Splits, s: Settings, console: Console) -> tuple[list[Record], str]:
@@ -426,12 +485,14 @@ def part_throughput(splits: Splits, s: Settings, console: Console) -> tuple[list
                  "(and fedtune without bucketing)")
     records = run_throughput(splits, s, console)
     intro = (
-        f"Training samples/s of MiniLM + {' and '.join(THROUGHPUT_METHODS)} on the "
+        f"Training samples/s of `{MODEL.name}` + {' and '.join(THROUGHPUT_METHODS)} on the "
         f"{len(splits.train)} all-agree training sentences, {s.steps} optimizer steps of "
         f"batch {BATCH_SIZE}, {s.rounds} round(s), torch threads {s.threads}.\n\n"
     )
-    headers = ["method", *CONTENDERS, "ours / plain", "ours / Trainer",
-               "no bucketing / plain"]  # fmt: skip
+    extra = list(contenders())[len(CONTENDERS):]
+    headers = ["method", *contenders(), "ours / plain", "ours / Trainer", "no bucketing / plain",
+               *(f"ours / {n.removeprefix('fedtune, ')}" for n in extra)]  # fmt: skip
+    notes = THROUGHPUT_NOTES + (DECODER_NOTES if extra else "")
     medians_md = show(console, "Training samples/s (median)", headers, throughput_rows(records))
     detail = [
         [r["method"], str(r["round"]), r["contender"], str(r["samples"]),
@@ -441,7 +502,7 @@ def part_throughput(splits: Splits, s: Settings, console: Console) -> tuple[list
     detail_md = show(console, "Every measurement, in run order",
                      ["method", "round", "contender", "samples", "seconds", "samples/s"],
                      detail, left=3)  # fmt: skip
-    md = f"### Training throughput\n\n{intro}{THROUGHPUT_NOTES}\n{medians_md}\n{detail_md}"
+    md = f"### Training throughput\n\n{intro}{notes}\n{medians_md}\n{detail_md}"
     return records, md
 
 
@@ -490,6 +551,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="throughput: steps (default 40)")
     p.add_argument("--rounds", type=int, default=None, help="throughput: rounds (default 3)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    p.add_argument("--model", default=MODEL.name,
+                   help="model of every part: a catalog name (minilm, mpnet, smollm2, gemma3), "
+                        "a Hub id or a folder (default minilm)")  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="batch size (default 32)")
+    p.add_argument("--throughput-methods", default=",".join(THROUGHPUT_METHODS),
+                   help="methods of part `throughput` (default lora,full)")  # fmt: skip
     args = p.parse_args(argv)
     for part in args.parts.split(","):
         if part not in PARTS:
@@ -502,6 +569,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    global MODEL, BATCH_SIZE, THROUGHPUT_METHODS  # one model and batch size for every part
+    MODEL = dataclasses.replace(MODEL, name=args.model)
+    BATCH_SIZE = args.batch_size
+    THROUGHPUT_METHODS = args.throughput_methods.split(",")
     console = Console(width=None if sys.stdout.isatty() else 150)
     stamp, started = time.strftime("%Y%m%d-%H%M%S"), time.strftime("%Y-%m-%d %H:%M")
     if args.threads:
