@@ -26,9 +26,11 @@ import sys
 import time
 from pathlib import Path
 
-# One recipe for all four: LoRA r 16 on all linear layers, lr 5e-4, bf16 autocast,
-# max length 64, batch 32. The decoders' sequences are longer by the template.
-RECIPE = ["--method", "lora", "--agreement", "50", "--split", "fingpt", "--bf16",
+# One recipe for all four: LoRA r 16 on all linear layers, lr 5e-4, max length 64,
+# batch 32, bf16 autocast where the CPU computes bf16 natively (AVX512-BF16 or AMX;
+# emulated, a SmolLM2 step ran 15x slower than fp32: benchmarks/bf16_step.py). The
+# decoders' sequences are longer by the template.
+RECIPE = ["--method", "lora", "--agreement", "50", "--split", "fingpt",
           "--lr", "5e-4", "--max-length", "64"]  # fmt: skip
 
 WIRE = """
@@ -47,7 +49,10 @@ def train(name: str, out: Path, epochs: float, limit: int, extra: list[str]) -> 
     done = run_dir / "bench.json"
     if done.is_file():
         return json.loads(done.read_text())
-    cmd = ["fedtune", "train", "--model", name, *RECIPE, "--epochs", str(epochs),
+    from fedtune.train import cpu_has_bf16
+
+    bf16 = ["--bf16"] if cpu_has_bf16() else []
+    cmd = ["fedtune", "train", "--model", name, *RECIPE, *bf16, "--epochs", str(epochs),
            "--name", run_dir.name, "--output-dir", str(out), *extra]  # fmt: skip
     if limit:
         cmd += ["--limit", str(limit)]

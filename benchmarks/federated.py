@@ -9,6 +9,9 @@
                                               # validation, ptuning and lora, all regimes
     python benchmarks/federated.py lean [r4-bf16 r2-fp32]  # the protocol for LoRA
                                               # variants under 0.5% of the model per round
+    python benchmarks/federated.py averaging [METHOD]  # the demo's split, one round:
+                                              # each site's model vs their average, with
+                                              # one schedule over all rounds vs one per round
 
 Each measurement of `memory` runs in its own process (peak RSS is per process);
 results are printed as a Markdown table for docs/benchmarks.md.
@@ -185,6 +188,86 @@ def lean(variants: list[str]) -> None:
         run_regimes(cfg, ["lora"], regimes=("centralized", "federated"))
 
 
+def averaging(method: str = "ptuning") -> None:
+    """Does FedAvg keep what the sites learnt in a round? The demo's split and recipe
+    (`fedtune.demo`): the three sites train one round from the same start, exactly as
+    a federated site does (`TrainSession`, batch 11 for ptuning), under the two
+    `federated.site_state` schedules: `keep` (one warmup + linear decay over all the
+    run's rounds, so round 1 ends at two thirds of the peak rate) and `reset` (a fresh
+    schedule per round, annealed to 0 at its end). Prints each site's shared
+    validation loss, the averaged model's, the average of one part only (the rest
+    site-1's), and how far and how alike the sites moved each tensor."""
+    import dataclasses
+
+    import torch
+
+    from fedtune.adapted import AdaptedModel
+    from fedtune.config import method_config
+    from fedtune.data import make_splits
+    from fedtune.demo import DEMO_PLAN, demo_config
+    from fedtune.evaluate import evaluate_features
+    from fedtune.federated.apps import site_train_config
+    from fedtune.federated.partition import partition_examples
+    from fedtune.train import TrainSession, train
+
+    plan = DEMO_PLAN[method]
+    cfg = demo_config(tempfile.gettempdir(), quick=False)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, progress=False),
+                              federated=dataclasses.replace(cfg.federated, **{
+                                  k: v for k, v in plan.get("federated", {}).items()
+                                  if k != "site_state"}))  # fmt: skip
+    rounds = plan["rounds"]
+    mcfg = method_config(method, plan["method"])
+    splits = make_splits(cfg.data)
+    sites = partition_examples(splits.train, splits.labels, cfg.federated, cfg.seed).sites
+    index = {label: i for i, label in enumerate(splits.labels)}
+    model = AdaptedModel.build(cfg.model, mcfg, splits.labels, seed=cfg.seed)
+
+    def feats(examples: list) -> list[dict]:
+        return model.formulation.encode([e.text for e in examples],
+                                        [index[e.label] for e in examples])  # fmt: skip
+
+    val = feats(splits.validation)
+
+    def val_loss(state: dict[str, torch.Tensor]) -> float:
+        model.load_trainable_state(state)
+        return evaluate_features(model, val).loss
+
+    start = {k: v.clone() for k, v in model.trainable_state().items()}
+    tcfg = site_train_config(cfg)
+    print(f"{method} on the demo's split, {len(sites)} sites, one round from the same start "
+          f"(validation loss {val_loss(start):.4f}); lr {mcfg.lr:g}, site batch "
+          f"{tcfg.batch_size}, {rounds} rounds planned\n")  # fmt: skip
+    print("| schedule | site-1 | site-2 | site-3 | average of the sites | average of the "
+          "head only | average of the rest only | tensors moved (x start norm) | "
+          "cosine between sites' updates |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    for schedule in ("keep", "reset"):
+        states = []
+        for site in sites:
+            model.load_trainable_state(start)
+            fs = feats(site.train)
+            steps = -(-len(fs) // tcfg.batch_size)
+            total = steps * (rounds if schedule == "keep" else 1)
+            session = TrainSession.new(model, len(fs), tcfg, mcfg.lr, cfg.seed, total_steps=total)
+            train(model, fs, None, tcfg, mcfg.lr, session=session, steps=steps)
+            states.append({k: v.clone() for k, v in model.trainable_state().items()})
+        avg = {k: sum(s[k] for s in states) / len(states) for k in start}
+        head = [k for k in start if "modules_to_save" in k or "classifier" in k]
+        mixed = [{k: (avg[k] if (k in head) == part else states[0][k]) for k in start}
+                 for part in (True, False)]  # fmt: skip
+        moved, cosines = [], []
+        for k in start:
+            ups = [(s[k] - start[k]).flatten() for s in states]
+            if float(start[k].norm()) > 0:
+                moved.append(float(sum(u.norm() for u in ups) / len(ups) / start[k].norm()))
+            cosines += [float(torch.nn.functional.cosine_similarity(ups[i], ups[j], dim=0))
+                        for i in range(len(ups)) for j in range(i + 1, len(ups))]  # fmt: skip
+        losses = [val_loss(s) for s in states] + [val_loss(avg)] + [val_loss(m) for m in mixed]
+        print(f"| `{schedule}` | " + " | ".join(f"{x:.4f}" for x in losses)
+              + f" | {min(moved):.2f}-{max(moved):.2f} | {sum(cosines) / len(cosines):.2f} |")
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "_memory":
         _one_memory_run(int(sys.argv[2]), sys.argv[3])
@@ -193,5 +276,7 @@ if __name__ == "__main__":
                  "fingpt": fingpt, "protocol": protocol}  # fmt: skip
         if sys.argv[1] == "lean":
             lean(sys.argv[2:])
+        elif sys.argv[1] == "averaging":
+            averaging(*sys.argv[2:3])
         else:
             parts[sys.argv[1]]()
