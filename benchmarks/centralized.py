@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
 import math
 import os
@@ -377,10 +378,14 @@ DECODER_CONTENDERS: dict[str, Contender] = {
 }
 
 
+@functools.cache
+def _kind(name: str) -> str:
+    return detect_kind(load_config(resolve_model_name(name)))  # reads the model's config
+
+
 def contenders() -> dict[str, Contender]:
     """The loops compared on MODEL: decoders add fedtune with the LM head at every position."""
-    kind = detect_kind(load_config(resolve_model_name(MODEL.name)))
-    return DECODER_CONTENDERS if kind == "decoder" else CONTENDERS
+    return DECODER_CONTENDERS if _kind(MODEL.name) == "decoder" else CONTENDERS
 
 
 def run_throughput(splits: Splits, s: Settings, console: Console) -> list[Record]:

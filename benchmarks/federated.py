@@ -193,7 +193,7 @@ def averaging(method: str = "ptuning") -> None:
     (`fedtune.demo`): the three sites train one round from the same start, exactly as
     a federated site does (`TrainSession`, batch 11 for ptuning), under the two
     `federated.site_state` schedules: `keep` (one warmup + linear decay over all the
-    run's rounds, so round 1 ends at two thirds of the peak rate) and `reset` (a fresh
+    run's rounds, so round 1 ends at about three quarters of the peak rate) and `reset` (a fresh
     schedule per round, annealed to 0 at its end). Prints each site's shared
     validation loss, the averaged model's, the average of one part only (the rest
     site-1's), and how far and how alike the sites moved each tensor."""
@@ -206,7 +206,7 @@ def averaging(method: str = "ptuning") -> None:
     from fedtune.data import make_splits
     from fedtune.demo import DEMO_PLAN, demo_config
     from fedtune.evaluate import evaluate_features
-    from fedtune.federated.apps import site_train_config
+    from fedtune.federated.apps import local_steps, site_train_config
     from fedtune.federated.partition import partition_examples
     from fedtune.train import TrainSession, train
 
@@ -238,16 +238,16 @@ def averaging(method: str = "ptuning") -> None:
     print(f"{method} on the demo's split, {len(sites)} sites, one round from the same start "
           f"(validation loss {val_loss(start):.4f}); lr {mcfg.lr:g}, site batch "
           f"{tcfg.batch_size}, {rounds} rounds planned\n")  # fmt: skip
-    print("| schedule | site-1 | site-2 | site-3 | average of the sites | average of the "
-          "head only | average of the rest only | tensors moved (x start norm) | "
-          "cosine between sites' updates |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|")
+    columns = ["schedule", *(s.name for s in sites), "average of the sites",
+               "average of the head only", "average of the rest only",
+               "tensors moved (x start norm)", "cosine between sites' updates"]  # fmt: skip
+    print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
     for schedule in ("keep", "reset"):
         states = []
         for site in sites:
             model.load_trainable_state(start)
             fs = feats(site.train)
-            steps = -(-len(fs) // tcfg.batch_size)
+            steps = local_steps(cfg, len(fs))
             total = steps * (rounds if schedule == "keep" else 1)
             session = TrainSession.new(model, len(fs), tcfg, mcfg.lr, cfg.seed, total_steps=total)
             train(model, fs, None, tcfg, mcfg.lr, session=session, steps=steps)
