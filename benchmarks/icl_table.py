@@ -11,7 +11,8 @@ the calibrated one's extra cost is its content-free passes (timed apart). `--tes
 stratified, seeded subset of N test sentences (all when 0); the majority-class
 share of those sentences is printed with the table. Local backend, bf16 is not used
 (fp32, as `fedtune train --method icl` runs on a CPU); the chat template is used when
-the model has one (`method.chat = "auto"`), the row says which.
+the model has one (`method.chat = "auto"`; `--chat auto,off` adds the plain prompt),
+the row says which.
 """
 
 from __future__ import annotations
@@ -37,6 +38,13 @@ def main() -> None:
     p.add_argument("--shots", default="0,4,8")
     p.add_argument("--selections", default="random,similar")
     p.add_argument("--test", type=int, default=0, help="stratified test subset (0 = all)")
+    p.add_argument("--chat", default="auto",
+                   help="comma-separated method.chat values: auto (the chat template when "
+                        "the model has one), off (the plain prompt)")
+    p.add_argument("--chat-demos", default="inline",
+                   help="comma-separated method.chat_demos values: inline (demonstrations "
+                        "as text in the user turn), turns (each its own user and assistant "
+                        "turn)")
     p.add_argument("--seed", type=int, default=42)
     args = p.parse_args()
     splits, test, y, texts = fpb_test(args.test, args.seed)
@@ -50,11 +58,14 @@ def main() -> None:
           "seconds | s/sentence |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|")
     real_calibration = icl_module.contextual_calibration
-    for model in args.models.split(","):
+    combos = [(m, c, d) for m in args.models.split(",") for c in args.chat.split(",")
+              for d in args.chat_demos.split(",")]  # fmt: skip
+    for model, chat, chat_demos in combos:
         for shots in (int(s) for s in args.shots.split(",")):
             for selection in args.selections.split(",") if shots else ["-"]:
                 cfg = IclConfig(shots=shots, selection=selection if shots else "random",
-                                calibrate=True)  # fmt: skip
+                                calibrate=True, chat=chat,  # type: ignore[arg-type]
+                                chat_demos=chat_demos)  # type: ignore[arg-type]
                 method = ICL(cfg, ModelConfig(name=model), labels, seed=args.seed)
                 method.fit(splits.train)
                 # The instance's scoring calls, timed: the first scores the real
@@ -80,7 +91,9 @@ def main() -> None:
                     calibrated = method.predict_scores(texts)
                 finally:
                     icl_module.contextual_calibration = real_calibration
-                prompt = "chat" if method.uses_chat else "plain"
+                prompt = "plain"
+                if method.uses_chat:
+                    prompt = "chat, turns" if shots and chat_demos == "turns" else "chat"
                 raw_s, prior_s = calls[0], sum(calls[1:])
                 for name, scores, secs in (("no", seen["raw"], raw_s),
                                            ("yes", calibrated, raw_s + prior_s)):  # fmt: skip

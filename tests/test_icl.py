@@ -52,7 +52,7 @@ def remote(url: str, **cfg: Any) -> ICL:
 
 def query_of(body: dict[str, Any]) -> str:
     """The query text of a chat request built with the default templates."""
-    user = body["messages"][1]["content"]
+    user = body["messages"][-1]["content"]
     return str(user.rsplit("Sentence: ", 1)[1].rsplit("\nSentiment:", 1)[0])
 
 
@@ -89,6 +89,14 @@ def test_build_prompt_exact() -> None:
          "content": "Sentence: profit rose\nSentiment: positive\n\n"
                     "Sentence: sales fell\nSentiment:"},
     ]  # fmt: skip
+    # As chat turns: each demonstration a question answered by its label word.
+    assert build_messages(v, demos, "sales fell", LABELS, turns=True)[1:] == [
+        {"role": "user", "content": "Sentence: profit rose\nSentiment:"},
+        {"role": "assistant", "content": "positive"},
+        {"role": "user", "content": "Sentence: loss grew\nSentiment:"},
+        {"role": "assistant", "content": "negative"},
+        {"role": "user", "content": "Sentence: sales fell\nSentiment:"},
+    ]
 
 
 @pytest.mark.parametrize(
@@ -308,6 +316,16 @@ def test_chat_template_prompts(tiny_models: dict[str, str], chat_llama: str) -> 
     np.testing.assert_allclose(off.predict_scores([text])[0], hand, atol=1e-4)
     with pytest.raises(ConfigError, match=r"no chat\s+template"):
         _ = make(tiny_models["gpt2"], chat="on").uses_chat
+    # Demonstrations as turns: the local prompt is that chat, ending as the inline one.
+    turns = make(path, shots=1, instruction="", chat_demos="turns")
+    render, tail = turns._renderer(turns.variant)
+    demo = [("profit rose", "positive")]
+    assert render(demo, text) == tok.apply_chat_template(
+        build_messages(turns.variant, demo, text, LABELS, turns=True), tokenize=False,
+        add_generation_prompt=True,
+    )  # fmt: skip
+    assert "<|im_start|>assistant\npositive<|im_end|>" in render(demo, text)
+    assert tail == m._renderer(m.variant)[1]
 
 
 def test_shots_without_training_data_is_refused(tiny_models: dict[str, str]) -> None:
@@ -383,10 +401,28 @@ def test_remote_parses_answers() -> None:
         assert body["messages"][0]["content"] == (
             f"{INSTRUCTION} Answer with exactly one of: negative, neutral, positive."
         )
-        assert body["messages"][1]["content"].count("Sentence: ") == 3
+        assert sum(x["content"].count("Sentence: ") for x in body["messages"]) == 3
         scores = m.predict_scores(TEXTS[:1])
         assert scores[0].tolist() == [-1e4, -1e4, 0.0]  # the parsed label, one-hot
     assert m.base_parameters == 0
+
+
+def test_remote_demonstrations_as_chat_turns() -> None:
+    with OpenAIStub(responder=gold_answer) as stub:
+        m = remote(stub.url, shots=2, max_tokens=5, chat_demos="turns").fit(TRAIN)
+        assert m.predict(TEXTS) == [LABELS[y] for y in Y]
+        for req in stub.chat_requests:
+            msgs = req.body["messages"]
+            assert [x["role"] for x in msgs] == ["system", "user", "assistant", "user",
+                                                 "assistant", "user"]  # fmt: skip
+            demo_texts = [query_of({"messages": [None, x]}) for x in msgs[1:-1:2]]
+            assert [x["content"] for x in msgs[2::2]] == [GOLD[t] for t in demo_texts]
+            assert msgs[-1]["content"].count("Sentence: ") == 1
+        inline = remote(stub.url, shots=2, max_tokens=5, chat_demos="inline").fit(TRAIN)
+        inline.predict(TEXTS[:1])
+        msgs = stub.chat_requests[-1].body["messages"]
+        assert [x["role"] for x in msgs] == ["system", "user"]
+        assert msgs[1]["content"].count("Sentence: ") == 3
 
 
 def test_remote_counts_unparseable_answers() -> None:
