@@ -102,9 +102,9 @@ def main() -> None:
                    args.config, "--methods", m, "--regimes", r,
                    *[x for kv in [*sets, f"seed={s}", f"output_dir={runs}", f"name={name}"]
                      for x in ("--set", kv)]]  # fmt: skip
-            log = (out / f"{name}.log").open("wb")
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                    start_new_session=True)  # fmt: skip
+            with (out / f"{name}.log").open("wb") as log:  # the job holds its own copy
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                        start_new_session=True)  # fmt: skip
             running[job] = (proc, time.perf_counter())
             print(f"[{time.perf_counter() - start:6.0f} s] start {name}", flush=True)
         time.sleep(2)

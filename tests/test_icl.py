@@ -419,7 +419,7 @@ def test_remote_demonstrations_as_chat_turns() -> None:
             assert [x["content"] for x in msgs[2::2]] == [GOLD[t] for t in demo_texts]
             assert msgs[-1]["content"].count("Sentence: ") == 1
         inline = remote(stub.url, shots=2, max_tokens=5, chat_demos="inline").fit(TRAIN)
-        inline.predict(TEXTS[:1])
+        assert inline.predict(TEXTS[:1]) == [LABELS[Y[0]]]
         msgs = stub.chat_requests[-1].body["messages"]
         assert [x["role"] for x in msgs] == ["system", "user"]
         assert msgs[1]["content"].count("Sentence: ") == 3
