@@ -7,9 +7,11 @@ centrally with `fedtune train` in a fresh process per model.
 
 Encoders classify with a new head; decoders classify generatively (the template
 "Sentence: {text}\\nSentiment:" and the label word scored by the LM head, no new
-head). Per model: test accuracy, macro/weighted F1, trainable parameters, the bytes a
-site sends per federated round (the trainable state in fp32, measured by serialising
-it as the Flower wire does), training samples/s and the process's peak RSS (wait4).
+head). Per model: validation and test accuracy, macro/weighted F1, trainable
+parameters, the bytes a site sends per federated round (the trainable state in fp32,
+measured by serialising it as the Flower wire does), training samples/s, training and
+wall time (wall: the whole `fedtune train`, first-use GGUF conversion included) and the
+process's peak RSS (wait4).
 Runs that already finished in --out are read back instead of run again, so the
 table can be built up over several sessions. Prints a Markdown table for
 docs/benchmarks.md, with the machine.
@@ -48,7 +50,11 @@ def train(name: str, out: Path, epochs: float, limit: int, extra: list[str]) -> 
     run_dir = out / (f"{name}-lora-{epochs:g}ep" + (f"-limit{limit}" if limit else ""))
     done = run_dir / "bench.json"
     if done.is_file():
-        return json.loads(done.read_text())
+        result = json.loads(done.read_text())
+        if "train_seconds" not in result:  # written before these two columns
+            test, val = run_events(run_dir)
+            result |= {"train_seconds": test["train_seconds"], "val_accuracy": val["val_accuracy"]}
+        return result
     from fedtune.train import cpu_has_bf16
 
     bf16 = ["--bf16"] if cpu_has_bf16() else []
@@ -63,8 +69,7 @@ def train(name: str, out: Path, epochs: float, limit: int, extra: list[str]) -> 
     wall = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{name}: `fedtune train` failed; see the output above")
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    test = next(json.loads(x) for x in reversed(lines) if '"event": "test"' in x)
+    test, val = run_events(run_dir)
     result = {
         "model": name,
         "kind": test["kind"],
@@ -76,6 +81,8 @@ def train(name: str, out: Path, epochs: float, limit: int, extra: list[str]) -> 
         "trainable": test["trainable_parameters"],
         "base": test["base_parameters"],
         "samples_per_second": test["samples_per_second"],
+        "train_seconds": test["train_seconds"],
+        "val_accuracy": val["val_accuracy"],
         "wall_seconds": wall,
         "peak_rss_mb": usage.ru_maxrss / 1024,
         "command": " ".join(cmd),
@@ -83,6 +90,14 @@ def train(name: str, out: Path, epochs: float, limit: int, extra: list[str]) -> 
     result["bytes_per_round"] = wire_bytes(run_dir)
     done.write_text(json.dumps(result, indent=2))
     return result
+
+
+def run_events(run_dir: Path) -> tuple[dict, dict]:
+    """The run's test event and its last validation event (metrics.jsonl)."""
+    events = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    test = next(e for e in reversed(events) if e.get("event") == "test")
+    val = next(e for e in reversed(events) if "val_accuracy" in e)
+    return test, val
 
 
 def wire_bytes(run_dir: Path) -> int:
@@ -105,16 +120,19 @@ def main() -> None:
     print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"Python {platform.python_version()}")  # fmt: skip
     print()
-    print("| model | kind | train examples x epochs | test acc | macro-F1 | weighted F1 | "
-          "trainable | bytes/site/round | samples/s | wall | peak RSS |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | kind | train examples x epochs | val acc | test acc | macro-F1 | "
+          "weighted F1 | trainable | bytes/site/round | samples/s | training | wall | "
+          "peak RSS |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         share = 100 * r["trainable"] / r["base"]
         print(f"| {r['model']} | {r['kind']} | {r['n_train']} x {r['epochs']:g} | "
-              f"{r['accuracy']:.4f} | {r['macro_f1']:.4f} | {r['weighted_f1']:.4f} | "
+              f"{r['val_accuracy']:.4f} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | "
+              f"{r['weighted_f1']:.4f} | "
               f"{r['trainable'] / 1e6:.2f}M ({share:.2f}%) | "
               f"{r['bytes_per_round'] / 2**20:.1f} MiB | {r['samples_per_second']:.1f} | "
-              f"{r['wall_seconds'] / 60:.0f} min | {r['peak_rss_mb'] / 1024:.1f} GB |")  # fmt: skip
+              f"{r['train_seconds'] / 60:.1f} min | {r['wall_seconds'] / 60:.1f} min | "
+              f"{r['peak_rss_mb'] / 1024:.1f} GB |")  # fmt: skip
 
 
 if __name__ == "__main__":
