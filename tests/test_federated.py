@@ -413,6 +413,21 @@ def test_compare_pipeline_writes_both_figures(
         assert r["steps"] == 2 * -(-r["n_train"] // 4)
 
 
+def test_a_comparison_of_one_regime_plots_without_a_legend_warning(tmp_path: Path) -> None:
+    """`--regimes centralized` leaves figure b with nothing to draw: no matplotlib
+    warning about an empty legend reaches the user."""
+    import warnings
+
+    from fedtune.federated.compare import _plot
+
+    curves = {"ptuning": {"centralized": [(0.0, 1.1), (1.0, 0.4)]}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _plot(curves, "local", tmp_path / "b.png", "local vs federated")
+        _plot(curves, "centralized", tmp_path / "a.png", "centralized vs federated")
+    assert (tmp_path / "a.png").is_file() and (tmp_path / "b.png").is_file()
+
+
 def test_compare_over_seeds_reports_mean_and_spread(
     tiny_models: dict[str, str], table: Path, tmp_path: Path
 ) -> None:

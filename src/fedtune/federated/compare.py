@@ -417,7 +417,8 @@ def _plot(curves: dict[str, dict[str, list[tuple[float, float]]]], keep: str, pa
         ax.set_xlabel("epochs of training (federated: rounds x local epochs)")
         ax.set_ylabel("validation loss (shared set)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # a figure's regime may not have run
+            ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
