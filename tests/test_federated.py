@@ -428,6 +428,28 @@ def test_a_comparison_of_one_regime_plots_without_a_legend_warning(tmp_path: Pat
     assert (tmp_path / "a.png").is_file() and (tmp_path / "b.png").is_file()
 
 
+def test_a_comparison_reads_the_two_findings_off_its_runs() -> None:
+    """The report's findings table: federated minus centralized and minus the best
+    local-only site, in points, with one run's binomial standard error; a method that
+    ran no federated regime (or only that) gets no row."""
+    from fedtune.federated.compare import findings
+
+    def row(method: str, regime: str, site: str, acc: float) -> dict[str, object]:
+        return {"method": method, "regime": regime, "site": site, "accuracy": acc,
+                "n_test": 400}  # fmt: skip
+
+    rows = [row("ptuning", "centralized", "all", 0.91),
+            row("ptuning", "local", "site-1", 0.86), row("ptuning", "local", "site-2", 0.885),
+            row("ptuning", "federated", "all", 0.90), row("lora", "centralized", "all", 0.93),
+            row("features", "federated", "all", 0.9)]  # fmt: skip
+    lines = findings(rows, "accuracy")
+    assert "| ptuning | -1.0 | +1.5 (site-2) | 1.5 |" in lines  # sqrt(.9 * .1 / 400) = 1.5
+    assert not any(line.startswith(("| lora", "| features")) for line in lines)
+    assert findings(rows[5:], "accuracy") == []
+    gen = [{**r, "rougeL": r["accuracy"]} for r in rows[:4]]
+    assert "| ptuning | -1.0 | +1.5 (site-2) | - |" in findings(gen, "rougeL")
+
+
 def test_compare_over_seeds_reports_mean_and_spread(
     tiny_models: dict[str, str], table: Path, tmp_path: Path
 ) -> None:
