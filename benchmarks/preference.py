@@ -14,8 +14,11 @@
 - `rloo`: a LoRA policy trained with RLOO against the `hh` reward model (the run
   hh-reward-160, which must exist in --out), on 48 training prompts, 4 samples each, up to
   48 new tokens; scored on the held-out prompts by its win rate over the base model
-  (both answer greedily; the same reward model judges), reward gain and KL.
+  (both answer greedily), reward gain and KL, judged by a second reward model trained
+  on 160 other training pairs (`data.limit_skip=160`), not the one the policy chased.
 - `--import NAME=RUN_DIR`: record a finished `fedtune run` of the same config as row NAME.
+- `--set KEY=VALUE` (repeatable): a config override for every run, e.g. `--set
+  train.bf16=true` on a CPU with AVX512-BF16 or AMX; the row records them.
 
 Each run's summary is appended to --out/rows.jsonl and read back on the next call, so
 the script resumes; it prints a Markdown table.
@@ -50,9 +53,12 @@ def _row(key: str, s: dict[str, Any], seconds: float, **extra: Any) -> dict[str,
         "n_test": s["n_test"], "per_category": s.get("report") or {},
         "train_seconds": s.get("train_seconds"), "wall_seconds": seconds,
         "bytes_total": s.get("bytes_total"), "reward": s.get("reward"), "kl": s.get("kl"),
-        "ties": s.get("ties"),
+        "ties": s.get("ties"), "run_dir": str(s.get("run_dir", "")),
         **extra,
     }  # fmt: skip
+
+
+SETS: list[str] = []  # --set overrides, applied to every run after the part's own
 
 
 def _central(out: Path, key: str, overrides: list[str]) -> dict[str, Any]:
@@ -63,11 +69,11 @@ def _central(out: Path, key: str, overrides: list[str]) -> dict[str, Any]:
     from fedtune.regimes import run_centralized
 
     cfg = load_config(HH, ["train.progress=false", f"output_dir={out / 'runs'}", f"name={key}",
-                           *overrides])  # fmt: skip
+                           *overrides, *SETS])  # fmt: skip
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
         s = run_centralized(cfg)
-    row = _keep(out, _row(key, s, time.perf_counter() - t0))
+    row = _keep(out, _row(key, s, time.perf_counter() - t0, overrides=SETS))
     print(f"{key}: pair accuracy {row['pair_accuracy']:.4f}  margin {row['reward_margin']:.3f}"
           f"  ({row['wall_seconds']:.0f} s)", file=sys.stderr, flush=True)  # fmt: skip
     return row
@@ -83,10 +89,13 @@ RLOO = ["method.name=rloo", "data.limit=48", "train.batch_size=4", "method.num_g
 
 
 def rloo(out: Path) -> list[dict[str, Any]]:
-    judge = out / "runs" / "hh-reward-160"
-    if not (judge / "model").is_dir():
-        sys.exit(f"rloo needs the reward model {judge}: run the `hh` part first")
-    return [_central(out, "hh-rloo-48", [*RLOO, f"method.reward_model={judge}"])]
+    reward = out / "runs" / "hh-reward-160"
+    if not (reward / "model").is_dir():
+        sys.exit(f"rloo needs the reward model {reward}: run the `hh` part first")
+    # The fair judge: a second reward model on 160 other training pairs of the same split.
+    judge = _central(out, "hh-judge-160", ["data.limit_skip=160"])
+    return [judge, _central(out, "hh-rloo-48", [*RLOO, f"method.reward_model={reward}",
+                                                f"method.judge_model={judge['run_dir']}"])]
 
 
 def hh_regimes(out: Path) -> list[dict[str, Any]]:
@@ -98,14 +107,15 @@ def hh_regimes(out: Path) -> list[dict[str, Any]]:
     from fedtune.federated.compare import run_regimes
 
     cfg = load_config(HH, ["train.progress=false", f"output_dir={out / 'runs'}", f"name={key}",
-                           *REGIMES])  # fmt: skip
+                           *REGIMES, *SETS])  # fmt: skip
     with contextlib.redirect_stdout(io.StringIO()):
         folder = run_regimes(cfg, ["reward"])
     rows = json.loads((folder / "comparison.json").read_text())
     full = [json.loads((folder / r["name"] / "metrics.jsonl").read_text().splitlines()[-1])
             for r in rows]  # fmt: skip
     return [_keep(out, _row(f"{key}/{r['regime']}/{r['site']}", {**r, "report": f["report"]},
-                            r["wall_seconds"], regime=r["regime"], site=r["site"]))
+                            r["wall_seconds"], regime=r["regime"], site=r["site"],
+                            overrides=SETS))
             for r, f in zip(rows, full, strict=True)]  # fmt: skip
 
 
@@ -133,7 +143,9 @@ def main() -> None:
     ap.add_argument("parts", nargs="*", choices=["hh", "hh-regimes", "rloo"])
     ap.add_argument("--import", dest="imports", action="append", default=[],
                     metavar="NAME=RUN_DIR")  # fmt: skip
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
+    SETS.extend(args.sets)
     args.out.mkdir(parents=True, exist_ok=True)
     for item in args.imports:
         key, _, run = item.partition("=")

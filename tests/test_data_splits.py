@@ -112,6 +112,22 @@ def test_limit_subsamples_train_only() -> None:
     assert split_examples(data, LABELS, 0.2, 0.1, seed=3, limit=10_000) == full
 
 
+def test_limit_skip_keeps_examples_disjoint_from_a_limited_run() -> None:
+    """`limit_skip = N` sets aside exactly what `limit = N` keeps: a second run (a judge)
+    on the same split trains on other examples, still stratified."""
+    data = _data()
+    first = split_examples(data, LABELS, 0.2, 0.1, seed=3, limit=30)
+    second = split_examples(data, LABELS, 0.2, 0.1, seed=3, limit=30, limit_skip=30)
+    assert len(second.train) == 30 and not _keys(first.train) & _keys(second.train)
+    assert second.test == first.test and second.validation == first.validation
+    assert Counter(e.label for e in second.train) == {"negative": 6, "neutral": 15, "positive": 9}
+    assert any("set aside the 30" in n for n in second.notes)
+    with pytest.raises(DataError, match=r"limit_skip = 30 needs data\.limit > 0"):
+        split_examples(data, LABELS, 0.2, 0.1, seed=3, limit_skip=30)
+    with pytest.raises(DataError, match=r"exceed the \d+ training examples"):
+        split_examples(data, LABELS, 0.2, 0.1, seed=3, limit=30, limit_skip=10_000)
+
+
 def test_random_split_bad_inputs() -> None:
     data = _data((3, 3, 3))
     with pytest.raises(DataError, match=r"test_size=1\.5"):

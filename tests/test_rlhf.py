@@ -127,6 +127,37 @@ def test_a_fresh_policy_ties_with_the_base_model(tiny_models: dict[str, str],
     assert metrics.values["reward"] == pytest.approx(float(scores[:, 0].mean().detach()), abs=1e-5)
 
 
+def test_a_judge_scores_evaluation_and_the_reward_model_training(
+        tiny_models: dict[str, str], reward_run: str, pairs_file: Path,
+        tmp_path: Path) -> None:  # fmt: skip
+    """method.judge_model: a second reward model, here trained on other pairs than the
+    policy's reward model (data.limit_skip), scores the evaluation; the reward model
+    still scores training samples."""
+    from fedtune.regimes import run_centralized
+
+    judge = run_centralized(_cfg(pairs_file, tiny_models["llama"], tmp_path, "method.name=reward",
+                                 "method.lr=0.01", "data.limit=20", "data.limit_skip=20",
+                                 "name=judge"))  # fmt: skip
+    assert judge["n_train"] == 20
+    judged = _policy(tiny_models, reward_run, judge_model=str(judge["run_dir"]))
+    plain = _policy(tiny_models, reward_run)
+    form = judged.formulation
+    assert isinstance(form, RLOOPrompts) and isinstance(plain.formulation, RLOOPrompts)
+    batch = form.collate(form.encode_examples(_examples()))
+    _, by_judge = form.evaluate(judged.module, batch)
+    _, by_reward = plain.formulation.evaluate(plain.module, plain.formulation.collate(
+        plain.formulation.encode_examples(_examples())))  # fmt: skip
+    # Fresh adapters answer as the base model: the same answers, two different scorers.
+    assert not torch.allclose(by_judge[:, 0], by_reward[:, 0])
+    tokens, before = form.complete(judged.module, batch, 1, sample=False)
+    torch.testing.assert_close(form.rewards_of(batch, tokens, before, 1), by_reward[:, 0])
+    torch.testing.assert_close(form.rewards_of(batch, tokens, before, 1, judge=True),
+                               by_judge[:, 0])  # fmt: skip
+    assert form.judge is not form.scorer  # both stay loaded (two scorers at most)
+    with pytest.raises(ConfigError, match=r"method\.judge_model = .* does not exist"):
+        _ = _policy(tiny_models, reward_run, judge_model=str(tmp_path / "nope")).formulation.judge
+
+
 def test_sampling_ends_at_the_end_token_and_the_loss_reports_reward(
     tiny_models: dict[str, str], reward_run: str
 ) -> None:

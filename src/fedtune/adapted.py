@@ -56,7 +56,8 @@ def make_formulation(
             mc: Any = method.config if method is not None else None
             return RLOOPrompts(tokenizer, labels, cfg.max_length, cfg.prompt_template, cfg.chat,
                                cfg.max_target_length, cfg.system_prompt,
-                               reward_model=mc.reward_model, num_generations=mc.num_generations,
+                               reward_model=mc.reward_model, judge_model=mc.judge_model,
+                               num_generations=mc.num_generations,
                                beta=mc.beta, temperature=mc.temperature,
                                max_new_tokens=mc.max_new_tokens)  # fmt: skip
         if objective == "reward":

@@ -93,6 +93,10 @@ class DataConfig:
     split_seed: int = 42
     limit: int = 0
     """Keep at most this many training examples (stratified; 0 = all). For quick runs."""
+    limit_skip: int = 0
+    """With `limit`: first set aside the examples `limit = limit_skip` would keep, then keep
+    `limit` of the rest: a run disjoint from one with `limit = limit_skip` on the same
+    split (e.g. a judge reward model trained on other pairs than the policy's)."""
 
 
 @dataclass(frozen=True)

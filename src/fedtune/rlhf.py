@@ -30,7 +30,8 @@ and detached (it does not change the gradient): the train loss falls as the poli
 earns more reward, instead of RLOO's policy loss, which is zero by construction.
 
 Evaluation (validation between rounds, the test set) pits the policy against the
-base model: both answer each prompt greedily, the reward model judges. Scores per
+base model: both answer each prompt greedily, the judge scores both: a second reward
+model (`method.judge_model`, trained on other pairs) when given, else the training one. Scores per
 prompt are (reward of the policy's answer, reward of the base's answer, KL of the
 policy's answer), so the preference metrics read as: pair_accuracy = the policy's
 win rate over the base model, reward_margin = its mean reward gain, kl = how far it
@@ -78,25 +79,25 @@ def rloo_policy_loss(logps: Tensor, advantages: Tensor) -> Tensor:
 class RewardScorer:
     """A trained fedtune reward model, frozen: rewards of (prompt, response) texts."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, key: str = "method.reward_model"):
         from fedtune.adapted import AdaptedModel
         from fedtune.preference import RewardPairs
         from fedtune.runs import find_model_dir
 
         if not path:
             raise ConfigError(
-                "method rloo needs a reward model: set method.reward_model to a run of method "
+                f"method rloo needs a reward model: set {key} to a run of method "
                 "reward (fedtune train --task preference --method reward ...)"
             )
         if not Path(path).exists():
             raise ConfigError(
-                f"method.reward_model = {path!r} does not exist; train one with fedtune train "
+                f"{key} = {path!r} does not exist; train one with fedtune train "
                 "--task preference --method reward, and give its run directory"
             )
         model = AdaptedModel.load(find_model_dir(path))
         if not isinstance(model.formulation, RewardPairs):
             raise ConfigError(
-                f"method.reward_model = {path!r} is a {model.method.name} model, not a reward "
+                f"{key} = {path!r} is a {model.method.name} model, not a reward "
                 "model; give a run of method reward"
             )
         for p in model.module.parameters():
@@ -133,16 +134,20 @@ class RewardScorer:
 
 
 _SCORERS: dict[tuple[str, float], RewardScorer] = {}
-"""Loaded reward models by (resolved path, mtime): sites in one process share one."""
+"""Loaded reward models by (resolved path, mtime): sites in one process share them."""
 
 
-def reward_scorer(path: str) -> RewardScorer:
-    key = str(Path(path).resolve()) if path else ""
-    stamp = Path(key).stat().st_mtime if key and Path(key).exists() else 0.0
-    if (key, stamp) not in _SCORERS:
-        _SCORERS.clear()  # one reward model at a time: each is a whole LM
-        _SCORERS[(key, stamp)] = RewardScorer(path)
-    return _SCORERS[(key, stamp)]
+def reward_scorer(path: str, key: str = "method.reward_model") -> RewardScorer:
+    """The reward model of run `path`, loaded once. At most two stay loaded (the
+    training reward model and a judge): each is a whole LM."""
+    name = str(Path(path).resolve()) if path else ""
+    stamp = Path(name).stat().st_mtime if name and Path(name).exists() else 0.0
+    if (name, stamp) not in _SCORERS:
+        scorer = RewardScorer(path, key)
+        while len(_SCORERS) >= 2:
+            _SCORERS.pop(next(iter(_SCORERS)))
+        _SCORERS[(name, stamp)] = scorer
+    return _SCORERS[(name, stamp)]
 
 
 class RLOOPrompts(PolicyLM):
@@ -153,7 +158,8 @@ class RLOOPrompts(PolicyLM):
     def __init__(
         self, tokenizer: PreTrainedTokenizerBase, labels: tuple[str, ...], max_length: int,
         template: str, chat: str = "auto", max_target_length: int = 128,
-        system_prompt: str = "", reward_model: str = "", num_generations: int = 4,
+        system_prompt: str = "", reward_model: str = "", judge_model: str = "",
+        num_generations: int = 4,
         beta: float = 0.05, temperature: float = 1.0, max_new_tokens: int = 64,
     ):  # fmt: skip
         super().__init__(tokenizer, labels, max_length, template, chat, max_target_length,
@@ -172,6 +178,7 @@ class RLOOPrompts(PolicyLM):
         if problems:
             raise ConfigError("; ".join(problems))
         self.reward_model = reward_model
+        self.judge_model = judge_model
         self.k = num_generations
         self.beta = beta
         self.temperature = temperature
@@ -183,6 +190,14 @@ class RLOOPrompts(PolicyLM):
         not need it)."""
         return reward_scorer(self.reward_model)
 
+    @property
+    def judge(self) -> RewardScorer:
+        """The reward model that scores evaluation: `judge_model` if given, else the
+        training one."""
+        if self.judge_model:
+            return reward_scorer(self.judge_model, "method.judge_model")
+        return self.scorer
+
     # --- the Formulation contract -----------------------------------------------------
 
     def encode_examples(self, examples: Sequence[Example]) -> list[Feature]:
@@ -192,8 +207,11 @@ class RLOOPrompts(PolicyLM):
         texts, contexts = [e.text for e in examples], [e.context for e in examples]
         prompts = self.prompt_ids(texts, contexts)
         judged = self.scorer.prompt_ids(texts, contexts)
-        return [{"prompt_ids": p, "reward_prompt_ids": r, "length": len(p), "labels": c}
-                for p, r, c in zip(prompts, judged, cats, strict=True)]  # fmt: skip
+        # The judge's own prompt rendering (its tokenizer may differ from the reward model's).
+        by_judge = self.judge.prompt_ids(texts, contexts) if self.judge_model else judged
+        return [{"prompt_ids": p, "reward_prompt_ids": r, "judge_prompt_ids": j,
+                 "length": len(p), "labels": c}
+                for p, r, j, c in zip(prompts, judged, by_judge, cats, strict=True)]  # fmt: skip
 
     def encode(self, texts: list[str], labels: list[int] | None = None) -> list[Feature]:
         raise ConfigError(
@@ -206,10 +224,14 @@ class RLOOPrompts(PolicyLM):
         prompts right padded, with their lengths."""
         ids, mask = pad_batch([f["prompt_ids"] for f in features], self.tokenizer.pad_token_id,
                               left=True)  # fmt: skip
-        judged, _ = self._pad([f["reward_prompt_ids"] for f in features])
-        return {"prompt_ids": ids, "prompt_mask": mask, "reward_prompt_ids": judged,
-                "reward_prompt_len": torch.tensor([len(f["reward_prompt_ids"]) for f in features]),
-                "labels": torch.tensor([f["labels"] for f in features])}  # fmt: skip
+        out = {"prompt_ids": ids, "prompt_mask": mask,
+               "labels": torch.tensor([f["labels"] for f in features])}  # fmt: skip
+        for key in ("reward", "judge"):
+            rows: list[list[int]] = [f.get(f"{key}_prompt_ids") or f["reward_prompt_ids"]
+                                     for f in features]  # fmt: skip
+            out[f"{key}_prompt_ids"], _ = self._pad(rows)
+            out[f"{key}_prompt_len"] = torch.tensor([len(r) for r in rows])
+        return out
 
     # --- sampling, scoring ------------------------------------------------------------
 
@@ -270,19 +292,20 @@ class RLOOPrompts(PolicyLM):
                 "prompt_len": torch.tensor(plens, device=device)}  # fmt: skip
 
     def rewards_of(self, batch: dict[str, Tensor], tokens: Tensor, cmask: Tensor,
-                   k: int) -> Tensor:  # fmt: skip
-        """The reward model's reward [B*k] of each completion (decoded to text, re-read
-        through the reward model's tokenizer)."""
+                   k: int, judge: bool = False) -> Tensor:  # fmt: skip
+        """The reward model's (`judge`: the judge's) reward [B*k] of each completion
+        (decoded to text, re-read through that model's tokenizer)."""
         tok = self.tokenizer
         whole = (cmask.sum(1) < cmask.shape[1]).tolist()  # an end token came
         ends = cmask.sum(1).tolist()
         texts = [str(tok.decode(row[:end].tolist(), skip_special_tokens=True))
                  for row, end in zip(tokens, ends, strict=True)]  # fmt: skip
-        lens = batch["reward_prompt_len"].tolist()
-        rows = batch["reward_prompt_ids"]
+        key, scorer = ("judge", self.judge) if judge else ("reward", self.scorer)
+        lens = batch[f"{key}_prompt_len"].tolist()
+        rows = batch[f"{key}_prompt_ids"]
         prompts = [row[:n].tolist() for row, n in zip(rows, lens, strict=True)]
         judged = [prompts[i // k] for i in range(len(texts))]
-        return self.scorer.to(tokens.device).score(judged, texts, whole).to(tokens.device)
+        return scorer.to(tokens.device).score(judged, texts, whole).to(tokens.device)
 
     # --- objective and evaluation -----------------------------------------------------
 
@@ -304,15 +327,16 @@ class RLOOPrompts(PolicyLM):
         return before | (pos == first_stop[:, None])
 
     def evaluate(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """The policy's greedy answer against the base model's, judged by the reward
-        model: (summed -log sigmoid(gain), prompts) and [B, 3] = (reward of the policy's
-        answer, of the base's, KL of the policy's answer)."""
+        """The policy's greedy answer against the base model's, scored by the judge
+        (`judge_model`, else the reward model): (summed -log sigmoid(gain), prompts)
+        and [B, 3] = (reward of the policy's answer, of the base's, KL of the policy's
+        answer)."""
         tokens, before = self.complete(model, batch, 1, sample=False)
         base_tokens, base_before = self.complete(model, batch, 1, sample=False, reference=True)
         seq = self._sequences(batch, tokens, self._with_stop(tokens, before), 1)
         kl = self.sequence_logprobs(model, seq) - self.reference_logprobs(model, seq)
-        policy = self.rewards_of(batch, tokens, before, 1)
-        base = self.rewards_of(batch, base_tokens, base_before, 1)
+        policy = self.rewards_of(batch, tokens, before, 1, judge=True)
+        base = self.rewards_of(batch, base_tokens, base_before, 1, judge=True)
         loss_sum = -F.logsigmoid(policy - base).sum()
         units = torch.tensor(float(len(policy)), device=policy.device)
         return torch.stack([loss_sum, units]), torch.stack([policy, base, kl.float()], dim=1)

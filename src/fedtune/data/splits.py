@@ -150,7 +150,28 @@ def _take(
     return list(rest), list(taken)
 
 
-def _limit_train(train: list[Example], limit: int, seed: int, notes: list[str]) -> list[Example]:
+def _limit_train(
+    train: list[Example], limit: int, seed: int, notes: list[str], skip: int = 0
+) -> list[Example]:
+    """`limit` training examples (stratified, seeded). `skip`: first set aside the
+    `skip` examples that `limit = skip` would keep, so that two runs, one with `limit =
+    N` and one with `limit_skip = N`, train on disjoint examples of the same split (e.g.
+    a reward model that judges another's policy, trained on other pairs)."""
+    if skip < 0:
+        raise DataError(f"data.limit_skip = {skip} must be >= 0")
+    if skip > 0:
+        if limit <= 0:
+            raise DataError(
+                f"data.limit_skip = {skip} needs data.limit > 0 (how many examples to keep "
+                "after the skipped ones)"
+            )
+        if skip + limit > len(train):
+            raise DataError(
+                f"data.limit_skip = {skip} + data.limit = {limit} exceed the {len(train)} "
+                "training examples of this split; lower one of them"
+            )
+        train, skipped = _take(train, skip, seed, "train limit", [], grouped=False)
+        notes.append(f"set aside the {len(skipped)} train examples data.limit={skip} keeps")
     if limit <= 0 or limit >= len(train):
         return train
     _, kept = _take(train, limit, seed, "train limit", notes, grouped=False)
@@ -165,6 +186,7 @@ def split_examples(
     val_size: float,
     seed: int,
     limit: int = 0,
+    limit_skip: int = 0,
 ) -> Splits:
     """De-duplicate, then split test first and validation from the rest, both as shares
     of the de-duplicated total. Same inputs and seed give the same split."""
@@ -180,7 +202,7 @@ def split_examples(
         )
     rest, test = _take(data, n_test, seed, "test", notes)
     train, validation = _take(rest, n_val, seed, "validation", notes)
-    train = _limit_train(train, limit, seed, notes)
+    train = _limit_train(train, limit, seed, notes, limit_skip)
     notes.append(
         f"random split (seed {seed}): {len(train)} train, {len(validation)} validation, "
         f"{len(test)} test of {n} unique examples"
@@ -205,6 +227,7 @@ def fingpt_split(
     val_size: float,
     seed: int,
     limit: int = 0,
+    limit_skip: int = 0,
 ) -> Splits:
     """The published FinGPT test set (duplicates in it kept as published), and a training
     part cleaned of every sentence that also occurs in test, then de-duplicated, from
@@ -240,7 +263,7 @@ def fingpt_split(
     if n_val >= len(train_part):
         raise DataError(f"fingpt: {len(train_part)} train rows leave nothing to train on")
     train, validation = _take(train_part, n_val, seed, "validation", notes)
-    train = _limit_train(train, limit, seed, notes)
+    train = _limit_train(train, limit, seed, notes, limit_skip)
     notes.append(
         f"fingpt split: {len(train)} train, {len(validation)} validation (val_size={val_size} "
         f"of {len(train_part)}, seed {seed}), {len(test)} test"
@@ -263,7 +286,9 @@ def make_splits(cfg: DataConfig) -> Splits:
     examples = _load_examples(cfg)
     labels = label_names(examples, cfg)
     if cfg.split == "fingpt":
-        return fingpt_split(examples, labels, cfg.val_size, cfg.split_seed, cfg.limit)
+        return fingpt_split(examples, labels, cfg.val_size, cfg.split_seed, cfg.limit,
+                            cfg.limit_skip)  # fmt: skip
     if cfg.split != "random":
         raise DataError(f"data.split={cfg.split!r} is not one of random, fingpt")
-    return split_examples(examples, labels, cfg.test_size, cfg.val_size, cfg.split_seed, cfg.limit)
+    return split_examples(examples, labels, cfg.test_size, cfg.val_size, cfg.split_seed, cfg.limit,
+                          cfg.limit_skip)  # fmt: skip

@@ -82,6 +82,11 @@ class RlooConfig(LoraConfig):
     reward_model: str = ""
     """A run directory (or its model/ folder) of method `reward`: it scores the
     policy's samples, frozen. Required."""
+    judge_model: str = ""
+    """A second run of method `reward` that judges evaluation (validation and test: the
+    win rate over the base model) in place of `reward_model`: a judge the policy was not
+    trained against, ideally trained on other pairs (`data.limit_skip`). Empty: the
+    training reward model judges, and its win rate includes any reward hacking."""
     num_generations: int = 4
     """Completions sampled per prompt (k): each one's baseline is the mean reward of the
     other k - 1 (>= 2; TRL's default is 2, more gives a steadier baseline)."""
