@@ -180,6 +180,32 @@ def test_bf16_autocast_trains(tiny_models: dict[str, str]) -> None:
     assert evaluate_features(model, _feats(model, 1)).loss < before.loss
 
 
+def test_bf16_evaluation_runs_under_autocast_and_agrees(
+    tiny_models: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`bf16=True` autocasts evaluation's forward passes (validation during training
+    too, as train.bf16 asks): the same metrics up to bf16 rounding."""
+    model = _model(tiny_models["gpt2"], "lora")
+    feats = _feats(model, 4)
+    fp32 = evaluate_features(model, feats)
+    form, seen = model.formulation, []
+    original = form.evaluate
+
+    def spy(module, batch):  # type: ignore[no-untyped-def]
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return original(module, batch)
+
+    monkeypatch.setattr(form, "evaluate", spy)
+    bf16 = evaluate_features(model, feats, bf16=True)
+    assert seen and all(seen)
+    assert abs(bf16.loss - fp32.loss) < 0.05 * abs(fp32.loss) + 1e-3
+    assert abs(bf16.values["accuracy"] - fp32.values["accuracy"]) <= 0.25
+    seen.clear()
+    train(model, feats, feats, TrainConfig(epochs=1, batch_size=8, bf16=True, progress=False,
+                                           eval_every=1), lr=1e-3, seed=0)  # fmt: skip
+    assert seen and all(seen)  # the validation checks between steps
+
+
 def test_bf16_on_a_cpu_without_it_warns_once(
     tiny_models: dict[str, str], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -131,7 +131,8 @@ def evaluate_features(
     of already-encoded labelled features (preference: the pairs' rewards come with the
     loss, so validation gets them too). Generation tasks decode answers only when
     `generate` (test sets, not the validation checks between steps and rounds, where
-    the loss alone decides); `bf16` autocasts that decoding."""
+    the loss alone decides). `bf16` autocasts the forward passes and that decoding, as
+    training does (`train.bf16`): evaluation is most of a short run's time."""
     order = np.argsort([f["length"] for f in feats], kind="stable")  # less padding
     was_training = model.module.training
     model.module.eval()
@@ -144,7 +145,8 @@ def evaluate_features(
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             batch = to_device(model.formulation.collate([feats[i] for i in idx]), model.device)
-            loss_units, scores = model.formulation.evaluate(model.module, batch)
+            with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss_units, scores = model.formulation.evaluate(model.module, batch)
             totals += loss_units.double().cpu()
             if classify:
                 preds[idx] = scores.argmax(-1).cpu().numpy()

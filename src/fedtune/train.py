@@ -395,7 +395,7 @@ def _train(
             running, running_n = 0.0, 0
             if val_feats:
                 m: Metrics = evaluate_features(model, val_feats, cfg.eval_batch_size,
-                                               generate=False)
+                                               generate=False, bf16=cfg.bf16)
                 record.update({f"val_{k}": v for k, v in m.summary().items()})
                 if result.best_step == 0 or m.loss < result.best_val_loss:
                     result.best_val_loss, result.best_step = m.loss, session.steps
