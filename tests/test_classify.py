@@ -137,8 +137,9 @@ def _loss_grads_scores(
 def test_lm_head_only_where_labels_are_scored(
     tiny_models: dict[str, str], family: str, method: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The LM head runs on the last positions only (`logits_to_keep`), and loss,
-    gradients and scores equal those from logits at every position."""
+    """The LM head runs on the last positions only (`logits_to_keep`; the loss: on the
+    target positions only, `_plain_head`), and loss, gradients and scores equal those
+    from logits at every position."""
     words = ("very bad news", "nothing new", "good profit growth")
     for label_words in ((), words):
         model = AdaptedModel.build(
@@ -152,11 +153,12 @@ def test_lm_head_only_where_labels_are_scored(
         batch = form.collate(form.encode(TEXTS, Y))
         rows: list[int] = []
         hook = model.module.get_output_embeddings().register_forward_hook(
-            lambda m, i, o, seen=rows: seen.append(o.shape[-2])
+            lambda m, i, o, seen=rows: seen.append(o.shape[:-1].numel())
         )
         loss, grads, scores = _loss_grads_scores(model, batch)
         hook.remove()
-        assert max(rows) < batch["input_ids"].shape[1]  # the head saw fewer positions
+        # The head saw fewer positions than the batch has (the label words' only).
+        assert max(rows) < batch["input_ids"].numel()
         monkeypatch.setattr("fedtune.classify._keeps_logits", lambda m: False)
         ref_loss, ref_grads, ref_scores = _loss_grads_scores(model, batch)
         monkeypatch.undo()

@@ -204,6 +204,53 @@ def test_chat_template_prompts_and_long_contexts_cut_first(chat_llama: str) -> N
     assert not off.formulation.chat  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2"])
+@pytest.mark.parametrize("method", ["lora", "ptuning", "full"])
+def test_the_lm_head_runs_on_response_tokens_only(
+    tiny_models: dict[str, str], method: str, family: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SFT loss (and DPO's log-probs, which share `_target_logprobs`) run the LM
+    head on the response tokens only, in chunks: the same loss and gradients as from
+    the full logits, fewer head rows; soft-capped logits keep the general path."""
+    import fedtune.classify as classify
+    from fedtune.data.sources import Example
+
+    model = AdaptedModel.build(ModelConfig(name=tiny_models[family]), method_config(method),
+                               ("all",), seed=1, task="generation")  # fmt: skip
+    model.module.eval()
+    form = model.formulation
+    exs = [Example("Say hi.", "all", response="hi there"),
+           Example("Count the numbers up to six, please.", "all", context="one two",
+                   response="three four five six")]  # fmt: skip
+    batch = form.collate(form.encode_examples(exs))
+
+    def loss_and_grads() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.module.zero_grad()
+        loss = form.loss(model.module, batch)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.module.parameters()
+                               if p.grad is not None]  # fmt: skip
+
+    rows: list[int] = []
+    hook = model.module.get_output_embeddings().register_forward_hook(
+        lambda m, i, o: rows.append(o.shape[:-1].numel()))  # fmt: skip
+    monkeypatch.setattr(classify, "HEAD_CHUNK", 3)
+    loss, grads = loss_and_grads()
+    hook.remove()
+    n_targets = int(form._target_mask(batch).sum())  # type: ignore[attr-defined]
+    assert sum(rows) == n_targets and max(rows) <= 3 < n_targets
+    monkeypatch.setattr(classify, "_plain_head", lambda m: None)
+    ref_loss, ref_grads = loss_and_grads()
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    assert len(grads) == len(ref_grads) > 0
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)
+    monkeypatch.undo()
+    assert classify._plain_head(model.module) is model.module.get_output_embeddings()
+    monkeypatch.setattr(model.module.config, "final_logit_softcapping", 30.0, raising=False)
+    assert classify._plain_head(model.module) is None
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 @pytest.mark.parametrize("method", DECODER_METHODS)
 def test_generation_is_greedy_decoding_of_the_trained_forward(
