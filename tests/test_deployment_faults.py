@@ -26,7 +26,13 @@ from safetensors.torch import load_file
 from test_deployment import _write_config
 
 from fedtune.certs import make_certs
-from fedtune.deploy import FlowerRun, LocalFederation, fedtune_run_config, find_app_dir
+from fedtune.deploy import (
+    FlowerRun,
+    LocalFederation,
+    fedtune_run_config,
+    find_app_dir,
+    stage_app,
+)
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX process groups")
 
@@ -43,6 +49,14 @@ def federation(tmp_path: Path) -> Iterator[LocalFederation]:
         yield fed
 
 
+@pytest.fixture(scope="module")
+def app(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The checkout's Flower app staged with only what its bundle needs: `flwr run`
+    packs every *.py file of the folder it is given, so a stray folder in a checkout
+    (staged wheels, a second environment) could exceed Flower's 10 MB FAB limit."""
+    return stage_app(find_app_dir(), tmp_path_factory.mktemp("staged") / "app")
+
+
 def _rounds(out: Path) -> list[dict]:  # type: ignore[type-arg]
     path = out / "metrics.jsonl"
     if not path.is_file():
@@ -54,13 +68,13 @@ def _rounds(out: Path) -> list[dict]:  # type: ignore[type-arg]
 Result = list[FlowerRun | BaseException]
 
 
-def _submit_in_background(fed: LocalFederation, config: Path,
+def _submit_in_background(fed: LocalFederation, app: Path, config: Path,
                           out: Path) -> tuple[threading.Thread, Result]:  # fmt: skip
     result: Result = []
 
     def go() -> None:
         try:
-            result.append(fed.submit(find_app_dir(), fedtune_run_config(config, out),
+            result.append(fed.submit(app, fedtune_run_config(config, out),
                                      timeout=600, check=False))  # fmt: skip
         except BaseException as err:  # handed to the test
             result.append(err)
@@ -79,14 +93,14 @@ def _wait_for(what: str, condition, timeout: float = 300.0) -> None:  # type: ig
 
 
 def test_a_site_that_crashes_mid_round_is_dropped_and_named(
-    federation: LocalFederation, tiny_models: dict[str, str], tmp_path: Path
+    federation: LocalFederation, app: Path, tiny_models: dict[str, str], tmp_path: Path
 ) -> None:
     config = _write_config(tmp_path, tiny_models["bert"], "min_sites = 2")
     config.write_text(config.read_text().replace("rounds = 2", "rounds = 3"))
     out = tmp_path / "run"
     log = federation.logs / "supernode-org-c.log"
     received = re.compile(r"Receiving: train message")
-    thread, result = _submit_in_background(federation, config, out)
+    thread, result = _submit_in_background(federation, app, config, out)
     # Round 2's message reached org-c: crash it (SIGKILL, no goodbye) before it replies.
     _wait_for("org-c to receive round 2",
               lambda: len(received.findall(log.read_text(errors="replace"))) >= 2)  # fmt: skip
@@ -110,14 +124,14 @@ def test_a_site_that_crashes_mid_round_is_dropped_and_named(
 
 
 def test_a_deployed_sites_nan_update_is_rejected_by_the_server(
-    federation: LocalFederation, tiny_models: dict[str, str], tmp_path: Path
+    federation: LocalFederation, app: Path, tiny_models: dict[str, str], tmp_path: Path
 ) -> None:
     """Update validation under the Deployment Engine: org-a (partition 0) sends a NaN
     every round; the server rejects it, names it, and averages the two others."""
     config = _write_config(tmp_path, tiny_models["bert"], 'attack = "nan"', "attackers = 1",
                            "min_sites = 2")  # fmt: skip
     out = tmp_path / "run"
-    run = federation.submit(find_app_dir(), fedtune_run_config(config, out), timeout=600)
+    run = federation.submit(app, fedtune_run_config(config, out), timeout=600)
     assert run.completed, run
     rounds = _rounds(out)
     assert [r["round"] for r in rounds] == [1, 2]
@@ -130,7 +144,7 @@ def test_a_deployed_sites_nan_update_is_rejected_by_the_server(
 
 
 def test_secure_aggregation_deployed_equals_in_process(
-    federation: LocalFederation, tiny_models: dict[str, str], tmp_path: Path
+    federation: LocalFederation, app: Path, tiny_models: dict[str, str], tmp_path: Path
 ) -> None:
     """SecAgg+ across SuperNodes (three sites, TLS): the same global state as the same
     run in process, up to the protocol's quantization."""
@@ -140,7 +154,7 @@ def test_secure_aggregation_deployed_equals_in_process(
 
     config = _write_config(tmp_path, tiny_models["bert"], "secagg = true")
     out = tmp_path / "run"
-    run = federation.submit(find_app_dir(), fedtune_run_config(config, out), timeout=600)
+    run = federation.submit(app, fedtune_run_config(config, out), timeout=600)
     assert run.completed, run
     rounds = _rounds(out)
     assert [(r["round"], r["sites"], r.get("secagg")) for r in rounds] == [(1, 3, True),
@@ -157,7 +171,7 @@ def test_secure_aggregation_deployed_equals_in_process(
 
 @pytest.mark.slow
 def test_superlink_crash_then_resume_equals_the_uninterrupted_run(
-    federation: LocalFederation, tiny_models: dict[str, str], tmp_path: Path
+    federation: LocalFederation, app: Path, tiny_models: dict[str, str], tmp_path: Path
 ) -> None:
     # Fresh optimizer state each round at the sites (site_state = "reset"): a site's
     # loop state lives in Flower's per-run Context, which a new (resumed) run starts
@@ -166,20 +180,20 @@ def test_superlink_crash_then_resume_equals_the_uninterrupted_run(
                            'strategy = "fedadam"')  # fmt: skip
     config.write_text(config.read_text().replace("rounds = 2", "rounds = 3"))
     out = tmp_path / "run"
-    thread, _ = _submit_in_background(federation, config, out)
+    thread, _ = _submit_in_background(federation, app, config, out)
     _wait_for("round 1's checkpoint", lambda: len(_rounds(out)) >= 1)
     federation.restart_superlink(kill=True)
     thread.join(timeout=120)
     assert len(_rounds(out)) == 1, "the run died with the SuperLink after round 1"
     federation.wait_online(timeout=120)
-    run = federation.submit(find_app_dir(), fedtune_run_config(config, resume=out), timeout=600)
+    run = federation.submit(app, fedtune_run_config(config, resume=out), timeout=600)
     assert run.completed
     assert [r["round"] for r in _rounds(out)] == [1, 2, 3]
 
     # The same run without the crash, on the same federation (same processes and
     # threads, so the same floating-point sums).
     ref = tmp_path / "uninterrupted"
-    assert federation.submit(find_app_dir(), fedtune_run_config(config, ref),
+    assert federation.submit(app, fedtune_run_config(config, ref),
                              timeout=600).completed  # fmt: skip
     ours = load_file(str(out / "checkpoint" / "global.safetensors"))
     theirs = load_file(str(ref / "checkpoint" / "global.safetensors"))
