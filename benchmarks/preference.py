@@ -9,16 +9,19 @@
   (`dpo`, beta 0.1), one epoch each, fp32 (see docs/preference.md on bf16). Held-out
   pair accuracy (chosen scored above rejected: the reward model's reward, DPO's
   implicit reward), mean reward margin, per subset.
-- `hh-regimes`: `reward` centralized, at each subset alone and federated (FedAvg of
-  LoRA + head, one local epoch per round), the four subsets as the four sites.
+- `hh-regimes`: `reward` and `dpo` centralized, at each subset alone and federated
+  (FedAvg of LoRA (+ the reward head), one local epoch per round), the four subsets as
+  the four sites.
 - `rloo`: a LoRA policy trained with RLOO against the `hh` reward model (the run
-  hh-reward-160, which must exist in --out), on 48 training prompts, 4 samples each, up to
+  hh-reward-N, which must exist in --out), on 48 training prompts, 4 samples each, up to
   48 new tokens; scored on the held-out prompts by its win rate over the base model
   (both answer greedily), reward gain and KL, judged by a second reward model trained
-  on 160 other training pairs (`data.limit_skip=160`), not the one the policy chased.
+  on as many other training pairs (`data.limit_skip`), not the one the policy chased.
 - `--import NAME=RUN_DIR`: record a finished `fedtune run` of the same config as row NAME.
-- `--set KEY=VALUE` (repeatable): a config override for every run, e.g. `--set
-  train.bf16=true` on a CPU with AVX512-BF16 or AMX; the row records them.
+- `--set KEY=VALUE` (repeatable): a config override for every run (a part's own
+  settings, e.g. rloo's 48 prompts, win), e.g. `--set train.bf16=true` on a CPU with
+  AVX512-BF16 or AMX, `--set data.limit=640` (the runs are named by it); the row
+  records them.
 
 Each run's summary is appended to --out/rows.jsonl and read back on the next call, so
 the script resumes; it prints a Markdown table.
@@ -58,7 +61,14 @@ def _row(key: str, s: dict[str, Any], seconds: float, **extra: Any) -> dict[str,
     }  # fmt: skip
 
 
-SETS: list[str] = []  # --set overrides, applied to every run after the part's own
+SETS: list[str] = []  # --set overrides for every run; a part's own overrides win
+
+
+def _pairs() -> int:
+    """Training pairs of the `hh` runs: examples/hh-preference.toml's 160, or --set
+    data.limit=N (the runs' names say it)."""
+    sets = [s.split("=", 1)[1] for s in SETS if s.startswith("data.limit=")]
+    return int(sets[-1]) if sets else 160
 
 
 def _central(out: Path, key: str, overrides: list[str]) -> dict[str, Any]:
@@ -69,7 +79,7 @@ def _central(out: Path, key: str, overrides: list[str]) -> dict[str, Any]:
     from fedtune.regimes import run_centralized
 
     cfg = load_config(HH, ["train.progress=false", f"output_dir={out / 'runs'}", f"name={key}",
-                           *overrides, *SETS])  # fmt: skip
+                           *SETS, *overrides])  # fmt: skip
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
         s = run_centralized(cfg)
@@ -80,8 +90,9 @@ def _central(out: Path, key: str, overrides: list[str]) -> dict[str, Any]:
 
 
 def hh(out: Path) -> list[dict[str, Any]]:
-    return [_central(out, "hh-reward-160", []),
-            _central(out, "hh-dpo-160", ["method.name=dpo"])]  # fmt: skip
+    n = _pairs()
+    return [_central(out, f"hh-reward-{n}", []),
+            _central(out, f"hh-dpo-{n}", ["method.name=dpo"])]  # fmt: skip
 
 
 RLOO = ["method.name=rloo", "data.limit=48", "train.batch_size=4", "method.num_generations=4",
@@ -89,11 +100,12 @@ RLOO = ["method.name=rloo", "data.limit=48", "train.batch_size=4", "method.num_g
 
 
 def rloo(out: Path) -> list[dict[str, Any]]:
-    reward = out / "runs" / "hh-reward-160"
+    n = _pairs()
+    reward = out / "runs" / f"hh-reward-{n}"
     if not (reward / "model").is_dir():
         sys.exit(f"rloo needs the reward model {reward}: run the `hh` part first")
     # The fair judge: a second reward model on 160 other training pairs of the same split.
-    judge = _central(out, "hh-judge-160", ["data.limit_skip=160"])
+    judge = _central(out, f"hh-judge-{n}", [f"data.limit_skip={n}"])
     return [judge, _central(out, "hh-rloo-48", [*RLOO, f"method.reward_model={reward}",
                                                 f"method.judge_model={judge['run_dir']}"])]
 
@@ -109,11 +121,12 @@ def hh_regimes(out: Path) -> list[dict[str, Any]]:
     cfg = load_config(HH, ["train.progress=false", f"output_dir={out / 'runs'}", f"name={key}",
                            *REGIMES, *SETS])  # fmt: skip
     with contextlib.redirect_stdout(io.StringIO()):
-        folder = run_regimes(cfg, ["reward"])
+        folder = run_regimes(cfg, ["reward", "dpo"])
     rows = json.loads((folder / "comparison.json").read_text())
     full = [json.loads((folder / r["name"] / "metrics.jsonl").read_text().splitlines()[-1])
             for r in rows]  # fmt: skip
-    return [_keep(out, _row(f"{key}/{r['regime']}/{r['site']}", {**r, "report": f["report"]},
+    return [_keep(out, _row(f"{key}/{r['method']}/{r['regime']}/{r['site']}",
+                            {**r, "report": f["report"]},
                             r["wall_seconds"], regime=r["regime"], site=r["site"],
                             overrides=SETS))
             for r, f in zip(rows, full, strict=True)]  # fmt: skip
