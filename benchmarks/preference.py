@@ -106,7 +106,7 @@ def rloo(out: Path) -> list[dict[str, Any]]:
         sys.exit(f"rloo needs the reward model {reward}: run the `hh` part first")
     # The fair judge: a second reward model on 160 other training pairs of the same split.
     judge = _central(out, f"hh-judge-{n}", [f"data.limit_skip={n}"])
-    return [judge, _central(out, "hh-rloo-48", [*RLOO, f"method.reward_model={reward}",
+    return [judge, _central(out, f"hh-rloo-48-rm{n}", [*RLOO, f"method.reward_model={reward}",
                                                 f"method.judge_model={judge['run_dir']}"])]
 
 

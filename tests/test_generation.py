@@ -249,6 +249,9 @@ def test_the_lm_head_runs_on_response_tokens_only(
     assert classify._plain_head(model.module) is model.module.get_output_embeddings()
     monkeypatch.setattr(model.module.config, "final_logit_softcapping", 30.0, raising=False)
     assert classify._plain_head(model.module) is None
+    monkeypatch.undo()
+    monkeypatch.setattr(model.module.config, "model_type", "mamba")  # not known to be plain
+    assert classify._plain_head(model.module) is None
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

@@ -161,18 +161,25 @@ class CausalLMFormulation(Formulation):
         targets = ids[:, 1:][tmask]
         head = _plain_head(model)
         if head is None:
-            logits = cls._last_logits(model, ids, mask, first)  # positions first..T-1
-            # Only the N target positions get a softmax over the vocabulary ([N, V], not
-            # [B, T, V]: 150k-token vocabularies are large).
-            picked = logits[:, :-1][tmask[:, first:]].float()
-            return picked.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
-        with _head_as_identity(model, head):
-            hidden = cls._last_logits(model, ids, mask, first)  # [B, T - first, H]
+            return cls._target_logprobs_general(model, ids, mask, tmask, first, targets)
+        with _head_as_identity(model, head) as swapped:
+            hidden = cls._last_logits(model, ids, mask, first) if swapped else None
+        if hidden is None or hidden.shape[-1] != head.in_features:  # not the head's input
+            return cls._target_logprobs_general(model, ids, mask, tmask, first, targets)
         states = hidden[:, :-1][tmask[:, first:]]  # [N, H]
         out = [head(states[i : i + HEAD_CHUNK]).float().log_softmax(-1)
                .gather(-1, targets[i : i + HEAD_CHUNK, None]).squeeze(-1)
                for i in range(0, len(states), HEAD_CHUNK)]  # fmt: skip
         return torch.cat(out) if out else states.new_zeros(0, dtype=torch.float32)
+
+    @classmethod
+    def _target_logprobs_general(cls, model: nn.Module, ids: Tensor, mask: Tensor,
+                                 tmask: Tensor, first: int, targets: Tensor) -> Tensor:  # fmt: skip
+        logits = cls._last_logits(model, ids, mask, first)  # positions first..T-1
+        # Only the N target positions get a softmax over the vocabulary ([N, V], not
+        # [B, T, V]: 150k-token vocabularies are large).
+        picked = logits[:, :-1][tmask[:, first:]].float()
+        return picked.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
 
     def _target_mask(self, batch: dict[str, Tensor]) -> Tensor:
         """[B, T-1]: True where the next token is a target token."""
@@ -304,24 +311,33 @@ class GenerativeClassifier(CausalLMFormulation):
 
 
 HEAD_CHUNK = 2048
-"""Target positions per LM-head call in `_target_logprobs`: bounds its [rows, V] fp32
-logits (SmolLM2: 400 MB; Gemma 3's 262k vocabulary: 2.1 GB)."""
+"""Target positions per LM-head call in `_target_logprobs`: bounds the [rows, V] fp32
+logits of evaluation (SmolLM2: 400 MB per chunk; Gemma 3's 262k vocabulary: 2.1 GB).
+Training keeps every chunk's activations for the backward pass, as before."""
 
-_SCALED_LOGITS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
-"""Config keys of models whose logits are not plainly head(hidden) (Gemma 2's tanh
-soft-capping, Cohere's and Granite's scaling): they keep the general path."""
+PLAIN_HEAD_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gpt2", "gemma",
+                              "gemma3_text", "phi3", "smollm3", "olmo2"})  # fmt: skip
+"""Model types whose causal-LM forward returns exactly lm_head(final hidden state) (read
+in transformers 5.24), unless soft-capping is configured (checked apart). Others
+(Gemma 2's and Gemma 3n's tanh soft-capping, RecurrentGemma's, Mamba's dtype cast on
+the head's weight...) keep the general path."""
+
+_SOFT_CAPS = ("final_logit_softcapping", "logits_soft_cap")
 
 
 def _plain_head(model: nn.Module) -> nn.Linear | None:
     """The LM head of `model` (a PEFT wrapper or the model) when its logits are exactly
-    head(final hidden state): a plain nn.Linear (not one a LoRA adapter wraps), no
-    soft-capping or scaling; else None."""
+    head(final hidden state): a plain nn.Linear (not one a LoRA adapter wraps) of a
+    model type in PLAIN_HEAD_TYPES without soft-capping; else None."""
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
     if type(head) is not nn.Linear or not _keeps_logits(model):
         return None
-    config = getattr(model, "config", None)
-    if any(getattr(config, key, None) not in (None, 1, 1.0) for key in _SCALED_LOGITS):
+    config: Any = getattr(model, "config", None)
+    text = config.get_text_config() if callable(getattr(config, "get_text_config", None)) else None
+    if getattr(config, "model_type", None) not in PLAIN_HEAD_TYPES:
+        return None
+    if any(getattr(c, key, None) is not None for c in (config, text) for key in _SOFT_CAPS):
         return None
     return head
 
@@ -332,16 +348,17 @@ class _Identity(nn.Module):
 
 
 @contextmanager
-def _head_as_identity(model: nn.Module, head: nn.Module) -> Iterator[None]:
+def _head_as_identity(model: nn.Module, head: nn.Module) -> Iterator[bool]:
     """`head` replaced by an identity inside `model` while the block runs: the
-    model's "logits" are then its final hidden states."""
+    model's "logits" are then its final hidden states. Yields whether the head was
+    found (and replaced) in the module tree."""
     places = [(parent, name) for parent in model.modules()
               for name, child in parent.named_children() if child is head]  # fmt: skip
     identity = _Identity()
     try:
         for parent, name in places:
             setattr(parent, name, identity)
-        yield
+        yield bool(places)
     finally:
         for parent, name in places:
             setattr(parent, name, head)

@@ -142,11 +142,12 @@ def reward_scorer(path: str, key: str = "method.reward_model") -> RewardScorer:
     training reward model and a judge): each is a whole LM."""
     name = str(Path(path).resolve()) if path else ""
     stamp = Path(name).stat().st_mtime if name and Path(name).exists() else 0.0
-    if (name, stamp) not in _SCORERS:
-        scorer = RewardScorer(path, key)
-        while len(_SCORERS) >= 2:
+    if (name, stamp) in _SCORERS:  # least recently used first
+        _SCORERS[(name, stamp)] = _SCORERS.pop((name, stamp))
+    else:
+        while len(_SCORERS) >= 2:  # evict before loading: two LMs at most in memory
             _SCORERS.pop(next(iter(_SCORERS)))
-        _SCORERS[(name, stamp)] = scorer
+        _SCORERS[(name, stamp)] = RewardScorer(path, key)
     return _SCORERS[(name, stamp)]
 
 
@@ -227,8 +228,8 @@ class RLOOPrompts(PolicyLM):
         out = {"prompt_ids": ids, "prompt_mask": mask,
                "labels": torch.tensor([f["labels"] for f in features])}  # fmt: skip
         for key in ("reward", "judge"):
-            rows: list[list[int]] = [f.get(f"{key}_prompt_ids") or f["reward_prompt_ids"]
-                                     for f in features]  # fmt: skip
+            rows: list[list[int]] = [f[f"{key}_prompt_ids"] if f"{key}_prompt_ids" in f
+                                     else f["reward_prompt_ids"] for f in features]  # fmt: skip
             out[f"{key}_prompt_ids"], _ = self._pad(rows)
             out[f"{key}_prompt_len"] = torch.tensor([len(r) for r in rows])
         return out
