@@ -206,6 +206,20 @@ def test_bf16_evaluation_runs_under_autocast_and_agrees(
     assert seen and all(seen)  # the validation checks between steps
 
 
+def test_bf16_evaluation_alone_warns_on_a_cpu_without_it(
+    tiny_models: dict[str, str], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import fedtune.train as train_module
+
+    monkeypatch.setattr(train_module, "_warned_bf16", False)
+    monkeypatch.setattr(train_module, "cpu_has_bf16", lambda: False)
+    model = _model(tiny_models["gpt2"], "lora")
+    with caplog.at_level("WARNING", logger="fedtune.train"):
+        evaluate_features(model, _feats(model, 1), bf16=True)
+        evaluate_features(model, _feats(model, 1), bf16=True)
+    assert len([r for r in caplog.records if "train.bf16 = false" in r.message]) == 1
+
+
 def test_bf16_on_a_cpu_without_it_warns_once(
     tiny_models: dict[str, str], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

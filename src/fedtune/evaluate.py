@@ -133,6 +133,10 @@ def evaluate_features(
     `generate` (test sets, not the validation checks between steps and rounds, where
     the loss alone decides). `bf16` autocasts the forward passes and that decoding, as
     training does (`train.bf16`): evaluation is most of a short run's time."""
+    if bf16:
+        from fedtune.train import warn_slow_bf16  # here: fedtune.train imports this module
+
+        warn_slow_bf16(bf16, model.device)
     order = np.argsort([f["length"] for f in feats], kind="stable")  # less padding
     was_training = model.module.training
     model.module.eval()

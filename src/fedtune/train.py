@@ -219,10 +219,11 @@ def cpu_has_bf16() -> bool:
 _warned_bf16 = False
 
 
-def _warn_slow_bf16(cfg: TrainConfig, device: torch.device) -> None:
-    """bf16 autocast on a CPU without native bf16 is emulated: say so, once."""
+def warn_slow_bf16(bf16: bool, device: torch.device) -> None:
+    """bf16 autocast on a CPU without native bf16 is emulated: say so, once (training
+    and evaluation-only processes, e.g. a federation's server, alike)."""
     global _warned_bf16
-    if cfg.bf16 and device.type == "cpu" and not _warned_bf16 and not cpu_has_bf16():
+    if bf16 and device.type == "cpu" and not _warned_bf16 and not cpu_has_bf16():
         _warned_bf16 = True
         log.warning(
             "train.bf16 = true, but this CPU has no AVX512-BF16 or AMX: bf16 autocast is "
@@ -262,7 +263,7 @@ def train(
         torch.set_num_threads(cfg.threads)
     try:
         model.to(cfg.device)
-        _warn_slow_bf16(cfg, model.device)
+        warn_slow_bf16(cfg.bf16, model.device)
         if cfg.gradient_checkpointing:
             _checkpoint_layers(model)
         if session is None:
