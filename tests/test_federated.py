@@ -745,3 +745,36 @@ def test_exchange_is_bounded_and_keeps_one_reply_per_message() -> None:
     assert [r.metadata.reply_to_message_id for r in got.replies] == ["m0", "m1"]
     assert got.missing == [9] and got.ignored == 2
     assert grid.polls > 3  # kept polling for node 9 until the timeout
+
+
+def test_ffa_lora_trains_and_exchanges_b_only_and_averages_updates_exactly(
+    tiny_models: dict[str, str], table: Path, tmp_path: Path
+) -> None:
+    """method.freeze_a (FFA-LoRA): A stays at its seeded initialisation, the same at
+    every site, so only B trains and travels, and FedAvg of B is FedAvg of B @ A."""
+    from fedtune.adapted import AdaptedModel
+
+    cfg = _cfg(tiny_models, table, tmp_path, "name=ffa", "federated.rounds=2",
+               "method.freeze_a=true")  # fmt: skip
+    fresh = AdaptedModel.build(cfg.model, cfg.method, LABELS, seed=cfg.seed)
+    state = fresh.trainable_state()
+    assert state and not any(".lora_A." in k for k in state)
+    assert any(".lora_B." in k for k in state)
+    summary = run_federated(cfg)
+    assert summary["trainable_parameters"] == sum(v.numel() for v in state.values())
+    assert summary["payload_up_per_site_round"] == summary["trainable_parameters"] * 4
+    trained = AdaptedModel.load(tmp_path / "ffa" / "model", trainable=True)
+    a_fresh = {k: v for k, v in fresh.module.state_dict().items() if ".lora_A." in k}
+    a_trained = {k: v for k, v in trained.module.state_dict().items() if ".lora_A." in k}
+    assert a_fresh.keys() == a_trained.keys() and a_fresh
+    for k in a_fresh:
+        torch.testing.assert_close(a_trained[k], a_fresh[k], atol=0, rtol=0)
+    assert not any(p.requires_grad for n, p in trained.module.named_parameters()
+                   if ".lora_A." in n)  # fmt: skip
+    b_changed = [k for k, v in trained.trainable_state().items() if ".lora_B." in k
+                 and not torch.equal(v, state[k])]  # fmt: skip
+    assert b_changed
+    plain = AdaptedModel.build(cfg.model, dataclasses.replace(cfg.method, freeze_a=False), LABELS,
+                               seed=cfg.seed).trainable_state()  # fmt: skip
+    a_size = sum(v.numel() for k, v in plain.items() if ".lora_A." in k)
+    assert sum(v.numel() for v in plain.values()) - a_size == summary["trainable_parameters"]

@@ -63,6 +63,12 @@ class LoraConfig(PeftMethodConfig):
     """Module names to adapt; `all-linear` = every linear layer but the output
     layer; empty = PEFT's default for the architecture (query/value for BERT,
     c_attn for GPT-2, q_proj/v_proj for Llama/Qwen)."""
+    freeze_a: bool = False
+    """Train B only, A frozen at its seeded initialisation (FFA-LoRA, Sun et al., ICLR
+    2024). Federated, every site builds the same A from the run's seed, so FedAvg of B
+    is FedAvg of the updates B @ A exactly (averaging A and B apart is not: the product
+    of the averages is not the average of the products), and half the adapter crosses
+    the boundary. The paper pairs it with a larger learning rate."""
 
 
 @dataclass(frozen=True)
@@ -196,6 +202,21 @@ class LoraMethod(_PeftMethod):
     name = "lora"
     description = "LoRA: low-rank updates B@A added to chosen weight matrices (PEFT)."
     config_class = LoraConfig
+
+    def apply(self, model: PreTrainedModel, kind: Kind) -> nn.Module:
+        return self._freeze_a(super().apply(model, kind))
+
+    def load(self, directory: Path, kind: Kind, base: BaseLoader, trainable: bool) -> nn.Module:
+        module = super().load(directory, kind, base, trainable)
+        return self._freeze_a(module) if trainable else module
+
+    def _freeze_a(self, module: nn.Module) -> nn.Module:
+        assert isinstance(self.config, LoraConfig)
+        if self.config.freeze_a:
+            for name, p in module.named_parameters():
+                if ".lora_A." in name:
+                    p.requires_grad_(False)
+        return module
 
     def peft_config(self, model: PreTrainedModel, kind: Kind) -> hf_peft.PeftConfig:
         c = self.config
