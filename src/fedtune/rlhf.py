@@ -227,11 +227,13 @@ class RLOOPrompts(PolicyLM):
                               left=True)  # fmt: skip
         out = {"prompt_ids": ids, "prompt_mask": mask,
                "labels": torch.tensor([f["labels"] for f in features])}  # fmt: skip
-        for key in ("reward", "judge"):
-            rows: list[list[int]] = [f[f"{key}_prompt_ids"] if f"{key}_prompt_ids" in f
-                                     else f["reward_prompt_ids"] for f in features]  # fmt: skip
+        for key in ("reward", "judge") if self.judge_model else ("reward",):
+            rows = [f[f"{key}_prompt_ids"] for f in features]
             out[f"{key}_prompt_ids"], _ = self._pad(rows)
             out[f"{key}_prompt_len"] = torch.tensor([len(r) for r in rows])
+        if not self.judge_model:  # the reward model judges: its prompts, padded once
+            out["judge_prompt_ids"] = out["reward_prompt_ids"]
+            out["judge_prompt_len"] = out["reward_prompt_len"]
         return out
 
     # --- sampling, scoring ------------------------------------------------------------
