@@ -18,7 +18,7 @@ from fedtune.errors import ModelError
 from fedtune.methods import trainable_methods
 
 METHODS = ("head", "full", "lora", "ptuning", "prompt", "prefix", "ia3")
-PREFERENCE_METHODS = ("reward", "dpo", "rloo")
+PREFERENCE_METHODS = ("reward", "dpo", "rloo", "grpo")
 """Trained on preference pairs only: their conformance tests are in test_preference.py."""
 
 

@@ -15,7 +15,14 @@ from test_preference import _cfg, _examples, _pairs, _perturbed
 from fedtune.adapted import AdaptedModel
 from fedtune.config import ModelConfig, method_config
 from fedtune.errors import ConfigError
-from fedtune.rlhf import RLOOPrompts, rloo_advantages, rloo_policy_loss
+from fedtune.rlhf import (
+    GRPOPrompts,
+    RLOOPrompts,
+    grpo_advantages,
+    grpo_policy_loss,
+    rloo_advantages,
+    rloo_policy_loss,
+)
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +45,11 @@ def reward_run(tiny_models: dict[str, str], pairs_file: Path,
     return str(summary["run_dir"])
 
 
-def _policy(tiny_models: dict[str, str], reward_run: str, **options: object) -> AdaptedModel:
+def _policy(tiny_models: dict[str, str], reward_run: str, method: str = "rloo",
+            **options: object) -> AdaptedModel:  # fmt: skip
     model = AdaptedModel.build(
         ModelConfig(name=tiny_models["llama"], max_target_length=8),
-        method_config("rloo", {"reward_model": reward_run, "max_new_tokens": 6, **options}),
+        method_config(method, {"reward_model": reward_run, "max_new_tokens": 6, **options}),
         ("all",), task="preference",
     )  # fmt: skip
     assert isinstance(model.formulation, RLOOPrompts)
@@ -199,10 +207,12 @@ class LetterJudge:
                              for r in responses])  # fmt: skip
 
 
-def test_rloo_raises_reward_saves_loads_and_federates(
-    tiny_models: dict[str, str], pairs_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """RLOO moves the policy towards what the judge rewards. The tiny random Llama's
+@pytest.mark.parametrize("method", ["rloo", "grpo"])
+def test_rl_raises_reward_saves_loads_and_federates(
+    tiny_models: dict[str, str], pairs_file: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, method: str,
+) -> None:  # fmt: skip
+    """RLOO and GRPO move the policy towards what the judge rewards. The tiny random Llama's
     output barely responds to LoRA on its inner layers (supervised training cannot move
     it either), so the adapter sits on the LM head here; the sparse toy reward model is
     replaced by a dense judge so that a few steps have signal."""
@@ -212,13 +222,13 @@ def test_rloo_raises_reward_saves_loads_and_federates(
     from fedtune.regimes import run_centralized
 
     monkeypatch.setattr(fedtune.rlhf, "reward_scorer", lambda path: LetterJudge())
-    extra = ("method.name=rloo", "method.reward_model=judge", "method.lr=0.05",
+    extra = (f"method.name={method}", "method.reward_model=judge", "method.lr=0.05",
              "method.target_modules=lm_head", "method.dropout=0", "method.max_new_tokens=4",
              "method.beta=0.01", "model.max_target_length=6", "train.epochs=3",
              "train.batch_size=6", "data.limit=36", "train.warmup_ratio=0")  # fmt: skip
     summary = run_centralized(_cfg(pairs_file, tiny_models["llama"], tmp_path, *extra,
                                    "name=rl"))  # fmt: skip
-    assert summary["task"] == "preference" and summary["method"] == "rloo"
+    assert summary["task"] == "preference" and summary["method"] == method
     # The trained policy's greedy answers beat the base model's, as judged.
     assert summary["pair_accuracy"] > 0.9 and summary["reward_margin"] > 0.1
     assert summary["reward"] > 0.9 and summary["kl"] > 0 and summary["ties"] < 0.1
@@ -255,3 +265,83 @@ def test_rloo_errors_name_the_fix(tiny_models: dict[str, str], reward_run: str,
     with pytest.raises(ConfigError, match=r"set data\.task=preference"):
         run_centralized(_cfg(pairs_file, tiny_models["llama"], tmp_path, "method.name=rloo",
                              "data.task=generation", "data.response_column=chosen"))  # fmt: skip
+
+
+# --- GRPO ---------------------------------------------------------------------------
+
+
+def test_grpo_advantages_by_hand() -> None:
+    rewards = torch.tensor([1.0, 2.0, 3.0, 0.0, 0.0, 6.0])
+    std2 = math.sqrt((4 + 4 + 16) / 2)  # Bessel-corrected, as TRL's nanstd
+    s2 = std2 + 1e-4
+    expected = torch.tensor([-1 / (1 + 1e-4), 0.0, 1 / (1 + 1e-4), -2 / s2, -2 / s2, 4 / s2])
+    torch.testing.assert_close(grpo_advantages(rewards, 3), expected)
+    torch.testing.assert_close(grpo_advantages(rewards, 3, "none"),
+                               torch.tensor([-1.0, 0.0, 1.0, -2.0, -2.0, 4.0]))  # fmt: skip
+    torch.testing.assert_close(grpo_advantages(rewards, 3, "batch"),
+                               torch.tensor([-1.0, 0.0, 1.0, -2.0, -2.0, 4.0])
+                               / (rewards.std() + 1e-4))  # fmt: skip
+    with pytest.raises(ConfigError, match="at least 2"):
+        grpo_advantages(rewards, 1)
+    with pytest.raises(ConfigError, match=r"scale_rewards = 'x'"):
+        grpo_advantages(rewards, 3, "x")
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_grpo_loss_and_gradient_equal_trl(tiny_models: dict[str, str], reward_run: str,
+                                          tmp_path: Path, loss_type: str) -> None:  # fmt: skip
+    """fedtune's GRPO loss (KL term on) against TRL's GRPOTrainer._compute_loss on the
+    same sampled completions, advantages and reference log-probs."""
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    model = _perturbed(_policy(tiny_models, reward_run, method="grpo", loss_type=loss_type,
+                               beta=0.2))  # fmt: skip
+    form = model.formulation
+    assert isinstance(form, GRPOPrompts)
+    feats = form.encode_examples(_examples()[:2])
+    assert len({len(f["prompt_ids"]) for f in feats}) == 1  # TRL: no position ids
+    batch = form.collate(feats)
+    torch.manual_seed(0)
+    tokens, before = form.complete(model.module, batch, 2, sample=True)
+    cmask = form._with_stop(tokens, before)
+    seq = form._sequences(batch, tokens, cmask, 2)
+    model.module.eval()  # TRL normalises by its accumulation steps in training mode
+    advantages = torch.tensor([0.7, -0.7, -1.3, 1.3])
+    params = [p for p in model.module.parameters() if p.requires_grad]
+    logps, mask = form.token_logprobs(model.module, seq)
+    ref = form.reference_token_logprobs(model.module, seq)
+    assert (logps - ref).abs().max() > 1e-3  # the perturbed adapter moved the policy
+    ours = grpo_policy_loss(logps, mask, advantages, 0.2, ref, loss_type)
+    ours_grad = torch.autograd.grad(ours, params)
+
+    trainer = GRPOTrainer(model=model.module, processing_class=model.tokenizer,
+                          reward_funcs=lambda completions, **kw: [0.0] * len(completions),
+                          args=GRPOConfig(output_dir=str(tmp_path / "trl"), report_to=[],
+                                          use_cpu=True, beta=0.2, loss_type=loss_type,
+                                          num_generations=2, per_device_train_batch_size=2,
+                                          bf16=False),
+                          train_dataset=Dataset.from_list([{"prompt": "a"}]))  # fmt: skip
+    # TRL's per-token log-probs [N, L] of the completions: ours sit at the same tokens.
+    width = tokens.shape[1]
+    starts = seq["prompt_len"] - 1
+    pick = starts[:, None] + torch.arange(width)[None, :]
+    ours_tok = logps.gather(1, pick.clamp(max=logps.shape[1] - 1)) * cmask
+    prompt_ids = batch["prompt_ids"].repeat_interleave(2, 0)
+    prompt_mask = batch["prompt_mask"].repeat_interleave(2, 0)
+    with torch.no_grad():
+        theirs_tok = trainer._get_per_token_logps_and_entropies(
+            model.module, torch.cat([prompt_ids, tokens], 1),
+            torch.cat([prompt_mask, cmask.long()], 1), width)[0] * cmask  # fmt: skip
+    torch.testing.assert_close(theirs_tok, ours_tok.detach(), rtol=1e-5, atol=1e-5)
+    ref_tok = ref.gather(1, pick.clamp(max=ref.shape[1] - 1)) * cmask
+    inputs = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": tokens,
+              "completion_mask": cmask.long(), "advantages": advantages,
+              "ref_per_token_logps": ref_tok, "num_items_in_batch": cmask.sum()}  # fmt: skip
+    theirs = trainer._compute_loss(model.module, inputs)
+    theirs_grad = torch.autograd.grad(theirs, params)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert ours.item() > 0  # the KL term: the loss is not only -mean(A) = 0
+    mine = torch.cat([g.flatten() for g in ours_grad])
+    trl = torch.cat([g.flatten() for g in theirs_grad])
+    assert mine.norm() > 0 and (mine - trl).norm() <= 1e-4 * mine.norm()

@@ -45,21 +45,23 @@ def make_formulation(
     if task == "preference":
         from fedtune.preference import DPOPairs, RewardPairs
 
-        if objective not in ("reward", "dpo", "rloo"):
+        if objective not in ("reward", "dpo", "rloo", "grpo"):
             raise ConfigError(
-                f"data.task=preference trains with method reward (a reward model), rloo (RL "
-                f"against one) or dpo; method {name or '?'} has no preference objective"
+                f"data.task=preference trains with method reward (a reward model), rloo or "
+                f"grpo (RL against one) or dpo; method {name or '?'} has no preference objective"
             )
-        if objective == "rloo":
-            from fedtune.rlhf import RLOOPrompts
+        if objective in ("rloo", "grpo"):
+            from fedtune.rlhf import GRPOPrompts, RLOOPrompts
 
             mc: Any = method.config if method is not None else None
-            return RLOOPrompts(tokenizer, labels, cfg.max_length, cfg.prompt_template, cfg.chat,
-                               cfg.max_target_length, cfg.system_prompt,
-                               reward_model=mc.reward_model, judge_model=mc.judge_model,
-                               num_generations=mc.num_generations,
-                               beta=mc.beta, temperature=mc.temperature,
-                               max_new_tokens=mc.max_new_tokens)  # fmt: skip
+            rl = dict(reward_model=mc.reward_model, judge_model=mc.judge_model,
+                      num_generations=mc.num_generations, beta=mc.beta,
+                      temperature=mc.temperature, max_new_tokens=mc.max_new_tokens)  # fmt: skip
+            if objective == "grpo":
+                rl.update(scale_rewards=mc.scale_rewards, loss_type=mc.loss_type)
+            return (GRPOPrompts if objective == "grpo" else RLOOPrompts)(
+                tokenizer, labels, cfg.max_length, cfg.prompt_template, cfg.chat,
+                cfg.max_target_length, cfg.system_prompt, **rl)  # fmt: skip
         if objective == "reward":
             return RewardPairs(tokenizer, labels, cfg.max_length, cfg.prompt_template,
                                cfg.chat, cfg.max_target_length, cfg.system_prompt)  # fmt: skip

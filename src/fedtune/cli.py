@@ -205,7 +205,8 @@ def train_cmd(
     ] = None,
     method: Annotated[
         str | None,
-        typer.Option(help="head, full, lora, ptuning, prompt, prefix, ia3, reward, dpo, rloo"),
+        typer.Option(help="head, full, lora, ptuning, prompt, prefix, ia3, reward, dpo, rloo, "
+                          "grpo"),
     ] = None,
     model: Annotated[
         str | None,
@@ -213,7 +214,7 @@ def train_cmd(
     ] = None,
     task: Annotated[str | None, typer.Option(
         help="classification (default), generation (instruction -> response) or preference "
-             "(prompt, chosen, rejected: methods reward, dpo, rloo).")] = None,
+             "(prompt, chosen, rejected: methods reward, dpo, rloo, grpo).")] = None,
     data: Annotated[str | None, typer.Option(help="fpb, file, hf, tatqa or hh.")] = None,
     data_path: Annotated[str | None, typer.Option(help="FPB txt/zip/dir or data table.")] = None,
     agreement: Annotated[str | None, typer.Option(help="FPB agreement: 50, 66, 75, all.")] = None,

@@ -114,26 +114,35 @@ class RewardPairs(PreferencePairs):
 
 class PolicyLM(InstructionLM):
     """A policy: the adapted LM's log-probabilities of responses, and the reference's
-    (the same LM with its adapter switched off). DPO and RLOO (fedtune.rlhf) share it."""
+    (the same LM with its adapter switched off). DPO, RLOO and GRPO (fedtune.rlhf) share it."""
 
-    def sequence_logprobs(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-        """Sum of log p(response tokens | prompt) of every row -> [rows]."""
-        tmask = self._target_mask(batch)  # [2B, T-1]
+    def token_logprobs(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """log p(next token | earlier ones) at every response position -> ([rows, T-1]
+        with zeros elsewhere, the response mask [rows, T-1])."""
+        tmask = self._target_mask(batch)  # [rows, T-1]
         per_token = torch.zeros(tmask.shape, device=tmask.device)
         per_token[tmask] = self._target_logprobs(model, batch["input_ids"],
                                                  batch["attention_mask"], tmask)  # fmt: skip
-        return per_token.sum(-1)
+        return per_token, tmask
+
+    def sequence_logprobs(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        """Sum of log p(response tokens | prompt) of every row -> [rows]."""
+        return self.token_logprobs(model, batch)[0].sum(-1)
 
     def reference_logprobs(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         """The same sums under the base model: the adapter switched off, no gradient."""
+        return self.reference_token_logprobs(model, batch).sum(-1)
+
+    def reference_token_logprobs(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        """`token_logprobs` under the base model: the adapter switched off, no gradient."""
         disable = getattr(model, "disable_adapter", None)
         if disable is None:
             raise ConfigError(
                 "the reference policy is the base model with the adapter switched off; this "
-                "model has no adapter (use method dpo or rloo, which train a LoRA adapter)"
+                "model has no adapter (use method dpo, rloo or grpo, which train a LoRA adapter)"
             )
         with torch.no_grad(), disable():
-            return self.sequence_logprobs(model, batch)
+            return self.token_logprobs(model, batch)[0]
 
 
 class DPOPairs(PreferencePairs, PolicyLM):

@@ -1,5 +1,5 @@
-"""RL from a reward model (the survey's RLHF stage two): RLOO on the prompts of
-preference data, scored online by a trained fedtune reward model.
+"""RL from a reward model (the survey's RLHF stage two): RLOO or GRPO on the prompts
+of preference data, scored online by a trained fedtune reward model.
 
 Each step, for B prompts:
 
@@ -28,6 +28,18 @@ drives every method; RLOO is a loss over a batch like any other.
 The loss *value* that training reports adds the step's mean penalised reward, negated
 and detached (it does not change the gradient): the train loss falls as the policy
 earns more reward, instead of RLOO's policy loss, which is zero by construction.
+
+GRPO (method `grpo`, Shao et al. 2024, `GRPOPrompts`) shares steps 1-2 and differs
+after: no KL in the reward; each completion's advantage is its reward minus the mean of
+its prompt's k (all of them, itself included), divided by their standard deviation
+(`method.scale_rewards = "group"`; "batch": the batch's; "none": not scaled); the loss
+is per token, -A x ratio + beta x KL_t x ratio with KL_t = exp(r_t) - r_t - 1, r_t =
+log pi_ref - log pi at token t (the k3 estimator; x ratio is TRL's bias correction,
+value 1, gradient KL_t x grad log pi), averaged over all the batch's completion
+tokens (`method.loss_type = "dapo"`, TRL's default) or over each completion's tokens
+and then the completions ("grpo", the paper's). That is TRL 1.16's GRPOTrainer at one
+update per generation batch (`num_iterations` = 1: the clipped and unclipped ratios are
+both 1); tests/test_rlhf.py checks loss and gradient against `GRPOTrainer._compute_loss`.
 
 Evaluation (validation between rounds, the test set) pits the policy against the
 base model: both answer each prompt greedily, the judge scores both: a second reward
@@ -76,6 +88,48 @@ def rloo_policy_loss(logps: Tensor, advantages: Tensor) -> Tensor:
     return -(torch.exp(logps - logps.detach()) * advantages).mean()
 
 
+def grpo_advantages(rewards: Tensor, k: int, scale: str = "group") -> Tensor:
+    """GRPO's advantages of rewards [N * k] (k consecutive per prompt): each minus its
+    prompt's mean, divided by the prompt's (`group`) or the batch's (`batch`) standard
+    deviation (Bessel-corrected, + 1e-4, as TRL), or not divided (`none`)."""
+    if k < 2:
+        raise ConfigError(f"method.num_generations = {k}: GRPO needs at least 2 per prompt")
+    grouped = rewards.view(-1, k)
+    advantages = grouped - grouped.mean(1, keepdim=True)
+    if scale == "group":
+        advantages = advantages / (grouped.std(1, keepdim=True) + 1e-4)
+    elif scale == "batch":
+        advantages = advantages / (rewards.std() + 1e-4)
+    elif scale != "none":
+        raise ConfigError(f"method.scale_rewards = {scale!r}: choose group, batch or none")
+    return advantages.reshape(-1)
+
+
+def grpo_policy_loss(logps: Tensor, mask: Tensor, advantages: Tensor, beta: float = 0.0,
+                     ref_logps: Tensor | None = None, loss_type: str = "dapo",
+                     ) -> Tensor:  # fmt: skip
+    """GRPO's loss from per-token log-probs [N, T] (mask [N, T]: the completion tokens),
+    advantages [N] and, for beta > 0, the reference's per-token log-probs: -A x ratio
+    (ratio = exp(logp - logp.detach()) = 1) + beta x (exp(d) - d - 1) x ratio, d = ref - logp,
+    averaged over every completion token of the batch (`dapo`) or per completion first
+    (`grpo`)."""
+    ratio = torch.exp(logps - logps.detach())
+    per_token = -ratio * advantages[:, None]
+    if beta:
+        if ref_logps is None:
+            raise ValueError("beta > 0 needs the reference's log-probs")
+        d = ref_logps - logps
+        # x ratio (value 1): TRL's bias correction; its gradient adds KL_t x grad logp,
+        # the score-function term the k3 estimator's own gradient leaves out.
+        per_token = per_token + beta * (torch.exp(d) - d - 1) * ratio
+    m = mask.to(per_token.dtype)
+    if loss_type == "grpo":
+        return ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+    if loss_type == "dapo":
+        return (per_token * m).sum() / m.sum().clamp(min=1.0)
+    raise ConfigError(f"method.loss_type = {loss_type!r}: choose dapo or grpo")
+
+
 class RewardScorer:
     """A trained fedtune reward model, frozen: rewards of (prompt, response) texts."""
 
@@ -86,7 +140,7 @@ class RewardScorer:
 
         if not path:
             raise ConfigError(
-                f"method rloo needs a reward model: set {key} to a run of method "
+                f"method rloo or grpo needs a reward model: set {key} to a run of method "
                 "reward (fedtune train --task preference --method reward ...)"
             )
         if not Path(path).exists():
@@ -275,7 +329,7 @@ class RLOOPrompts(PolicyLM):
         if disable is None:
             raise ConfigError(
                 "RLOO's reference is the base model with the adapter switched off; this model "
-                "has no adapter (use method rloo, which trains a LoRA adapter)"
+                "has no adapter (use method rloo or grpo, which train a LoRA adapter)"
             )
         return disable()
 
@@ -344,3 +398,25 @@ class RLOOPrompts(PolicyLM):
         units = torch.tensor(float(len(policy)), device=policy.device)
         return torch.stack([loss_sum, units]), torch.stack([policy, base, kl.float()], dim=1)
 
+
+
+class GRPOPrompts(RLOOPrompts):
+    """Prompts in, GRPO's loss out (see the module docstring); sampling, scoring,
+    evaluation and the judge are RLOO's."""
+
+    def __init__(self, *args: Any, scale_rewards: str = "group", loss_type: str = "dapo",
+                 **kwargs: Any):  # fmt: skip
+        super().__init__(*args, **kwargs)  # the config checked both choices
+        self.scale_rewards = scale_rewards
+        self.loss_type = loss_type
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        k = self.k
+        tokens, before = self.complete(model, batch, k, sample=True)
+        seq = self._sequences(batch, tokens, self._with_stop(tokens, before), k)
+        logps, mask = self.token_logprobs(model, seq)
+        ref = self.reference_token_logprobs(model, seq) if self.beta else None
+        rewards = self.rewards_of(batch, tokens, before, k)
+        advantages = grpo_advantages(rewards, k, self.scale_rewards)
+        policy = grpo_policy_loss(logps, mask, advantages, self.beta, ref, self.loss_type)
+        return policy - rewards.mean()  # the value reported falls as reward rises

@@ -1,5 +1,5 @@
-"""Learning from human preferences: a reward model (`reward`), RL against it (`rloo`)
-and direct preference optimisation (`dpo`), all as LoRA adapters of a decoder, trained
+"""Learning from human preferences: a reward model (`reward`), RL against it (`rloo`,
+`grpo`) and direct preference optimisation (`dpo`), all as LoRA adapters of a decoder, trained
 on `data.task = "preference"` data (fedtune.preference has the pair losses,
 fedtune.rlhf the RL one).
 
@@ -12,6 +12,9 @@ fedtune.rlhf the RL one).
   prompts, a trained `reward` model scores them, REINFORCE leave-one-out (with a KL
   penalty to the adapter-free base) moves the policy towards higher reward. Only the
   policy's LoRA state is trained and exchanged; every site loads the same reward model.
+- `grpo`: the same stage with GRPO's objective (group-normalised advantages, a
+  per-token KL term in the loss instead of the reward), the RL method of DeepSeekMath
+  and most recent recipes.
 - `dpo`: the preference objective without a separate reward model; the reference is
   the base model, reached by switching the adapter off, so every site and the server
   share it without exchanging it.
@@ -24,7 +27,7 @@ methods guarantee. Both take every LoRA key (r, alpha, target_modules...).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import peft as hf_peft
 from transformers import PreTrainedModel
@@ -104,3 +107,27 @@ class RlooMethod(LoraMethod):
     description = "RLHF: a LoRA policy trained with RLOO against a trained reward model."
     config_class = RlooConfig
     objective: ClassVar[str] = "rloo"
+
+
+@dataclass(frozen=True)
+class GrpoConfig(RlooConfig):
+    """A LoRA policy trained by RL (GRPO) against a trained reward model."""
+
+    beta: float = 0.04
+    """Weight of the per-token KL to the reference in the loss (the GRPO paper's 0.04;
+    TRL 1.x defaults to 0, which also skips the reference's forward pass)."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """Divide each advantage by its prompt's reward standard deviation (`group`, the
+    paper), the batch's (`batch`), or not (`none`, Dr. GRPO: no bias towards prompts
+    whose samples score alike)."""
+    loss_type: Literal["dapo", "grpo"] = "dapo"
+    """Average the per-token loss over all the batch's completion tokens (`dapo`, TRL's
+    default: long completions count by their length) or per completion first (`grpo`)."""
+
+
+@register
+class GrpoMethod(LoraMethod):
+    name = "grpo"
+    description = "RLHF: a LoRA policy trained with GRPO against a trained reward model."
+    config_class = GrpoConfig
+    objective: ClassVar[str] = "grpo"
