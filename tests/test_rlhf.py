@@ -18,6 +18,7 @@ from fedtune.errors import ConfigError
 from fedtune.rlhf import (
     GRPOPrompts,
     RLOOPrompts,
+    before_stop,
     grpo_advantages,
     grpo_policy_loss,
     rloo_advantages,
@@ -56,6 +57,26 @@ def _policy(tiny_models: dict[str, str], reward_run: str, method: str = "rloo",
     return model
 
 
+def _sampled_with_stops(form: RLOOPrompts, model: AdaptedModel, batch: dict[str, torch.Tensor],
+                        ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Two completions per prompt, edited so that they end at different points: row 0
+    at its third token, row 1 at once (empty), the others run to the length limit
+    (the tiny model never samples its end token). -> (tokens, completion mask), the
+    mask checked against TRL's rule (up to and including the first end token)."""
+    torch.manual_seed(0)
+    tokens, _ = form.complete(model.module, batch, 2, sample=True)
+    eos = model.tokenizer.eos_token_id
+    tokens = tokens.clone()
+    tokens[0, 2], tokens[1, 0] = eos, eos
+    cmask = form._with_stop(tokens, before_stop(tokens, [eos]))
+    is_eos = tokens == eos
+    first = torch.where(is_eos.any(1), is_eos.int().argmax(1), tokens.shape[1])
+    trl_mask = torch.arange(tokens.shape[1])[None, :] <= first[:, None]  # TRL's rule
+    torch.testing.assert_close(cmask, trl_mask)
+    assert cmask.sum(1).tolist()[:2] == [3, 1] and len(set(cmask.sum(1).tolist())) == 3
+    return tokens, cmask
+
+
 def test_leave_one_out_advantages_by_hand() -> None:
     rewards = torch.tensor([1.0, 2.0, 3.0, 0.0, 0.0, 6.0])
     expected = torch.tensor([1 - 2.5, 2 - 2.0, 3 - 1.5, 0 - 3.0, 0 - 3.0, 6 - 0.0])
@@ -77,9 +98,7 @@ def test_policy_loss_and_gradient_equal_trl(tiny_models: dict[str, str], reward_
     feats = form.encode_examples(_examples()[:2])
     assert len({len(f["prompt_ids"]) for f in feats}) == 1
     batch = form.collate(feats)
-    torch.manual_seed(0)
-    tokens, before = form.complete(model.module, batch, 2, sample=True)
-    cmask = form._with_stop(tokens, before)
+    tokens, cmask = _sampled_with_stops(form, model, batch)
     seq = form._sequences(batch, tokens, cmask, 2)
     advantages = torch.tensor([0.7, -0.7, -1.3, 1.3])
     params = [p for p in model.module.parameters() if p.requires_grad]
@@ -302,9 +321,7 @@ def test_grpo_loss_and_gradient_equal_trl(tiny_models: dict[str, str], reward_ru
     feats = form.encode_examples(_examples()[:2])
     assert len({len(f["prompt_ids"]) for f in feats}) == 1  # TRL: no position ids
     batch = form.collate(feats)
-    torch.manual_seed(0)
-    tokens, before = form.complete(model.module, batch, 2, sample=True)
-    cmask = form._with_stop(tokens, before)
+    tokens, cmask = _sampled_with_stops(form, model, batch)
     seq = form._sequences(batch, tokens, cmask, 2)
     model.module.eval()  # TRL normalises by its accumulation steps in training mode
     advantages = torch.tensor([0.7, -0.7, -1.3, 1.3])
@@ -313,7 +330,12 @@ def test_grpo_loss_and_gradient_equal_trl(tiny_models: dict[str, str], reward_ru
     ref = form.reference_token_logprobs(model.module, seq)
     assert (logps - ref).abs().max() > 1e-3  # the perturbed adapter moved the policy
     ours = grpo_policy_loss(logps, mask, advantages, 0.2, ref, loss_type)
-    ours_grad = torch.autograd.grad(ours, params)
+    ours_grad = torch.autograd.grad(ours, params, retain_graph=True)
+    # Completions of 3, 1 and 6 tokens: the two averagings differ, as does the KL term.
+    other = {"dapo": "grpo", "grpo": "dapo"}[loss_type]
+    averaged_otherwise = grpo_policy_loss(logps, mask, advantages, 0.2, ref, other)
+    assert abs(ours.item() - averaged_otherwise.item()) > 1e-3
+    assert abs(ours.item() - grpo_policy_loss(logps, mask, advantages, 0.0).item()) > 1e-3
 
     trainer = GRPOTrainer(model=model.module, processing_class=model.tokenizer,
                           reward_funcs=lambda completions, **kw: [0.0] * len(completions),
@@ -341,7 +363,6 @@ def test_grpo_loss_and_gradient_equal_trl(tiny_models: dict[str, str], reward_ru
     theirs = trainer._compute_loss(model.module, inputs)
     theirs_grad = torch.autograd.grad(theirs, params)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
-    assert ours.item() > 0  # the KL term: the loss is not only -mean(A) = 0
     mine = torch.cat([g.flatten() for g in ours_grad])
     trl = torch.cat([g.flatten() for g in theirs_grad])
     assert mine.norm() > 0 and (mine - trl).norm() <= 1e-4 * mine.norm()

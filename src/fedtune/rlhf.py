@@ -39,7 +39,11 @@ value 1, gradient KL_t x grad log pi), averaged over all the batch's completion
 tokens (`method.loss_type = "dapo"`, TRL's default) or over each completion's tokens
 and then the completions ("grpo", the paper's). That is TRL 1.16's GRPOTrainer at one
 update per generation batch (`num_iterations` = 1: the clipped and unclipped ratios are
-both 1); tests/test_rlhf.py checks loss and gradient against `GRPOTrainer._compute_loss`.
+both 1); tests/test_rlhf.py checks loss and gradient against `GRPOTrainer._compute_loss`
+for both averagings on completions of unequal lengths (one of them empty). The value
+reported adds the step's mean reward (unpenalised: the KL is in the loss), negated
+and detached, as for RLOO; the policy part is beta x KL plus, under `dapo`, a small
+-A term weighted by the completions' lengths.
 
 Evaluation (validation between rounds, the test set) pits the policy against the
 base model: both answer each prompt greedily, the judge scores both: a second reward
@@ -86,6 +90,13 @@ def rloo_policy_loss(logps: Tensor, advantages: Tensor) -> Tensor:
     """-mean(A x ratio) with ratio = exp(logp - logp.detach()) = 1: the value is
     -mean(A), the gradient -mean(A grad logp) (TRL's RLOO loss at one iteration)."""
     return -(torch.exp(logps - logps.detach()) * advantages).mean()
+
+
+def before_stop(tokens: Tensor, stops: Sequence[int]) -> Tensor:
+    """[N, L] True strictly before each row's first end token (everywhere when none
+    came): the answer's own tokens; `RLOOPrompts._with_stop` adds the end token."""
+    is_stop = torch.isin(tokens, torch.tensor(list(stops), device=tokens.device))
+    return is_stop.long().cumsum(1) == 0
 
 
 def grpo_advantages(rewards: Tensor, k: int, scale: str = "group") -> Tensor:
@@ -270,7 +281,7 @@ class RLOOPrompts(PolicyLM):
 
     def encode(self, texts: list[str], labels: list[int] | None = None) -> list[Feature]:
         raise ConfigError(
-            "an RLOO policy is trained and evaluated on prompts of preference data "
+            "an RL policy (rloo, grpo) is trained and evaluated on prompts of preference data "
             "(data.task=preference); to answer instructions, load it for generation"
         )
 
@@ -320,15 +331,13 @@ class RLOOPrompts(PolicyLM):
         finally:
             model.train(was_training)
         tokens = out[:, ids.shape[1] :]
-        is_stop = torch.isin(tokens, torch.tensor(stops, device=tokens.device))
-        before_stop = (is_stop.long().cumsum(1) - is_stop.long()) == 0
-        return tokens, before_stop
+        return tokens, before_stop(tokens, stops)
 
     def _reference(self, model: nn.Module) -> Any:
         disable = getattr(model, "disable_adapter", None)
         if disable is None:
             raise ConfigError(
-                "RLOO's reference is the base model with the adapter switched off; this model "
+                "the RL reference is the base model with the adapter switched off; this model "
                 "has no adapter (use method rloo or grpo, which train a LoRA adapter)"
             )
         return disable()
