@@ -3,6 +3,7 @@
     python benchmarks/preference.py --out /work/bench/pref hh          # reward, dpo
     python benchmarks/preference.py --out /work/bench/pref hh-regimes  # 3 regimes
     python benchmarks/preference.py --out /work/bench/pref rloo        # RL vs the reward model
+    python benchmarks/preference.py --out /work/bench/pref grpo        # the same with GRPO
 
 - `hh`: examples/hh-preference.toml (160 training pairs from all four subsets, ~100
   held-out pairs from prompts no training pair has), a reward model (`reward`) and DPO
@@ -17,6 +18,7 @@
   48 new tokens; scored on the held-out prompts by its win rate over the base model
   (both answer greedily), reward gain and KL, judged by a second reward model trained
   on as many other training pairs (`data.limit_skip`), not the one the policy chased.
+- `grpo`: the same with method `grpo` (GRPO's loss, its own beta 0.04), the same judge.
 - `--import NAME=RUN_DIR`: record a finished `fedtune run` of the same config as row NAME.
 - `--set KEY=VALUE` (repeatable): a config override for every run (a part's own
   settings, e.g. rloo's 48 prompts, win), e.g. `--set train.bf16=true` on a CPU with
@@ -99,15 +101,21 @@ RLOO = ["method.name=rloo", "data.limit=48", "train.batch_size=4", "method.num_g
         "method.max_new_tokens=48", "method.lr=3e-4", "method.beta=0.05"]  # fmt: skip
 
 
-def rloo(out: Path) -> list[dict[str, Any]]:
+def rloo(out: Path, method: str = "rloo") -> list[dict[str, Any]]:
     n = _pairs()
     reward = out / "runs" / f"hh-reward-{n}"
     if not (reward / "model").is_dir():
-        sys.exit(f"rloo needs the reward model {reward}: run the `hh` part first")
-    # The fair judge: a second reward model on 160 other training pairs of the same split.
+        sys.exit(f"{method} needs the reward model {reward}: run the `hh` part first")
+    # The fair judge: a second reward model on as many other training pairs of the split.
     judge = _central(out, f"hh-judge-{n}", [f"data.limit_skip={n}"])
-    return [judge, _central(out, f"hh-rloo-48-rm{n}", [*RLOO, f"method.reward_model={reward}",
-                                                f"method.judge_model={judge['run_dir']}"])]
+    # GRPO keeps its own KL weight (beta 0.04, in the loss); the rest is RLOO's budget.
+    plan = RLOO if method == "rloo" else [f"method.name={method}", *RLOO[1:-1]]
+    return [judge, _central(out, f"hh-{method}-48-rm{n}", [*plan, f"method.reward_model={reward}",
+                                                   f"method.judge_model={judge['run_dir']}"])]
+
+
+def grpo(out: Path) -> list[dict[str, Any]]:
+    return rloo(out, "grpo")
 
 
 def hh_regimes(out: Path) -> list[dict[str, Any]]:
@@ -153,7 +161,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("parts", nargs="*", choices=["hh", "hh-regimes", "rloo"])
+    ap.add_argument("parts", nargs="*", choices=["hh", "hh-regimes", "rloo", "grpo"])
     ap.add_argument("--import", dest="imports", action="append", default=[],
                     metavar="NAME=RUN_DIR")  # fmt: skip
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
@@ -167,7 +175,7 @@ def main() -> None:
             _keep(args.out, _row(key, summary, summary["wall_seconds"]))
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"python {platform.python_version()}")  # fmt: skip
-    parts = {"hh": hh, "hh-regimes": hh_regimes, "rloo": rloo}
+    parts = {"hh": hh, "hh-regimes": hh_regimes, "rloo": rloo, "grpo": grpo}
     for part in args.parts:
         print(f"\n## {part}\n\n{table(parts[part](args.out))}")
 
