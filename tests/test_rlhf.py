@@ -366,3 +366,34 @@ def test_grpo_loss_and_gradient_equal_trl(tiny_models: dict[str, str], reward_ru
     mine = torch.cat([g.flatten() for g in ours_grad])
     trl = torch.cat([g.flatten() for g in theirs_grad])
     assert mine.norm() > 0 and (mine - trl).norm() <= 1e-4 * mine.norm()
+
+
+def test_rl_trains_on_prompts_alone_and_pair_methods_refuse_them(
+    tiny_models: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file of prompts without answers (Alpaca-like: `instruction`, an `output` that
+    is not a preference) trains an RL policy; reward and DPO say what they need."""
+    import fedtune.rlhf
+    from fedtune.data import load_examples
+    from fedtune.regimes import run_centralized
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join(json.dumps({"instruction": f"Is {i % 7} a good number? ({i})",
+                                          "output": "yes", "category": "even" if i % 2 else "odd"})
+                              for i in range(48)))  # fmt: skip
+    examples = load_examples(_cfg(path, tiny_models["llama"], tmp_path).data)
+    assert len(examples) == 48 and all(not e.response and not e.rejected for e in examples)
+    assert examples[0].text == "Is 0 a good number? (0)"
+    monkeypatch.setattr(fedtune.rlhf, "reward_scorer", lambda path: LetterJudge())
+    summary = run_centralized(_cfg(
+        path, tiny_models["llama"], tmp_path, "method.name=grpo", "method.reward_model=judge",
+        "method.lr=0.05", "method.target_modules=lm_head", "method.dropout=0",
+        "method.max_new_tokens=4", "model.max_target_length=6", "train.epochs=3",
+        "train.batch_size=6", "train.warmup_ratio=0", "name=prompts"))  # fmt: skip
+    assert summary["method"] == "grpo" and summary["n_train"] > 30
+    assert summary["pair_accuracy"] > 0.9  # the policy beats the base model, as judged
+    for method in ("reward", "dpo"):
+        with pytest.raises(ConfigError, match=r"prompts without answers.*method rloo or grpo"):
+            run_centralized(_cfg(path, tiny_models["llama"], tmp_path, f"method.name={method}",
+                                 f"name={method}"))  # fmt: skip
+        assert not (tmp_path / "runs" / method).exists()  # nothing half-written left

@@ -52,6 +52,13 @@ class PreferencePairs(InstructionLM):
     task: ClassVar[str] = "preference"
 
     def encode_examples(self, examples: Sequence[Example]) -> list[Feature]:
+        if any(not e.response and not e.rejected for e in examples):
+            raise ConfigError(
+                "this data holds prompts without answers (no chosen/rejected columns): a "
+                "reward model and DPO learn from pairs; give data.response_column and "
+                "data.rejected_column, or train a policy on the prompts with method rloo "
+                "or grpo (method.reward_model = a trained reward run)"
+            )
         categories = self.category_ids(examples)
         prompts = self.prompt_ids([e.text for e in examples], [e.context for e in examples])
         tok = self.tokenizer

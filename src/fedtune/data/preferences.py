@@ -1,4 +1,5 @@
-"""Loaders for the preference task: (prompt, chosen response, rejected response).
+"""Loaders for the preference task: (prompt, chosen response, rejected response), or
+prompts alone for RL against a reward model (methods rloo and grpo).
 
 Two layouts people publish preference pairs in, read through one column mapping:
 - TRL's: a `prompt` column and `chosen` / `rejected` responses (strings, or chat
@@ -9,6 +10,9 @@ Two layouts people publish preference pairs in, read through one column mapping:
   prompt, the rest the response. `data.source = "hh"` reads the published
   `*.jsonl.gz` files of a folder (default $FEDTUNE_DATA_DIR/hh-rlhf), each file's
   subset (helpful-base, harmless-base...) as the category and the site.
+
+- Prompts alone: a prompt column (`prompt`, or data.instruction_column) and no response
+  columns; each example's `response` and `rejected` stay empty.
 
 A prompt becomes `Example.text` (the last user turn) and `Example.context` (the earlier
 turns, "Human: ..." / "Assistant: ..." lines), the shape generation prompts already
@@ -104,11 +108,18 @@ def records_to_pairs(
     if not rows:
         raise DataError(f"{where}: empty dataset (no records); check the file")
     cols = list(dict.fromkeys(k for r in rows for k in r))
-    chosen = _column(cols, cfg.response_column, "chosen", "data.response_column", where, True)
-    rejected = _column(cols, cfg.rejected_column, "rejected", "data.rejected_column", where,
-                       True)  # fmt: skip
     prompt = _column(cols, cfg.instruction_column, "prompt", "data.instruction_column", where,
                      False)  # fmt: skip
+    # Prompts alone (no response column at all, none configured): what RL (rloo, grpo)
+    # samples from; the pair methods refuse them when they encode.
+    prompts_only = bool(prompt) and not (
+        cfg.response_column or cfg.rejected_column
+        or _column(cols, "", "chosen", "", where, False)
+        or _column(cols, "", "rejected", "", where, False))  # fmt: skip
+    chosen = "" if prompts_only else _column(cols, cfg.response_column, "chosen",
+                                             "data.response_column", where, True)  # fmt: skip
+    rejected = "" if prompts_only else _column(cols, cfg.rejected_column, "rejected",
+                                               "data.rejected_column", where, True)  # fmt: skip
     cat = _column(cols, cfg.category_column, "category", "data.category_column", where, False)
     for col, key in ((cfg.site_column, "data.site_column"),
                      (cfg.group_column, "data.group_column")):  # fmt: skip
@@ -117,12 +128,15 @@ def records_to_pairs(
     out: list[Example] = []
     for i, row in enumerate(rows, start=1):
         unit = f"{where}: record {i}"
-        if prompt:
+        if prompts_only:
+            text, context = _prompt_turns(row.get(prompt), unit)
+            good = bad = ""
+        elif prompt:
             text, context = _prompt_turns(row.get(prompt), unit)
             good, bad = _response(row.get(chosen), unit), _response(row.get(rejected), unit)
         else:
             text, context, good, bad = _split_transcripts(row.get(chosen), row.get(rejected), unit)
-        if good == bad:
+        if good == bad and not prompts_only:
             continue  # the same answer twice: no preference to learn
         # One empty side is kept: an empty reply (HH has some) can be the worse one.
         site = _cell(row.get(cfg.site_column)) if cfg.site_column else ""
