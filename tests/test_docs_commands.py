@@ -10,12 +10,16 @@ inline code spans that start with `fedtune`, `scripts/fedtune` or `.venv/bin/fed
 in examples/, comment lines that start so. Lines ending in a backslash continue.
 A span that is only `fedtune COMMAND` names a command: it must exist.
 A usage synopsis is checked too, as the command it describes: `[...]` brackets and
-`...` are dropped, a placeholder such as CONFIG or runs/<name> is kept as a value."""
+`...` are dropped, a placeholder such as CONFIG or runs/<name> is kept as a value.
+
+`python benchmarks/NAME.py ...` lines in the docs are checked too: the script exists
+and, where it uses argparse, the printed arguments parse (its work replaced by a stop)."""
 
 from __future__ import annotations
 
 import re
 import shlex
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -223,3 +227,75 @@ def test_command_resolves_its_config(
     )
     if argv[0] != "config":
         assert stubbed, f"{command.where}: `{command.text}` ran nothing"
+
+
+# --- `python benchmarks/NAME.py ...` lines in the docs -------------------------------
+
+BENCHMARKS = ROOT / "benchmarks"
+
+
+def collect_benchmark_commands() -> list[CommandLine]:
+    """`python benchmarks/NAME.py ...` lines in README.md and docs/*.md (shell blocks
+    and inline spans), found as the fedtune ones are."""
+    found = []
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        rel = path.relative_to(ROOT)
+        fence: str | None = None
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+            stripped = line.strip()
+            if stripped.startswith("```"):
+                fence = None if fence is not None else stripped[3:].strip().lower()
+                continue
+            spans = [stripped] if fence in SHELL_BLOCKS else []
+            if fence is None:
+                spans = re.findall(r"`([^`\n]+)`", line)
+            texts = [s.strip().removeprefix("$ ") for s in spans]
+            found += [CommandLine(f"{rel}:{i + 1}", t) for t in texts
+                      if t.startswith("python benchmarks/")]  # fmt: skip
+    return found
+
+
+BENCHMARK_COMMANDS = collect_benchmark_commands()
+
+
+class _Parsed(Exception):
+    """Raised in place of the benchmark's work once its arguments parsed."""
+
+
+def test_the_docs_have_benchmark_commands_to_check() -> None:
+    assert any("benchmarks/demo_seeds.py" in c.text for c in BENCHMARK_COMMANDS)
+
+
+@pytest.mark.parametrize("command", BENCHMARK_COMMANDS, ids=[c.where for c in BENCHMARK_COMMANDS])
+def test_benchmark_command_parses(command: CommandLine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The script exists and, where it parses its arguments with argparse, the printed
+    arguments parse (a renamed part or option fails here, naming the doc line); the
+    benchmark itself does not run."""
+    import argparse
+    import importlib.util
+
+    words = shlex.split(command.text, comments=True)
+    script = ROOT / words[1]
+    assert script.is_file(), f"{command.where}: `{command.text}`: {words[1]} does not exist"
+    source = script.read_text(encoding="utf-8")
+    if "parse_args(" not in source:
+        return  # reads sys.argv itself: only its existence is checked
+    real = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, args=None, namespace=None):  # type: ignore[no-untyped-def]
+        real(self, args, namespace)  # exits with status 2 on a bad argument
+        raise _Parsed
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    monkeypatch.setattr(sys, "argv", [str(script), *command.argv()[1:]])
+    spec = importlib.util.spec_from_file_location(f"_bench_{script.stem}", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look it up
+    spec.loader.exec_module(module)
+    with pytest.raises(_Parsed):
+        try:
+            module.main()
+        except SystemExit as e:
+            pytest.fail(f"{command.where}: `{command.text}` does not parse (exit {e.code})")
