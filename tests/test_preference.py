@@ -291,6 +291,10 @@ def test_compare_runs_three_regimes_on_preference(tiny_models: dict[str, str], p
     assert all(r["task"] == "preference" and 0 <= r["pair_accuracy"] <= 1 for r in rows)
     report = (out / "report.md").read_text()
     assert "pair accuracy" in report and "reward margin" in report
+    lines = report.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("| method | regime |"))
+    # A Markdown table renders only when its delimiter row has the header's cell count.
+    assert lines[head + 1].count("|---") == lines[head].count(" | ") + 1
     rounds = [json.loads(line) for line in
               (out / "dpo-federated" / "metrics.jsonl").read_text().splitlines()]
     rounds = [r for r in rounds if r.get("event") == "round"]

@@ -50,7 +50,8 @@ def describe_data(cfg: RunConfig) -> str:
         )
         agreement = (fpb_file_agreement(d.path) if d.path else None) or d.agreement
         return f"Financial PhraseBank ({agreement} agree, {where}), split `{d.split}`"
-    return f"{d.source}: {d.path or d.name}, split `{d.split}`"
+    where = d.path or d.name or "its default folder under FEDTUNE_DATA_DIR"
+    return f"{d.source} ({where}), split `{d.split}`"
 
 
 def run_centralized(

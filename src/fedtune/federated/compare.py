@@ -550,6 +550,9 @@ def write_regimes_report(out: Path, rows: list[dict[str, Any]],
           "(b) each local-only site vs the federated global model")  # fmt: skip
     fed = cfg.federated
     names = metric_names(rows)
+    header = ["method", "regime", "site", "train examples", "trained (best)",
+              *(LABEL[k] for k in names), "trainable params", "bytes/site/round down / up",
+              "bytes total", "wall time (s)", "run"]  # fmt: skip
     lines = [
         f"# {title}",
         "",
@@ -561,11 +564,8 @@ def write_regimes_report(out: Path, rows: list[dict[str, Any]],
         "held-out set. `trained (best)`: epochs or rounds run, and the one with the lowest "
         "validation loss (the model that is tested).",
         "",
-        "| method | regime | site | train examples | trained (best) | "
-        + " | ".join(LABEL[k] for k in names)
-        + " | trainable params | bytes/site/round down / up | bytes total "
-        "| wall time (s) | run |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| " + " | ".join(header) + " |",
+        "|---" * len(header) + "|",  # one per column: a table only renders when they match
     ]
     for r in rows:
         if r["regime"] == "federated":
