@@ -301,6 +301,20 @@ def test_compare_runs_three_regimes_on_preference(tiny_models: dict[str, str], p
     assert len(rounds) == 2 and all("val_pair_accuracy" in r for r in rounds)
 
 
+def test_seeds_report_table_has_a_cell_per_column(tiny_models: dict[str, str], pairs: Path,
+                                                  tmp_path: Path) -> None:  # fmt: skip
+    """Preference has two metrics (classification three): the seeds table's delimiter
+    row must follow the header, or Markdown does not render the table."""
+    from fedtune.federated.compare import run_seeds
+
+    cfg = _cfg(pairs, tiny_models["llama"], tmp_path, "method.name=reward", "name=seeds")
+    out = run_seeds(cfg, [1, 2], regimes=("centralized",))
+    lines = (out / "report.md").read_text().splitlines()
+    head = lines.index("| method | regime | site | seeds | pair accuracy | reward margin "
+                       "| min–max pair accuracy |")  # fmt: skip
+    assert lines[head + 1] == "|---" * 7 + "|"
+
+
 def test_methods_and_tasks_that_do_not_fit_refuse(tiny_models: dict[str, str], pairs: Path,
                                                   tmp_path: Path) -> None:  # fmt: skip
     from fedtune.regimes import run_centralized

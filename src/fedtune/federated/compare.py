@@ -345,7 +345,7 @@ def write_seeds_report(out: Path, per_seed: dict[int, list[dict[str, Any]]],
                                                       for s in seeds) + ".", "",
         "| method | regime | site | seeds | " + " | ".join(label[k] for k in names)
         + f" | min–max {label[top]} |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---" * (len(names) + 5) + "|",  # one per column, or the table does not render
     ]  # fmt: skip
     for (method, regime, site), by_seed in groups.items():
         acc = [r[top] for r in by_seed.values()]
