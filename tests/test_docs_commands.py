@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 import shlex
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,7 +95,9 @@ def _joined(lines: list[str], start: int, strip: str = "") -> tuple[str, int]:
             return " ".join(parts).removeprefix("$ "), i
 
 
-def _markdown_commands(path: Path) -> list[CommandLine]:
+def _markdown_commands(
+    path: Path, starts: Callable[[str], bool] = _starts_command
+) -> list[CommandLine]:
     lines = path.read_text(encoding="utf-8").splitlines()
     rel = path.relative_to(ROOT)
     found: list[CommandLine] = []
@@ -108,14 +111,14 @@ def _markdown_commands(path: Path) -> list[CommandLine]:
             i += 1
             continue
         if fence is not None:
-            if fence in SHELL_BLOCKS and _starts_command(stripped):
+            if fence in SHELL_BLOCKS and starts(stripped):
                 text, nxt = _joined(lines, i)
                 found.append(CommandLine(f"{rel}:{i + 1}", text))
                 i = nxt
                 continue
         else:
             for span in re.findall(r"`([^`\n]+)`", line):
-                if _starts_command(span) and " " in span.strip():
+                if starts(span) and " " in span.strip():
                     found.append(CommandLine(f"{rel}:{i + 1}", span.strip()))
         i += 1
     return found
@@ -234,25 +237,15 @@ def test_command_resolves_its_config(
 BENCHMARKS = ROOT / "benchmarks"
 
 
+def _starts_benchmark(line: str) -> bool:
+    return line.removeprefix("$ ").lstrip().startswith("python benchmarks/")
+
+
 def collect_benchmark_commands() -> list[CommandLine]:
     """`python benchmarks/NAME.py ...` lines in README.md and docs/*.md (shell blocks
     and inline spans), found as the fedtune ones are."""
-    found = []
-    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
-        rel = path.relative_to(ROOT)
-        fence: str | None = None
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-            stripped = line.strip()
-            if stripped.startswith("```"):
-                fence = None if fence is not None else stripped[3:].strip().lower()
-                continue
-            spans = [stripped] if fence in SHELL_BLOCKS else []
-            if fence is None:
-                spans = re.findall(r"`([^`\n]+)`", line)
-            texts = [s.strip().removeprefix("$ ") for s in spans]
-            found += [CommandLine(f"{rel}:{i + 1}", t) for t in texts
-                      if t.startswith("python benchmarks/")]  # fmt: skip
-    return found
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    return [c for p in docs for c in _markdown_commands(p, _starts_benchmark)]
 
 
 BENCHMARK_COMMANDS = collect_benchmark_commands()
