@@ -13,7 +13,9 @@ import hashlib
 import json
 import os
 import shutil
+import string
 import tempfile
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -297,14 +299,29 @@ def _tiny_tokenizer(kind: Literal["wordpiece", "bpe"], out: Path) -> None:
     from transformers import PreTrainedTokenizerFast
 
     if kind == "wordpiece":
-        tk = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-        tk.normalizer = normalizers.BertNormalizer(lowercase=True)
-        tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        tk.decoder = decoders.WordPiece()
-        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-        tk.train_from_iterator(
-            _corpus(), trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials)
+        # Not `WordPieceTrainer`: its vocabulary changes from one process to the next
+        # (ties broken in hash order; 288 or 289 entries on the same corpus), so the
+        # tiny BERT, and every test on it, differed between runs. Here the vocabulary
+        # is a function of the corpus: the specials, every character of the corpus and
+        # of printable ASCII alone and as a continuation, then the corpus's words, most
+        # frequent first, ties by spelling.
+        normalizer = normalizers.BertNormalizer(lowercase=True)
+        pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        counts = Counter(
+            word
+            for line in _corpus()
+            for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(line))
         )
+        chars = sorted({c for word in counts for c in word} | set(string.printable.strip()))
+        words = sorted((w for w in counts if len(w) > 1), key=lambda w: (-counts[w], w))
+        entries = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        entries += chars + [f"##{c}" for c in chars]
+        entries += words[: max(0, 400 - len(entries))]
+        vocab = {token: i for i, token in enumerate(entries)}
+        tk = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+        tk.normalizer = normalizer
+        tk.pre_tokenizer = pre_tokenizer
+        tk.decoder = decoders.WordPiece()
         from tokenizers.processors import TemplateProcessing
 
         cls_id, sep_id = tk.token_to_id("[CLS]"), tk.token_to_id("[SEP]")
