@@ -199,6 +199,22 @@ def test_chat_template_prompts_and_long_contexts_cut_first(chat_llama: str) -> N
     assert text.startswith("<|im_start|>user\n") and text.endswith("<|im_start|>assistant\n")
     assert "Why?" in text and 0 < text.count("word") < 12  # the context cut, not dropped
     assert text.index("word") < text.index("Why?")  # its end cut, the question kept
+    # Documents keep their start by default; model.context_keep = "end" keeps the end
+    # (conversation history), either way the whole question stays.
+    doc = "first " + "word " * 50 + "last"
+    kept = {}
+    for keep in ("auto", "start", "end"):
+        m = AdaptedModel.build(ModelConfig(name=chat_llama, max_length=12, context_keep=keep),
+                               method_config("lora"), ("all",), task="generation")  # fmt: skip
+        (f,) = m.formulation.encode_examples([Example("Why?", "all", context=doc, response="ok")])
+        kept[keep] = m.tokenizer.decode(f["input_ids"][: f["prompt_len"]])
+        assert "Why?" in kept[keep] and 0 < kept[keep].count("word") < 12
+    assert kept["auto"] == kept["start"]
+    assert "first" in kept["start"] and "last" not in kept["start"]
+    assert "last" in kept["end"] and "first" not in kept["end"]
+    with pytest.raises(ConfigError, match="context_keep"):
+        AdaptedModel.build(ModelConfig(name=chat_llama, context_keep="middle"),  # type: ignore[arg-type]
+                           method_config("lora"), ("all",), task="generation")  # fmt: skip
     off = AdaptedModel.build(ModelConfig(name=chat_llama, chat="off"), method_config("lora"),
                              ("all",), task="generation")  # fmt: skip
     assert not off.formulation.chat  # type: ignore[attr-defined]

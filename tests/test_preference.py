@@ -121,6 +121,26 @@ def _examples(category: str = "all") -> list[Example]:
             for r in _pairs(4)]  # fmt: skip
 
 
+@pytest.mark.parametrize("method", ["reward", "dpo"])
+def test_a_long_dialogue_keeps_its_newest_turns(tiny_models: dict[str, str], method: str) -> None:
+    """A preference prompt's context is the dialogue before the last human turn: cut to
+    max_length, the oldest turns go and the ones the answers respond to stay."""
+    old = "Human: oldest question\nAssistant: " + "filler " * 60
+    dialogue = old + "\nHuman: newest question\nAssistant: newest reply"
+    model = AdaptedModel.build(ModelConfig(name=tiny_models["llama"], max_length=24),
+                               method_config(method), ("all",), task="preference")  # fmt: skip
+    ex = Example("Thanks.", "all", context=dialogue, response="You're welcome.", rejected="No.")
+    (f,) = model.formulation.encode_examples([ex])
+    prompt = model.tokenizer.decode(f["chosen_ids"][: f["prompt_len"]])
+    assert "newest reply" in prompt and "Thanks." in prompt and "oldest" not in prompt
+    start = AdaptedModel.build(ModelConfig(name=tiny_models["llama"], max_length=24,
+                                           context_keep="start"),
+                               method_config(method), ("all",), task="preference")  # fmt: skip
+    (f,) = start.formulation.encode_examples([ex])
+    prompt = start.tokenizer.decode(f["chosen_ids"][: f["prompt_len"]])
+    assert "oldest" in prompt and "newest" not in prompt and "Thanks." in prompt
+
+
 def test_dpo_loss_equals_trl(tiny_models: dict[str, str], tmp_path: Path) -> None:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
@@ -251,6 +271,12 @@ def test_reward_and_dpo_learn_save_and_load(tiny_models: dict[str, str], pairs: 
     assert "| pair accuracy | reward margin | loss |" in (run / "report.md").read_text()
     loaded = AdaptedModel.load(run / "model")
     assert loaded.task == "preference"
+    assert loaded.formulation.context_keep == "end"  # type: ignore[attr-defined]
+    # A model saved before model.context_keep existed keeps cutting as it was trained.
+    meta = json.loads((run / "model" / "fedtune.json").read_text())
+    del meta["model"]["context_keep"]
+    (run / "model" / "fedtune.json").write_text(json.dumps(meta))
+    assert AdaptedModel.load(run / "model").formulation.context_keep == "start"  # type: ignore[attr-defined]
     again = evaluate_features(loaded, loaded.formulation.encode_examples(
         [Example(r["prompt"], r["category"], response=r["chosen"], rejected=r["rejected"])
          for r in _pairs()]))  # fmt: skip

@@ -61,12 +61,13 @@ def make_formulation(
                 rl.update(scale_rewards=mc.scale_rewards, loss_type=mc.loss_type)
             return (GRPOPrompts if objective == "grpo" else RLOOPrompts)(
                 tokenizer, labels, cfg.max_length, cfg.prompt_template, cfg.chat,
-                cfg.max_target_length, cfg.system_prompt, **rl)  # fmt: skip
+                cfg.max_target_length, cfg.system_prompt, cfg.context_keep, **rl)  # fmt: skip
         if objective == "reward":
             return RewardPairs(tokenizer, labels, cfg.max_length, cfg.prompt_template,
-                               cfg.chat, cfg.max_target_length, cfg.system_prompt)  # fmt: skip
+                               cfg.chat, cfg.max_target_length, cfg.system_prompt,
+                               cfg.context_keep)  # fmt: skip
         return DPOPairs(tokenizer, labels, cfg.max_length, cfg.prompt_template, cfg.chat,
-                        cfg.max_target_length, cfg.system_prompt,
+                        cfg.max_target_length, cfg.system_prompt, cfg.context_keep,
                         beta=getattr(method.config if method else None, "beta", 0.1))  # fmt: skip
     if objective:
         raise ConfigError(
@@ -77,7 +78,8 @@ def make_formulation(
         from fedtune.generate import InstructionLM
 
         return InstructionLM(tokenizer, labels, cfg.max_length, cfg.prompt_template, cfg.chat,
-                             cfg.max_target_length, cfg.system_prompt)  # fmt: skip
+                             cfg.max_target_length, cfg.system_prompt,
+                             cfg.context_keep)  # fmt: skip
     if kind == "encoder":
         return HeadClassifier(tokenizer, labels, cfg.max_length)
     return GenerativeClassifier(tokenizer, labels, cfg.max_length, cfg.template, cfg.label_words)
@@ -222,7 +224,10 @@ class AdaptedModel:
         meta = json.loads(meta_path.read_text())
         labels = tuple(meta["labels"])
         kind: Kind = meta["kind"]
-        model_cfg = ModelConfig(**{k: _untuple(v) for k, v in meta["model"].items()})
+        # Saved before model.context_keep (2026-12-05): those models cut contexts keeping
+        # their start, and go on doing so.
+        model_cfg = ModelConfig(**{"context_keep": "start",
+                                   **{k: _untuple(v) for k, v in meta["model"].items()}})
         mcfg = dict(meta["method"])
         method = build_method(method_config(mcfg.pop("name"), mcfg))
         tokenizer = load_tokenizer(str(src), kind)

@@ -112,6 +112,12 @@ class ModelConfig:
     max_length: int = 64
     """Maximum tokens of the input text (the template and label word come on top);
     generation: of instruction + context together, the context cut first."""
+    context_keep: Literal["auto", "start", "end"] = "auto"
+    """generation and preference: which end of a context too long for `max_length`
+    stays. `start` suits documents (a table, then its paragraphs); `end` suits
+    conversation history (the turns just before the last question matter most).
+    `auto`: `end` for preference data (its context is the dialogue's earlier turns),
+    `start` for generation (set `end` for chat `messages` data)."""
     template: str = "Sentence: {text}\nSentiment:"
     """Decoder prompt; `{text}` is replaced by the example. The label word follows."""
     label_words: tuple[str, ...] = ()

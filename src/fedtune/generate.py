@@ -43,6 +43,8 @@ SAMPLES = 5
 
 class InstructionLM(CausalLMFormulation):
     task: ClassVar[str] = "generation"
+    CONTEXT_KEEP: ClassVar[str] = "start"
+    """What `model.context_keep = auto` keeps of a long context: documents keep their start."""
 
     def __init__(
         self,
@@ -53,11 +55,19 @@ class InstructionLM(CausalLMFormulation):
         chat: str = "auto",
         max_target_length: int = 128,
         system_prompt: str = "",
+        context_keep: str = "auto",
     ):
         """`labels` are the categories (metrics per category); `max_length` bounds the
-        instruction + context tokens (the context is cut first); `template` is used
+        instruction + context tokens (the context is cut first, keeping its start or
+        its end: `context_keep`, `auto` = the class's CONTEXT_KEEP); `template` is used
         when the chat template is not (`chat` = auto/on/off)."""
         super().__init__(tokenizer, labels, max_length)
+        if context_keep not in ("auto", "start", "end"):
+            raise ConfigError(
+                f"model.context_keep = {context_keep!r}: use auto, start (documents) or end "
+                "(conversation history)"
+            )
+        self.context_keep = self.CONTEXT_KEEP if context_keep == "auto" else context_keep
         has_chat = bool(getattr(tokenizer, "chat_template", None))
         if chat == "on" and not has_chat:
             raise ConfigError(
@@ -112,8 +122,9 @@ class InstructionLM(CausalLMFormulation):
             ) from e
 
     def fit_texts(self, instruction: str, context: str) -> tuple[str, str]:
-        """(instruction, context) cut to `max_length` tokens together: the context's
-        end goes first, then the instruction's end."""
+        """(instruction, context) cut to `max_length` tokens together: the context goes
+        first (its end, or its start when `context_keep` is `end`), then the
+        instruction's end."""
         tok = self.tokenizer
         ins_ids = tok(instruction, add_special_tokens=False)["input_ids"]
         if len(ins_ids) >= self.max_length:
@@ -122,7 +133,8 @@ class InstructionLM(CausalLMFormulation):
         if context:
             ctx_ids = tok(context, add_special_tokens=False)["input_ids"]
             if len(ctx_ids) > room:
-                context = str(tok.decode(ctx_ids[:room]))
+                end = self.context_keep == "end"
+                context = str(tok.decode(ctx_ids[len(ctx_ids) - room :] if end else ctx_ids[:room]))
         return instruction, context
 
     def prompt_ids(self, instructions: Sequence[str], contexts: Sequence[str]) -> list[list[int]]:

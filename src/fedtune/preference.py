@@ -50,6 +50,8 @@ class PreferencePairs(InstructionLM):
     """What both formulations share: pair encoding, the pairwise loss, the scores."""
 
     task: ClassVar[str] = "preference"
+    # A preference prompt's context is the dialogue's earlier turns: the newest stay.
+    CONTEXT_KEEP: ClassVar[str] = "end"
 
     def encode_examples(self, examples: Sequence[Example]) -> list[Feature]:
         if any(not e.response and not e.rejected for e in examples):
@@ -123,6 +125,8 @@ class PolicyLM(InstructionLM):
     """A policy: the adapted LM's log-probabilities of responses, and the reference's
     (the same LM with its adapter switched off). DPO, RLOO and GRPO (fedtune.rlhf) share it."""
 
+    CONTEXT_KEEP: ClassVar[str] = "end"  # preference prompts: the dialogue's newest turns
+
     def token_logprobs(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """log p(next token | earlier ones) at every response position -> ([rows, T-1]
         with zeros elsewhere, the response mask [rows, T-1])."""
@@ -158,10 +162,10 @@ class DPOPairs(PreferencePairs, PolicyLM):
     def __init__(
         self, tokenizer: PreTrainedTokenizerBase, labels: tuple[str, ...], max_length: int,
         template: str, chat: str = "auto", max_target_length: int = 128,
-        system_prompt: str = "", beta: float = 0.1,
+        system_prompt: str = "", context_keep: str = "auto", beta: float = 0.1,
     ):  # fmt: skip
         super().__init__(tokenizer, labels, max_length, template, chat, max_target_length,
-                         system_prompt)  # fmt: skip
+                         system_prompt, context_keep)  # fmt: skip
         if beta <= 0:
             raise ConfigError(f"method.beta = {beta} must be > 0 (DPO's usual value: 0.1)")
         self.beta = beta

@@ -224,12 +224,12 @@ class RLOOPrompts(PolicyLM):
     def __init__(
         self, tokenizer: PreTrainedTokenizerBase, labels: tuple[str, ...], max_length: int,
         template: str, chat: str = "auto", max_target_length: int = 128,
-        system_prompt: str = "", reward_model: str = "", judge_model: str = "",
-        num_generations: int = 4,
+        system_prompt: str = "", context_keep: str = "auto", reward_model: str = "",
+        judge_model: str = "", num_generations: int = 4,
         beta: float = 0.05, temperature: float = 1.0, max_new_tokens: int = 64,
     ):  # fmt: skip
         super().__init__(tokenizer, labels, max_length, template, chat, max_target_length,
-                         system_prompt)  # fmt: skip
+                         system_prompt, context_keep)  # fmt: skip
         problems = []
         if num_generations < 2:
             problems.append(f"method.num_generations = {num_generations} must be >= 2 "

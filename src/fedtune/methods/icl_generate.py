@@ -74,7 +74,7 @@ class GenerationICL(FrozenMethod[IclConfig]):
             mc = self.model_config
             self._form = InstructionLM(tok, self.labels, mc.max_length, mc.prompt_template,
                                        mc.chat, mc.max_target_length,
-                                       mc.system_prompt)  # fmt: skip
+                                       mc.system_prompt, mc.context_keep)  # fmt: skip
         return self._form
 
     def _budget(self) -> int:
