@@ -17,7 +17,9 @@ demo set, with SmolLM2-135M-Instruct (or --model), on the CPU.
   question; 150 training questions, contexts cut at 384 tokens (CPU budget).
 - `--import NAME=RUN_DIR`: record a finished `fedtune run` of the same config as row
   NAME instead of running it again.
-- `alpaca`: the base model zero-shot vs LoRA SFT on the instruction set (ROUGE-L).
+- `alpaca`: the instruction set (400 training, 100 test instructions): the base model
+  zero-shot, 2 similar demonstrations, LoRA SFT (1 epoch) and P-tuning SFT (3 epochs,
+  lr 1e-2); ROUGE-L.
 
 Each run's summary is appended to --out/rows.jsonl and read back on the next call, so
 the script resumes; it prints Markdown tables.
@@ -134,7 +136,12 @@ def alpaca(out: Path) -> list[dict[str, Any]]:
     base = [*ALPACA, path, "model.name=smollm2"]
     return [
         _central(out, "alpaca-icl0", None, [*base, "method.name=icl", "method.shots=0"]),
+        _central(out, "alpaca-icl2", None, [*base, "method.name=icl", "method.shots=2",
+                                            "method.selection=similar"]),
         _central(out, "alpaca-lora", None, [*base, "method.name=lora"]),
+        # Prompt-style methods need more steps than LoRA (TAT-QA: one epoch was too few).
+        _central(out, "alpaca-ptuning", None, [*base, "method.name=ptuning", "method.lr=1e-2",
+                                               "train.epochs=3"]),
     ]
 
 
