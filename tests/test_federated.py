@@ -382,6 +382,13 @@ def test_personalized_models_and_site_validation(
     assert "site_val_loss" in summary["history"][-1]
     assert (tmp_path / "p" / "sites" / "site-2" / "model" / "fedtune.json").is_file()
     assert "personalized" in (tmp_path / "p" / "report.md").read_text()
+    # Without site validation sets there is nothing to score personalization on: the
+    # run stops before its first round (it used to fail after its last), writing nothing.
+    bad = _cfg(tiny_models, table, tmp_path, "name=q", "federated.rounds=1",
+               "federated.personalize_epochs=1")  # fmt: skip
+    with pytest.raises(ConfigError, match=r"federated\.validation = 'site'"):
+        run_federated(bad)
+    assert not (tmp_path / "q").exists()
 
 
 def test_compare_pipeline_writes_both_figures(

@@ -78,6 +78,7 @@ def build_strategy(fed: FederatedConfig, lr: float, method: str = "") -> Strateg
     Flower's differential-privacy wrapper with `fed.dp`."""
     check_attack(fed)
     check_secagg(fed, method)
+    check_personalization(fed)
     if fed.dp == "off":
         return _base_strategy(fed, lr, method)
     if fed.strategy not in ("fedavg", "fedprox"):
@@ -86,6 +87,22 @@ def build_strategy(fed: FederatedConfig, lr: float, method: str = "") -> Strateg
             f"updates; federated.strategy = {fed.strategy!r} is not one: use fedavg or fedprox"
         )
     return wrap(_base_strategy(fed, lr, method, weighted_by_key=UNIT_WEIGHT), fed)
+
+
+def check_personalization(fed: FederatedConfig) -> None:
+    """Personalization is scored on each site's own validation set: a setting that
+    has none fails here, before the first round, not after the last one."""
+    if fed.personalize_epochs < 0:
+        raise ConfigError(
+            f"federated.personalize_epochs = {fed.personalize_epochs} must be >= 0 (0 = off)"
+        )
+    if fed.personalize_epochs > 0 and fed.validation != "site":
+        raise ConfigError(
+            f"federated.personalize_epochs = {fed.personalize_epochs} reports each site's "
+            "global and personalized model on the site's own validation set, and "
+            f"federated.validation = {fed.validation!r} gives the sites none: set "
+            "federated.validation = 'site' (or personalize_epochs = 0)"
+        )
 
 
 ROBUST = ("krum", "multikrum", "bulyan", "median", "trimmedmean")
