@@ -1,5 +1,5 @@
 """Generation benchmarks: closed QA on TAT-QA and instruction following on the Alpaca
-demo set, with SmolLM2-135M-Instruct (or --model), on the CPU.
+demo set, with SmolLM2-135M-Instruct (or --model, e.g. gemma3), on the CPU.
 
     python benchmarks/generation.py --out /work/bench/generation tatqa          # methods
     python benchmarks/generation.py --out /work/bench/generation tatqa-regimes  # 3 regimes
@@ -17,6 +17,9 @@ demo set, with SmolLM2-135M-Instruct (or --model), on the CPU.
   question; 150 training questions, contexts cut at 384 tokens (CPU budget).
 - `--import NAME=RUN_DIR`: record a finished `fedtune run` of the same config as row
   NAME instead of running it again.
+- `--model NAME`: another catalog model (or a folder) for every row; rows of a model
+  other than smollm2 are keyed `NAME/row`, so one --out holds both.
+- `--only ROW,...`: run only these rows of the parts (e.g. `--only tatqa-icl0,tatqa-lora`).
 - `alpaca`: the instruction set (400 training, 100 test instructions): the base model
   zero-shot, 2 similar demonstrations, LoRA SFT (1 epoch) and P-tuning SFT (3 epochs,
   lr 1e-2); ROUGE-L.
@@ -79,7 +82,13 @@ def _row(key: str, s: dict[str, Any], seconds: float, **extra: Any) -> dict[str,
     }  # fmt: skip
 
 
+MODEL = "smollm2"
+ONLY: set[str] = set()
+
+
 def _central(out: Path, key: str, config: str | None, overrides: list[str]) -> dict[str, Any]:
+    if MODEL != "smollm2":
+        key, overrides = f"{MODEL}/{key}", [*overrides, f"model.name={MODEL}"]
     done = _done(out)
     if key in done:
         return done[key]
@@ -87,7 +96,7 @@ def _central(out: Path, key: str, config: str | None, overrides: list[str]) -> d
     from fedtune.regimes import run_centralized
 
     cfg = load_config(config, ["train.progress=false", f"output_dir={out / 'runs'}",
-                               f"name={key}", *overrides])  # fmt: skip
+                               f"name={key.replace('/', '-')}", *overrides])  # fmt: skip
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
         s = run_centralized(cfg)
@@ -97,20 +106,25 @@ def _central(out: Path, key: str, config: str | None, overrides: list[str]) -> d
     return row
 
 
+def _rows(out: Path, specs: list[tuple[str, str | None, list[str]]]) -> list[dict[str, Any]]:
+    return [_central(out, key, config, overrides) for key, config, overrides in specs
+            if not ONLY or key in ONLY]  # fmt: skip
+
+
 def tatqa(out: Path) -> list[dict[str, Any]]:
-    return [
-        _central(out, "tatqa-icl0", TATQA, ["method.name=icl", "method.shots=0"]),
-        _central(out, "tatqa-icl2", TATQA, ["method.name=icl", "method.shots=2",
-                                            "method.selection=similar"]),
-        _central(out, "tatqa-rag3", TATQA, ["method.name=icl", "method.shots=0",
-                                            "method.retrieve=3"]),
-        _central(out, "tatqa-lora", TATQA, []),
-        _central(out, "tatqa-ptuning", TATQA, ["method.name=ptuning", "method.lr=1e-2"]),
-    ]
+    return _rows(out, [
+        ("tatqa-icl0", TATQA, ["method.name=icl", "method.shots=0"]),
+        ("tatqa-icl2", TATQA, ["method.name=icl", "method.shots=2", "method.selection=similar"]),
+        ("tatqa-rag3", TATQA, ["method.name=icl", "method.shots=0", "method.retrieve=3"]),
+        ("tatqa-lora", TATQA, []),
+        ("tatqa-ptuning", TATQA, ["method.name=ptuning", "method.lr=1e-2"]),
+    ])  # fmt: skip
 
 
 def tatqa_regimes(out: Path) -> list[dict[str, Any]]:
-    key = "tatqa-regimes"
+    key, model = "tatqa-regimes", []
+    if MODEL != "smollm2":
+        key, model = f"{MODEL}/{key}", [f"model.name={MODEL}"]
     done = _done(out)
     if any(k.startswith(key + "/") for k in done):
         return [r for k, r in done.items() if k.startswith(key + "/")]
@@ -118,8 +132,8 @@ def tatqa_regimes(out: Path) -> list[dict[str, Any]]:
     from fedtune.federated.compare import run_regimes
 
     cfg = load_config(TATQA, ["train.progress=false", f"output_dir={out / 'runs'}",
-                              f"name={key}", "data.site_column=answer_from",
-                              "federated.partition=column", *REGIMES])  # fmt: skip
+                              f"name={key.replace('/', '-')}", "data.site_column=answer_from",
+                              "federated.partition=column", *REGIMES, *model])  # fmt: skip
     with contextlib.redirect_stdout(io.StringIO()):
         folder = run_regimes(cfg, ["lora"])
     rows = json.loads((folder / "comparison.json").read_text())
@@ -134,15 +148,15 @@ def tatqa_regimes(out: Path) -> list[dict[str, Any]]:
 def alpaca(out: Path) -> list[dict[str, Any]]:
     path = f"data.path={os.environ.get('FEDTUNE_DATA_DIR', '')}/instructions/alpaca_en_demo.json"
     base = [*ALPACA, path, "model.name=smollm2"]
-    return [
-        _central(out, "alpaca-icl0", None, [*base, "method.name=icl", "method.shots=0"]),
-        _central(out, "alpaca-icl2", None, [*base, "method.name=icl", "method.shots=2",
-                                            "method.selection=similar"]),
-        _central(out, "alpaca-lora", None, [*base, "method.name=lora"]),
+    return _rows(out, [
+        ("alpaca-icl0", None, [*base, "method.name=icl", "method.shots=0"]),
+        ("alpaca-icl2", None, [*base, "method.name=icl", "method.shots=2",
+                               "method.selection=similar"]),
+        ("alpaca-lora", None, [*base, "method.name=lora"]),
         # Prompt-style methods need more steps than LoRA (TAT-QA: one epoch was too few).
-        _central(out, "alpaca-ptuning", None, [*base, "method.name=ptuning", "method.lr=1e-2",
-                                               "train.epochs=3"]),
-    ]
+        ("alpaca-ptuning", None, [*base, "method.name=ptuning", "method.lr=1e-2",
+                                  "train.epochs=3"]),
+    ])  # fmt: skip
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -169,7 +183,11 @@ def main() -> None:
     ap.add_argument("parts", nargs="*", choices=["tatqa", "tatqa-regimes", "alpaca"])
     ap.add_argument("--import", dest="imports", action="append", default=[],
                     metavar="NAME=RUN_DIR")  # fmt: skip
+    ap.add_argument("--model", default="smollm2", help="catalog name or folder for every row")
+    ap.add_argument("--only", default="", metavar="ROW,...", help="run only these rows")
     args = ap.parse_args()
+    global MODEL, ONLY
+    MODEL, ONLY = args.model, {k for k in args.only.split(",") if k}
     args.out.mkdir(parents=True, exist_ok=True)
     for item in args.imports:
         key, _, run = item.partition("=")
