@@ -3,7 +3,9 @@ real-data folder (skipped when FEDTUNE_DATA_DIR is unset)."""
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -37,6 +39,25 @@ def _own_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     folder, never the user's ~/.cache/fedtune; tests that need their own set it."""
     if "FEDTUNE_CACHE_DIR" not in os.environ:
         os.environ["FEDTUNE_CACHE_DIR"] = str(tmp_path_factory.mktemp("fedtune-cache"))
+
+
+@pytest.fixture
+def check_paired_findings() -> Callable[[Path, str], None]:
+    """check(comparison folder, primary metric): every run kept its per-example test
+    scores (one per test example, their mean the run's score) and the report's findings
+    carry paired intervals built from them, for any task."""
+
+    def check(out: Path, metric: str) -> None:
+        rows = json.loads((out / "comparison.json").read_text())
+        for r in rows:
+            summary = json.loads((out / r["name"] / "metrics.jsonl").read_text().splitlines()[-1])
+            assert len(summary["test_scores"]) == r["n_test"] > 0
+            assert sum(summary["test_scores"]) / r["n_test"] == pytest.approx(r[metric])
+        report = (out / "report.md").read_text()
+        findings = report.split("## The source post's two findings")[1]
+        assert any(line.startswith("| ") and " [" in line for line in findings.splitlines())
+
+    return check
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -392,7 +393,8 @@ def test_personalized_models_and_site_validation(
 
 
 def test_compare_pipeline_writes_both_figures(
-    tiny_models: dict[str, str], table: Path, tmp_path: Path
+    tiny_models: dict[str, str], table: Path, tmp_path: Path,
+    check_paired_findings: Callable[[Path, str], None],
 ) -> None:
     cfg = _cfg(tiny_models, table, tmp_path, "name=cmp", "federated.rounds=2",
                "federated.partition=column", "data.site_column=site")  # fmt: skip
@@ -418,6 +420,7 @@ def test_compare_pipeline_writes_both_figures(
     assert all(r["site_batch_size"] == 4 for r in local)
     for r in local:  # each local site took ceil(n / 4) steps per epoch, as its federated twin
         assert r["steps"] == 2 * -(-r["n_train"] // 4)
+    check_paired_findings(out, "accuracy")
 
 
 def test_a_comparison_of_one_regime_plots_without_a_legend_warning(tmp_path: Path) -> None:
@@ -455,6 +458,30 @@ def test_a_comparison_reads_the_two_findings_off_its_runs() -> None:
     assert findings(rows[5:], "accuracy") == []
     gen = [{**r, "rougeL": r["accuracy"]} for r in rows[:4]]
     assert "| ptuning | -1.0 | +1.5 (site-2) | - |" in findings(gen, "rougeL")
+
+
+def test_the_findings_carry_a_paired_interval_from_per_example_scores() -> None:
+    """With each run's per-example test scores, each gap gets its paired bootstrap 95%
+    interval: a gap made of the same shift on every example has a zero-width interval;
+    one made of a few examples holds 0; runs tested on other examples get none."""
+    from fedtune.federated.compare import findings, paired_gap
+
+    assert paired_gap([0.5] * 50, [0.4] * 50) == pytest.approx((0.1, 0.1, 0.1))
+    cen = [1.0] * 90 + [0.0] * 10
+    fed = [0.0] * 2 + [1.0] * 88 + [0.0] * 10  # two examples lost: -2 points
+    gap, lo, hi = paired_gap(fed, cen)
+    assert gap == pytest.approx(-0.02) and lo < -0.02 < hi and lo >= -0.06 and hi == 0.0
+    assert paired_gap(fed, cen[:50]) is None and paired_gap([], []) is None
+
+    def row(regime: str, site: str, scores: list[float]) -> dict[str, object]:
+        return {"method": "lora", "regime": regime, "site": site, "rougeL": sum(scores) / 100,
+                "n_test": 100, "test_scores": scores}  # fmt: skip
+
+    lines = findings([row("centralized", "all", cen), row("local", "a", [0.5] * 100),
+                      row("federated", "all", fed)], "rougeL")  # fmt: skip
+    line = next(x for x in lines if x.startswith("| lora"))
+    assert line.startswith(f"| lora | -2.0 [{100 * lo:+.1f}, +0.0] | +38.0 [+3")  # 31-44
+    assert line.endswith("] (a) | - |")
 
 
 def test_compare_over_seeds_reports_mean_and_spread(

@@ -5,6 +5,7 @@ federated by query), retrieval-augmented answers, and the comparison of all."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -288,7 +289,8 @@ def test_federated_knn_equals_centralized_and_only_scores_leave_sites(
 
 
 def test_compare_ranks_frozen_and_trained_methods(
-    tiny_models: dict[str, str], table: Path, tmp_path: Path
+    tiny_models: dict[str, str], table: Path, tmp_path: Path,
+    check_paired_findings: Callable[[Path, str], None],
 ) -> None:
     cfg = _cfg(tiny_models, table, tmp_path, "lora", "name=all", "federated.rounds=1",
                "train.batch_size=8")  # fmt: skip
@@ -300,6 +302,7 @@ def test_compare_ranks_frozen_and_trained_methods(
     report = (out / "report.md").read_text()
     assert "Ranking" in report and (out / "ranking.png").stat().st_size > 10_000
     assert "by query" in report
+    check_paired_findings(out, "accuracy")  # knn's federated form too
 
 
 # --- retrieval-augmented answers -----------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -393,8 +394,10 @@ def test_classification_only_methods_and_encoders_refuse_generation(
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
-def test_compare_runs_three_regimes_on_generation(tiny_models: dict[str, str], dolly: Path,
-                                                   tmp_path: Path) -> None:  # fmt: skip
+def test_compare_runs_three_regimes_on_generation(
+    tiny_models: dict[str, str], dolly: Path, tmp_path: Path,
+    check_paired_findings: Callable[[Path, str], None],
+) -> None:  # fmt: skip
     from fedtune.federated.compare import run_regimes
 
     cfg = _gen_cfg(dolly, tiny_models["llama"], tmp_path, "method.name=lora",
@@ -413,6 +416,7 @@ def test_compare_runs_three_regimes_on_generation(tiny_models: dict[str, str], d
               (out / "lora-federated" / "metrics.jsonl").read_text().splitlines()]
     rounds = [r for r in rounds if r.get("event") == "round"]
     assert len(rounds) == 2 and all("val_loss" in r and "val_rougeL" not in r for r in rounds)
+    check_paired_findings(out, "rougeL")
 
 
 def test_predict_answers_from_a_file(tiny_models: dict[str, str], dolly: Path,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -303,8 +304,10 @@ def test_reward_adapter_gives_the_same_rewards_in_plain_peft(
     torch.testing.assert_close(theirs.logits.squeeze(-1), mine)
 
 
-def test_compare_runs_three_regimes_on_preference(tiny_models: dict[str, str], pairs: Path,
-                                                   tmp_path: Path) -> None:  # fmt: skip
+def test_compare_runs_three_regimes_on_preference(
+    tiny_models: dict[str, str], pairs: Path, tmp_path: Path,
+    check_paired_findings: Callable[[Path, str], None],
+) -> None:  # fmt: skip
     from fedtune.federated.compare import run_regimes
 
     cfg = _cfg(pairs, tiny_models["llama"], tmp_path, "method.name=dpo", "method.lr=0.01",
@@ -325,6 +328,7 @@ def test_compare_runs_three_regimes_on_preference(tiny_models: dict[str, str], p
               (out / "dpo-federated" / "metrics.jsonl").read_text().splitlines()]
     rounds = [r for r in rounds if r.get("event") == "round"]
     assert len(rounds) == 2 and all("val_pair_accuracy" in r for r in rounds)
+    check_paired_findings(out, "pair_accuracy")
 
 
 def test_seeds_report_table_has_a_cell_per_column(tiny_models: dict[str, str], pairs: Path,

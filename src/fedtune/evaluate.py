@@ -34,6 +34,11 @@ class Metrics:
     """Rows: true label, columns: predicted label, in label order (classification)."""
     samples: list[dict[str, str]] = field(default_factory=list)
     """Generation: a few (instruction, reference, prediction) triples for the report."""
+    per_example: list[float] = field(default_factory=list)
+    """The primary metric of each example, in the examples' order (classification: 1 if
+    right; generation: the answer's ROUGE-L; preference: 1 if the chosen answer scored
+    higher): its mean is `score`. Two models tested on the same examples are compared
+    paired on these (fedtune.federated.compare.findings)."""
 
     def summary(self) -> dict[str, float]:
         return {"loss": self.loss, **self.values}
@@ -119,6 +124,7 @@ def classification_metrics(
             y_true, y_pred, labels=ids, target_names=list(labels), output_dict=True, zero_division=0
         ),
         confusion=confusion_matrix(y_true, y_pred, labels=ids).tolist(),
+        per_example=(np.asarray(y_true) == np.asarray(y_pred)).astype(float).tolist(),
     )
 
 

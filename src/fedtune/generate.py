@@ -392,4 +392,4 @@ def answer_metrics(
                for i, x, r, p, c in zip(instructions, contexts, references, predictions,
                                         categories, strict=True)][:SAMPLES]  # fmt: skip
     return Metrics(loss=loss, n=len(predictions), values=values, primary="rougeL", report=per,
-                   samples=samples)  # fmt: skip
+                   samples=samples, per_example=[s["rougeL"] for s in scores])  # fmt: skip

@@ -197,5 +197,6 @@ def preference_metrics(
     cats = np.asarray(categories)
     per = {label: {**summary(scores[cats == i]), "n": int((cats == i).sum())}
            for i, label in enumerate(labels) if (cats == i).any()}  # fmt: skip
+    won = (scores[:, 0] > scores[:, 1]).astype(float)  # [N]: the chosen answer scored higher
     return Metrics(loss=loss, n=len(scores), values=summary(scores), primary="pair_accuracy",
-                   report=per)  # fmt: skip
+                   report=per, per_example=won.tolist())  # fmt: skip

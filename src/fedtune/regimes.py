@@ -150,6 +150,7 @@ def _finish(
         "report": test.report,
         "confusion": test.confusion,
         "samples": test.samples,
+        "test_scores": test.per_example,
         "notes": list(splits.notes) + list(notes or []),
         **(extra or {}),
     }

@@ -175,7 +175,8 @@ def run_regimes(
         title = f"Centralized vs local vs federated on {describe_data(cfg)}"
         write_regimes_report(staging, rows, curves, title, cfg)
         write_json(staging / "comparison.json", [
-            {k: v for k, v in r.items() if k not in ("report", "confusion", "run_dir", "history")}
+            {k: v for k, v in r.items()
+             if k not in ("report", "confusion", "run_dir", "history", "test_scores")}
             for r in rows
         ])  # fmt: skip
         summary = findings(rows, metric_names(rows)[0])
@@ -503,13 +504,41 @@ PROPORTIONS = ("accuracy", "pair_accuracy")
 """Metrics that are a share of test examples: a binomial standard error applies."""
 
 
+def paired_gap(a: list[float], b: list[float], resamples: int = 5000,
+               seed: int = 0) -> tuple[float, float, float] | None:  # fmt: skip
+    """mean(a) - mean(b) of two models' per-example scores on the same test examples,
+    and its 95% paired bootstrap interval (scipy's, percentile: the test examples are
+    resampled, both models' scores of an example move together, so what the two get
+    right alike cancels). None when the scores are missing (summaries written before
+    per-example scores were kept) or not of the same examples."""
+    if not a or len(a) != len(b):
+        return None
+    from scipy.stats import bootstrap
+
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    ci = bootstrap((x, y), lambda u, v, axis=-1: np.mean(u - v, axis=axis), paired=True,
+                   vectorized=True, n_resamples=resamples, batch=1000, method="percentile",
+                   rng=seed).confidence_interval  # fmt: skip
+    return float(np.mean(x - y)), float(ci.low), float(ci.high)
+
+
+def _gap(fed: dict[str, Any], other: dict[str, Any], top: str) -> str:
+    """`+1.5` points, with `[-0.3, +3.2]` (the paired 95% interval) when both runs kept
+    their per-example test scores."""
+    text = f"{100 * (fed[top] - other[top]):+.1f}"
+    gap = paired_gap(fed.get("test_scores") or [], other.get("test_scores") or [])
+    if gap is not None:
+        text += f" [{100 * gap[1]:+.1f}, {100 * gap[2]:+.1f}]"
+    return text
+
+
 def findings(rows: list[dict[str, Any]], top: str) -> list[str]:
     """The source post's two findings, read off one comparison, per method: federated
     against centralized training, and against the best local-only site, in points of
-    the task's first metric (positive: federated higher). For a share of test examples,
-    also the binomial standard error of one run's score on this test set, to read a
-    gap against the noise of a single run. Empty when no method ran federated and
-    another regime."""
+    the task's first metric (positive: federated higher), each with its paired 95%
+    bootstrap interval over the test examples (`paired_gap`). For a share of test
+    examples, also the binomial standard error of one run's score on this test set.
+    Empty when no method ran federated and another regime."""
     lines = []
     for method in dict.fromkeys(r["method"] for r in rows):
         runs = [r for r in rows if r["method"] == method]
@@ -518,9 +547,9 @@ def findings(rows: list[dict[str, Any]], top: str) -> list[str]:
         local = [r for r in runs if r["regime"] == "local"]
         if fed is None or (cen is None and not local):
             continue
-        vs_c = f"{100 * (fed[top] - cen[top]):+.1f}" if cen else "-"
+        vs_c = _gap(fed, cen, top) if cen else "-"
         best = max(local, key=lambda r: r[top]) if local else None
-        vs_l = f"{100 * (fed[top] - best[top]):+.1f} ({best['site']})" if best else "-"
+        vs_l = f"{_gap(fed, best, top)} ({best['site']})" if best else "-"
         se = "-"
         if top in PROPORTIONS and fed.get("n_test"):
             p = fed[top]
@@ -532,9 +561,11 @@ def findings(rows: list[dict[str, Any]], top: str) -> list[str]:
         "## The source post's two findings", "",
         f"Federated ≈ centralized, and federated above every site trained alone: test "
         f"{LABEL[top]} of the federated model minus each, in points (positive: federated "
-        "higher). One run each: a gap within about two standard errors is inside the "
-        "noise of a single run; `fedtune compare --seeds 1,2,3` gives means and paired "
-        "gaps.", "",
+        "higher), with [the 95% interval] of a paired bootstrap over the test examples: "
+        "how much the gap could move on other test examples of this kind; an interval "
+        "that holds 0 is no difference this test set can show. It does not hold the "
+        "spread of training (seed, data order): `fedtune compare --seeds 1,2,3` gives "
+        "means and paired gaps over seeds.", "",
         "| method | federated − centralized | federated − best local-only site "
         "| one run's standard error |",
         "|---|---|---|---|", *lines, "",

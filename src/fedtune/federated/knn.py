@@ -186,6 +186,7 @@ def run_federated_knn(
         **test.summary(),
         "report": test.report,
         "confusion": test.confusion,
+        "test_scores": test.per_example,
         "notes": list(ws.splits.notes) + list(ws.partition.notes) + failures,
         "failed_sites": sorted({f.split(" failed on ")[0] for f in failures}),
         "wall_seconds": time.perf_counter() - t_start,

@@ -271,6 +271,7 @@ def summarize(
         "report": test.report,
         "confusion": test.confusion,
         "samples": test.samples,
+        "test_scores": test.per_example,
         "notes": list(ws.splits.notes) + list(ws.partition.notes),
         "wall_seconds": wall,
         "history": st.history,
