@@ -1,0 +1,61 @@
+"""benchmarks/paired.py: saved runs compared example by example on their shared test set;
+runs saved before per-example scores were kept are tested again, to the same scores."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedtune.config import load_config
+from fedtune.federated.compare import paired_gap, run_regimes
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "paired.py"
+
+
+def _script(*runs: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, runs)], capture_output=True,
+                          text=True, env=env, timeout=600)  # fmt: skip
+
+
+def test_paired_compares_saved_runs_and_retests_old_ones(
+    tiny_models: dict[str, str], table: Path, tmp_path: Path
+) -> None:
+    cfg = load_config(None, [
+        "data.source=file", f"data.path={table}", f"model.name={tiny_models['bert']}",
+        "train.progress=false", "train.batch_size=8", f"output_dir={tmp_path}", "name=cmp",
+        "method.name=lora", "method.lr=0.01", "federated.rounds=1",
+    ])  # fmt: skip
+    out = run_regimes(cfg, ["lora"], ("centralized", "local"))
+    cen = out / "lora-centralized"
+    fed = sorted(out.glob("lora-local-*"))[0]  # a model of another training set
+    kept = {}
+    for run in (cen, fed):
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        kept[run.name] = json.loads(lines[-1])["test_scores"]
+    # The site's run as saved before 2026-12-05: no per-example scores in its summary.
+    lines = (fed / "metrics.jsonl").read_text().splitlines()
+    old = {k: v for k, v in json.loads(lines[-1]).items() if k != "test_scores"}
+    (fed / "metrics.jsonl").write_text("\n".join([*lines[:-1], json.dumps(old)]) + "\n")
+
+    res = _script(cen, fed)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"{fed.name}: testing the saved model again" in res.stderr
+    gap = paired_gap(kept[fed.name], kept[cen.name])
+    assert gap is not None
+    row = next(x for x in res.stdout.splitlines() if x.startswith(f"| {fed.name} |"))
+    # The re-tested scores are the kept ones: the same gap and interval.
+    assert row.startswith(f"| {fed.name} | {100 * np.mean(kept[fed.name]):.1f} "
+                          f"| {100 * gap[0]:+.1f} | [{100 * gap[1]:+.1f}, {100 * gap[2]:+.1f}] |")
+    # The categories' shares add up to the gap.
+    shares = [float(p.strip().rsplit(" ", 1)[1]) for p in row.split("|")[5].split(",")]
+    assert sum(shares) == pytest.approx(100 * gap[0], abs=0.1 * len(shares))
+
+    assert _script(cen).returncode != 0  # one run: nothing to compare
