@@ -417,6 +417,14 @@ def test_compare_runs_three_regimes_on_generation(
     rounds = [r for r in rounds if r.get("event") == "round"]
     assert len(rounds) == 2 and all("val_loss" in r and "val_rougeL" not in r for r in rounds)
     check_paired_findings(out, "rougeL")
+    for r in rows:  # every test answer beside its reference, in every regime's run
+        answers = [json.loads(x) for x in (out / r["name"] / "answers.jsonl").read_text()
+                   .splitlines()]  # fmt: skip
+        assert len(answers) == r["n_test"]
+        assert {"instruction", "category", "reference", "prediction", "rougeL", "exact_match",
+                "f1"} <= set(answers[0])  # fmt: skip
+        assert sum(a["rougeL"] for a in answers) / len(answers) == pytest.approx(r["rougeL"])
+        assert "answers.jsonl" in (out / r["name"] / "report.md").read_text()
 
 
 def test_predict_answers_from_a_file(tiny_models: dict[str, str], dolly: Path,

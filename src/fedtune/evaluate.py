@@ -34,6 +34,9 @@ class Metrics:
     """Rows: true label, columns: predicted label, in label order (classification)."""
     samples: list[dict[str, str]] = field(default_factory=list)
     """Generation: a few (instruction, reference, prediction) triples for the report."""
+    answers: list[dict[str, Any]] = field(default_factory=list)
+    """Generation: every test example's instruction, category, reference, generated
+    answer and its scores, in the examples' order (the run's answers.jsonl)."""
     per_example: list[float] = field(default_factory=list)
     """The primary metric of each example, in the examples' order (classification: 1 if
     right; generation: the answer's ROUGE-L; preference: 1 if the chosen answer scored

@@ -391,5 +391,9 @@ def answer_metrics(
     samples = [{"instruction": i, "context": x, "reference": r, "prediction": p, "category": c}
                for i, x, r, p, c in zip(instructions, contexts, references, predictions,
                                         categories, strict=True)][:SAMPLES]  # fmt: skip
+    answers = [{"instruction": i, "category": c, "reference": r, "prediction": p, **s}
+               for i, c, r, p, s in zip(instructions, categories, references, predictions,
+                                        scores, strict=True)]  # fmt: skip
     return Metrics(loss=loss, n=len(predictions), values=values, primary="rougeL", report=per,
-                   samples=samples, per_example=[s["rougeL"] for s in scores])  # fmt: skip
+                   samples=samples, answers=answers,
+                   per_example=[s["rougeL"] for s in scores])  # fmt: skip

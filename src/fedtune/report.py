@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +109,22 @@ def test_section(m: Metrics, labels: tuple[str, ...]) -> str:
                   "| instruction | reference | generated |", "|---|---|---|"]  # fmt: skip
         lines += [f"| {_cell(x['instruction'], 300)} | {_cell(x['reference'], 300)} "
                   f"| {_cell(x['prediction'], 300)} |" for x in m.samples]  # fmt: skip
+    if m.answers:
+        lines += ["", f"All {len(m.answers)} test answers with their scores: "
+                  f"[{ANSWERS_FILE}]({ANSWERS_FILE})."]  # fmt: skip
     return "\n".join(lines)
+
+
+ANSWERS_FILE = "answers.jsonl"
+
+
+def write_answers(run_dir: Path, m: Metrics) -> None:
+    """Generation: every test answer beside its reference and scores, one JSON per line
+    (what a person reads to see where a model fails; benchmarks/paired.py compares runs
+    by their scores)."""
+    if m.answers:
+        with (run_dir / ANSWERS_FILE).open("w", encoding="utf-8") as f:
+            f.writelines(json.dumps(a, ensure_ascii=False) + "\n" for a in m.answers)
 
 
 def metrics_table(m: Metrics, labels: tuple[str, ...]) -> str:
@@ -136,6 +152,7 @@ def write_run_report(run_dir: Path, summary: dict[str, Any], test: Metrics,
         plot_curves(history, run_dir / "curves.png", title)
     if test.confusion:
         plot_confusion(test, labels, run_dir / "confusion.png", f"test, {title}")
+    write_answers(run_dir, test)
     s = summary
     early = " (stopped early)" if s["stopped_early"] else ""
     fitting = (
@@ -202,6 +219,7 @@ def write_federated_report(
                 train_label="site train loss (mean)")  # fmt: skip
     if test.confusion:
         plot_confusion(test, labels, run_dir / "confusion.png", f"test, {title}")
+    write_answers(run_dir, test)
     early = " (stopped early)" if s["stopped_early"] else ""
     facts = [
         ("method", f"`{s['method']}`"),
