@@ -40,15 +40,15 @@ def scores(run: Path) -> tuple[list[float], list[str], list[str]]:
     cfg = RunConfig.from_dict(json.loads((run / "config.json").read_text()))
     test = make_splits(cfg.data).test
     cats, texts = [e.label for e in test], [e.text + "\n" + e.context for e in test]
-    kept = _summary(run).get("test_scores")
-    if kept:
-        return kept, cats, texts
+    summary = _summary(run)  # read once: the kept scores, or the score to check against
+    if summary.get("test_scores"):
+        return summary["test_scores"], cats, texts
     model = AdaptedModel.load(run / "model")
     print(f"{run.name}: testing the saved model again ({len(test)} examples)", file=sys.stderr)
     metrics = evaluate_features(model, model.formulation.encode_examples(test),
                                 cfg.train.eval_batch_size, bf16=cfg.train.bf16)  # fmt: skip
     print(f"{run.name}: {metrics.primary} {metrics.score:.4f} (its summary: "
-          f"{_summary(run).get(metrics.primary, float('nan')):.4f})", file=sys.stderr)  # fmt: skip
+          f"{summary.get(metrics.primary, float('nan')):.4f})", file=sys.stderr)  # fmt: skip
     return metrics.per_example, cats, texts
 
 

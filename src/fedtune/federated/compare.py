@@ -509,8 +509,9 @@ def paired_gap(a: list[float], b: list[float], resamples: int = 5000,
     """mean(a) - mean(b) of two models' per-example scores on the same test examples,
     and its 95% paired bootstrap interval (scipy's, percentile: the test examples are
     resampled, both models' scores of an example move together, so what the two get
-    right alike cancels). None when the scores are missing (summaries written before
-    per-example scores were kept) or not of the same examples."""
+    right alike cancels). The caller vouches that both are of the same examples in the
+    same order (one comparison's shared test set); None when the scores are missing
+    (summaries written before per-example scores were kept) or differ in length."""
     if not a or len(a) != len(b):
         return None
     from scipy.stats import bootstrap
