@@ -59,3 +59,47 @@ def test_paired_compares_saved_runs_and_retests_old_ones(
     assert sum(shares) == pytest.approx(100 * gap[0], abs=0.1 * len(shares))
 
     assert _script(cen).returncode != 0  # one run: nothing to compare
+
+
+def test_held_out_examples_are_unseen_and_their_scores_are_kept(
+    tiny_models: dict[str, str], table: Path, tmp_path: Path
+) -> None:
+    cfg = load_config(None, [
+        "data.source=file", f"data.path={table}", f"model.name={tiny_models['bert']}",
+        "train.progress=false", "train.batch_size=8", f"output_dir={tmp_path}", "name=ho",
+        "method.name=lora", "method.lr=0.01", "federated.rounds=1", "data.limit=30",
+    ])  # fmt: skip
+    out = run_regimes(cfg, ["lora"], ("centralized", "local"))
+    cen, site = out / "lora-centralized", sorted(out.glob("lora-local-*"))[0]
+    save = tmp_path / "held.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    argv = [sys.executable, str(SCRIPT), "--held-out", "12", "--save", str(save), str(cen),
+            str(site)]  # fmt: skip
+    res = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "12 held-out examples: reference lora-centralized" in res.stdout
+    assert "the test set and the held-out examples" in res.stdout
+    assert res.stderr.count("testing the saved model (12 examples)") == 2
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import paired  # the script's own functions
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from fedtune.data import make_splits
+
+    held = paired.held_out([cen, site], 12)
+    splits = [make_splits(paired._config(r).data) for r in (cen, site)]
+    seen = {paired._text(e) for s in splits for e in (*s.train, *s.validation, *s.test)}
+    assert len(held) == 12 and not seen & {paired._text(e) for e in held}
+    kept = json.loads(save.read_text())
+    assert len(kept) == 2 and all(len(v) == 12 for v in kept.values())
+    # Kept scores are each model's own on those examples, and a second call reuses them.
+    assert sorted(kept.values()) == sorted(paired._test(r, held) for r in (cen, site))
+    again = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0 and "testing the saved model (12" not in again.stderr
+    assert again.stdout == res.stdout
+
+    too_many = subprocess.run([*argv[:2], "--held-out", "500", str(cen), str(site)],
+                              capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    assert too_many.returncode != 0 and "ask for fewer" in too_many.stderr
