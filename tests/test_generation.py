@@ -592,3 +592,38 @@ def test_too_few_groups_to_split_name_the_fix(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"groups \(data\.group_column\) are too few"):
         make_splits(DataConfig(task="generation", source="file", path=str(path),
                                group_column="report"))  # fmt: skip
+
+
+def test_select_by_rouge_decodes_validation_and_keeps_its_best(
+    tiny_models: dict[str, str], dolly: Path, tmp_path: Path
+) -> None:
+    """`train.select_by = "rougeL"`: validation answers are decoded at every check
+    (steps centrally, rounds federated) and the step or round kept is the one with the
+    highest validation ROUGE-L; the summary and the report say so."""
+    from fedtune.federated.runner import run_federated
+    from fedtune.regimes import run_centralized
+
+    extra = ("method.name=lora", "method.lr=0.05", "train.select_by=rougeL")
+    s = run_centralized(_gen_cfg(dolly, tiny_models["llama"], tmp_path, *extra, "name=c",
+                                 "train.eval_every=2", "train.epochs=2"))  # fmt: skip
+    run = Path(s["run_dir"])
+    evals = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+             if "val_rougeL" in r]  # fmt: skip
+    assert len(evals) >= 3 and all("val_exact_match" in r for r in evals)
+    best = max(evals, key=lambda r: (r["val_rougeL"], -r["step"]))
+    assert (s["select_by"], s["best_step"]) == ("rougeL", best["step"])
+    assert (s["best_val_score"], s["best_val_loss"]) == (best["val_rougeL"], best["val_loss"])
+    assert "| kept: best validation ROUGE-L (step) |" in (run / "report.md").read_text()
+
+    f = run_federated(_gen_cfg(dolly, tiny_models["llama"], tmp_path, *extra, "name=f",
+                               "federated.rounds=3"))  # fmt: skip
+    rounds = [r for r in map(json.loads, (Path(f["run_dir"]) / "metrics.jsonl").read_text()
+                             .splitlines()) if r.get("event") == "round"]  # fmt: skip
+    assert len(rounds) == 3 and all("val_rougeL" in r for r in rounds)
+    best = max(rounds, key=lambda r: (r["val_rougeL"], -r["round"]))
+    assert (f["best_round"], f["best_val_score"]) == (best["round"], best["val_rougeL"])
+    report = (Path(f["run_dir"]) / "report.md").read_text()
+    assert "| kept: best validation ROUGE-L (round) |" in report and "val ROUGE-L" in report
+
+    with pytest.raises(ConfigError, match=r"select_by = 'accuracy'.*loss, rougeL, exact_match"):
+        _gen_cfg(dolly, tiny_models["llama"], tmp_path, "train.select_by=accuracy")

@@ -299,3 +299,32 @@ def test_scaffold_correction_moves_each_step_by_lr_times_it(tiny_models: dict[st
     _, result = _run(tiny_models["bert"], cfg, correction=corr)
     assert result.lr_sum == pytest.approx(sum(r["lr"] for r in result.history))
     assert 0 < result.lr_sum < 5e-2
+
+
+def test_select_by_a_metric_keeps_the_best_evaluation_by_it(tiny_models: dict[str, str]) -> None:
+    """`train.select_by = "accuracy"`: the state kept (and the step and loss reported)
+    is the first evaluation with the highest validation accuracy, not the lowest loss;
+    patience counts evaluations without a higher accuracy."""
+    snapshots: dict[int, tuple[float, float, dict]] = {}
+    model = _model(tiny_models["bert"], "full")
+    feats, val = _feats(model), _feats(model, 1)
+
+    def snap(record: dict) -> None:
+        snapshots[record["step"]] = (record["val_accuracy"], record["val_loss"],
+                                     model.trainable_state())  # fmt: skip
+
+    cfg = TrainConfig(max_steps=12, batch_size=4, eval_every=1, warmup_ratio=0, patience=4,
+                      scheduler="constant", progress=False, select_by="accuracy")  # fmt: skip
+    result = train(model, feats, val, cfg, lr=0.05, seed=0, on_eval=snap)
+    steps = sorted(snapshots)
+    best = max(steps, key=lambda s: (snapshots[s][0], -s))  # highest, the first of equals
+    assert result.best_step == best
+    assert result.best_val_score == snapshots[best][0]
+    assert result.best_val_loss == snapshots[best][1]
+    later = [s for s in steps if s > best]
+    assert result.stopped_early == (len(later) >= 4) and len(later) <= 4
+    state = model.trainable_state()
+    assert all(torch.equal(state[n], t) for n, t in snapshots[best][2].items())
+    # A metric the task does not have names the ones it has.
+    with pytest.raises(ConfigError, match=r"select_by = 'rougeL'.*loss, accuracy, macro_f1"):
+        train(model, feats, val, TrainConfig(select_by="rougeL", progress=False), lr=1e-3)

@@ -157,8 +157,18 @@ class TrainConfig:
     eval_every: int = 0
     """Evaluate on the validation set every N optimizer steps (0 = once per epoch)."""
     patience: int = 0
-    """Stop after this many evaluations without a lower validation loss (0 = never);
-    the best checkpoint is restored at the end either way."""
+    """Stop after this many evaluations without a better validation score (`select_by`;
+    0 = never); the best checkpoint is restored at the end either way."""
+    select_by: str = "loss"
+    """What picks the model kept, among the evaluations of a run (each epoch or
+    `eval_every` steps; federated: each round's global model on the shared validation
+    set): `loss` (the lowest validation loss) or one of the task's metrics, highest
+    (classification `accuracy`, `macro_f1`, `weighted_f1`; generation `rougeL`,
+    `exact_match`, `f1`; preference `pair_accuracy`, `reward_margin`), as the HF
+    Trainer's `metric_for_best_model`. Generation then decodes the validation set at
+    every evaluation (greedy, `model.max_new_tokens`), which costs about what testing
+    on that many examples does; the loss per token need not rank models as their
+    answers do (docs/benchmarks.md, TAT-QA)."""
     eval_batch_size: int = 64
     bucket_size: int = 64
     """Length bucketing: sort this many batches' worth of examples by length, cut
@@ -339,6 +349,10 @@ class RunConfig:
         method = dict(method)
         mname = _coerce(method.pop("name", "lora"), str, "method.name")
         run = _from_dict(cls, data, "")
+        if run.train.select_by != "loss":
+            from fedtune.evaluate import check_select_by  # torch: only when asked
+
+            check_select_by(run.train.select_by, run.data.task)
         return dataclasses.replace(run, method=method_config(mname, method))
 
 

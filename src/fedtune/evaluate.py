@@ -10,6 +10,7 @@ import torch
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
 
 from fedtune.classify import Feature, to_device
+from fedtune.errors import ConfigError
 
 if TYPE_CHECKING:  # avoids an import cycle at runtime
     from fedtune.adapted import AdaptedModel
@@ -81,6 +82,21 @@ TASK_METRICS = {"classification": ("accuracy", "macro_f1", "weighted_f1"),
                 "generation": ("rougeL", "exact_match", "f1"),
                 "preference": ("pair_accuracy", "reward_margin")}  # fmt: skip
 """Each task's metrics, the primary (ranking) one first."""
+
+
+def check_select_by(select_by: str, task: str) -> None:
+    """`train.select_by` must be `loss` or one of the task's metrics."""
+    allowed = ("loss", *TASK_METRICS.get(task, ()))
+    if select_by not in allowed:
+        raise ConfigError(f"train.select_by = {select_by!r} is not a validation score of a "
+                          f"{task} task; use one of {', '.join(allowed)}")  # fmt: skip
+
+
+def selection_key(m: Metrics, select_by: str) -> float:
+    """What `train.select_by` minimizes: the validation loss, or minus the metric (a
+    metric that could not be computed counts as the worst)."""
+    value = m.loss if select_by == "loss" else -m.values.get(select_by, float("nan"))
+    return float("inf") if np.isnan(value) else float(value)
 
 
 def metric_names(rows: list[dict[str, Any]]) -> tuple[str, ...]:

@@ -104,6 +104,8 @@ def run_centralized(
             "stopped_early": result.stopped_early,
             "best_step": result.best_step,
             "best_val_loss": result.best_val_loss,
+            "select_by": cfg.train.select_by,
+            "best_val_score": result.best_val_score,
             "train_seconds": result.train_seconds,
             "samples_per_second": result.samples_per_second,
         }

@@ -11,11 +11,11 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 
-from fedtune.evaluate import Metrics
+from fedtune.evaluate import LABEL, Metrics
 
 # The task metric computed between steps and rounds next to the validation loss
-# (generation decodes only on the test set, so it has none there).
-VAL_METRICS = (("accuracy", "accuracy"), ("pair_accuracy", "pair accuracy"))
+# (generation decodes the validation set only when train.select_by names a metric).
+VAL_METRICS = (("accuracy", "accuracy"), ("pair_accuracy", "pair accuracy"), ("rougeL", "ROUGE-L"))
 
 
 def _val_metric(records: list[dict[str, Any]]) -> tuple[str, str]:
@@ -170,7 +170,7 @@ def write_run_report(run_dir: Path, summary: dict[str, Any], test: Metrics,
         ("trainable parameters", f"{s['trainable_parameters']:,} "
          f"({s['trainable_percent']:.3f}% of {s['base_parameters']:,})"),
         fitting,
-        ("best validation loss (step)", f"{s['best_val_loss']:.4f} ({s['best_step']})"),
+        *_kept(s, "step"),
         ("wall time", f"{s['wall_seconds']:.1f} s (training {s['train_seconds']:.1f} s, "
          f"{s['samples_per_second']:.1f} samples/s)"),
     ]  # fmt: skip
@@ -191,6 +191,16 @@ def write_run_report(run_dir: Path, summary: dict[str, Any], test: Metrics,
     if s.get("notes"):
         text += "\n## Data notes\n\n" + "\n".join(f"- {n}" for n in s["notes"]) + "\n"
     (run_dir / "report.md").write_text(text)
+
+
+def _kept(s: dict[str, Any], unit: str, loss_line: bool = True) -> list[tuple[str, str]]:
+    """The report's line on the model kept: by the lowest validation loss, or by the
+    metric `train.select_by` named (then its value and the loss it came with)."""
+    by, at = s.get("select_by", "loss"), s.get(f"best_{unit}", 0)
+    if by == "loss":
+        return [(f"best validation loss ({unit})", f"{s['best_val_loss']:.4f} ({at})")] * loss_line
+    return [(f"kept: best validation {LABEL.get(by, by)} ({unit})",
+             f"{s['best_val_score']:.4f} ({at}); its validation loss {s['best_val_loss']:.4f}")]
 
 
 def _mb(n: float) -> str:
@@ -232,6 +242,7 @@ def write_federated_report(
          f"({s['trainable_percent']:.3f}% of {s['base_parameters']:,})"),
         ("strategy / transport", f"{s['strategy']} / {s['transport']}"),
         ("rounds (best)", f"{s['rounds']}{early} ({s['best_round']})"),
+        *_kept(s, "round", loss_line=False),
         ("bytes per site per round, down / up",
          f"{_mb(s['bytes_down_per_site_round'])} / {_mb(s['bytes_up_per_site_round'])}"),
         ("bytes in total", _mb(s["bytes_total"])),

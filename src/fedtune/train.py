@@ -29,7 +29,7 @@ from fedtune.adapted import AdaptedModel
 from fedtune.classify import Feature, to_device
 from fedtune.config import TrainConfig
 from fedtune.errors import ConfigError
-from fedtune.evaluate import Metrics, evaluate_features
+from fedtune.evaluate import Metrics, check_select_by, evaluate_features, selection_key
 from fedtune.progress import bars_visible
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,10 @@ class TrainResult:
     """One record per evaluation: step, epoch, train_loss, val_* metrics, lr, seconds."""
     best_step: int = 0
     best_val_loss: float = float("nan")
+    """The validation loss of the model kept (the lowest unless `train.select_by` names
+    a metric)."""
+    best_val_score: float = float("nan")
+    """The `train.select_by` value of the model kept."""
     stopped_early: bool = False
     train_seconds: float = 0.0
     """Time spent in forward/backward/optimizer steps (evaluation excluded)."""
@@ -258,6 +262,7 @@ def train(
     if not train_feats:
         raise ConfigError("no training examples: check data.limit and the split sizes")
     _check(cfg, has_validation=bool(val_feats))
+    check_select_by(cfg.select_by, model.formulation.task)
     threads_before = torch.get_num_threads()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -338,6 +343,7 @@ def _train(
 
     result = TrainResult(steps=0, epochs=0.0)
     best_state: dict[str, torch.Tensor] | None = None
+    best_key = float("inf")  # selection_key of the model kept: lower is better
     bad_evals = 0
     running, running_n = 0.0, 0  # example-weighted train loss since the last evaluation
     start_step = session.steps
@@ -396,10 +402,13 @@ def _train(
             running, running_n = 0.0, 0
             if val_feats:
                 m: Metrics = evaluate_features(model, val_feats, cfg.eval_batch_size,
-                                               generate=False, bf16=cfg.bf16)
+                                               generate=cfg.select_by != "loss", bf16=cfg.bf16)
                 record.update({f"val_{k}": v for k, v in m.summary().items()})
-                if result.best_step == 0 or m.loss < result.best_val_loss:
-                    result.best_val_loss, result.best_step = m.loss, session.steps
+                key = selection_key(m, cfg.select_by)
+                if result.best_step == 0 or key < best_key:
+                    best_key, result.best_step = key, session.steps
+                    result.best_val_loss = m.loss
+                    result.best_val_score = m.summary().get(cfg.select_by, float("nan"))
                     best_state = model.trainable_state()
                     bad_evals = 0
                 else:

@@ -249,6 +249,8 @@ def summarize(
         "site_batch_size": site_train_config(cfg).batch_size,
         "best_round": st.best_round,
         "best_val_loss": st.best_val_loss,
+        "select_by": cfg.train.select_by,
+        "best_val_score": st.best_val_score,
         "stopped_early": st.stopped_early,
         "bytes_down_per_site_round": per_site_round["down"],
         "bytes_up_per_site_round": per_site_round["up"],

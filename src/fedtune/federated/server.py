@@ -46,7 +46,7 @@ from safetensors.torch import load_file, save_file
 import fedtune
 from fedtune.config import FederatedConfig, RunConfig
 from fedtune.errors import ConfigError
-from fedtune.evaluate import Metrics, val_line
+from fedtune.evaluate import Metrics, check_select_by, selection_key, val_line
 from fedtune.federated.apps import VERSION_KEY, Workspace, workspace
 from fedtune.federated.attacks import check_attack
 from fedtune.federated.grid import NO_REPLY, exchange
@@ -231,6 +231,12 @@ class FederationState:
     """One record per message: round, site, direction, bytes, payload_bytes."""
     best_round: int = 0
     best_val_loss: float = float("inf")
+    """The shared validation loss of the round kept (the lowest unless `train.select_by`
+    names a metric)."""
+    best_val_score: float = float("nan")
+    """The `train.select_by` value of the round kept."""
+    best_key: float = float("inf")
+    """`selection_key` of the round kept (lower is better)."""
     stopped_early: bool = False
     complete: bool = False
     seconds: float = 0.0
@@ -428,6 +434,8 @@ def run_server(
     model = ws.model
     strategy = build_strategy(fed, cfg.method.lr, cfg.method_name)
     has_val = bool(ws.splits.validation)
+    select_by = cfg.train.select_by
+    check_select_by(select_by, cfg.data.task)
     state = FederationState()
     # Flower's strategies sample sites with the global `random` module: seed it, so
     # that a run is reproducible (the checkpoint carries its state on from there).
@@ -439,6 +447,8 @@ def run_server(
         if ckpt is None:
             raise ConfigError(f"{resume} holds no checkpoint to resume from")
         state, arrays, best = read_checkpoint(ckpt, strategy)
+        if state.best_round and state.best_key == float("inf") and select_by == "loss":
+            state.best_key = state.best_val_loss  # a checkpoint from before select_by
         if state.complete:
             raise ConfigError(f"{resume} is a finished run (all rounds done); nothing to resume")
         console.print(f"resuming after round {state.round} from {escape(str(ckpt))}")
@@ -464,7 +474,7 @@ def run_server(
         if not has_val:
             return None
         model.load_trainable_state(decode_state(record))
-        return ws.evaluate("shared-val", ws.splits.validation, generate=False)
+        return ws.evaluate("shared-val", ws.splits.validation, generate=select_by != "loss")
 
     if state.round == 0 and not state.history:
         m0 = evaluate_global(arrays)
@@ -555,8 +565,11 @@ def run_server(
         timing["validate"] = time.perf_counter() - t_val
         if m is not None:
             record |= {f"val_{k}": v for k, v in m.summary().items()}
-            if m.loss < state.best_val_loss:
-                state.best_val_loss, state.best_round, best = m.loss, rnd, arrays
+            key = selection_key(m, select_by)
+            if key < state.best_key:
+                state.best_key, state.best_round, best = key, rnd, arrays
+                state.best_val_loss = m.loss
+                state.best_val_score = m.summary().get(select_by, float("nan"))
                 bad_rounds = 0
             else:
                 bad_rounds += 1
