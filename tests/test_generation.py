@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -19,6 +20,7 @@ from fedtune.config import DataConfig, ModelConfig, load_config, method_config
 from fedtune.data import make_splits
 from fedtune.data.sources import load_examples
 from fedtune.errors import ConfigError, DataError
+from fedtune.evaluate import Metrics
 from fedtune.generate import InstructionLM, generate_texts, score_texts
 
 DECODER_METHODS = ("full", "lora", "ptuning", "prompt", "prefix", "ia3")
@@ -595,7 +597,7 @@ def test_too_few_groups_to_split_name_the_fix(tmp_path: Path) -> None:
 
 
 def test_select_by_rouge_decodes_validation_and_keeps_its_best(
-    tiny_models: dict[str, str], dolly: Path, tmp_path: Path
+    tiny_models: dict[str, str], dolly: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`train.select_by = "rougeL"`: validation answers are decoded at every check
     (steps centrally, rounds federated) and the step or round kept is the one with the
@@ -615,15 +617,31 @@ def test_select_by_rouge_decodes_validation_and_keeps_its_best(
     assert (s["best_val_score"], s["best_val_loss"]) == (best["val_rougeL"], best["val_loss"])
     assert "| kept: best validation ROUGE-L (step) |" in (run / "report.md").read_text()
 
+    # Federated: the server decodes the shared validation set each round (not round 0,
+    # never kept); scripted scores over the real ones, so that ROUGE-L and loss disagree.
+    from fedtune.federated.apps import Workspace
+
+    real, calls = Workspace.evaluate, []
+    script = iter([(0.1, 3.0), (0.5, 2.0), (0.3, 1.0)])  # (ROUGE-L, loss) of rounds 1-3
+
+    def scripted(self: Workspace, key: str, examples: list, generate: bool = True) -> Metrics:
+        m = real(self, key, examples, generate)
+        calls.append((key, generate))
+        if key == "shared-val" and generate:
+            rouge, loss = next(script)
+            m = replace(m, loss=loss, values={**m.values, "rougeL": rouge})
+        return m
+
+    monkeypatch.setattr(Workspace, "evaluate", scripted)
     f = run_federated(_gen_cfg(dolly, tiny_models["llama"], tmp_path, *extra, "name=f",
                                "federated.rounds=3"))  # fmt: skip
-    rounds = [r for r in map(json.loads, (Path(f["run_dir"]) / "metrics.jsonl").read_text()
-                             .splitlines()) if r.get("event") == "round"]  # fmt: skip
-    assert len(rounds) == 3 and all("val_rougeL" in r for r in rounds)
-    best = max(rounds, key=lambda r: (r["val_rougeL"], -r["round"]))
-    assert (f["best_round"], f["best_val_score"]) == (best["round"], best["val_rougeL"])
+    assert [c for c in calls if c[0] == "shared-val"] == [("shared-val", False)] + [
+        ("shared-val", True)] * 3
+    assert (f["best_round"], f["best_val_score"], f["best_val_loss"]) == (2, 0.5, 2.0)
     report = (Path(f["run_dir"]) / "report.md").read_text()
-    assert "| kept: best validation ROUGE-L (round) |" in report and "val ROUGE-L" in report
+    assert "| kept: best validation ROUGE-L (round) | 0.5000 (2); its validation loss 2.0000 |" \
+        in report and "the highest shared validation ROUGE-L" in report
+    assert "| round | sites | train loss | val loss | val ROUGE-L |" in report
 
     with pytest.raises(ConfigError, match=r"select_by = 'accuracy'.*loss, rougeL, exact_match"):
         _gen_cfg(dolly, tiny_models["llama"], tmp_path, "train.select_by=accuracy")

@@ -13,7 +13,7 @@ from conftest import LABELS, TEXTS, Y
 from fedtune.adapted import AdaptedModel
 from fedtune.config import ModelConfig, TrainConfig, method_config
 from fedtune.errors import ConfigError
-from fedtune.evaluate import classification_metrics, evaluate_features
+from fedtune.evaluate import Metrics, classification_metrics, evaluate_features, selection_key
 from fedtune.train import _progress, length_bucketed_batches, train
 
 QUIET = TrainConfig(progress=False)
@@ -301,30 +301,52 @@ def test_scaffold_correction_moves_each_step_by_lr_times_it(tiny_models: dict[st
     assert 0 < result.lr_sum < 5e-2
 
 
-def test_select_by_a_metric_keeps_the_best_evaluation_by_it(tiny_models: dict[str, str]) -> None:
-    """`train.select_by = "accuracy"`: the state kept (and the step and loss reported)
-    is the first evaluation with the highest validation accuracy, not the lowest loss;
-    patience counts evaluations without a higher accuracy."""
-    snapshots: dict[int, tuple[float, float, dict]] = {}
+def test_select_by_a_metric_keeps_the_best_evaluation_by_it(
+    tiny_models: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`train.select_by = "accuracy"`: the state kept (and the step, score and loss
+    reported) is the evaluation with the highest validation accuracy although the loss
+    keeps falling; patience counts evaluations without a higher accuracy. Scripted
+    validation scores, so that accuracy and loss disagree."""
+    import fedtune.train as loop
+
+    accuracy = iter([0.2, 0.6, 0.4, 0.6, 0.5, 0.3, 0.9])
+    losses = iter([1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+    decoded: list[bool] = []
+
+    def scripted(*args: object, generate: bool = True, **kw: object) -> Metrics:
+        decoded.append(generate)
+        return Metrics(loss=next(losses), n=6, values={"accuracy": next(accuracy)})
+
+    monkeypatch.setattr(loop, "evaluate_features", scripted)
+    snapshots: dict[int, dict] = {}
     model = _model(tiny_models["bert"], "full")
     feats, val = _feats(model), _feats(model, 1)
 
     def snap(record: dict) -> None:
-        snapshots[record["step"]] = (record["val_accuracy"], record["val_loss"],
-                                     model.trainable_state())  # fmt: skip
+        snapshots[record["step"]] = model.trainable_state()
 
-    cfg = TrainConfig(max_steps=12, batch_size=4, eval_every=1, warmup_ratio=0, patience=4,
+    cfg = TrainConfig(max_steps=20, batch_size=4, eval_every=1, warmup_ratio=0, patience=3,
                       scheduler="constant", progress=False, select_by="accuracy")  # fmt: skip
     result = train(model, feats, val, cfg, lr=0.05, seed=0, on_eval=snap)
-    steps = sorted(snapshots)
-    best = max(steps, key=lambda s: (snapshots[s][0], -s))  # highest, the first of equals
-    assert result.best_step == best
-    assert result.best_val_score == snapshots[best][0]
-    assert result.best_val_loss == snapshots[best][1]
-    later = [s for s in steps if s > best]
-    assert result.stopped_early == (len(later) >= 4) and len(later) <= 4
+    # Step 2 (0.6) is kept over step 4's equal 0.6 and the lower losses after it; three
+    # evaluations without a higher accuracy (3, 4, 5) stop the run before step 7's 0.9.
+    assert (result.best_step, result.best_val_score, result.best_val_loss) == (2, 0.6, 0.9)
+    assert result.stopped_early and result.steps == 5
+    assert decoded == [True] * 5  # a metric is asked for: generation would decode
     state = model.trainable_state()
-    assert all(torch.equal(state[n], t) for n, t in snapshots[best][2].items())
-    # A metric the task does not have names the ones it has.
+    assert all(torch.equal(state[n], t) for n, t in snapshots[2].items())
+    assert not all(torch.equal(state[n], t) for n, t in snapshots[5].items())
+
+
+def test_select_by_names_the_metrics_a_task_has(tiny_models: dict[str, str]) -> None:
+    assert selection_key(Metrics(loss=0.5, n=1, values={"accuracy": 0.8}), "loss") == 0.5
+    assert selection_key(Metrics(loss=0.5, n=1, values={"accuracy": 0.8}), "accuracy") == -0.8
+    assert selection_key(Metrics(loss=float("nan"), n=1), "loss") == float("inf")
+    assert selection_key(Metrics(loss=0.5, n=1), "accuracy") == float("inf")  # not computed
+    model = _model(tiny_models["bert"])
+    feats, val = _feats(model), _feats(model, 1)
     with pytest.raises(ConfigError, match=r"select_by = 'rougeL'.*loss, accuracy, macro_f1"):
         train(model, feats, val, TrainConfig(select_by="rougeL", progress=False), lr=1e-3)
+    with pytest.raises(ConfigError, match=r"select_by = 'accuracy' needs a validation set"):
+        train(model, feats, None, TrainConfig(select_by="accuracy", progress=False), lr=1e-3)

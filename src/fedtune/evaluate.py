@@ -84,12 +84,16 @@ TASK_METRICS = {"classification": ("accuracy", "macro_f1", "weighted_f1"),
 """Each task's metrics, the primary (ranking) one first."""
 
 
-def check_select_by(select_by: str, task: str) -> None:
-    """`train.select_by` must be `loss` or one of the task's metrics."""
+def check_select_by(select_by: str, task: str, has_validation: bool = True) -> None:
+    """`train.select_by` must be `loss` or one of the task's metrics, and a metric needs
+    a validation set to be computed on."""
     allowed = ("loss", *TASK_METRICS.get(task, ()))
     if select_by not in allowed:
         raise ConfigError(f"train.select_by = {select_by!r} is not a validation score of a "
                           f"{task} task; use one of {', '.join(allowed)}")  # fmt: skip
+    if select_by != "loss" and not has_validation:
+        raise ConfigError(f"train.select_by = {select_by!r} needs a validation set to select "
+                          "on: set data.val_size > 0, or leave select_by = 'loss'")  # fmt: skip
 
 
 def selection_key(m: Metrics, select_by: str) -> float:

@@ -19,7 +19,7 @@ from fedtune.adapted import AdaptedModel
 from fedtune.config import MethodConfig, RunConfig, method_config
 from fedtune.data import Example, Splits, make_splits
 from fedtune.data.sources import fpb_file_agreement
-from fedtune.evaluate import Metrics, evaluate_features, test_line, val_line
+from fedtune.evaluate import Metrics, check_select_by, evaluate_features, test_line, val_line
 from fedtune.methods import FrozenMethod, get_method, is_frozen
 from fedtune.methods.frozen import EmbeddingMethod
 from fedtune.report import write_run_report
@@ -69,6 +69,7 @@ def run_centralized(
     # Everything a user can get wrong is checked before anything is written.
     final = final_run_dir(cfg)
     splits = splits or make_splits(cfg.data)
+    check_select_by(cfg.train.select_by, cfg.data.task, has_validation=bool(splits.validation))
     model = AdaptedModel.build(cfg.model, cfg.method, splits.labels, seed=cfg.seed,
                                task=cfg.data.task)  # fmt: skip
     train_feats = encode(model, splits.train)

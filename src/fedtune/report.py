@@ -15,14 +15,18 @@ from fedtune.evaluate import LABEL, Metrics
 
 # The task metric computed between steps and rounds next to the validation loss
 # (generation decodes the validation set only when train.select_by names a metric).
-VAL_METRICS = (("accuracy", "accuracy"), ("pair_accuracy", "pair accuracy"), ("rougeL", "ROUGE-L"))
+# Those on a 0..1 scale are plotted on the right axis; train.select_by's metric first.
+VAL_METRICS = ("accuracy", "pair_accuracy", "rougeL")
+UNIT_METRICS = (*VAL_METRICS, "macro_f1", "weighted_f1", "exact_match", "f1")
 
 
-def _val_metric(records: list[dict[str, Any]]) -> tuple[str, str]:
-    """(record key, display name) of the validation metric every record has, else ('', '')."""
-    for key, name in VAL_METRICS:
+def _val_metric(records: list[dict[str, Any]], first: str = "") -> tuple[str, str]:
+    """(record key, display name) of the validation metric every record has, else ('',
+    ''): `first` (the metric that selects the model) when it is one."""
+    keys = ([first] if first in UNIT_METRICS else []) + list(VAL_METRICS)
+    for key in keys:
         if records and all(f"val_{key}" in r for r in records):
-            return f"val_{key}", name
+            return f"val_{key}", LABEL.get(key, key)
     return "", ""
 
 
@@ -32,6 +36,7 @@ def plot_curves(
     title: str,
     x: str = "step",
     train_label: str = "train loss",
+    select_by: str = "",
 ) -> None:
     """Train and validation loss (left axis) and validation accuracy (right) per
     optimizer step, or per round (`x="round"`) for a federation; records without
@@ -48,10 +53,12 @@ def plot_curves(
         lines += ax.plot(xs, [r["val_loss"] for r in with_val], "s-", label="validation loss")
         # The task's main metric when it is computed between steps (classification's
         # accuracy, preference's pair accuracy; generation checks the loss alone there).
-        key, name = _val_metric(with_val)
+        # Round 0 (the untrained global model, never kept) is not decoded for it.
+        scored = [r for r in with_val if r.get("round", 1) > 0]
+        key, name = _val_metric(scored, select_by)
         if key:
             ax2 = ax.twinx()
-            lines += ax2.plot(xs, [r[key] for r in with_val], "^--",
+            lines += ax2.plot([r[x] for r in scored], [r[key] for r in scored], "^--",
                               color="tab:green", label=f"validation {name}")  # fmt: skip
             ax2.set_ylabel(name)
             ax2.set_ylim(0, 1)
@@ -149,7 +156,7 @@ def write_run_report(run_dir: Path, summary: dict[str, Any], test: Metrics,
     title = f"{summary['method']} on {summary['model']}"
     frozen = summary["kind"] == "frozen"  # no training curve: nothing was trained
     if not frozen:
-        plot_curves(history, run_dir / "curves.png", title)
+        plot_curves(history, run_dir / "curves.png", title, select_by=s_by(summary))
     if test.confusion:
         plot_confusion(test, labels, run_dir / "confusion.png", f"test, {title}")
     write_answers(run_dir, test)
@@ -193,10 +200,15 @@ def write_run_report(run_dir: Path, summary: dict[str, Any], test: Metrics,
     (run_dir / "report.md").write_text(text)
 
 
+def s_by(s: dict[str, Any]) -> str:
+    """What selected a run's model (`train.select_by`; runs before it: the loss)."""
+    return str(s.get("select_by", "loss"))
+
+
 def _kept(s: dict[str, Any], unit: str, loss_line: bool = True) -> list[tuple[str, str]]:
     """The report's line on the model kept: by the lowest validation loss, or by the
     metric `train.select_by` named (then its value and the loss it came with)."""
-    by, at = s.get("select_by", "loss"), s.get(f"best_{unit}", 0)
+    by, at = s_by(s), s.get(f"best_{unit}", 0)
     if by == "loss":
         return [(f"best validation loss ({unit})", f"{s['best_val_loss']:.4f} ({at})")] * loss_line
     return [(f"kept: best validation {LABEL.get(by, by)} ({unit})",
@@ -226,7 +238,7 @@ def write_federated_report(
     """`report.md`, `rounds.png` and `confusion.png` of a federated run."""
     title = f"{s['method']} on {s['model']}, federated ({s['strategy']})"
     plot_curves(history, run_dir / "rounds.png", title, x="round",
-                train_label="site train loss (mean)")  # fmt: skip
+                train_label="site train loss (mean)", select_by=s_by(s))  # fmt: skip
     if test.confusion:
         plot_confusion(test, labels, run_dir / "confusion.png", f"test, {title}")
     write_answers(run_dir, test)
@@ -249,7 +261,7 @@ def write_federated_report(
         ("wall time", f"{s['wall_seconds']:.1f} s"),
     ]  # fmt: skip
     rows = "\n".join(f"| {k} | {v} |" for k, v in facts)
-    key, name = _val_metric([r for r in history if r["round"] > 0 and "val_loss" in r])
+    key, name = _val_metric([r for r in history if r["round"] > 0 and "val_loss" in r], s_by(s))
     acc = bool(key)  # generation: loss only
     per_round = ["| round | sites | train loss | val loss | " + (f"val {name} | " if acc else "")
                  + "down | up | s |", "|---|---|---|---|---|---|---|" + ("---|" if acc else "")]
@@ -270,7 +282,8 @@ def write_federated_report(
 |---|---|
 {rows}
 
-The global model is the round with the lowest shared validation loss.
+The global model is the round with {"the lowest shared validation loss" if s_by(s) == "loss"
+else f"the highest shared validation {LABEL.get(s_by(s), s_by(s))}"}.
 
 ## Test set (global model)
 

@@ -262,7 +262,7 @@ def train(
     if not train_feats:
         raise ConfigError("no training examples: check data.limit and the split sizes")
     _check(cfg, has_validation=bool(val_feats))
-    check_select_by(cfg.select_by, model.formulation.task)
+    check_select_by(cfg.select_by, model.formulation.task, has_validation=bool(val_feats))
     threads_before = torch.get_num_threads()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)

@@ -264,10 +264,11 @@ def local_steps(cfg: RunConfig, n_train: int) -> int:
 
 def site_train_config(cfg: RunConfig) -> TrainConfig:
     """The training loop's config at a site: the run's `[train]`, with the site's own
-    batch size (`federated.local_batch_size`) and no early stopping (sites have no
-    validation set inside the loop: the server evaluates rounds)."""
+    batch size (`federated.local_batch_size`), no early stopping and no selection
+    (sites have no validation set inside the loop: the server evaluates and selects
+    rounds, by `train.select_by`)."""
     batch = cfg.federated.local_batch_size or cfg.train.batch_size
-    return replace(cfg.train, patience=0, batch_size=batch)
+    return replace(cfg.train, patience=0, batch_size=batch, select_by="loss")
 
 
 # --- the ClientApp ---------------------------------------------------------------

@@ -593,8 +593,10 @@ def write_regimes_report(out: Path, rows: list[dict[str, Any]],
         f"partition `{fed.partition}`), centralized training and each local-only site as "
         f"many epochs; batch size {cfg.train.batch_size} (a different batch at the sites, "
         "federated and local-only alike, is noted). Validation: the shared set; test: the "
-        "held-out set. `trained (best)`: epochs or rounds run, and the one with the lowest "
-        "validation loss (the model that is tested).",
+        "held-out set. `trained (best)`: epochs or rounds run, and the one with the "
+        + ("lowest validation loss" if cfg.train.select_by == "loss"
+           else f"highest validation {cfg.train.select_by} (`train.select_by`)")
+        + " (the model that is tested).",
         "",
         "| " + " | ".join(header) + " |",
         "|---" * len(header) + "|",  # one per column: a table only renders when they match

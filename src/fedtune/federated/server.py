@@ -430,12 +430,13 @@ def run_server(
     directory whose checkpoint to continue from."""
     console = console or Console()
     fed = cfg.federated
+    select_by = cfg.train.select_by
+    check_select_by(select_by, cfg.data.task)  # before the model loads
     ws = workspace(cfg)
     model = ws.model
     strategy = build_strategy(fed, cfg.method.lr, cfg.method_name)
     has_val = bool(ws.splits.validation)
-    select_by = cfg.train.select_by
-    check_select_by(select_by, cfg.data.task)
+    check_select_by(select_by, cfg.data.task, has_validation=has_val)
     state = FederationState()
     # Flower's strategies sample sites with the global `random` module: seed it, so
     # that a run is reproducible (the checkpoint carries its state on from there).
@@ -470,14 +471,17 @@ def run_server(
     names: dict[int, str] = dict(site_names or {})
     t_start = time.perf_counter() - state.seconds
 
-    def evaluate_global(record: ArrayRecord) -> Metrics | None:
+    def evaluate_global(record: ArrayRecord, select: bool = True) -> Metrics | None:
+        """The global model on the shared validation set; generation decodes it only
+        where `train.select_by` needs its answers (not for round 0, never kept)."""
         if not has_val:
             return None
         model.load_trainable_state(decode_state(record))
-        return ws.evaluate("shared-val", ws.splits.validation, generate=select_by != "loss")
+        decode = select and select_by != "loss"
+        return ws.evaluate("shared-val", ws.splits.validation, generate=decode)
 
     if state.round == 0 and not state.history:
-        m0 = evaluate_global(arrays)
+        m0 = evaluate_global(arrays, select=False)
         rec0: dict[str, Any] = {"round": 0}
         if m0 is not None:
             rec0 |= {f"val_{k}": v for k, v in m0.summary().items()}
@@ -622,12 +626,13 @@ def run_server(
             write_checkpoint(out, state, arrays, best, strategy, save_extra)
     if state.stopped_early:
         console.print(
-            f"  stopped after round {state.round}: no lower validation loss for "
+            f"  stopped after round {state.round}: no better validation {select_by} for "
             f"{fed.patience} rounds (best: round {state.best_round})"
         )
 
-    # The global model: the round with the lowest shared validation loss (as the
-    # centralized loop restores its best epoch), else the last round.
+    # The global model: the round with the best shared validation score (the lowest
+    # loss, or train.select_by's metric; as the centralized loop restores its best
+    # epoch), else the last round.
     chosen = best if has_val else arrays
     model.load_trainable_state(decode_state(chosen))
     test = ws.evaluate("test", ws.splits.test)
