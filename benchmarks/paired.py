@@ -22,6 +22,11 @@ the runs saw in any split, so no context is shared. A test set of 102 questions 
 paired interval ~12 ROUGE-L points wide; N more questions narrow it by about
 sqrt(102 / (102 + N)). The gap is given on the held-out examples and on them together
 with the test set. `--save` keeps each run's scores as they come (a long job resumes).
+
+Where the examples have groups (`data.group_column`; TAT-QA: the report each question
+is about) every gap also gets the interval that resamples whole groups
+(`paired_gap(..., groups)`): questions about one report succeed or fail together, and
+TAT-QA's 102 test questions are 17 reports.
 """
 
 from __future__ import annotations
@@ -66,20 +71,25 @@ def _test(run: Path, examples: list[Example]) -> list[float]:
     return metrics.per_example
 
 
-def scores(run: Path) -> tuple[list[float], list[str], list[str]]:
-    """(per-example primary scores, each test example's category, its text)."""
-    from fedtune.data import make_splits
+Scored = tuple[list[float], list[str], list[str]]
+"""Per-example primary scores, each example's category, each example's group."""
+
+
+def scores(run: Path, save: Path | None = None) -> tuple[Scored, list[str]]:
+    """The run's test scores (kept in its summary, else its saved model tested again,
+    kept in `save`) with the test examples' categories and groups; and their texts."""
+    from fedtune.data import example_groups, make_splits
 
     test = make_splits(_config(run).data).test
-    cats, texts = [e.label for e in test], [_text(e) for e in test]
+    meta = [e.label for e in test], example_groups(test)
     summary = _summary(run)  # read once: the kept scores, or the score to check against
     if summary.get("test_scores"):
-        return summary["test_scores"], cats, texts
+        return (summary["test_scores"], *meta), [_text(e) for e in test]
     print(f"{run.name}: testing the saved model again", file=sys.stderr)
-    per_example = _test(run, test)
+    per_example = _scores_on(run, test, save)
     print(f"{run.name}: its summary says {summary.get('primary', '')} "
           f"{summary.get(summary.get('primary', ''), float('nan'))}", file=sys.stderr)  # fmt: skip
-    return per_example, cats, texts
+    return (per_example, *meta), [_text(e) for e in test]
 
 
 def held_out(runs: list[Path], n: int, seed: int = 0) -> list[Example]:
@@ -108,9 +118,9 @@ def held_out(runs: list[Path], n: int, seed: int = 0) -> list[Example]:
     return [fresh[i] for i in keep]
 
 
-def _held_out_scores(run: Path, examples: list[Example], save: Path | None) -> list[float]:
-    """The run's scores on the held-out examples, kept in `save` (keyed by the run and a
-    digest of the examples) so a long job that stops resumes where it was."""
+def _scores_on(run: Path, examples: list[Example], save: Path | None) -> list[float]:
+    """The run's scores on `examples` from its saved model, kept in `save` (keyed by the
+    run and a digest of the examples) so a long job that stops resumes where it was."""
     import hashlib
 
     from fedtune.atomic import write_json_atomic
@@ -132,48 +142,60 @@ def main() -> None:
     ap.add_argument("runs", nargs="+", type=Path, help="the reference run, then the others")
     ap.add_argument("--held-out", type=int, default=0, metavar="N",
                     help="also test every run on N examples no run saw (see above)")
-    ap.add_argument("--save", type=Path, help="keep the held-out scores here (resumable)")
+    ap.add_argument("--save", type=Path, help="keep scores tested here (resumable)")
     args = ap.parse_args()
     if len(args.runs) < 2:
         ap.error("give a reference run and at least one other run")
     if args.held_out < 0:
         ap.error(f"--held-out {args.held_out}: give a number of examples >= 0")
 
-    tested = [scores(run) for run in args.runs]
-    ref_texts = tested[0][2]
-    for run, (_, _, texts) in zip(args.runs[1:], tested[1:], strict=True):
+    tested = [scores(run, args.save) for run in args.runs]
+    ref_texts = tested[0][1]
+    for run, (_, texts) in zip(args.runs[1:], tested[1:], strict=True):
         if texts != ref_texts:
             sys.exit(f"{run} was tested on other examples than {args.runs[0]}: "
                      "compare runs of the same data and split settings")  # fmt: skip
-    tables = {"the test set": [(s, c) for s, c, _ in tested]}
+    tables = {"the test set": [t for t, _ in tested]}
     if args.held_out:
+        from fedtune.data import example_groups
+
         extra = held_out(args.runs, args.held_out)
-        ex_cats = [e.label for e in extra]
-        ex = [(_held_out_scores(run, extra, args.save), ex_cats) for run in args.runs]
+        meta = [e.label for e in extra], example_groups(extra)
+        ex = [(_scores_on(run, extra, args.save), *meta) for run in args.runs]
         tables[f"{len(extra)} held-out examples"] = ex
         tables["the test set and the held-out examples"] = [
-            (s + x, c + xc) for (s, c), (x, xc) in zip(tables["the test set"], ex, strict=True)]
+            (s + x, c + xc, g + xg)  # the held-out groups are none of the test set's
+            for (s, c, g), (x, xc, xg) in zip(tables["the test set"], ex, strict=True)]
     for title, rows in tables.items():
         _table(title, args.runs, rows)
 
 
-def _table(title: str, runs: list[Path], rows: list[tuple[list[float], list[str]]]) -> None:
+def _table(title: str, runs: list[Path], rows: list[Scored]) -> None:
+    """The gaps to the reference: the paired interval over examples, and over whole
+    groups (e.g. TAT-QA's reports) when the examples have them."""
     from fedtune.federated.compare import paired_gap
 
-    ref = rows[0][0]
+    ref, _, groups = rows[0]
     n = len(ref)
-    print(f"\n{title}: reference {runs[0].name} (score {100 * np.mean(ref):.1f}, {n} examples)\n")
-    print("| run | score | gap | paired 95% interval | gap by category (points of the total) |")
-    print("|---|---|---|---|---|")
-    for run, (other, cats) in zip(runs[1:], rows[1:], strict=True):
+    print(f"\n{title}: reference {runs[0].name} (score {100 * np.mean(ref):.1f}, {n} examples"
+          + (f" in {len(set(groups))} groups" if groups else "") + ")\n")
+    print("| run | score | gap | paired 95% interval, examples resampled "
+          + ("| groups resampled " if groups else "") + "| gap by category (points of the total) |")
+    print("|---|---|---|---|" + ("---|" if groups else "") + "---|")
+    for run, (other, cats, _) in zip(runs[1:], rows[1:], strict=True):
         gap = paired_gap(other, ref)
         assert gap is not None  # same examples, checked above
+        cells = [f"[{100 * gap[1]:+.1f}, {100 * gap[2]:+.1f}]"]
+        if groups:
+            by_group = paired_gap(other, ref, groups)
+            assert by_group is not None
+            cells.append(f"[{100 * by_group[1]:+.1f}, {100 * by_group[2]:+.1f}]")
         diff = np.asarray(other) - np.asarray(ref)
         by_cat = {c: 100 * diff[[i for i, k in enumerate(cats) if k == c]].sum() / n
                   for c in dict.fromkeys(cats)}  # fmt: skip
         parts = ", ".join(f"{c} ({cats.count(c)}) {v:+.1f}" for c, v in by_cat.items())
         print(f"| {run.name} | {100 * np.mean(other):.1f} | {100 * gap[0]:+.1f} "
-              f"| [{100 * gap[1]:+.1f}, {100 * gap[2]:+.1f}] | {parts} |")  # fmt: skip
+              f"| {' | '.join(cells)} | {parts} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -53,6 +53,8 @@ def check_paired_findings() -> Callable[[Path, str], None]:
             summary = json.loads((out / r["name"] / "metrics.jsonl").read_text().splitlines()[-1])
             assert len(summary["test_scores"]) == r["n_test"] > 0
             assert sum(summary["test_scores"]) / r["n_test"] == pytest.approx(r[metric])
+            # Each test example's group when the data has groups (resampled whole).
+            assert summary["test_groups"] == [] or len(summary["test_groups"]) == r["n_test"]
         report = (out / "report.md").read_text()
         findings = report.split("## The source post's two findings")[1]
         assert any(line.startswith("| ") and " [" in line for line in findings.splitlines())

@@ -484,6 +484,35 @@ def test_the_findings_carry_a_paired_interval_from_per_example_scores() -> None:
     assert line.endswith("] (a) | - |")
 
 
+def test_paired_intervals_resample_whole_groups_when_examples_have_them() -> None:
+    """Questions about one report move together: with each example's group, the
+    interval resamples groups (10 reports x 10 questions, half the reports all gained,
+    half all level) and is far wider than one that takes the 100 questions as
+    independent; the gap itself is the same. Groups of one example, or one group for
+    all, are the example bootstrap."""
+    from fedtune.federated.compare import findings, paired_gap
+
+    cen = [0.0] * 100
+    fed = [1.0 if i // 10 % 2 == 0 else 0.0 for i in range(100)]  # reports 0, 2, 4, 6, 8
+    groups = [f"report-{i // 10}" for i in range(100)]
+    plain, clustered = paired_gap(fed, cen), paired_gap(fed, cen, groups)
+    assert plain is not None and clustered is not None
+    assert plain[0] == clustered[0] == pytest.approx(0.5)
+    assert clustered[1] < plain[1] < 0.5 < plain[2] < clustered[2]
+    assert clustered[2] - clustered[1] > 2.5 * (plain[2] - plain[1])  # ~0.6 vs ~0.2
+    assert paired_gap(fed, cen, [str(i) for i in range(100)]) == plain
+    assert paired_gap(fed, cen, ["one"] * 100) == plain
+    assert paired_gap([0.5] * 50, [0.4] * 50, groups[:50]) == pytest.approx((0.1, 0.1, 0.1))
+
+    def row(regime: str, scores: list[float]) -> dict[str, object]:
+        return {"method": "lora", "regime": regime, "site": "all", "rougeL": sum(scores) / 100,
+                "n_test": 100, "test_scores": scores, "test_groups": groups}  # fmt: skip
+
+    line = next(x for x in findings([row("centralized", cen), row("federated", fed)], "rougeL")
+                if x.startswith("| lora"))  # fmt: skip
+    assert line.startswith(f"| lora | +50.0 [{100 * clustered[1]:+.1f}, {100 * clustered[2]:+.1f}]")
+
+
 def test_compare_over_seeds_reports_mean_and_spread(
     tiny_models: dict[str, str], table: Path, tmp_path: Path
 ) -> None:

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from fedtune.adapted import AdaptedModel
 from fedtune.cli import app
 from fedtune.config import DataConfig, ModelConfig, load_config, method_config
-from fedtune.data import make_splits
+from fedtune.data import example_groups, make_splits
 from fedtune.data.sources import load_examples
 from fedtune.errors import ConfigError, DataError
 from fedtune.evaluate import Metrics
@@ -136,6 +136,10 @@ def test_tatqa_loader_and_split_keep_each_table_in_one_set(tmp_path: Path) -> No
     assert not (groups[0] & groups[1] or groups[0] & groups[2] or groups[1] & groups[2])
     assert sum(len(g) for g in groups) == 12 and s.labels == ("arithmetic", "multi-span", "span")
     assert any("whole groups" in n for n in s.notes)
+    # What a paired interval resamples whole: each test question's report.
+    assert example_groups(s.test) == [e.group for e in s.test] and len(set(example_groups(
+        s.test))) == len(groups[2])
+    assert example_groups([replace(e, group="") for e in s.test]) == []
 
 
 def test_duplicate_questions_are_keyed_by_their_context(tmp_path: Path) -> None:

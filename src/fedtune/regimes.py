@@ -17,7 +17,7 @@ from rich.markup import escape
 
 from fedtune.adapted import AdaptedModel
 from fedtune.config import MethodConfig, RunConfig, method_config
-from fedtune.data import Example, Splits, make_splits
+from fedtune.data import Example, Splits, example_groups, make_splits
 from fedtune.data.sources import fpb_file_agreement
 from fedtune.evaluate import Metrics, check_select_by, evaluate_features, test_line, val_line
 from fedtune.methods import FrozenMethod, get_method, is_frozen
@@ -154,6 +154,7 @@ def _finish(
         "confusion": test.confusion,
         "samples": test.samples,
         "test_scores": test.per_example,
+        "test_groups": example_groups(splits.test),
         "notes": list(splits.notes) + list(notes or []),
         **(extra or {}),
     }

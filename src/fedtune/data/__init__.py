@@ -13,6 +13,7 @@ from fedtune.data.sources import (
 from fedtune.data.splits import (
     Splits,
     deduplicate,
+    example_groups,
     fingpt_split,
     make_splits,
     split_examples,
@@ -23,6 +24,7 @@ __all__ = [
     "Example",
     "Splits",
     "deduplicate",
+    "example_groups",
     "fingpt_split",
     "label_names",
     "load_examples",

@@ -84,6 +84,15 @@ def deduplicate(examples: Sequence[Example]) -> tuple[list[Example], list[str]]:
     return kept, notes
 
 
+def example_groups(examples: Sequence[Example]) -> list[str]:
+    """Each example's group (`data.group_column`; TAT-QA: the report a question is
+    about), or [] when the data has none: what a paired interval resamples whole
+    (fedtune.federated.compare.paired_gap)."""
+    if not any(e.group for e in examples):
+        return []
+    return [e.group or f"\x00{i}" for i, e in enumerate(examples)]
+
+
 def _count(share: float, n: int, what: str) -> int:
     """A share as a whole number of rows, rounded up like scikit-learn does for tests."""
     if not 0.0 <= share < 1.0:

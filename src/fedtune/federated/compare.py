@@ -176,7 +176,8 @@ def run_regimes(
         write_regimes_report(staging, rows, curves, title, cfg)
         write_json(staging / "comparison.json", [
             {k: v for k, v in r.items()
-             if k not in ("report", "confusion", "run_dir", "history", "test_scores")}
+             if k not in ("report", "confusion", "run_dir", "history", "test_scores",
+                          "test_groups")}
             for r in rows
         ])  # fmt: skip
         summary = findings(rows, metric_names(rows)[0])
@@ -504,12 +505,18 @@ PROPORTIONS = ("accuracy", "pair_accuracy")
 """Metrics that are a share of test examples: a binomial standard error applies."""
 
 
-def paired_gap(a: list[float], b: list[float], resamples: int = 5000,
-               seed: int = 0) -> tuple[float, float, float] | None:  # fmt: skip
+def paired_gap(
+    a: list[float], b: list[float], groups: list[str] | None = None, resamples: int = 5000,
+    seed: int = 0,
+) -> tuple[float, float, float] | None:
     """mean(a) - mean(b) of two models' per-example scores on the same test examples,
     and its 95% paired bootstrap interval (scipy's, percentile: the test examples are
     resampled, both models' scores of an example move together, so what the two get
-    right alike cancels). The caller vouches that both are of the same examples in the
+    right alike cancels). With `groups` (each example's group, e.g. the report a TAT-QA
+    question is about), whole groups are resampled instead (a cluster bootstrap of the
+    ratio sum of differences / number of examples): questions about one report are not
+    independent, and resampling them one by one gives too narrow an interval (TAT-QA:
+    docs/benchmarks.md). The caller vouches that both are of the same examples in the
     same order (one comparison's shared test set); None when the scores are missing
     (summaries written before per-example scores were kept) or differ in length."""
     if not a or len(a) != len(b):
@@ -517,17 +524,29 @@ def paired_gap(a: list[float], b: list[float], resamples: int = 5000,
     from scipy.stats import bootstrap
 
     x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    ci = bootstrap((x, y), lambda u, v, axis=-1: np.mean(u - v, axis=axis), paired=True,
-                   vectorized=True, n_resamples=resamples, batch=1000, method="percentile",
-                   rng=seed).confidence_interval  # fmt: skip
-    return float(np.mean(x - y)), float(ci.low), float(ci.high)
+    gap = float(np.mean(x - y))
+    if groups and len(groups) == len(a) and 1 < len(set(groups)) < len(a):
+        names = sorted(set(groups))
+        index = {g: i for i, g in enumerate(names)}
+        at = np.array([index[g] for g in groups])
+        sums = np.bincount(at, weights=x - y, minlength=len(names))
+        sizes = np.bincount(at, minlength=len(names)).astype(float)
+        ci = bootstrap((sums, sizes), lambda s, n, axis=-1: s.sum(axis) / n.sum(axis),
+                       paired=True, vectorized=True, n_resamples=resamples, batch=1000,
+                       method="percentile", rng=seed).confidence_interval  # fmt: skip
+    else:
+        ci = bootstrap((x, y), lambda u, v, axis=-1: np.mean(u - v, axis=axis), paired=True,
+                       vectorized=True, n_resamples=resamples, batch=1000,
+                       method="percentile", rng=seed).confidence_interval  # fmt: skip
+    return gap, float(ci.low), float(ci.high)
 
 
 def _gap(fed: dict[str, Any], other: dict[str, Any], top: str) -> str:
     """`+1.5` points, with `[-0.3, +3.2]` (the paired 95% interval) when both runs kept
     their per-example test scores."""
     text = f"{100 * (fed[top] - other[top]):+.1f}"
-    gap = paired_gap(fed.get("test_scores") or [], other.get("test_scores") or [])
+    gap = paired_gap(fed.get("test_scores") or [], other.get("test_scores") or [],
+                     fed.get("test_groups"))  # fmt: skip
     if gap is not None:
         text += f" [{100 * gap[1]:+.1f}, {100 * gap[2]:+.1f}]"
     return text

@@ -209,6 +209,7 @@ def finish_run(
 def summarize(
     cfg: RunConfig, outcome: Outcome, wall: float, out: Path | None, shown_as: Path | None
 ) -> dict[str, Any]:
+    from fedtune.data import example_groups
     from fedtune.regimes import describe_data
 
     st, ws, test = outcome.state, outcome.workspace, outcome.test
@@ -274,6 +275,7 @@ def summarize(
         "confusion": test.confusion,
         "samples": test.samples,
         "test_scores": test.per_example,
+        "test_groups": example_groups(ws.splits.test),
         "notes": list(ws.splits.notes) + list(ws.partition.notes),
         "wall_seconds": wall,
         "history": st.history,
