@@ -515,8 +515,8 @@ def paired_gap(
     right alike cancels). With `groups` (each example's group, e.g. the report a TAT-QA
     question is about), whole groups are resampled instead (a cluster bootstrap of the
     ratio sum of differences / number of examples): questions about one report are not
-    independent, and resampling them one by one gives too narrow an interval (TAT-QA:
-    docs/benchmarks.md). The caller vouches that both are of the same examples in the
+    independent, and resampling them one by one understates the spread when reports
+    differ (on TAT-QA's test set the two came out close: docs/federated.md). The caller vouches that both are of the same examples in the
     same order (one comparison's shared test set); None when the scores are missing
     (summaries written before per-example scores were kept) or differ in length."""
     if not a or len(a) != len(b):
