@@ -25,8 +25,8 @@ with the test set. `--save` keeps each run's scores as they come (a long job res
 
 Where the examples have groups (`data.group_column`; TAT-QA: the report each question
 is about) every gap also gets the interval that resamples whole groups
-(`paired_gap(..., groups)`): questions about one report succeed or fail together, and
-TAT-QA's 102 test questions are 17 reports.
+(`paired_gap(..., groups)`): questions about one report can succeed or fail together
+(TAT-QA's 102 test questions are 17 reports).
 """
 
 from __future__ import annotations
