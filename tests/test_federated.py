@@ -508,9 +508,10 @@ def test_paired_intervals_resample_whole_groups_when_examples_have_them() -> Non
         return {"method": "lora", "regime": regime, "site": "all", "rougeL": sum(scores) / 100,
                 "n_test": 100, "test_scores": scores, "test_groups": groups}  # fmt: skip
 
-    line = next(x for x in findings([row("centralized", cen), row("federated", fed)], "rougeL")
-                if x.startswith("| lora"))  # fmt: skip
+    lines = findings([row("centralized", cen), row("federated", fed)], "rougeL")
+    line = next(x for x in lines if x.startswith("| lora"))
     assert line.startswith(f"| lora | +50.0 [{100 * clustered[1]:+.1f}, {100 * clustered[2]:+.1f}]")
+    assert any("resampled as 10 whole groups" in x for x in lines)
 
 
 def test_compare_over_seeds_reports_mean_and_spread(

@@ -516,9 +516,10 @@ def paired_gap(
     question is about), whole groups are resampled instead (a cluster bootstrap of the
     ratio sum of differences / number of examples): questions about one report are not
     independent, and resampling them one by one understates the spread when reports
-    differ (on TAT-QA's test set the two came out close: docs/federated.md). The caller vouches that both are of the same examples in the
-    same order (one comparison's shared test set); None when the scores are missing
-    (summaries written before per-example scores were kept) or differ in length."""
+    differ (on TAT-QA's test set the two came out close: docs/federated.md). The
+    caller vouches that both are of the same examples in the same order (one
+    comparison's shared test set); None when the scores are missing (summaries
+    written before per-example scores were kept) or differ in length."""
     if not a or len(a) != len(b):
         return None
     from scipy.stats import bootstrap
@@ -577,11 +578,14 @@ def findings(rows: list[dict[str, Any]], top: str) -> list[str]:
         lines.append(f"| {method} | {vs_c} | {vs_l} | {se} |")
     if not lines:
         return []
+    groups = next((r.get("test_groups") for r in rows if r.get("test_groups")), None)
+    over = (f"the test examples, resampled as {len(set(groups))} whole groups "
+            "(`data.group_column`)" if groups else "the test examples")
     return [
         "## The source post's two findings", "",
         f"Federated ≈ centralized, and federated above every site trained alone: test "
         f"{LABEL[top]} of the federated model minus each, in points (positive: federated "
-        "higher), with [the 95% interval] of a paired bootstrap over the test examples: "
+        f"higher), with [the 95% interval] of a paired bootstrap over {over}: "
         "how much the gap could move on other test examples of this kind; an interval "
         "that holds 0 is no difference this test set can show. It does not hold the "
         "spread of training (seed, data order): `fedtune compare --seeds 1,2,3` gives "
