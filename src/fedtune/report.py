@@ -52,7 +52,8 @@ def plot_curves(
         xs = [r[x] for r in with_val]
         lines += ax.plot(xs, [r["val_loss"] for r in with_val], "s-", label="validation loss")
         # The task's main metric when it is computed between steps (classification's
-        # accuracy, preference's pair accuracy; generation checks the loss alone there).
+        # accuracy, preference's pair accuracy; generation's ROUGE-L only when
+        # train.select_by asks for answers), or the metric that selects the model.
         # Round 0 (the untrained global model, never kept) is not decoded for it.
         scored = [r for r in with_val if r.get("round", 1) > 0]
         key, name = _val_metric(scored, select_by)
