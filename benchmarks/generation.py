@@ -137,8 +137,7 @@ def alpaca_regimes(out: Path) -> list[dict[str, Any]]:
     path = f"data.path={os.environ.get('FEDTUNE_DATA_DIR', '')}/instructions/alpaca_en_demo.json"
     return _regimes(out, "alpaca-regimes", None, [
         *ALPACA, path, "model.name=smollm2", "method.name=lora", "federated.partition=iid",
-        "federated.rounds=2",
-        "federated.local_epochs=1"])  # fmt: skip
+        "federated.rounds=2", "federated.local_epochs=1"])  # fmt: skip
 
 
 def _regimes(out: Path, key: str, config: str | None,
