@@ -21,7 +21,8 @@ runs trained, validated or was tested on: taken (seeded) from the training pool 
 the runs saw in any split, so no context is shared. A test set of 102 questions gives a
 paired interval ~12 ROUGE-L points wide; N more questions narrow it by about
 sqrt(102 / (102 + N)). The gap is given on the held-out examples and on them together
-with the test set. `--save` keeps each run's scores as they come (a long job resumes).
+with the test set. `--save` keeps each example's score as each run's are done (a long
+job resumes; a larger N later tests only the examples it adds).
 
 Where the examples have groups (`data.group_column`; TAT-QA: the report each question
 is about) every gap also gets the interval that resamples whole groups
@@ -32,6 +33,7 @@ is about) every gap also gets the interval that resamples whole groups
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -118,23 +120,29 @@ def held_out(runs: list[Path], n: int, seed: int = 0) -> list[Example]:
     return [fresh[i] for i in keep]
 
 
-def _scores_on(run: Path, examples: list[Example], save: Path | None) -> list[float]:
-    """The run's scores on `examples` from its saved model, kept in `save` (keyed by the
-    run and a digest of the examples) so a long job that stops resumes where it was."""
-    import hashlib
+def _digest(e: Example) -> str:
+    return hashlib.sha256(f"{_text(e)}\0{e.response}".encode()).hexdigest()[:20]
 
+
+def _scores_on(run: Path, examples: list[Example], save: Path | None) -> list[float]:
+    """The run's scores on `examples` from its saved model. With `save`, each example's
+    score is kept there as soon as the run's batch is done (keyed by the run and the
+    example), so a job that stops resumes, and a larger --held-out tests only the
+    examples it adds (the draw is a seeded permutation: N examples are the first N of
+    any larger draw)."""
     from fedtune.atomic import write_json_atomic
 
-    digest = hashlib.sha256("\0".join(map(_text, examples)).encode()).hexdigest()[:16]
-    key = f"{run.resolve()}@{digest}"
+    name = str(run.resolve())
     kept = json.loads(save.read_text()) if save and save.exists() else {}
-    if key in kept:
-        return list(kept[key])
-    got = _test(run, examples)
-    if save:
-        kept = json.loads(save.read_text()) if save.exists() else {}
-        write_json_atomic(save, {**kept, key: got})
-    return got
+    mine: dict[str, float] = kept.get(name, {})
+    keys = [_digest(e) for e in examples]
+    todo = [e for e, k in zip(examples, keys, strict=True) if k not in mine]
+    if todo:
+        mine = {**mine, **dict(zip(map(_digest, todo), _test(run, todo), strict=True))}
+        if save:
+            kept = json.loads(save.read_text()) if save.exists() else {}
+            write_json_atomic(save, {**kept, name: {**kept.get(name, {}), **mine}})
+    return [mine[k] for k in keys]
 
 
 def main() -> None:

@@ -95,10 +95,18 @@ def test_held_out_examples_are_unseen_and_their_scores_are_kept(
     kept = json.loads(save.read_text())
     assert len(kept) == 2 and all(len(v) == 12 for v in kept.values())
     # Kept scores are each model's own on those examples, and a second call reuses them.
-    assert sorted(kept.values()) == sorted(paired._test(r, held) for r in (cen, site))
+    for r in (cen, site):
+        mine = kept[str(r.resolve())]
+        assert [mine[paired._digest(e)] for e in held] == paired._test(r, held)
     again = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0 and "testing the saved model (12" not in again.stderr
     assert again.stdout == res.stdout
+    # A larger draw holds the smaller one: only the examples it adds are tested.
+    bigger = {paired._digest(e) for e in paired.held_out([cen, site], 16)}
+    assert {paired._digest(e) for e in held} <= bigger
+    more = subprocess.run([*argv[:3], "16", *argv[4:]], capture_output=True, text=True,
+                          env=env, timeout=600)  # fmt: skip
+    assert more.returncode == 0 and more.stderr.count("testing the saved model (4 examples)") == 2
 
     too_many = subprocess.run([*argv[:2], "--held-out", "500", str(cen), str(site)],
                               capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
