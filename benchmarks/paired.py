@@ -87,7 +87,8 @@ def scores(run: Path, save: Path | None = None) -> tuple[Scored, list[str]]:
     summary = _summary(run)  # read once: the kept scores, or the score to check against
     if summary.get("test_scores"):
         return (summary["test_scores"], *meta), [_text(e) for e in test]
-    print(f"{run.name}: testing the saved model again", file=sys.stderr)
+    print(f"{run.name}: no test scores in its summary: testing the saved model again "
+          "(or reading them from --save)", file=sys.stderr)  # fmt: skip
     per_example = _scores_on(run, test, save)
     print(f"{run.name}: its summary says {summary.get('primary', '')} "
           f"{summary.get(summary.get('primary', ''), float('nan'))}", file=sys.stderr)  # fmt: skip
