@@ -25,15 +25,20 @@ def _script(*runs: Path) -> subprocess.CompletedProcess[str]:
                           text=True, env=env, timeout=600)  # fmt: skip
 
 
+def _compare(tiny_models: dict[str, str], table: Path, tmp_path: Path, *extra: str) -> Path:
+    """LoRA on the tiny BERT, centralized and at each site alone: saved runs to compare."""
+    cfg = load_config(None, [
+        "data.source=file", f"data.path={table}", f"model.name={tiny_models['bert']}",
+        "train.progress=false", "train.batch_size=8", f"output_dir={tmp_path}",
+        "method.name=lora", "method.lr=0.01", "federated.rounds=1", *extra,
+    ])  # fmt: skip
+    return run_regimes(cfg, ["lora"], ("centralized", "local"))
+
+
 def test_paired_compares_saved_runs_and_retests_old_ones(
     tiny_models: dict[str, str], table: Path, tmp_path: Path
 ) -> None:
-    cfg = load_config(None, [
-        "data.source=file", f"data.path={table}", f"model.name={tiny_models['bert']}",
-        "train.progress=false", "train.batch_size=8", f"output_dir={tmp_path}", "name=cmp",
-        "method.name=lora", "method.lr=0.01", "federated.rounds=1",
-    ])  # fmt: skip
-    out = run_regimes(cfg, ["lora"], ("centralized", "local"))
+    out = _compare(tiny_models, table, tmp_path, "name=cmp")
     cen = out / "lora-centralized"
     fed = sorted(out.glob("lora-local-*"))[0]  # a model of another training set
     kept = {}
@@ -64,12 +69,7 @@ def test_paired_compares_saved_runs_and_retests_old_ones(
 def test_held_out_examples_are_unseen_and_their_scores_are_kept(
     tiny_models: dict[str, str], table: Path, tmp_path: Path
 ) -> None:
-    cfg = load_config(None, [
-        "data.source=file", f"data.path={table}", f"model.name={tiny_models['bert']}",
-        "train.progress=false", "train.batch_size=8", f"output_dir={tmp_path}", "name=ho",
-        "method.name=lora", "method.lr=0.01", "federated.rounds=1", "data.limit=30",
-    ])  # fmt: skip
-    out = run_regimes(cfg, ["lora"], ("centralized", "local"))
+    out = _compare(tiny_models, table, tmp_path, "name=ho", "data.limit=30")
     cen, site = out / "lora-centralized", sorted(out.glob("lora-local-*"))[0]
     save = tmp_path / "held.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
