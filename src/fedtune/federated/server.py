@@ -235,8 +235,6 @@ class FederationState:
     names a metric)."""
     best_val_score: float = float("nan")
     """The `train.select_by` value of the round kept."""
-    best_key: float = float("inf")
-    """`selection_key` of the round kept (lower is better)."""
     stopped_early: bool = False
     complete: bool = False
     seconds: float = 0.0
@@ -448,8 +446,6 @@ def run_server(
         if ckpt is None:
             raise ConfigError(f"{resume} holds no checkpoint to resume from")
         state, arrays, best = read_checkpoint(ckpt, strategy)
-        if state.best_round and state.best_key == float("inf") and select_by == "loss":
-            state.best_key = state.best_val_loss  # a checkpoint from before select_by
         if state.complete:
             raise ConfigError(f"{resume} is a finished run (all rounds done); nothing to resume")
         console.print(f"resuming after round {state.round} from {escape(str(ckpt))}")
@@ -569,9 +565,9 @@ def run_server(
         timing["validate"] = time.perf_counter() - t_val
         if m is not None:
             record |= {f"val_{k}": v for k, v in m.summary().items()}
-            key = selection_key(m, select_by)
-            if key < state.best_key:
-                state.best_key, state.best_round, best = key, rnd, arrays
+            kept = Metrics(loss=state.best_val_loss, n=0, values={select_by: state.best_val_score})
+            if selection_key(m, select_by) < selection_key(kept, select_by):
+                state.best_round, best = rnd, arrays
                 state.best_val_loss = m.loss
                 state.best_val_score = m.summary().get(select_by, float("nan"))
                 bad_rounds = 0
