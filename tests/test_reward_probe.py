@@ -1,0 +1,78 @@
+"""benchmarks/reward_probe.py: the Bradley-Terry linear probe and the script end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "reward_probe.py"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+try:
+    import reward_probe  # the script's own functions
+finally:
+    sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def test_probe_finds_a_planted_preference_and_not_a_missing_one() -> None:
+    rng = np.random.default_rng(0)
+    direction = np.zeros(16)
+    direction[3] = 1.0
+    # Chosen answers sit further along feature 3 than their rejected twins.
+    rejected = rng.normal(size=(400, 16))
+    chosen = rejected + rng.normal(size=(400, 16)) * 0.3 + 0.5 * direction
+    scaler, w = reward_probe.fit_probe(chosen[:300], rejected[:300], c=1.0)
+    assert np.argmax(np.abs(w)) == 3 and w[3] > 0
+    assert reward_probe.pair_accuracy(scaler, w, chosen[300:], rejected[300:]) > 0.9
+    # The same pairs swapped: the probe learns the opposite reward.
+    scaler, w = reward_probe.fit_probe(rejected[:300], chosen[:300], c=1.0)
+    assert reward_probe.pair_accuracy(scaler, w, chosen[300:], rejected[300:]) < 0.1
+    # No preference in the features: held-out accuracy near chance.
+    noise = rng.normal(size=(400, 16))
+    scaler, w = reward_probe.fit_probe(noise[:300], rejected[:300], c=1.0)
+    assert 0.3 < reward_probe.pair_accuracy(scaler, w, noise[300:], rejected[300:]) < 0.7
+
+
+def test_script_reads_the_reward_models_split_and_resumes(tiny_models: dict[str, str],
+                                                          tmp_path: Path) -> None:  # fmt: skip
+    rows = [{"prompt": f"Is {i % 7} a good number? ({i})", "chosen": f"yes {i % 7} profit rose",
+             "rejected": f"no loss fell {i % 7}"} for i in range(60)]  # fmt: skip
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    config = tmp_path / "pref.toml"
+    config.write_text(f'[data]\ntask = "preference"\nsource = "file"\npath = "{data}"\n'
+                      'test_size = 0.2\nval_size = 0.1\n[model]\nmax_length = 24\n'
+                      '[method]\nname = "reward"\n')  # fmt: skip
+    out = tmp_path / "probe"
+    argv = [sys.executable, str(SCRIPT), "--out", str(out), "--model", tiny_models["llama"],
+            "--config", str(config)]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    first = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
+    assert first.returncode == 0, first.stdout + first.stderr
+    # 60 pairs: 12 test, 6 validation, 42 train, as a reward run of this config splits them.
+    assert "42 training pairs, 12 test pairs" in first.stdout
+    assert "train: 84/84 sequences" in first.stderr
+    [cache] = out.glob("features-*.npz")
+    feats = reward_probe._load(cache)
+    assert feats["train"]["last"].shape[:2] == (2, 42)
+    assert feats["test"]["mean"].shape[:2] == (2, 12)
+    # The tiny model has 2 layers, so half and three quarters of the way are one depth.
+    assert feats["depths"] == [1, 2]
+    table = [line for line in first.stdout.splitlines() if line.startswith("| last")
+             or line.startswith("| mean")]  # fmt: skip
+    assert len(table) == 2 * 2 * 4 and sum("chosen by CV" in line for line in table) == 1
+    [saved] = out.glob("probe-*.json")
+    assert json.loads(saved.read_text())["chosen"]["cv"] == max(
+        r["cv"] for r in json.loads(saved.read_text())["rows"]
+    )
+    # A second call reads the features back: no forward pass, the same table.
+    again = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0 and "sequences" not in again.stderr
+    assert [x for x in again.stdout.splitlines() if x.startswith("|")] == [
+        x for x in first.stdout.splitlines() if x.startswith("|")
+    ]
