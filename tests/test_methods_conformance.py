@@ -179,6 +179,31 @@ def test_prefix_reaches_the_encoder_attention(tiny_models: dict[str, str]) -> No
     np.testing.assert_allclose(model.predict_scores(TEXTS), after)
 
 
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_ptuning_encoder_stays_fp32_under_bf16_autocast(tiny_models: dict[str, str],
+                                                        family: str) -> None:  # fmt: skip
+    """The virtual-token embeddings are computed in fp32 under bf16 autocast (rounding
+    them to bf16 cost the demo's federated P-tuning a point); the rest of the forward
+    pass still autocasts, and copies (federated sites) keep the behaviour."""
+    import copy
+
+    from peft.tuners.p_tuning import PromptEncoder
+
+    model = _build(tiny_models[family], "ptuning")
+    [encoder] = [m for m in model.module.modules() if isinstance(m, PromptEncoder)]
+    plain = PromptEncoder(model.module.active_peft_config)  # PEFT's, as it builds it
+    plain.load_state_dict(encoder.state_dict())
+    idx = torch.arange(encoder.total_virtual_tokens)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert plain(idx).dtype == torch.bfloat16  # what PEFT's own encoder gives
+        assert encoder(idx).dtype == torch.float32
+        assert copy.deepcopy(encoder)(idx).dtype == torch.float32
+        batch = model.formulation.collate(model.formulation.encode(TEXTS, Y))
+        assert model.formulation.loss(model.module, batch).isfinite()
+    torch.testing.assert_close(encoder(idx), plain(idx))  # outside autocast: identical
+    assert set(encoder.state_dict()) == set(plain.state_dict())
+
+
 def test_prefix_on_an_encoder_without_a_cache_is_refused() -> None:
     """MPNet's attention takes no key/value cache: one clear error naming the methods
     that work, not PEFT's ValueError from the first forward pass."""
