@@ -181,7 +181,9 @@ class TrainConfig:
     bf16: bool = False
     """Compute under bfloat16 autocast (weights and optimizer state stay fp32), training
     and evaluation alike. On a CPU with AVX512-BF16/AMX about 1.5x faster training and
-    2-2.7x faster evaluation; on one without, far slower; see docs/benchmarks.md."""
+    2-2.7x faster evaluation; on one without, far slower; see docs/benchmarks.md.
+    P-tuning's prompt encoder stays fp32 inside it (its bf16 output cost federated
+    P-tuning a point)."""
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in the backward pass instead of keeping them
     (transformers' gradient checkpointing): far less memory for long sequences (a
