@@ -7,8 +7,8 @@ findings per seed, as federated minus centralized and federated minus the best s
 
 A variant changes the demo's P-tuning plan (`fedtune.demo.DEMO_PLAN["ptuning"]`):
 - `demo`: as the demo runs it (bf16 autocast where the CPU has AVX512-BF16 or AMX;
-  since 2026-12-05 P-tuning's prompt encoder stays in fp32 inside it, so bf16 rows
-  measured before that date used a bf16 encoder: keep their folders apart);
+  from commit 03b4297 on, P-tuning's prompt encoder stays in fp32 inside it, so bf16
+  rows measured before that commit used a bf16 encoder: keep their folders apart);
 - `fp32`: the same without bf16;
 - `scaffold`: SCAFFOLD instead of FedAvg;
 - `short`: the same two epochs as 4 rounds of half an epoch (more averaging, the same

@@ -7,24 +7,31 @@ The same pairs and split as a `reward` run of examples/hh-preference.toml with t
 overrides. The frozen base model (no adapter, no head) reads each pair's two sequences,
 prompt + chosen and prompt + rejected, rendered exactly as the reward model reads them
 (fedtune.preference.RewardPairs). Its hidden states at three depths (half, three
-quarters, last) are pooled two ways: the last token (where a reward head reads) and the
-mean over the response's tokens. A linear reward r(x) = w . x on standardised features,
+quarters, last) are pooled two ways: at the token a reward head reads (transformers'
+*ForSequenceClassification: the last one that is not the pad token, so the last
+response token before the end token when, as in SmolLM2, the two are one token) and
+the mean over the response's tokens. A linear reward r(x) = w . x on standardised features,
 fitted with the Bradley-Terry loss, is logistic regression without intercept on the
 differences x_chosen - x_rejected (scikit-learn, L2 strength C). The probe (pooling,
 depth, C) is chosen by 5-fold cross-validation on the training pairs and tested once on
 the held-out pairs; the table shows every probe's cross-validated and test accuracy, so
-the spread a choice by test accuracy would hide is visible too.
+the spread a choice by test accuracy would hide is visible too. A rule with no
+features, "prefer the longer answer" (ties split evenly), is the reference line.
 
 Why: a reward model that stays near chance after training (docs/benchmarks.md,
 "Preference") is either a recipe that fails to learn or a base model whose features do
 not carry the preference. A probe on frozen features tells them apart in minutes: one
-forward pass per sequence, cached in --out/features-<model>-<N>.npz (the script resumes
-from it), then seconds of fitting.
+forward pass per sequence, cached in --out/features-<hash>.npz, keyed by the config
+file and every override, then seconds of fitting. A linear probe on fixed poolings is a
+lower bound on what the features hold, and fine-tuning changes the features: a probe
+well above a trained reward model points at the recipe; one at or below it does not
+clear the recipe.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -36,7 +43,17 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 HH = str(ROOT / "examples" / "hh-preference.toml")
 POOLS = ("last", "mean")
-C_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
+C_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+
+
+def read_positions(seqs: list[list[int]], pad_id: int | None) -> list[int]:
+    """Where a sequence-classification head reads each sequence: its last token that is
+    not the pad token (transformers' rule), its last token when there is no pad token."""
+    out = []
+    for seq in seqs:
+        kept = [i for i, t in enumerate(seq) if t != pad_id] if pad_id is not None else []
+        out.append(kept[-1] if kept else len(seq) - 1)
+    return out
 
 
 def extract(overrides: list[str], config: str = HH, batch_size: int = 16) -> dict[str, Any]:
@@ -67,6 +84,7 @@ def extract(overrides: list[str], config: str = HH, batch_size: int = 16) -> dic
         feats = form.encode_examples(getattr(splits, split))
         seqs = [f["chosen_ids"] for f in feats] + [f["rejected_ids"] for f in feats]
         starts = [f["prompt_len"] for f in feats] * 2
+        reads = read_positions(seqs, model.config.pad_token_id)
         hidden = model.config.hidden_size
         pooled = {p: np.zeros((len(seqs), len(depths), hidden), np.float32) for p in POOLS}
         order = np.argsort([len(s) for s in seqs], kind="stable")
@@ -80,9 +98,8 @@ def extract(overrides: list[str], config: str = HH, batch_size: int = 16) -> dic
             for k, depth in enumerate(depths):
                 h = states[depth].float()
                 for j, i in enumerate(idx):
-                    end = len(seqs[i])
-                    pooled["last"][i, k] = h[j, end - 1].numpy()
-                    pooled["mean"][i, k] = h[j, starts[i] : end].mean(0).numpy()
+                    pooled["last"][i, k] = h[j, reads[i]].numpy()
+                    pooled["mean"][i, k] = h[j, starts[i] : len(seqs[i])].mean(0).numpy()
             done = min(b + batch_size, len(seqs))
             print(f"\r{split}: {done}/{len(seqs)} sequences, {time.perf_counter() - t0:.0f} s",
                   end="", file=sys.stderr, flush=True)  # fmt: skip
@@ -134,21 +151,36 @@ def probe_table(feats: dict[str, Any], folds: int = 5, seed: int = 0) -> list[di
     return rows
 
 
-def _save(path: Path, feats: dict[str, Any]) -> None:
+def cache_key(config: str, overrides: list[str]) -> str:
+    """What the features depend on: the config file's text and every override."""
+    text = Path(config).read_text("utf-8")
+    return json.dumps({"config": text, "overrides": sorted(overrides)}, sort_keys=True)
+
+
+def _save(path: Path, feats: dict[str, Any], key: str) -> None:
     flat = {f"{s}/{k}": v for s in ("train", "test") for k, v in feats[s].items()}
     tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, depths=np.array(feats["depths"]), **flat)
+    np.savez(tmp, depths=np.array(feats["depths"]), key=np.array(key), **flat)
     tmp.replace(path)
 
 
-def _load(path: Path) -> dict[str, Any]:
+def _load(path: Path, key: str | None = None) -> dict[str, Any] | None:
+    """The cached features, or None when they were extracted for another key."""
     data = np.load(path)
+    if key is not None and ("key" not in data.files or str(data["key"]) != key):
+        return None
     feats: dict[str, Any] = {"depths": [int(d) for d in data["depths"]], "train": {}, "test": {}}
-    for key in data.files:
-        if "/" in key:
-            split, name = key.split("/")
-            feats[split][name] = data[key]
+    for entry in data.files:
+        if "/" in entry:
+            split, name = entry.split("/")
+            feats[split][name] = data[entry]
     return feats
+
+
+def length_rule(lengths: np.ndarray) -> float:
+    """Pair accuracy of "prefer the longer answer", ties counted as half right (the
+    expected score of a coin flip); lengths [2, n] of chosen and rejected sequences."""
+    return float(np.mean((lengths[0] > lengths[1]) + 0.5 * (lengths[0] == lengths[1])))
 
 
 def main() -> None:
@@ -166,14 +198,14 @@ def main() -> None:
     args = ap.parse_args()
     overrides = [*args.set, f"model.name={args.model}"]
     args.out.mkdir(parents=True, exist_ok=True)
-    tag = "-".join(o.split("=", 1)[1].replace("/", "_") for o in sorted(overrides))
+    key = cache_key(args.config, overrides)
+    tag = hashlib.sha256(key.encode()).hexdigest()[:12]
     cache = args.out / f"features-{tag}.npz"
     t0 = time.perf_counter()
-    if cache.exists():
-        feats = _load(cache)
-    else:
+    feats = _load(cache, key) if cache.exists() else None
+    if feats is None:
         feats = extract(overrides, args.config)
-        _save(cache, feats)
+        _save(cache, feats, key)
     extract_s = time.perf_counter() - t0
     rows = probe_table(feats)
     chosen = max(rows, key=lambda r: r["cv"])
@@ -187,13 +219,16 @@ def main() -> None:
         print(f"| {r['pool']} | {r['depth']} | {r['C']:g} | {r['cv']:.3f} | {r['train']:.3f} | "
               f"{r['test']:.3f}{mark} |")  # fmt: skip
     tests = [r["test"] for r in rows]
-    print(
-        f"\nchosen by CV: test {chosen['test']:.3f}; all {len(rows)} probes on test: "
-        f"{min(tests):.3f}-{max(tests):.3f}; the longer answer preferred: "
-        f"{np.mean(lengths[0] > lengths[1]):.3f} (ties {np.mean(lengths[0] == lengths[1]):.3f})"
-    )
-    summary = {"model": args.model, "overrides": overrides, "rows": rows, "chosen": chosen,
-               "n_train": n_train, "n_test": n_test, "extract_seconds": extract_s}  # fmt: skip
+    longer = length_rule(lengths)
+    print(f"\nchosen by CV: test {chosen['test']:.3f}; all {len(rows)} probes on test: "
+          f"{min(tests):.3f}-{max(tests):.3f}; prefer the longer answer (ties half right): "
+          f"test {longer:.3f}, train {length_rule(feats['train']['lengths']):.3f} (chosen "
+          f"longer {np.mean(lengths[0] > lengths[1]):.3f}, shorter "
+          f"{np.mean(lengths[0] < lengths[1]):.3f}, tied "
+          f"{np.mean(lengths[0] == lengths[1]):.3f})")  # fmt: skip
+    summary = {"model": args.model, "config": args.config, "overrides": overrides,
+               "rows": rows, "chosen": chosen, "length_rule": longer, "n_train": n_train,
+               "n_test": n_test, "extract_seconds": extract_s}  # fmt: skip
     (args.out / f"probe-{tag}.json").write_text(json.dumps(summary, indent=1))
 
 

@@ -183,8 +183,8 @@ def test_prefix_reaches_the_encoder_attention(tiny_models: dict[str, str]) -> No
 def test_ptuning_encoder_stays_fp32_under_bf16_autocast(tiny_models: dict[str, str],
                                                         family: str) -> None:  # fmt: skip
     """The virtual-token embeddings are computed in fp32 under bf16 autocast (rounding
-    them to bf16 cost the demo's federated P-tuning a point); the rest of the forward
-    pass still autocasts, and copies (federated sites) keep the behaviour."""
+    them to bf16 cost the demo's federated P-tuning a point), through PEFT's own call
+    path too, and copies (federated sites) keep the behaviour."""
     import copy
 
     from peft.tuners.p_tuning import PromptEncoder
@@ -198,6 +198,7 @@ def test_ptuning_encoder_stays_fp32_under_bf16_autocast(tiny_models: dict[str, s
         assert plain(idx).dtype == torch.bfloat16  # what PEFT's own encoder gives
         assert encoder(idx).dtype == torch.float32
         assert copy.deepcopy(encoder)(idx).dtype == torch.float32
+        assert model.module.get_prompt(2).dtype == torch.float32  # PEFT's own call path
         batch = model.formulation.collate(model.formulation.encode(TEXTS, Y))
         assert model.formulation.loss(model.module, batch).isfinite()
     torch.testing.assert_close(encoder(idx), plain(idx))  # outside autocast: identical

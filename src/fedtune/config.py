@@ -182,8 +182,8 @@ class TrainConfig:
     """Compute under bfloat16 autocast (weights and optimizer state stay fp32), training
     and evaluation alike. On a CPU with AVX512-BF16/AMX about 1.5x faster training and
     2-2.7x faster evaluation; on one without, far slower; see docs/benchmarks.md.
-    P-tuning's prompt encoder stays fp32 inside it (its bf16 output cost federated
-    P-tuning a point)."""
+    P-tuning's prompt encoder stays fp32 inside it (in bf16, federated P-tuning fell a
+    point further behind centralized)."""
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in the backward pass instead of keeping them
     (transformers' gradient checkpointing): far less memory for long sequences (a

@@ -114,7 +114,8 @@ class RewardPairs(PreferencePairs):
 
     def rewards(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         # transformers' *ForSequenceClassification reads the last token that is not the
-        # pad token; fedtune pads on the right, so that is each sequence's end.
+        # pad token; fedtune pads on the right, so that is each sequence's end, or, where
+        # the pad token is the end token (SmolLM2), the last token before a closing one.
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         scores = out.logits.squeeze(-1).float()  # [2B]
         chosen, rejected = scores.chunk(2)

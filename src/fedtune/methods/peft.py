@@ -240,13 +240,13 @@ class LoraMethod(_PeftMethod):
 class _Fp32PromptEncoder(PromptEncoder):
     """PEFT's prompt encoder, computed in fp32 even under bf16 autocast.
 
-    Under `train.bf16` the encoder's MLP ran in bf16 like the rest of the forward pass,
-    so every virtual-token embedding was rounded to bf16 (8 bits of mantissa) before
-    the frozen model read it. On the demo's P-tuning over 8 seeds that cost the
-    federated model 1.1 +- 0.4 points against centralized, paired by seed (federated -
-    centralized -1.6 +- 0.5 with the encoder in bf16, -0.4 +- 0.4 in fp32, -0.5 +- 0.4
-    with no autocast at all; docs/benchmarks.md). The encoder is a few small matrix
-    products on num_virtual_tokens rows, so fp32 costs nothing measurable."""
+    Under `train.bf16` the encoder's MLP ran in bf16 like the rest of the forward pass
+    (its matrix products, their gradients, and its output: every virtual-token
+    embedding rounded to bf16). On the demo's P-tuning over 8 seeds, computing it in
+    fp32 moved federated - centralized by +1.1 +- 0.4 points, paired by seed (-1.6 +-
+    0.5 with the encoder in bf16, -0.4 +- 0.4 in fp32, -0.5 +- 0.4 with no autocast at
+    all; docs/benchmarks.md). The encoder is a few small matrix products on
+    num_virtual_tokens rows, so fp32 costs nothing measurable."""
 
     def forward(self, indices: Tensor) -> Tensor:
         with torch.autocast(indices.device.type, enabled=False):
