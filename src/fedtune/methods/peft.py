@@ -261,6 +261,8 @@ class PtuningMethod(_PeftMethod):
 
     def apply(self, model: PreTrainedModel, kind: Kind) -> nn.Module:
         module = super().apply(model, kind)
+        # Every encoder PEFT built for this model (fedtune adds no adapter later; one
+        # added with PeftModel.add_adapter would get PEFT's plain encoder).
         for encoder in module.modules():
             if type(encoder) is PromptEncoder:
                 encoder.__class__ = _Fp32PromptEncoder  # same weights and state dict keys
