@@ -14,7 +14,6 @@ loss (the model it tests) is marked.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -23,24 +22,16 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from fedtune.runs import read_jsonl
+from fedtune.federated.compare import val_curve
+from fedtune.runs import CONFIG_FILE, METRICS_FILE
 
 
 def curve(run_dir: Path) -> list[tuple[float, float]]:
     """(epochs of training, validation loss) of a saved run, in order."""
-    metrics, config = run_dir / "metrics.jsonl", run_dir / "config.json"
-    if not metrics.is_file() or not config.is_file():
+    if not (run_dir / METRICS_FILE).is_file() or not (run_dir / CONFIG_FILE).is_file():
         raise SystemExit(f"{run_dir} is not a run folder (no metrics.jsonl and config.json); "
                          "give the folder `fedtune run/compare` printed for the run")  # fmt: skip
-    local_epochs = float(json.loads(config.read_text("utf-8"))["federated"]["local_epochs"])
-    points = []
-    for r in read_jsonl(metrics):
-        if "val_loss" not in r:
-            continue
-        if r.get("event") == "round" and r.get("round", 0) > 0:
-            points.append((r["round"] * local_epochs, float(r["val_loss"])))
-        elif r.get("event") == "eval":
-            points.append((float(r["epoch"]), float(r["val_loss"])))
+    points = val_curve(run_dir)
     if not points:
         raise SystemExit(f"{run_dir}/metrics.jsonl has no validation loss to plot")
     return points

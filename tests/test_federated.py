@@ -22,7 +22,7 @@ import fedtune.federated.apps as apps
 from fedtune.config import FederatedConfig, RunConfig, load_config
 from fedtune.data import Example
 from fedtune.errors import ConfigError, DataError
-from fedtune.federated.compare import run_regimes
+from fedtune.federated.compare import run_regimes, val_curve
 from fedtune.federated.grid import InProcessGrid, exchange
 from fedtune.federated.partition import Partition, partition_examples
 from fedtune.federated.runner import run_federated
@@ -420,6 +420,11 @@ def test_compare_pipeline_writes_both_figures(
     assert all(r["site_batch_size"] == 4 for r in local)
     for r in local:  # each local site took ceil(n / 4) steps per epoch, as its federated twin
         assert r["steps"] == 2 * -(-r["n_train"] // 4)
+    # Figure a's curves, from the saved runs: one point per round (x = round x local
+    # epochs) and one per centralized evaluation, ending at the same budget.
+    fed_x = [x for x, _ in val_curve(out / "ptuning-federated")]
+    assert fed_x == pytest.approx([cfg.federated.local_epochs * n for n in (1, 2)])
+    assert val_curve(out / "ptuning-centralized")[-1][0] == pytest.approx(fed_x[-1])
     check_paired_findings(out, "accuracy")
 
 

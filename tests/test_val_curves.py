@@ -24,6 +24,8 @@ def test_curves_put_rounds_and_epochs_on_one_axis(tmp_path: Path) -> None:
     fed = _run(tmp_path / "fed", 1 / 3, [
         {"event": "round", "round": 0, "val_loss": 6.0},  # before training: not plotted
         {"event": "round", "round": 1, "val_loss": 1.2},
+        {"event": "round", "round": 3, "val_loss": 0.5},
+        # round 3 again: the run was resumed from the checkpoint of round 2
         {"event": "round", "round": 3, "val_loss": 0.4},
         {"event": "test", "accuracy": 0.9},
     ])  # fmt: skip

@@ -42,6 +42,7 @@ from fedtune.methods import get_method
 from fedtune.regimes import describe_data, method_configs, run_centralized
 from fedtune.report import _pct, personalized_table
 from fedtune.runs import (
+    CONFIG_FILE,
     METRICS_FILE,
     PLAN_FILE,
     REPORT_FILE,
@@ -67,12 +68,27 @@ def _epochs_budget(fed: FederatedConfig) -> float:
     return fed.rounds * fed.local_epochs
 
 
-def _val_curve(run_dir: Path) -> list[tuple[float, float]]:
-    return [
-        (r["epoch"], r["val_loss"])
-        for r in read_jsonl(run_dir / "metrics.jsonl")
-        if r.get("event") == "eval" and "val_loss" in r
-    ]
+def val_curve(run_dir: Path) -> list[tuple[float, float]]:
+    """(epochs of training, validation loss) of a saved run, read from its metrics.jsonl.
+
+    A centralized or local-only run gives one point per evaluation at its epoch; a
+    federated run one per round at `round x federated.local_epochs` (from its
+    config.json; round 0, before any training, left out), so runs of one budget end at
+    the same x. A round logged twice (a run resumed from the checkpoint before it)
+    counts once, its last record.
+    """
+    config = json.loads((run_dir / CONFIG_FILE).read_text("utf-8"))
+    local_epochs = float(config["federated"]["local_epochs"])
+    evals: list[tuple[float, float]] = []
+    rounds: dict[int, float] = {}
+    for r in read_jsonl(run_dir / METRICS_FILE):
+        if "val_loss" not in r:
+            continue
+        if r.get("event") == "eval":
+            evals.append((float(r["epoch"]), float(r["val_loss"])))
+        elif r.get("event") == "round" and r.get("round", 0) > 0:
+            rounds[int(r["round"])] = float(r["val_loss"])
+    return evals + [(n * local_epochs, loss) for n, loss in sorted(rounds.items())]
 
 
 def run_regimes(
@@ -148,7 +164,7 @@ def run_regimes(
                     r = {**r, "site_batch_size": site_train.batch_size}
                 rows.append({**r, "regime": regime, "site": site})
                 key = regime if site == "all" else f"local {site}"
-                curves[mname][key] = _val_curve(staging / name)
+                curves[mname][key] = val_curve(staging / name)
             if "federated" in regimes and not federates(mname):
                 console.print(f"[yellow]{mname} has no federated form; skipped[/] "
                               f"({get_method(mname).description})")  # fmt: skip
@@ -167,11 +183,7 @@ def run_regimes(
                     r = run_federated(dataclasses.replace(base, name=name), console, splits,
                                       shown_as=shown / name)  # fmt: skip
                 rows.append({**r, "regime": "federated", "site": "all"})
-                curves[mname]["federated"] = [
-                    (h["round"] * fcfg.local_epochs, h["val_loss"])
-                    for h in r["history"]
-                    if h["round"] > 0 and "val_loss" in h
-                ]
+                curves[mname]["federated"] = val_curve(staging / name)
         title = f"Centralized vs local vs federated on {describe_data(cfg)}"
         write_regimes_report(staging, rows, curves, title, cfg)
         write_json(staging / "comparison.json", [
