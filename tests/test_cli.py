@@ -310,6 +310,13 @@ def test_frozen_methods_train_and_predict_from_the_cli(
     assert "embeddings: 0 read from the cache" in report
     result = runner.invoke(app, ["predict", str(tmp_path / "runs" / "r"), "--text", "profit rose"])
     assert result.exit_code == 0 and "profit rose" in result.output
+    # Tested again, a frozen method gives what the run recorded.
+    result = runner.invoke(app, ["evaluate", str(tmp_path / "runs" / "r"),
+                                 "--output", str(tmp_path / "again.json")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "runs" / "r" / "metrics.jsonl").read_text().splitlines()[-1])
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert again["scores"] == summary["test_scores"] and again["accuracy"] == summary["accuracy"]
 
 
 def test_index_and_ask_from_the_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -360,3 +367,72 @@ def test_compare_applies_method_sets_to_the_compared_method(
                               "--set", "method.lr=0.03"])  # fmt: skip
     assert bad.exit_code == 2 and "method.lr" in bad.output and "--methods" in bad.output
     assert len(seen) == 2
+
+
+def test_evaluate_tests_a_saved_run_again(tiny_models: dict[str, str], table: Path,
+                                          tmp_path: Path) -> None:  # fmt: skip
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "runs"
+    args = ["federate", "--set", "data.source=file", "--set", f"data.path={table}",
+            "--set", "data.text_column=sentence", "--set", "data.label_column=sentiment",
+            "--set", f"model.name={tiny_models['gpt2']}", "--set", "method.name=ptuning",
+            "--set", "federated.sites=2", "--set", "federated.rounds=2",
+            "--set", f"output_dir={out}", "--set", "name=f",
+            "--set", "train.progress=false"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    run = out / "f"
+    summary = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+
+    # The kept model, tested again, gives what the run recorded, example by example.
+    result = runner.invoke(app, ["evaluate", str(run), "--output", str(tmp_path / "kept.json")])
+    assert result.exit_code == 0, result.output
+    assert f"the kept model (round {summary['best_round']})" in _flat(result.output)
+    kept = json.loads((tmp_path / "kept.json").read_text())
+    assert kept["n"] == summary["n_test"] == len(kept["scores"])
+    assert kept["scores"] == summary["test_scores"]
+    assert kept["loss"] == pytest.approx(summary["loss"], rel=1e-4)
+
+    # --checkpoint last tests checkpoint/global.safetensors (the last round's model):
+    # with the kept state in its place it gives the kept results, with another it does not.
+    ckpt = run / "checkpoint"
+    save_file(load_file(str(ckpt / "best.safetensors")), str(ckpt / "global.safetensors"))
+    result = runner.invoke(app, ["evaluate", str(run / "model"), "--checkpoint", "last",
+                                 "--output", str(tmp_path / "last.json")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "the last round's model (round 2)" in _flat(result.output)
+    assert "last - kept: +0.0 points" in _flat(result.output)
+    last = json.loads((tmp_path / "last.json").read_text())
+    assert last["scores"] == kept["scores"] and last["loss"] == pytest.approx(kept["loss"])
+    moved = {k: v + 0.5 for k, v in load_file(str(ckpt / "best.safetensors")).items()}
+    save_file(moved, str(ckpt / "global.safetensors"))
+    result = runner.invoke(app, ["evaluate", str(run), "--checkpoint", "last",
+                                 "--output", str(tmp_path / "moved.json")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "moved.json").read_text())["loss"] != pytest.approx(kept["loss"])
+
+    result = runner.invoke(app, ["evaluate", str(run), "--split", "validation"])
+    assert result.exit_code == 0, result.output
+    assert f"on {summary['n_validation']} validation examples" in _flat(result.output)
+
+    # Errors name the bad input and the fix, and write nothing.
+    for bad, message in [
+        ([str(out)], "no config.json"),
+        ([str(tmp_path / "nowhere")], "no config.json"),
+        ([str(run), "--split", "train"], "use one of test, validation"),
+        ([str(run), "--checkpoint", "best"], "use one of kept, last"),
+        ([str(run), "--output", str(tmp_path / "e.csv")], "name a .json file"),
+    ]:
+        result = runner.invoke(app, ["evaluate", *bad])
+        assert result.exit_code != 0 and message in _flat(result.output), bad
+    assert not (tmp_path / "e.csv").exists()
+    result = runner.invoke(app, _train_args(tiny_models["bert"], table, out, "--method", "lora"))
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["evaluate", str(out / "r"), "--checkpoint", "last"])
+    assert result.exit_code != 0 and "Use --checkpoint kept" in _flat(result.output)
+
+
+def _flat(output: str) -> str:
+    """Console output with rich's line wrapping undone."""
+    return " ".join(output.split())

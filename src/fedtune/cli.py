@@ -446,6 +446,57 @@ def predict_cmd(
         _fail(e)
 
 
+@app.command("evaluate")
+def evaluate_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="One run's directory (of a comparison: "
+                                            "one of its method-regime folders).")],
+    split: Annotated[str, typer.Option(help="test or validation.")] = "test",
+    checkpoint: Annotated[str, typer.Option(
+        help="kept (the model the run saved) or last (a federated run's last round).")] = "kept",
+    output: Annotated[Path | None, typer.Option(
+        help="Also write the metrics and each example's score here (.json).")] = None,
+) -> None:
+    """Test a saved run again on the split its config rebuilds from the data: the model
+    it kept, or a federated run's last-round model (--checkpoint last), set against
+    what the run recorded (paired, on the same examples)."""
+    from fedtune.evaluate import test_line
+    from fedtune.federated.compare import paired_gap
+    from fedtune.predict import evaluate_run
+    from fedtune.runs import write_json
+
+    _quiet_libraries()
+    try:
+        if output is not None and output.suffix.lower() != ".json":
+            raise FedtuneError(f"--output {output}: the evaluation is written as JSON; "
+                               "name a .json file")  # fmt: skip
+        result = evaluate_run(run_dir, split, checkpoint)
+        metrics, recorded = result.metrics, result.recorded
+        console.print(f"{escape(str(run_dir))}: {result.which} on {metrics.n} {split} examples")
+        console.print(f"  [bold]{split}[/] {test_line(metrics)}  loss {metrics.loss:.4f}")
+        if split == "test" and recorded.get("primary") == metrics.primary:
+            before = recorded.get(metrics.primary, float("nan"))
+            console.print(f"  recorded by the run: {metrics.primary} {before:.4f}  "
+                          f"loss {recorded.get('loss', float('nan')):.4f}")  # fmt: skip
+            gap = paired_gap(metrics.per_example, recorded.get("test_scores", []),
+                             recorded.get("test_groups") or None)  # fmt: skip
+            if gap is not None and checkpoint == "last":
+                d, lo, hi = (100 * v for v in gap)
+                console.print(f"  last - kept: {d:+.1f} points [{lo:+.1f}, {hi:+.1f}] "
+                              "(paired 95% interval)")
+        if output is not None:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            tmp = output.with_name(f".{output.name}.tmp")
+            write_json(tmp, {"run": str(run_dir), "split": split, "checkpoint": checkpoint,
+                             "model": result.which, "n": metrics.n,
+                             "primary": metrics.primary, **metrics.summary(),
+                             "report": metrics.report, "confusion": metrics.confusion,
+                             "scores": metrics.per_example})  # fmt: skip
+            tmp.replace(output)
+            console.print(f"written to {escape(str(output))}")
+    except FedtuneError as e:
+        _fail(e)
+
+
 @app.command("index")
 def index_cmd(
     docs_dir: Annotated[Path, typer.Argument(help="Folder of .txt/.md documents (recursive).")],

@@ -1,8 +1,11 @@
-"""Predictions from a saved run: texts in, labels and per-label probabilities out."""
+"""Predictions from a saved run: texts in, labels and per-label probabilities out; and
+a saved run tested again on its own split (`fedtune evaluate`)."""
 
 from __future__ import annotations
 
+import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +13,8 @@ import numpy as np
 import pandas as pd
 
 from fedtune.adapted import AdaptedModel
-from fedtune.errors import DataError
+from fedtune.errors import ConfigError, DataError
+from fedtune.evaluate import Metrics
 from fedtune.methods.frozen import FrozenMethod, is_frozen_dir, load_frozen
 
 Predictor = AdaptedModel | FrozenMethod[Any]
@@ -133,3 +137,90 @@ def write_predictions(df: pd.DataFrame, output: str | Path) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return out
+
+
+SPLITS = ("test", "validation")
+CHECKPOINTS = ("kept", "last")
+
+
+@dataclass
+class RunEvaluation:
+    metrics: Metrics
+    recorded: dict[str, Any]
+    """The run's own test summary (the last line of its metrics.jsonl; {} if none)."""
+    which: str
+    """The model tested, in words: `the kept model (round 16)`."""
+
+
+def evaluate_run(run_dir: str | Path, split: str = "test",
+                 checkpoint: str = "kept") -> RunEvaluation:
+    """Test a saved run again on the `split` its config.json rebuilds from the data.
+    `checkpoint`: `kept` (the model the run saved: the best evaluation by
+    `train.select_by`) or `last` (a federated run's last-round global model, which it
+    checkpoints every round; other runs keep no last model), with the run's own test
+    summary beside it, so a caller can set one against the other. Everything is
+    checked before a model loads."""
+    from fedtune.config import RunConfig
+    from fedtune.data import make_splits
+    from fedtune.evaluate import evaluate_features
+    from fedtune.federated.server import CHECKPOINT_DIR
+    from fedtune.runs import CONFIG_FILE, METRICS_FILE, find_model_dir, read_jsonl
+
+    run = Path(run_dir)
+    if (run / "fedtune.json").is_file() and (run.parent / CONFIG_FILE).is_file():
+        run = run.parent  # the model/ folder of a run
+    if split not in SPLITS:
+        raise ConfigError(f"--split {split!r}: use one of {', '.join(SPLITS)}")
+    if checkpoint not in CHECKPOINTS:
+        raise ConfigError(f"--checkpoint {checkpoint!r}: use one of {', '.join(CHECKPOINTS)}")
+    if not (run / CONFIG_FILE).is_file():
+        inner = sorted(p.parent.name for p in run.glob(f"*/{CONFIG_FILE}"))
+        hint = (f"it holds runs of a comparison: pass one of {', '.join(inner)}" if inner
+                else "pass a folder made by `fedtune train`, `federate` or `compare`")
+        raise ConfigError(f"{run} is not a run directory (no {CONFIG_FILE}); {hint}")
+    model_dir = find_model_dir(run)
+    last = run / CHECKPOINT_DIR / "global.safetensors"
+    if checkpoint == "last" and (is_frozen_dir(model_dir) or not last.is_file()):
+        raise ConfigError(
+            f"{run} keeps no last-round model ({last} is missing): only federated runs of a "
+            "trained method checkpoint their global model every round; a centralized or "
+            "local run saves only the model it kept. Use --checkpoint kept"
+        )
+    cfg = RunConfig.from_dict(json.loads((run / CONFIG_FILE).read_text()))
+    records = read_jsonl(run / METRICS_FILE)
+    summary = records[-1] if records and records[-1].get("event") == "test" else {}
+    splits = make_splits(cfg.data)
+    examples = splits.test if split == "test" else splits.validation
+    if not examples:
+        raise ConfigError(f"{run}: its data has no {split} split (data.val_size = 0?)")
+    key = "n_test" if split == "test" else "n_validation"
+    if summary.get(key, len(examples)) != len(examples):
+        raise DataError(
+            f"{run}: the run had {summary[key]} {split} examples, its data now gives "
+            f"{len(examples)}: the data ({cfg.data.source}, {cfg.data.path or 'default path'}) "
+            "changed since the run; restore the file the run used"
+        )
+    rounds = [r["round"] for r in records if r.get("event") == "round"]
+    if checkpoint == "last":
+        which = f"the last round's model (round {max(rounds)})" if rounds else "the last model"
+    elif "best_round" in summary:
+        which = f"the kept model (round {summary['best_round']})"
+    elif summary.get("best_step"):
+        which = f"the kept model (step {summary['best_step']})"
+    else:
+        which = "the kept model"
+    if is_frozen_dir(model_dir):
+        return RunEvaluation(load_frozen(model_dir).evaluate(examples), summary, which)
+    if checkpoint == "last":
+        from safetensors.torch import load_file
+
+        # The round's state is the trainable state the sites exchange (a P-tuning
+        # encoder, not the virtual tokens a saved model keeps): built as the run built it.
+        model = AdaptedModel.build(cfg.model, cfg.method, splits.labels, seed=cfg.seed,
+                                   task=cfg.data.task)  # fmt: skip
+        model.load_trainable_state(load_file(str(last)))
+    else:
+        model = AdaptedModel.load(model_dir)
+    feats = model.formulation.encode_examples(examples)
+    metrics = evaluate_features(model, feats, cfg.train.eval_batch_size, bf16=cfg.train.bf16)
+    return RunEvaluation(metrics, summary, which)
