@@ -485,13 +485,11 @@ def evaluate_cmd(
                               "(paired 95% interval)")
         if output is not None:
             output.parent.mkdir(parents=True, exist_ok=True)
-            tmp = output.with_name(f".{output.name}.tmp")
-            write_json(tmp, {"run": str(run_dir), "split": split, "checkpoint": checkpoint,
+            write_json(output, {"run": str(run_dir), "split": split, "checkpoint": checkpoint,
                              "model": result.which, "n": metrics.n,
                              "primary": metrics.primary, **metrics.summary(),
                              "report": metrics.report, "confusion": metrics.confusion,
                              "scores": metrics.per_example})  # fmt: skip
-            tmp.replace(output)
             console.print(f"written to {escape(str(output))}")
     except FedtuneError as e:
         _fail(e)

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from fedtune.atomic import write_json_atomic
 from fedtune.config import RunConfig
 from fedtune.errors import ConfigError
 
@@ -98,7 +99,8 @@ def _clean(value: Any) -> Any:
 
 
 def write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(_clean(data), indent=2, sort_keys=True) + "\n")
+    """All or nothing (fedtune.atomic), NaN written as null."""
+    write_json_atomic(path, _clean(data))
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
