@@ -13,9 +13,11 @@ seed=S` process with one CPU thread, `--jobs` of them at a time, started in the 
 methods x seeds x regimes (so the first method's seeds finish first). When `--budget`
 seconds have passed, runs still going are stopped (SIGTERM, then SIGKILL) and listed
 as stopped; a stopped federated run keeps its per-round validation curve in its
-`metrics.jsonl`. The finished runs are merged into fedtune's own seeds report
-(`write_seeds_report`: mean ± sd per method, regime and site, the paired gaps
-federated − centralized and federated − best local site, `seeds.png`).
+`metrics.jsonl`. The finished runs are merged as `fedtune merge` merges comparisons
+(`fedtune.federated.merge`): a report per seed in `seed-<s>/`, with the source post's
+two figures and the paired findings, and the report over seeds (mean ± sd per method,
+regime and site, the paired gaps federated − centralized and federated − best local
+site, `seeds.png`).
 
 A catalog name or `.gguf` file given as `model.name` is resolved (dequantized and
 cached) once here, before the jobs start, so they do not race to build the cache.
@@ -26,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -70,7 +71,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from fedtune.config import load_config
-    from fedtune.federated.compare import write_seeds_report
+    from fedtune.federated.merge import write_merged
     from fedtune.models import resolve_model_name
 
     out = Path(args.out)
@@ -127,11 +128,8 @@ def main() -> None:
                 status[job] = {"state": "not started (budget)", "wall_s": 0.0}
             pending = []
 
-    per_seed: dict[int, list[dict[str, object]]] = {}
-    for (m, s, r), st in status.items():
-        comp = runs / f"s{s}-{m}-{r}" / "comparison.json"
-        if st["state"] == "finished" and comp.is_file():
-            per_seed.setdefault(s, []).extend(json.loads(comp.read_text("utf-8")))
+    done = [runs / f"s{s}-{m}-{r}" for (m, s, r), st in status.items() if st["state"] == "finished"]
+    finished = [d for d in done if (d / "comparison.json").is_file()]
     total = time.perf_counter() - start
     lines = [f"{len(status)} jobs, {args.jobs} at a time, {total:.0f} s wall", "",
              "| seed | method | regime | state | wall s |", "|---|---|---|---|---|"]  # fmt: skip
@@ -139,11 +137,8 @@ def main() -> None:
         lines.append(f"| {s} | {m} | {r} | {st['state']} | {st['wall_s']} |")
     (out / "jobs.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
-    if per_seed:
-        seeds_run = ", ".join(map(str, sorted(per_seed)))
-        title = f"{args.config}: {', '.join(methods)}, seeds {seeds_run} (parallel runs)"
-        write_seeds_report(out, per_seed, title)
-        print((out / "report.md").read_text(), flush=True)
+    if finished:  # one report per seed (the post's two figures) and one over the seeds
+        print(write_merged(finished, out).read_text(), flush=True)
 
 
 if __name__ == "__main__":

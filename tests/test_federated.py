@@ -847,3 +847,77 @@ def test_ffa_lora_trains_and_exchanges_b_only_and_averages_updates_exactly(
                                seed=cfg.seed).trainable_state()  # fmt: skip
     a_size = sum(v.numel() for k, v in plain.items() if ".lora_A." in k)
     assert sum(v.numel() for v in plain.values()) - a_size == summary["trainable_parameters"]
+
+
+def test_regimes_run_apart_merge_into_the_report_of_one_comparison(
+    tiny_models: dict[str, str], table: Path, tmp_path: Path
+) -> None:
+    """Each regime in its own comparison (as a small machine runs a long one), merged:
+    the same rows, scores and findings (paired intervals) as the comparison that ran
+    them together, both figures, and the settings in which the parts differ. Bad
+    inputs are named, and leave nothing written."""
+    from fedtune.federated.merge import merge_comparisons
+
+    extra = ("federated.rounds=2", "federated.partition=column", "data.site_column=site")
+    joint = run_regimes(_cfg(tiny_models, table, tmp_path, "name=joint", *extra), ["lora"])
+    parts = [run_regimes(_cfg(tiny_models, table, tmp_path, f"name={r}", *extra,
+                              *(("train.eval_every=3",) if r == "centralized" else ())),
+                         ["lora"], (r,))
+             for r in ("federated", "centralized", "local")]  # fmt: skip
+    merged = merge_comparisons(parts, tmp_path / "merged")
+    both_rows = [json.loads((d / "comparison.json").read_text()) for d in (joint, merged)]
+    key = ("method", "regime", "site", "accuracy", "n_train")
+    # eval_every changes the centralized model's choice, not its training: compare the rest
+    a, b = ([{k: r[k] for k in key} for r in rows if r["regime"] != "centralized"]
+            for rows in both_rows)  # fmt: skip
+    assert a == b and len(a) == 4
+    report = (merged / "report.md").read_text()
+    for name in ("fig_a_centralized_vs_federated.png", "fig_b_local_vs_federated.png"):
+        assert (merged / name).stat().st_size > 10_000 and f"]({name})" in report
+    fed_vs_best = [line.split(" | ")[2] for line in report.splitlines()
+                   if line.startswith("| lora | ") and " [" in line]  # fmt: skip
+    joint_report = (joint / "report.md").read_text()
+    assert fed_vs_best and fed_vs_best[0] in joint_report  # same paired gap to the best site
+    assert "| `train.eval_every` 3 (vs 0) |" in report
+    links = [line.rsplit("](", 1)[1].rstrip(") |") for line in report.splitlines()
+             if line.startswith("| lora | ") and line.endswith("report.md) |")]  # fmt: skip
+    assert len(links) == 5  # every run's link leads to its report
+    assert all((merged / link).resolve().is_file() for link in links)
+    for r in json.loads((merged / "comparison.json").read_text()):  # the runs stay put
+        assert not (merged / r["name"]).exists()
+
+    def refused(match: str, *folders: Path) -> None:
+        with pytest.raises(ConfigError, match=match):
+            merge_comparisons(list(folders), tmp_path / "bad")
+        assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad*"))
+
+    other = run_regimes(_cfg(tiny_models, table, tmp_path, "name=other", *extra,
+                             "data.test_size=0.3"), ["lora"], ("centralized",))  # fmt: skip
+    refused("not tested on the same examples.*data.test_size", parts[0], other)
+    longer = run_regimes(_cfg(tiny_models, table, tmp_path, "name=longer", "federated.rounds=3",
+                              *extra[1:]), ["lora"], ("centralized",))  # fmt: skip
+    refused("trained lora 2 epochs.*3 .centralized.*one budget", parts[0], longer)
+    refused("both lora centralized all with seed", joint, parts[1])
+    refused("given twice", parts[0], parts[0])
+    refused("no such folder", tmp_path / "nowhere")
+    refused("pass folders `fedtune compare` wrote", tmp_path / "joint" / "lora-federated" / "model")
+    with pytest.raises(ConfigError, match="already exists"):
+        merge_comparisons(parts, merged)
+    # One run of a comparison taken alone: the local sites of the joint one.
+    sites = [joint / f"lora-local-{s}" for s in ("org-0", "org-1", "org-2")]
+    only = merge_comparisons([parts[0], parts[1], *sites], tmp_path / "only")
+    assert [r["regime"] for r in json.loads((only / "comparison.json").read_text())] == [
+        "centralized", "local", "local", "local", "federated"]
+
+    # Two seeds: a report per seed and the report over seeds (mean ± sd, paired gaps).
+    seed2 = run_regimes(_cfg(tiny_models, table, tmp_path, "name=seed2", "seed=2", *extra),
+                        ["lora"], ("federated", "centralized"))  # fmt: skip
+    both = merge_comparisons([joint, seed2], tmp_path / "both")
+    rows = json.loads((both / "seeds.json").read_text())
+    assert sorted({r["seed"] for r in rows}) == [2, 42] and (both / "seeds.png").is_file()
+    for s in (2, 42):
+        assert (both / f"seed-{s}" / "fig_a_centralized_vs_federated.png").is_file()
+        line = next(x for x in (both / f"seed-{s}" / "report.md").read_text().splitlines()
+                    if x.startswith("| lora | federated |"))  # fmt: skip
+        assert (both / f"seed-{s}" / line.rsplit("](", 1)[1].rstrip(") |")).resolve().is_file()
+    assert "federated − centralized" in (both / "report.md").read_text()

@@ -48,6 +48,9 @@ def test_parallel_seeds_merge_into_one_report(
         (1, "centralized"), (1, "federated"), (2, "centralized"), (2, "federated")]
     acc = {(r["seed"], r["regime"]): r["accuracy"] for r in rows}
     gaps = [acc[s, "federated"] - acc[s, "centralized"] for s in (1, 2)]
+    for s in (1, 2):  # each seed's own report, with the post's figure (a)
+        assert (out / f"seed-{s}" / "fig_a_centralized_vs_federated.png").is_file()
+        assert "## The source post's two findings" in (out / f"seed-{s}" / "report.md").read_text()
     report = (out / "report.md").read_text()
     assert f"| lora | {100 * np.mean(gaps):.1f} ± {100 * np.std(gaps, ddof=1):.1f} | - |" in report
 

@@ -359,6 +359,24 @@ def compare_cmd(
         _fail(e)
 
 
+@app.command("merge")
+def merge_cmd(
+    folders: Annotated[list[Path], typer.Argument(
+        help="Comparison folders `fedtune compare` wrote (a --seeds one: its seed-* "
+             "folders are taken).")],
+    out: Annotated[Path, typer.Option(help="A new folder for the merged report.")],
+) -> None:
+    """Merge comparisons run apart (one regime or seed per process or machine) into one
+    report: the source post's two figures, the table and findings with paired
+    intervals, and over several seeds mean ± sd. The runs stay where they are."""
+    from fedtune.federated.merge import merge_comparisons
+
+    try:
+        merge_comparisons(folders, out, console)
+    except FedtuneError as e:
+        _fail(e)
+
+
 def _int_list(text: str, option: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]

@@ -608,6 +608,12 @@ def findings(rows: list[dict[str, Any]], top: str) -> list[str]:
     ]  # fmt: skip
 
 
+def _epochs(x: float) -> str:
+    """Whole epochs as such; a fractional budget (rounds x 1/3 epoch) or a model chosen
+    between epochs (`train.eval_every`) to one decimal."""
+    return f"{x:.0f}" if abs(x - round(x)) < 1e-3 else f"{x:.1f}"
+
+
 def write_regimes_report(out: Path, rows: list[dict[str, Any]],
                          curves: dict[str, dict[str, list[tuple[float, float]]]], title: str,
                          cfg: RunConfig) -> Path:  # fmt: skip
@@ -650,14 +656,14 @@ def write_regimes_report(out: Path, rows: list[dict[str, Any]],
         else:
             traffic, total = "-", "-"
             best = r["best_step"] / max(r["steps"], 1) * r["epochs"]
-            trained = f"{r['epochs']:.0f} epochs ({best:.0f})"
+            trained = f"{_epochs(r['epochs'])} epochs ({_epochs(best)})"
             if r.get("site_batch_size", cfg.train.batch_size) != cfg.train.batch_size:
                 trained += f", site batch {r['site_batch_size']}"
         lines.append(
             f"| {r['method']} | {r['regime']} | {r['site']} | {r['n_train']} | {trained} "
             + "".join(f"| {_pct(r[k])} " for k in names)
             + f"| {r['trainable_parameters']:,} | {traffic} | {total} | {r['wall_seconds']:.1f} "
-            f"| [{r['name']}]({r['name']}/report.md) |"
+            f"| [{r['name']}]({r.get('link') or r['name'] + '/report.md'}) |"
         )
     lines += [
         "",
