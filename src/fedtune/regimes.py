@@ -206,7 +206,7 @@ def run_frozen(
     splits = splits or make_splits(cfg.data)
     method = build_frozen(cfg, splits.labels)
     console.print(
-        f"[bold]{cfg.method_name}[/] ({method.description}) with {cfg.model.name}: "
+        f"[bold]{cfg.method_name}[/] ({method.description}) with {method.model_description}: "
         + _sizes(splits)
     )
     with staged_run_dir(final) as run_dir:
@@ -243,5 +243,6 @@ def run_frozen(
         }
         summary = _finish(cfg, final, run_dir, splits, test, history, t_start, method.kind,
                           method.trainable_parameters(), method.base_parameters, training,
-                          method.notes, method.extra_metrics)  # fmt: skip
+                          method.notes,
+                          {**method.extra_metrics, "model": method.model_description})  # fmt: skip
     return _announce(console, summary, test, shown_as or final)

@@ -85,6 +85,11 @@ class FrozenMethod(ABC, Generic[C]):
         self.extra_metrics: dict[str, float] = {}
         """Method-specific numbers for the run summary (e.g. unparseable answers)."""
 
+    @property
+    def model_description(self) -> str:
+        """The model this method runs, as the run's summary and report name it."""
+        return self.model_config.name
+
     # --- fitting and predicting -------------------------------------------------
 
     @abstractmethod

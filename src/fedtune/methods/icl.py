@@ -913,6 +913,14 @@ class ICL(FrozenMethod[IclConfig]):
     # --- sizes, save / load --------------------------------------------------------------
 
     @property
+    def model_description(self) -> str:
+        """The LM that answers (not `model.name`, which embeds for similar selection)."""
+        if self.config.backend == "remote":
+            url = self.config.base_url or os.environ.get("OPENAI_BASE_URL", "")
+            return f"{self.config.api_model or 'the served model'} at {url}"
+        return self.model_name
+
+    @property
     def base_parameters(self) -> int:
         if self.config.backend == "remote":
             return 0
