@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markdown import Markdown
 
 from fedtune.config import RunConfig
 from fedtune.errors import ConfigError
@@ -238,7 +239,11 @@ def merge_comparisons(folders: list[Path], out: Path, console: Console | None = 
         raise ConfigError(f"{out} already exists; give --out a new folder")
     comparison_folders(folders)  # fail on a bad input before anything is written
     with staged_run_dir(out) as staging:
-        write_merged(folders, staging)
+        report = write_merged(folders, staging).read_text("utf-8")
         # Links were made relative to the staging folder, a sibling of `out`: the same.
+    # The findings (one seed) or the table over seeds, also on the terminal.
+    head = "## The source post's two findings"
+    shown = head + report.split(head, 1)[1].split("\n## ", 1)[0] if head in report else report
+    console.print(Markdown(shown.split("![", 1)[0]))
     console.print(f"[bold]merged report:[/] {out / REPORT_FILE}")
     return out
