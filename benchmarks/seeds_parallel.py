@@ -14,8 +14,9 @@ methods x seeds x regimes (so the first method's seeds finish first). When `--bu
 seconds have passed, runs still going are stopped (SIGTERM, then SIGKILL) and listed
 as stopped; a stopped federated run keeps its per-round validation curve in its
 `metrics.jsonl`. The finished runs are merged as `fedtune merge` merges comparisons
-(`fedtune.federated.merge`): a report per seed in `seed-<s>/`, with the source post's
-two figures and the paired findings, and the report over seeds (mean ± sd per method,
+(`fedtune.federated.merge`): with several seeds a report per seed in `seed-<s>/`, with
+the source post's two figures and the paired findings (one seed: that report in DIR),
+and the report over seeds (mean ± sd per method,
 regime and site, the paired gaps federated − centralized and federated − best local
 site, `seeds.png`).
 
@@ -71,6 +72,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from fedtune.config import load_config
+    from fedtune.errors import ConfigError
     from fedtune.federated.merge import write_merged
     from fedtune.models import resolve_model_name
 
@@ -138,7 +140,10 @@ def main() -> None:
     (out / "jobs.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
     if finished:  # one report per seed (the post's two figures) and one over the seeds
-        print(write_merged(finished, out).read_text(), flush=True)
+        try:
+            print(write_merged(finished, out).read_text(), flush=True)
+        except ConfigError as e:  # e.g. only regimes that a method has no form of
+            sys.exit(f"the finished runs could not be merged into a report: {e}")
 
 
 if __name__ == "__main__":

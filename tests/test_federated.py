@@ -850,23 +850,29 @@ def test_ffa_lora_trains_and_exchanges_b_only_and_averages_updates_exactly(
 
 
 def test_regimes_run_apart_merge_into_the_report_of_one_comparison(
-    tiny_models: dict[str, str], table: Path, tmp_path: Path
+    tiny_models: dict[str, str], table: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Each regime in its own comparison (as a small machine runs a long one), merged:
     the same rows, scores and findings (paired intervals) as the comparison that ran
     them together, both figures, and the settings in which the parts differ. Bad
     inputs are named, and leave nothing written."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from fedtune.cli import app
     from fedtune.federated.merge import merge_comparisons
 
     extra = ("federated.rounds=2", "federated.partition=column", "data.site_column=site")
     joint = run_regimes(_cfg(tiny_models, table, tmp_path, "name=joint", *extra), ["lora"])
-    parts = [run_regimes(_cfg(tiny_models, table, tmp_path, f"name={r}", *extra,
+    monkeypatch.chdir(table.parent)  # one part reads the data by a relative path
+    parts = [run_regimes(_cfg(tiny_models, Path(table.name), tmp_path, f"name={r}", *extra,
                               *(("train.eval_every=3",) if r == "centralized" else ())),
                          ["lora"], (r,))
              for r in ("federated", "centralized", "local")]  # fmt: skip
     merged = merge_comparisons(parts, tmp_path / "merged")
     both_rows = [json.loads((d / "comparison.json").read_text()) for d in (joint, merged)]
-    key = ("method", "regime", "site", "accuracy", "n_train")
+    key = ("method", "regime", "site", "accuracy", "n_train", "test_digest")
     # eval_every changes the centralized model's choice, not its training: compare the rest
     a, b = ([{k: r[k] for k in key} for r in rows if r["regime"] != "centralized"]
             for rows in both_rows)  # fmt: skip
@@ -878,29 +884,40 @@ def test_regimes_run_apart_merge_into_the_report_of_one_comparison(
                    if line.startswith("| lora | ") and " [" in line]  # fmt: skip
     joint_report = (joint / "report.md").read_text()
     assert fed_vs_best and fed_vs_best[0] in joint_report  # same paired gap to the best site
-    assert "| `train.eval_every` 3 (vs 0) |" in report
+    merged_from = report.split("## Merged from")[1]
+    assert "| lora | centralized | all |" in merged_from
+    assert "`train.eval_every` 3 (vs 0)" in merged_from
+    assert merged_from.count(" | - |") == 4  # the others differ in nothing but their paths
     links = [line.rsplit("](", 1)[1].rstrip(") |") for line in report.splitlines()
              if line.startswith("| lora | ") and line.endswith("report.md) |")]  # fmt: skip
     assert len(links) == 5  # every run's link leads to its report
     assert all((merged / link).resolve().is_file() for link in links)
     for r in json.loads((merged / "comparison.json").read_text()):  # the runs stay put
         assert not (merged / r["name"]).exists()
+    # A merged folder lists where its runs are: it merges again, to the same rows.
+    again = merge_comparisons([merged], tmp_path / "again")
+    assert json.loads((again / "comparison.json").read_text()) == both_rows[1]
 
     def refused(match: str, *folders: Path) -> None:
         with pytest.raises(ConfigError, match=match):
             merge_comparisons(list(folders), tmp_path / "bad")
         assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad*"))
 
-    other = run_regimes(_cfg(tiny_models, table, tmp_path, "name=other", *extra,
-                             "data.test_size=0.3"), ["lora"], ("centralized",))  # fmt: skip
-    refused("not tested on the same examples.*data.test_size", parts[0], other)
-    longer = run_regimes(_cfg(tiny_models, table, tmp_path, "name=longer", "federated.rounds=3",
-                              *extra[1:]), ["lora"], ("centralized",))  # fmt: skip
-    refused("trained lora 2 epochs.*3 .centralized.*one budget", parts[0], longer)
-    refused("both lora centralized all with seed", joint, parts[1])
+    def other(name: str, *more: str) -> Path:
+        return run_regimes(_cfg(tiny_models, table, tmp_path, f"name={name}", *extra, *more),
+                           ["lora"], ("centralized",))  # fmt: skip
+
+    refused("tested on different examples", parts[0], other("split", "data.test_size=0.3"))
+    refused("different settings .method.lr: 0.01 vs 0.02", parts[0], other("lr", "method.lr=0.02"))
+    refused("trained lora 2 epochs, .* 3: regimes are compared at one budget", parts[0],
+            other("longer", "federated.rounds=3"))  # fmt: skip
+    refused("both lora centralized all with seed 42", joint, parts[1])
     refused("given twice", parts[0], parts[0])
+    refused("given twice", joint, joint / "lora-federated")
     refused("no such folder", tmp_path / "nowhere")
-    refused("pass folders `fedtune compare` wrote", tmp_path / "joint" / "lora-federated" / "model")
+    refused("pass folders `fedtune compare` wrote", joint / "lora-federated" / "model")
+    refused("unfinished comparison: finish it with `fedtune compare --resume",
+            tmp_path / ".joint.partial")  # fmt: skip
     with pytest.raises(ConfigError, match="already exists"):
         merge_comparisons(parts, merged)
     # One run of a comparison taken alone: the local sites of the joint one.
@@ -909,15 +926,27 @@ def test_regimes_run_apart_merge_into_the_report_of_one_comparison(
     assert [r["regime"] for r in json.loads((only / "comparison.json").read_text())] == [
         "centralized", "local", "local", "local", "federated"]
 
-    # Two seeds: a report per seed and the report over seeds (mean ± sd, paired gaps).
+    # Two seeds: a report per seed and the report over seeds (mean ± sd, paired gaps);
+    # a `--seeds` comparison's folder gives its seed-* folders.
     seed2 = run_regimes(_cfg(tiny_models, table, tmp_path, "name=seed2", "seed=2", *extra),
                         ["lora"], ("federated", "centralized"))  # fmt: skip
-    both = merge_comparisons([joint, seed2], tmp_path / "both")
+    seeds = tmp_path / "seeds"
+    shutil.copytree(joint, seeds / "seed-42")
+    shutil.copytree(seed2, seeds / "seed-2")
+    result = CliRunner().invoke(app, ["merge", str(seeds), "--out", str(tmp_path / "both")])
+    assert result.exit_code == 0, result.output
+    both = tmp_path / "both"
     rows = json.loads((both / "seeds.json").read_text())
     assert sorted({r["seed"] for r in rows}) == [2, 42] and (both / "seeds.png").is_file()
+    acc = {(r["seed"], r["regime"]): r["accuracy"] for r in rows if r["site"] == "all"}
+    gaps = [acc[s, "federated"] - acc[s, "centralized"] for s in (2, 42)]
+    assert f"| lora | {100 * np.mean(gaps):.1f} ± {100 * np.std(gaps, ddof=1):.1f} |" in (
+        both / "report.md").read_text()
+    assert "federated − centralized" in result.output  # the table over seeds, printed
     for s in (2, 42):
         assert (both / f"seed-{s}" / "fig_a_centralized_vs_federated.png").is_file()
         line = next(x for x in (both / f"seed-{s}" / "report.md").read_text().splitlines()
                     if x.startswith("| lora | federated |"))  # fmt: skip
         assert (both / f"seed-{s}" / line.rsplit("](", 1)[1].rstrip(") |")).resolve().is_file()
-    assert "federated − centralized" in (both / "report.md").read_text()
+    result = CliRunner().invoke(app, ["merge", str(seeds), "--out", str(both)])
+    assert result.exit_code == 2 and "already exists; give --out a new folder" in result.output

@@ -389,7 +389,7 @@ def test_icl_has_no_federated_form(
     out = run_regimes(cfg, ["icl"], ("centralized", "federated"))
     rows = json.loads((out / "comparison.json").read_text())
     assert [(r["method"], r["regime"]) for r in rows] == [("icl", "centralized")]
-    # The run names the LM that answered (method.model), not model.name (the embedder).
+    # The run names the LM that answered (method.model), not model.name (unused here).
     assert rows[0]["model"] == tiny_models["gpt2"]
     report = (out / "icl-centralized" / "report.md").read_text()
     assert f"`{tiny_models['gpt2']}` (frozen)" in report

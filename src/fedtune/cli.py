@@ -371,6 +371,7 @@ def merge_cmd(
     intervals, and over several seeds mean ± sd. The runs stay where they are."""
     from fedtune.federated.merge import merge_comparisons
 
+    _quiet_libraries()
     try:
         merge_comparisons(folders, out, console)
     except FedtuneError as e:

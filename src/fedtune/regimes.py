@@ -17,7 +17,7 @@ from rich.markup import escape
 
 from fedtune.adapted import AdaptedModel
 from fedtune.config import MethodConfig, RunConfig, method_config
-from fedtune.data import Example, Splits, example_groups, make_splits
+from fedtune.data import Example, Splits, example_groups, examples_digest, make_splits
 from fedtune.data.sources import fpb_file_agreement
 from fedtune.evaluate import Metrics, check_select_by, evaluate_features, test_line, val_line
 from fedtune.methods import FrozenMethod, get_method, is_frozen
@@ -155,6 +155,7 @@ def _finish(
         "samples": test.samples,
         "test_scores": test.per_example,
         "test_groups": example_groups(splits.test),
+        "test_digest": examples_digest(splits.test),
         "notes": list(splits.notes) + list(notes or []),
         **(extra or {}),
     }

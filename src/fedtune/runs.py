@@ -31,6 +31,9 @@ MODEL_DIR = "model"
 PLAN_FILE = "compare.json"
 """What a comparison was asked to do, written first into its staging folder:
 `fedtune compare --resume` reads it back."""
+COMPARISON_FILE = "comparison.json"
+"""A finished comparison's rows: one run summary per (method, regime, site), without
+the bulky fields (`comparison_rows`)."""
 
 
 def default_run_name(cfg: RunConfig) -> str:
@@ -51,6 +54,14 @@ def final_run_dir(cfg: RunConfig, name: str | None = None) -> Path:
 def staging_dir(final: Path) -> Path:
     """The hidden folder a run is written to before it is renamed to `final`."""
     return final.parent / f".{final.name}.partial"
+
+
+def final_of_staging(path: Path) -> Path | None:
+    """The folder a staging folder (`.<name>.partial`) becomes when its run finishes;
+    None for any other path."""
+    if path.name.startswith(".") and path.name.endswith(".partial"):
+        return path.parent / path.name[1 : -len(".partial")]
+    return None
 
 
 @contextmanager

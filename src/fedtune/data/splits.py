@@ -8,6 +8,8 @@ then cleans only the training side (docs/data.md has the measured counts).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections import Counter
 from collections.abc import Sequence
@@ -91,6 +93,17 @@ def example_groups(examples: Sequence[Example]) -> list[str]:
     if not any(e.group for e in examples):
         return []
     return [e.group or f"\x00{i}" for i, e in enumerate(examples)]
+
+
+def examples_digest(examples: Sequence[Example]) -> str:
+    """A fingerprint of examples and their order (what a model is scored on: text,
+    context, label, response, rejected, group; not where they were read from), so that
+    runs can be checked to have been tested on the same examples wherever they ran."""
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(json.dumps([e.text, e.context, e.label, e.response, e.rejected, e.group],
+                            ensure_ascii=False).encode("utf-8") + b"\n")  # fmt: skip
+    return h.hexdigest()[:16]
 
 
 def _count(share: float, n: int, what: str) -> int:

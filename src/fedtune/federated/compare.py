@@ -42,10 +42,12 @@ from fedtune.methods import get_method
 from fedtune.regimes import describe_data, method_configs, run_centralized
 from fedtune.report import _pct, personalized_table
 from fedtune.runs import (
+    COMPARISON_FILE,
     CONFIG_FILE,
     METRICS_FILE,
     PLAN_FILE,
     REPORT_FILE,
+    final_of_staging,
     final_run_dir,
     read_jsonl,
     staged_run_dir,
@@ -186,17 +188,19 @@ def run_regimes(
                 curves[mname]["federated"] = val_curve(staging / name)
         title = f"Centralized vs local vs federated on {describe_data(cfg)}"
         write_regimes_report(staging, rows, curves, title, cfg)
-        write_json(staging / "comparison.json", [
-            {k: v for k, v in r.items()
-             if k not in ("report", "confusion", "run_dir", "history", "test_scores",
-                          "test_groups")}
-            for r in rows
-        ])  # fmt: skip
+        write_json(staging / COMPARISON_FILE, comparison_rows(rows))
         summary = findings(rows, metric_names(rows)[0])
         if summary:  # the post's two findings, also on the terminal
             console.print(Markdown("\n".join(summary)))
     console.print(f"[bold]comparison report:[/] {shown / 'report.md'}")
     return out
+
+
+def comparison_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of comparison.json: each run's summary without the bulky fields (its
+    report, confusion matrix, history and per-example scores stay in its own folder)."""
+    bulky = ("report", "confusion", "run_dir", "history", "test_scores", "test_groups")
+    return [{k: v for k, v in r.items() if k not in bulky} for r in rows]
 
 
 def _plan_config(cfg: RunConfig, out: Path) -> dict[str, Any]:
@@ -251,8 +255,7 @@ def resume_comparison(path: str | Path, console: Console | None = None) -> Path:
     staging folder, as it was asked for: the same config, methods, regimes, overrides
     and seeds (from its compare.json). Finished runs are not run again."""
     p = Path(path)
-    if p.name.startswith(".") and p.name.endswith(".partial"):
-        p = p.parent / p.name[1 : -len(".partial")]
+    p = final_of_staging(p) or p
     staging = staging_dir(p)
     if p.exists() and not staging.exists():
         raise ConfigError(f"{p} is a finished comparison: nothing to resume")
@@ -314,13 +317,13 @@ def run_seeds(
             seed_cfg = dataclasses.replace(cfg, seed=seed, name=f"seed-{seed}",
                                            output_dir=str(staging))  # fmt: skip
             d = staging / f"seed-{seed}"
-            if not (d / "comparison.json").is_file():
+            if not (d / COMPARISON_FILE).is_file():
                 d = run_regimes(seed_cfg, methods, regimes, console,
                                 shown_as=out / f"seed-{seed}",
                                 resume=resume and staging_dir(d).is_dir(), **overrides)  # fmt: skip
             else:
                 console.print(f"[dim]seed {seed}: finished before the interruption; kept[/]")
-            per_seed[seed] = json.loads((d / "comparison.json").read_text("utf-8"))
+            per_seed[seed] = json.loads((d / COMPARISON_FILE).read_text("utf-8"))
         write_seeds_report(staging, per_seed,
                            f"Centralized vs local vs federated on {describe_data(cfg)}, "
                            f"{len(seeds)} seeds")  # fmt: skip

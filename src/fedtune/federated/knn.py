@@ -105,7 +105,7 @@ def run_federated_knn(
     this process, each index under the run's sites/<site>/index); writes a run
     directory (config, metrics.jsonl, report.md, confusion.png, traffic.json; no
     global model: the indexes stay at the sites) and returns the summary."""
-    from fedtune.data import example_groups
+    from fedtune.data import example_groups, examples_digest
     from fedtune.federated.runner import _run_id, make_contexts, prepare_run_dir
     from fedtune.regimes import describe_data
 
@@ -161,7 +161,7 @@ def run_federated_knn(
         "regime": "federated",
         "name": (shown_as or out).name,
         "method": "knn",
-        "model": cfg.model.name,
+        "model": knn.model_description,
         "kind": knn.kind,
         "data": describe_data(cfg),
         "strategy": "query",
@@ -189,6 +189,7 @@ def run_federated_knn(
         "confusion": test.confusion,
         "test_scores": test.per_example,
         "test_groups": example_groups(ws.splits.test),
+        "test_digest": examples_digest(ws.splits.test),
         "notes": list(ws.splits.notes) + list(ws.partition.notes) + failures,
         "failed_sites": sorted({f.split(" failed on ")[0] for f in failures}),
         "wall_seconds": time.perf_counter() - t_start,

@@ -6,13 +6,15 @@ every (method, seed, regime) as its own job; later a centralized run may be adde
 other evaluation settings. Each of those folders is a comparison of its own, with a
 report of one regime: the source post's two figures need the regimes together.
 
-`merge_comparisons` reads the finished comparison folders (the `seed-*` folders of a
-`--seeds` comparison; or single runs inside a comparison, to take only those), checks
-that their runs can be compared (the same data settings, so the same test examples,
-and the same training budget), and writes one
-report per seed with figures (a) and (b), the table and the two findings with their
-paired intervals; with several seeds, the report over seeds (mean ± sd, paired gaps)
-on top. The runs are not copied: the report links to them where they are.
+`merge_comparisons` reads finished comparison folders (the `seed-*` folders of a
+`--seeds` comparison; single runs inside a comparison, to take only those; a merged
+folder, which lists where its runs are), checks that their runs can be compared, and
+writes one report per seed with figures (a) and (b), the table and the two findings
+with their paired intervals; with several seeds, the report over seeds (mean ± sd,
+paired gaps) on top. Comparable means: tested on the same examples (the test split's
+fingerprint, `test_digest`, or for runs older than it the same data settings), and per
+seed and method the same model, method settings, partition into sites and budget.
+The runs are not copied: the report links to them where they are.
 """
 
 from __future__ import annotations
@@ -25,59 +27,78 @@ from typing import Any
 from rich.console import Console
 from rich.markdown import Markdown
 
-from fedtune.config import RunConfig
-from fedtune.errors import ConfigError
-from fedtune.federated.compare import val_curve, write_regimes_report, write_seeds_report
+from fedtune.config import REGIMES, RunConfig
+from fedtune.errors import ConfigError, FedtuneError
+from fedtune.federated.compare import (
+    _epochs_budget,
+    comparison_rows,
+    val_curve,
+    write_regimes_report,
+    write_seeds_report,
+)
 from fedtune.regimes import describe_data
+from fedtune.report import _cell
 from fedtune.runs import (
+    COMPARISON_FILE,
     CONFIG_FILE,
     METRICS_FILE,
-    PLAN_FILE,
     REPORT_FILE,
+    final_of_staging,
     read_jsonl,
     staged_run_dir,
     write_json,
 )
 
-COMPARISON_FILE = "comparison.json"
-REGIME_ORDER = {"centralized": 0, "local": 1, "federated": 2}
-# Settings a comparison gives its runs itself (the budget as epochs, the sites' batch).
-_DERIVED = {"name", "output_dir", "seed", "train.epochs", "train.max_steps", "train.batch_size"}
+PARTITION_KEYS = ("sites", "sizes", "partition", "alpha", "min_site_size", "site_paths")
+"""federated.* settings that decide the sites' data, and so the centralized run's pool."""
+_NOT_COMPARED = {"name", "output_dir", "seed", "train.epochs", "train.max_steps",
+                 "data.path", "federated.site_paths"}  # fmt: skip
+"""Settings a comparison sets per run (the budget in epochs), or checked apart (paths)."""
 
 
 def comparison_folders(paths: list[Path]) -> list[tuple[Path, str | None]]:
     """(comparison folder, run name or None for all its runs) for each of `paths`: a
-    folder `fedtune compare` wrote, the `seed-*` folders of a `--seeds` comparison, or
-    one run inside a comparison (to take that run only). Anything else is an error that
-    says what to pass instead."""
+    folder `fedtune compare` or `fedtune merge` wrote, the `seed-*` folders of one that
+    ran several seeds, or one run inside a comparison (to take that run only). Anything
+    else is an error that says what to pass instead."""
     found: list[tuple[Path, str | None]] = []
-    for p in paths:
-        if p.name.startswith(".") and p.name.endswith(".partial"):
-            raise ConfigError(f"{p} is an unfinished comparison: finish it with `fedtune "
-                              f"compare --resume {p.parent / p.name[1:-len('.partial')]}` "
-                              "first, or leave it out")  # fmt: skip
+    for given in paths:
+        p = Path(os.path.abspath(given))
+        final = final_of_staging(p)
+        if final is not None:
+            raise ConfigError(f"{given} is an unfinished comparison: finish it with `fedtune "
+                              f"compare --resume {final}` first, or leave it out")  # fmt: skip
         if not p.is_dir():
-            raise ConfigError(f"{p}: no such folder; pass folders `fedtune compare` wrote")
-        seeds = sorted((d for d in p.glob("seed-*") if (d / COMPARISON_FILE).is_file()),
-                       key=lambda d: d.name)  # fmt: skip
+            raise ConfigError(f"{given}: no such folder; pass folders `fedtune compare` wrote")
+        seeds = sorted(d for d in p.glob("seed-*") if (d / COMPARISON_FILE).is_file())
         if (p / COMPARISON_FILE).is_file():
             found.append((p, None))
         elif seeds:
             found.extend((d, None) for d in seeds)
         elif (p / METRICS_FILE).is_file() and (p.parent / COMPARISON_FILE).is_file():
-            names = [r["name"] for r in
-                     json.loads((p.parent / COMPARISON_FILE).read_text("utf-8"))]  # fmt: skip
+            names = [r.get("name") for r in _load(p.parent / COMPARISON_FILE)]
             if p.name not in names:
-                raise ConfigError(f"{p} is not among the runs {p.parent / COMPARISON_FILE} "
-                                  f"lists ({', '.join(names)})")  # fmt: skip
+                raise ConfigError(f"{given} is not among the runs {p.parent / COMPARISON_FILE} "
+                                  f"lists ({', '.join(map(str, names))})")  # fmt: skip
             found.append((p.parent, p.name))
         else:
-            raise ConfigError(f"{p} holds no finished comparison (no {COMPARISON_FILE}); "
+            raise ConfigError(f"{given} holds no finished comparison (no {COMPARISON_FILE}); "
                               "pass folders `fedtune compare` wrote, or runs inside them")
-    twice = {str(f / (n or "")) for f, n in found if found.count((f, n)) > 1}
+    whole = {f for f, n in found if n is None}
+    twice = sorted({str(f / (n or "")) for f, n in found
+                    if found.count((f, n)) > 1 or (n is not None and f in whole)})  # fmt: skip
     if twice:
-        raise ConfigError(f"given twice: {', '.join(sorted(twice))}")
+        raise ConfigError(f"given twice (a folder, or a run and its comparison): "
+                          f"{', '.join(twice)}")  # fmt: skip
     return found
+
+
+def _load(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path} cannot be read ({e}); leave its comparison out or "
+                          "run it again") from None  # fmt: skip
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -90,119 +111,182 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _budget(config: dict[str, Any], regime: str) -> float:
-    """Epochs of training a run was given: rounds x local epochs for a federated run,
-    `train.epochs` for the others (which `fedtune compare` set to that product)."""
-    if regime == "federated":
-        return float(config["federated"]["rounds"]) * float(config["federated"]["local_epochs"])
-    return float(config["train"]["epochs"])
-
-
-def _read(folder: Path, name: str | None, out: Path) -> list[dict[str, Any]]:
+def _read(folder: Path, name: str | None) -> list[dict[str, Any]]:
     """A comparison's rows (only the run `name` when given), each with its run's
-    per-example test scores, config and validation curve, and a link from `out` to the
-    run's report."""
-    rows = json.loads((folder / COMPARISON_FILE).read_text("utf-8"))
-    plan = folder / PLAN_FILE
-    asked = json.loads(plan.read_text("utf-8"))["config"] if plan.is_file() else None
+    per-example test scores, config and validation curve, and where the run is."""
     read = []
-    for r in rows:
-        if name is not None and r["name"] != name:
+    for r in _load(folder / COMPARISON_FILE):
+        if name is not None and r.get("name") != name:
             continue
-        run = folder / r["name"]
-        records = read_jsonl(run / METRICS_FILE)
-        if not records or not (run / CONFIG_FILE).is_file():
-            raise ConfigError(f"{run}: the run of {r['regime']} {r['site']} that "
-                              f"{folder / COMPARISON_FILE} lists is missing or incomplete "
-                              "(moved or deleted?)")  # fmt: skip
-        summary = records[-1]
-        config = json.loads((run / CONFIG_FILE).read_text("utf-8"))
+        try:
+            # A merged folder's rows say where their runs are; a comparison's are inside.
+            run = Path(os.path.normpath(folder / r.get("run", r["name"])))
+            regime, site = r["regime"], r["site"]
+        except KeyError as e:
+            raise ConfigError(f"{folder / COMPARISON_FILE}: a row has no {e}; it was not "
+                              "written by `fedtune compare` or `fedtune merge`") from None
+        records = read_jsonl(run / METRICS_FILE) if (run / METRICS_FILE).is_file() else []
+        if not records or records[-1].get("event") != "test" or not (run / CONFIG_FILE).is_file():
+            raise ConfigError(f"{run}: the {regime} run ({site}) that {folder / COMPARISON_FILE} "
+                              "lists is missing or unfinished (moved or deleted?)")  # fmt: skip
+        summary, config = records[-1], _load(run / CONFIG_FILE)
+        try:
+            cfg = RunConfig.from_dict(config)
+        except FedtuneError as e:
+            raise ConfigError(f"{run / CONFIG_FILE}: {e}") from None
         read.append({
-            **r,
+            **{k: v for k, v in r.items() if k != "run"},
             "test_scores": summary.get("test_scores") or [],
             "test_groups": summary.get("test_groups") or [],
-            "link": os.path.relpath(run / REPORT_FILE, out),
-            "_folder": folder, "_run": run, "_config": config, "_asked": asked or config,
-            "_curve": val_curve(run),
+            "test_digest": summary.get("test_digest", ""),
+            "_run": run, "_config": config, "_cfg": cfg, "_curve": val_curve(run),
         })  # fmt: skip
     return read
 
 
+def _data_settings(row: dict[str, Any]) -> dict[str, Any]:
+    """The data settings that decide the test split; a file by its name (the same file
+    is often given relative in one run and absolute in another)."""
+    data = dict(row["_config"]["data"])
+    data["path"] = Path(data.get("path") or "").name
+    return data
+
+
+def _differing(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    fa, fb = _flat(a), _flat(b)
+    return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
+
+
+def _refuse(a: dict[str, Any], b: dict[str, Any], what: str, keys: list[str]) -> None:
+    fa, fb = _flat(a["_config"]), _flat(b["_config"])
+    shown = "; ".join(f"{k}: {fa.get(k)!r} vs {fb.get(k)!r}" for k in keys[:5])
+    raise ConfigError(f"{a['_run']} and {b['_run']} {what} ({shown}): merge runs that "
+                      "differ only in how they were evaluated")  # fmt: skip
+
+
 def _check(rows: list[dict[str, Any]]) -> None:
-    """One test set, one budget per method and seed, and each run once."""
+    """One test set; per seed and method one model, method, partition and budget; each
+    run once; federated and centralized over the same pooled examples."""
     first = rows[0]
     for r in rows[1:]:
-        if r["_config"]["data"] != first["_config"]["data"] or r["n_test"] != first["n_test"]:
-            a, b = _flat(first["_config"]["data"]), _flat(r["_config"]["data"])
-            keys = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
-            what = (", ".join(f"data.{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in keys)
-                    or f"{first['n_test']} vs {r['n_test']} test examples")  # fmt: skip
-            raise ConfigError(f"{first['_folder']} and {r['_folder']} were not tested on the "
-                              f"same examples ({what}): only runs of one split can be "
+        if first["test_digest"] and r["test_digest"]:
+            if r["test_digest"] != first["test_digest"]:
+                raise ConfigError(f"{first['_run']} and {r['_run']} were tested on different "
+                                  "examples (their test splits' fingerprints differ): only "
+                                  "runs of one split can be compared")  # fmt: skip
+        elif _data_settings(r) != _data_settings(first):
+            keys = [f"data.{k}" for k in _differing(_data_settings(first), _data_settings(r))]
+            _refuse(first, r, "were not tested on the same examples", keys)
+        if r["n_test"] != first["n_test"]:
+            raise ConfigError(f"{first['_run']} was tested on {first['n_test']} examples, "
+                              f"{r['_run']} on {r['n_test']}: only runs of one split can be "
                               "compared")  # fmt: skip
     seen: dict[tuple[Any, ...], dict[str, Any]] = {}
-    budget: dict[tuple[Any, ...], dict[str, Any]] = {}
+    ref: dict[tuple[Any, ...], dict[str, Any]] = {}
     for r in rows:
-        key = (r["_config"]["seed"], r["method"], r["regime"], r["site"])
+        seed = r["_config"]["seed"]
+        key = (seed, r["method"], r["regime"], r["site"])
         if key in seen:
             raise ConfigError(f"{seen[key]['_run']} and {r['_run']} are both {r['method']} "
-                              f"{r['regime']} {r['site']} with seed {key[0]}: leave one out "
-                              "(give the runs of a comparison you want one by one)")  # fmt: skip
+                              f"{r['regime']} {r['site']} with seed {seed}: leave one out "
+                              "(a comparison's runs can be given one by one)")  # fmt: skip
         seen[key] = r
-        group = (r["_config"]["seed"], r["method"])
-        ref = budget.setdefault(group, r)
-        x, y = _budget(ref["_config"], ref["regime"]), _budget(r["_config"], r["regime"])
-        if abs(x - y) > 1e-6 * max(x, y, 1.0):
-            raise ConfigError(f"{ref['_folder']} trained {r['method']} {x:g} epochs "
-                              f"({ref['regime']}), {r['_folder']} {y:g} ({r['regime']}): "
-                              "regimes are compared at one budget (federated.rounds x "
-                              "federated.local_epochs); merge runs of the same budget")  # fmt: skip
+        a = ref.setdefault((seed, r["method"]), r)
+        for section, what in (("model", "ran different models"),
+                              ("method", "ran the method with different settings")):  # fmt: skip
+            if a["_config"][section] != r["_config"][section]:
+                keys = [f"{section}.{k}" for k in
+                        _differing(a["_config"][section], r["_config"][section])]  # fmt: skip
+                _refuse(a, r, what, keys)
+        fa, fr = (_partition(x) for x in (a, r))
+        if fa != fr:
+            _refuse(a, r, "split the data into sites differently",
+                    [f"federated.{k}" for k in _differing(fa, fr)])  # fmt: skip
+        if r["kind"] != "frozen":  # frozen methods train nothing: no budget to match
+            x, y = _budget(a), _budget(r)
+            if abs(x - y) > 1e-6 * max(x, y, 1.0):
+                raise ConfigError(
+                    f"{a['_run']} trained {r['method']} {x:g} epochs, {r['_run']} {y:g}: "
+                    "regimes are compared at one budget (federated.rounds x "
+                    "federated.local_epochs); merge runs of the same budget"
+                )
+    for seed, method in ref:
+        pooled = {r["regime"]: r for r in rows if r["_config"]["seed"] == seed
+                  and r["method"] == method and r["regime"] in ("centralized", "federated")}
+        if len(pooled) == 2 and pooled["centralized"]["n_train"] != pooled["federated"]["n_train"]:
+            c, f = pooled["centralized"], pooled["federated"]
+            raise ConfigError(f"{c['_run']} trained on {c['n_train']} examples, {f['_run']}'s "
+                              f"sites on {f['n_train']} together: centralized is the union of "
+                              "the sites' data; merge runs of one partition")  # fmt: skip
+
+
+def _partition(row: dict[str, Any]) -> dict[str, Any]:
+    fed = row["_config"]["federated"]
+    out = {k: fed.get(k) for k in PARTITION_KEYS}
+    out["site_paths"] = [Path(p).name for p in fed.get("site_paths") or []]
+    return out
+
+
+def _budget(row: dict[str, Any]) -> float:
+    """Epochs of training a run was given: rounds x local epochs for a federated run,
+    `train.epochs` for the others (which `fedtune compare` set to that product)."""
+    cfg: RunConfig = row["_cfg"]
+    return _epochs_budget(cfg.federated) if row["regime"] == "federated" else cfg.train.epochs
 
 
 def _ordered(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    return sorted(rows, key=lambda r: (methods.index(r["method"]), REGIME_ORDER[r["regime"]],
+    return sorted(rows, key=lambda r: (methods.index(r["method"]), REGIMES.index(r["regime"]),
                                        r["site"]))  # fmt: skip
 
 
-def _differences(rows: list[dict[str, Any]], ref: dict[str, Any]) -> list[str]:
-    """The merged folders, each with the settings it was asked for that differ from the
-    reference's (the federated run's folder when there is one)."""
-    base = _flat(ref["_asked"])
+def _reference(rows: list[dict[str, Any]], method: str) -> dict[str, Any]:
+    mine = [r for r in rows if r["method"] == method]
+    return next((r for r in mine if r["regime"] == "federated"), mine[0])
+
+
+def _differences(rows: list[dict[str, Any]]) -> list[str]:
+    """Each merged run, with the settings of its config that differ from those of its
+    method's reference run (the federated one when there is one). Model, method,
+    partition and budget were checked equal; for a run that is not federated the
+    federation's own settings do not apply, and a local-only site's batch is the
+    sites' batch."""
     lines = ["## Merged from", "",
-             "Comparisons run apart and merged by `fedtune merge`; the settings each "
-             f"was started with that differ from those of {ref['_folder']} (seed, name and "
-             "output folder aside):", "",
-             "| folder | runs | seed | settings that differ |", "|---|---|---|---|"]  # fmt: skip
-    for folder in dict.fromkeys(r["_folder"] for r in rows):
-        mine = [r for r in rows if r["_folder"] == folder]
-        asked = _flat(mine[0]["_asked"])
-        diff = [f"`{k}` {asked.get(k)!r} (vs {base.get(k)!r})"
-                for k in sorted(asked.keys() | base.keys())
-                if k not in _DERIVED and asked.get(k) != base.get(k)]  # fmt: skip
-        runs = ", ".join(r["name"] for r in mine)
-        lines.append(f"| {folder} | {runs} | {mine[0]['_config']['seed']} "
-                     f"| {'; '.join(diff) or '-'} |")  # fmt: skip
+             "Runs of comparisons run apart, merged by `fedtune merge`. For each, the "
+             "settings that differ from those of its method's federated run (model, "
+             "method, partition into sites and budget are the same for all):", "",
+             "| method | regime | site | run | settings that differ |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        ref = _flat(_reference(rows, r["method"])["_config"])
+        mine = _flat(r["_config"])
+        skip = set(_NOT_COMPARED)
+        if r["regime"] == "local":
+            skip.add("train.batch_size")
+        diff = [f"`{k}` {mine.get(k)!r} (vs {ref.get(k)!r})"
+                for k in sorted(mine.keys() | ref.keys())
+                if k not in skip and mine.get(k) != ref.get(k)
+                and (r["regime"] == "federated" or not k.startswith("federated."))]  # fmt: skip
+        lines.append(f"| {r['method']} | {r['regime']} | {r['site']} | {_cell(str(r['_run']))} "
+                     f"| {_cell('; '.join(diff)) or '-'} |")  # fmt: skip
     return [*lines, ""]
 
 
 def _write_one(out: Path, rows: list[dict[str, Any]]) -> None:
-    """One seed's regimes report (figures a and b, table, findings) in `out`."""
-    rows = _ordered(rows)
-    ref = next((r for r in rows if r["regime"] == "federated"), rows[0])
-    cfg = RunConfig.from_dict(ref["_asked"])
+    """One seed's regimes report (figures a and b, table, findings) in `out`, and its
+    comparison.json with where each run is (so a merged folder can be merged again)."""
+    rows = [{**r, "run": os.path.relpath(r["_run"], out),
+             "link": os.path.relpath(r["_run"] / REPORT_FILE, out)} for r in _ordered(rows)]
+    cfg = _reference(rows, rows[0]["method"])["_cfg"]
     curves: dict[str, dict[str, list[tuple[float, float]]]] = {}
     for r in rows:
         key = r["regime"] if r["site"] == "all" else f"local {r['site']}"
         curves.setdefault(r["method"], {})[key] = r["_curve"]
     title = f"Centralized vs local vs federated on {describe_data(cfg)} (merged)"
     report = write_regimes_report(out, rows, curves, title, cfg)
-    report.write_text(report.read_text() + "\n" + "\n".join(_differences(rows, ref)))
-    write_json(out / COMPARISON_FILE, [
-        {k: v for k, v in r.items()
-         if not k.startswith("_") and k not in ("test_scores", "test_groups", "link")}
-        for r in rows
-    ])  # fmt: skip
+    report.write_text(report.read_text() + "\n" + "\n".join(_differences(rows)))
+    write_json(out / COMPARISON_FILE, comparison_rows(
+        [{k: v for k, v in r.items() if not k.startswith("_") and k != "link"} for r in rows]))
 
 
 def write_merged(folders: list[Path], out: Path) -> Path:
@@ -210,7 +294,7 @@ def write_merged(folders: list[Path], out: Path) -> Path:
     folder; `merge_comparisons` is the all-or-nothing form): one seed gives one regimes
     report; several give `seed-<s>/` reports and the report over seeds. Returns the
     report's path."""
-    rows = [r for f, name in comparison_folders(folders) for r in _read(f, name, out)]
+    rows = [r for f, name in comparison_folders(folders) for r in _read(f, name)]
     if not rows:
         raise ConfigError("the comparisons given hold no runs")
     _check(rows)
@@ -222,11 +306,9 @@ def write_merged(folders: list[Path], out: Path) -> Path:
     for s in seeds:
         d = out / f"seed-{s}"
         d.mkdir(parents=True, exist_ok=True)
-        mine = [{**r, "link": os.path.relpath(out / r["link"], d)}
-                for r in rows if r["_config"]["seed"] == s]  # fmt: skip
-        _write_one(d, mine)
-        per_seed[s] = json.loads((d / COMPARISON_FILE).read_text("utf-8"))
-    cfg = RunConfig.from_dict(rows[0]["_asked"])
+        _write_one(d, [r for r in rows if r["_config"]["seed"] == s])
+        per_seed[s] = _load(d / COMPARISON_FILE)
+    cfg = rows[0]["_cfg"]
     title = (f"Centralized vs local vs federated on {describe_data(cfg)}, {len(seeds)} seeds "
              "(merged)")
     return write_seeds_report(out, per_seed, title)
@@ -239,8 +321,9 @@ def merge_comparisons(folders: list[Path], out: Path, console: Console | None = 
         raise ConfigError(f"{out} already exists; give --out a new folder")
     comparison_folders(folders)  # fail on a bad input before anything is written
     with staged_run_dir(out) as staging:
+        # Paths to the runs are relative to the staging folder, a sibling of `out`: the
+        # same from `out`.
         report = write_merged(folders, staging).read_text("utf-8")
-        # Links were made relative to the staging folder, a sibling of `out`: the same.
     # The findings (one seed) or the table over seeds, also on the terminal.
     head = "## The source post's two findings"
     shown = head + report.split(head, 1)[1].split("\n## ", 1)[0] if head in report else report

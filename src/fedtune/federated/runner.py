@@ -209,7 +209,7 @@ def finish_run(
 def summarize(
     cfg: RunConfig, outcome: Outcome, wall: float, out: Path | None, shown_as: Path | None
 ) -> dict[str, Any]:
-    from fedtune.data import example_groups
+    from fedtune.data import example_groups, examples_digest
     from fedtune.regimes import describe_data
 
     st, ws, test = outcome.state, outcome.workspace, outcome.test
@@ -276,6 +276,7 @@ def summarize(
         "samples": test.samples,
         "test_scores": test.per_example,
         "test_groups": example_groups(ws.splits.test),
+        "test_digest": examples_digest(ws.splits.test),
         "notes": list(ws.splits.notes) + list(ws.partition.notes),
         "wall_seconds": wall,
         "history": st.history,

@@ -182,6 +182,12 @@ class EmbeddingMethod(FrozenMethod[C]):
                                  max_length=cfg.max_length, cache=cfg.cache)  # fmt: skip
 
     @property
+    def model_description(self) -> str:
+        """The encoder that embeds: `method.embedder`, else `model.name`."""
+        cfg: Any = self.config
+        return str(cfg.embedder or self.model_config.name)
+
+    @property
     def base_parameters(self) -> int:
         return self.embedder.parameters()
 

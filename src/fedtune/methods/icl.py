@@ -914,10 +914,15 @@ class ICL(FrozenMethod[IclConfig]):
 
     @property
     def model_description(self) -> str:
-        """The LM that answers (not `model.name`, which embeds for similar selection)."""
+        """The LM that answers: `method.model` (else `model.name`), or the served model
+        and its server (without credentials or query a URL may carry)."""
         if self.config.backend == "remote":
-            url = self.config.base_url or os.environ.get("OPENAI_BASE_URL", "")
-            return f"{self.config.api_model or 'the served model'} at {url}"
+            from urllib.parse import urlsplit
+
+            url = urlsplit(self.config.base_url or os.environ.get("OPENAI_BASE_URL", ""))
+            host = url.hostname or ""
+            where = f"{url.scheme}://{host}{f':{url.port}' if url.port else ''}{url.path}"
+            return f"{self.config.api_model} at {where}"
         return self.model_name
 
     @property

@@ -63,6 +63,11 @@ class GenerationICL(FrozenMethod[IclConfig]):
         self._form: InstructionLM | None = None
         self.dropped = 0
 
+    @property
+    def model_description(self) -> str:
+        """The LM that answers: `method.model`, else `model.name`."""
+        return self.model_name
+
     # --- the model and the prompt ------------------------------------------------------
 
     def _load(self) -> InstructionLM:
