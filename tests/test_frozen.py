@@ -23,7 +23,7 @@ from fedtune.embed import Embedder, EmbeddingCache, cache_path
 from fedtune.errors import ConfigError, IndexStoreError
 from fedtune.federated.compare import run_regimes
 from fedtune.federated.grid import InProcessGrid
-from fedtune.federated.knn import federated_neighbours
+from fedtune.federated.query import federated_answers
 from fedtune.federated.runner import _run_id, make_contexts, run_federated
 from fedtune.methods.features import Features
 from fedtune.methods.frozen import load_frozen
@@ -259,12 +259,21 @@ def test_federated_knn_equals_centralized_and_only_scores_leave_sites(
             return out
 
     grid = Spy(apps.client_app, contexts, _run_id(cfg))
+    texts = [e.text for e in ws.splits.test]
     queries = ws.embeddings("test", ws.splits.test)
     traffic: list[dict] = []
-    s, lab = federated_neighbours(grid, queries, 5, 1, traffic, {})
-    # Centralized: one index over the union of the sites' disjoint shards.
+    knn = ws.model
+    assert isinstance(knn, Knn)
+    scores = federated_answers(grid, knn, knn.query_payload(texts), len(texts), 1, traffic, {})
+    # Centralized: one index over the union of the sites' disjoint shards; the merged
+    # top-k are the pooled index's top-k, so the votes are the same.
     central = Knn(cfg.method, cfg.model, LABELS).fit([e for st in sites for e in st.train])
+    np.testing.assert_allclose(scores, central.predict_scores(texts), rtol=1e-5)
     cs, cl = central.neighbours(queries, 5)
+    answers = [{k: a.numpy() for k, a in r.content.array_records["arrays"].items()}
+               for r in replies]  # fmt: skip
+    s, lab = top_k(np.concatenate([a["scores"] for a in answers], 1),
+                   np.concatenate([a["labels"] for a in answers], 1), 5)  # fmt: skip
     np.testing.assert_allclose(s, cs, rtol=1e-5)
     np.testing.assert_array_equal(lab, cl)
     # What left the sites: k (score, label id) pairs per query and the site's name.
@@ -381,21 +390,73 @@ def test_index_and_ask(
     assert hits[0].text in sent[1]["content"] and sent[0]["role"] == "system"
 
 
-def test_icl_has_no_federated_form(
+def test_icl_federates_by_query_demonstrations_stay_at_their_site(
     tiny_models: dict[str, str], table: Path, tmp_path: Path
 ) -> None:
-    cfg = _cfg(tiny_models, table, tmp_path, "icl", "name=icl", "federated.rounds=1",
-               f"method.model={tiny_models['gpt2']}", "method.shots=1")  # fmt: skip
-    out = run_regimes(cfg, ["icl"], ("centralized", "federated"))
+    """Federated ICL: each site prompts with demonstrations from its own examples and
+    returns label probabilities; the server averages them. Zero-shot it is the
+    centralized run (no site data is used)."""
+    from fedtune.methods.frozen import log_normalize
+    from fedtune.methods.icl import ICL
+
+    lm = f"method.model={tiny_models['gpt2']}"
+    cfg = _cfg(tiny_models, table, tmp_path, "icl", "name=icl", lm, "method.shots=2",
+               "method.selection=similar", f"method.embedder={tiny_models['bert']}")  # fmt: skip
+    out = run_regimes(cfg, ["icl"], ("centralized", "local", "federated"))
     rows = json.loads((out / "comparison.json").read_text())
-    assert [(r["method"], r["regime"]) for r in rows] == [("icl", "centralized")]
+    assert [(r["regime"], r["site"]) for r in rows] == [
+        ("centralized", "all"), ("local", "org-0"), ("local", "org-1"), ("local", "org-2"),
+        ("federated", "all")]  # fmt: skip
+    fed = rows[-1]
     # The run names the LM that answered (method.model), not model.name (unused here).
-    assert rows[0]["model"] == tiny_models["gpt2"]
-    report = (out / "icl-centralized" / "report.md").read_text()
-    assert f"`{tiny_models['gpt2']}` (frozen)" in report
-    with pytest.raises(ConfigError, match="does not federate"):
-        run_federated(_cfg(tiny_models, table, tmp_path, "icl", "name=f",
-                           f"method.model={tiny_models['gpt2']}"))  # fmt: skip
+    assert fed["model"] == rows[0]["model"] == tiny_models["gpt2"]
+    assert fed["strategy"] == "query" and fed["trainable_parameters"] == 0
+    report = (out / "icl-federated" / "report.md").read_text()
+    assert "demonstrations drawn from its own examples" in report
+    # By hand: every site's ICL on its own examples, probabilities averaged.
+    ws = apps.workspace(cfg)
+    test = ws.splits.test
+    probs = []
+    for site in ws.partition.sites:
+        icl = ICL(cfg.method, cfg.model, LABELS, seed=cfg.seed).fit(site.train)
+        probs.append(np.exp(log_normalize(icl.predict_scores([e.text for e in test]))))
+    mean = np.mean(probs, 0)
+    fed_run = json.loads((out / "icl-federated" / "metrics.jsonl").read_text().splitlines()[-1])
+    y = ICL(cfg.method, cfg.model, LABELS).label_ids(test)
+    loss = float(-np.log(np.maximum(mean[np.arange(len(y)), y], 1e-6)).mean())
+    assert fed_run["loss"] == pytest.approx(loss, rel=1e-4)
+    assert fed_run["accuracy"] == pytest.approx(float((mean.argmax(1) == y).mean()))
+
+    # What left a site: one probability per label per query, never a text.
+    contexts = make_contexts(cfg, 3, [s.name for s in ws.partition.sites], None)
+    replies: list[Message] = []
+
+    class Spy(InProcessGrid):
+        def pull_messages(self, ids):  # type: ignore[no-untyped-def]
+            got = list(super().pull_messages(ids))
+            replies.extend(got)
+            return got
+
+    icl = ws.model
+    assert isinstance(icl, ICL)
+    texts = [e.text for e in test]
+    federated_answers(Spy(apps.client_app, contexts, _run_id(cfg)), icl,
+                      icl.query_payload(texts), len(texts), 3, [], {})  # fmt: skip
+    site_texts = [e.text.encode() for st in ws.partition.sites for e in st.train]
+    assert len(replies) == 3
+    for r in replies:
+        assert set(r.content.array_records["arrays"]) == {"logp"}
+        assert tuple(r.content.array_records["arrays"]["logp"].shape) == (len(texts), 3)
+        assert set(r.content.config_records) == {"site"}
+        assert not any(t in r.content.array_records["arrays"]["logp"].data for t in site_texts)
+
+    # Zero-shot, the sites' answers are the same prompt's: federated = centralized.
+    zero = _cfg(tiny_models, table, tmp_path, "icl", "name=zero", lm, "method.shots=0")
+    z = json.loads((run_regimes(zero, ["icl"], ("centralized", "federated"))
+                    / "comparison.json").read_text())  # fmt: skip
+    assert [r["regime"] for r in z] == ["centralized", "federated"]
+    assert z[1]["accuracy"] == z[0]["accuracy"]
+    assert z[1]["loss"] == pytest.approx(z[0]["loss"], rel=1e-4)
 
 
 def test_federated_knn_runs_as_a_server_app_reports_failed_sites_and_refuses_resume(

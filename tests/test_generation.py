@@ -386,6 +386,18 @@ def test_icl_zero_and_few_shot_generate(tiny_models: dict[str, str], dolly: Path
         assert s["kind"] == "frozen" and s["task"] == "generation" and len(s["samples"]) == 5
     r = CliRunner().invoke(app, ["predict", s["run_dir"], "--text", "What is 1 plus 1?"])
     assert r.exit_code == 0, r.output
+    # Free-text answers cannot be averaged: generation ICL has no federated form
+    # (classification ICL federates by query, tests/test_frozen.py).
+    from fedtune.federated.compare import run_regimes
+    from fedtune.federated.runner import run_federated
+
+    cfg = _gen_cfg(dolly, tiny_models["llama"], tmp_path, "method.name=icl", "name=fed",
+                   "method.shots=0", "federated.sites=2")  # fmt: skip
+    with pytest.raises(ConfigError, match=r"does not federate on data\.task = generation"):
+        run_federated(cfg)
+    out = run_regimes(cfg, ["icl"], ("centralized", "federated"))
+    rows = json.loads((out / "comparison.json").read_text())
+    assert [r["regime"] for r in rows] == ["centralized"]
 
 
 def test_classification_only_methods_and_encoders_refuse_generation(

@@ -58,7 +58,7 @@ from fedtune.federated.wire import (
 )
 from fedtune.methods import is_frozen
 from fedtune.methods.features import Features
-from fedtune.methods.retrieval import Knn
+from fedtune.methods.frozen import EmbeddingMethod, FrozenMethod, QueryFederated
 from fedtune.train import TrainSession, train
 
 CONFIG_KEY = FLOWER_CONFIG_KEY
@@ -95,31 +95,34 @@ class Workspace:
     cfg: RunConfig
     splits: Splits
     partition: Partition
-    model: AdaptedModel | Features | Knn
+    model: AdaptedModel | FrozenMethod[Any]
     """A trained method's model, the `features` method (frozen embeddings + a
-    logistic regression whose weights are the exchanged state), or `knn` (the
-    server's embedder; each site's index is in `site_indexes`)."""
+    logistic regression whose weights are the exchanged state), or a method that
+    federates by query (`QueryFederated`: knn, icl; the server's unfitted copy, each
+    site's fitted one is in `site_methods`)."""
     initial_state: dict[str, torch.Tensor]
     """The trainable state right after `build` (seeded): round 0's global state."""
     _features: dict[str, list[Feature]] = field(default_factory=dict)
     _embeddings: dict[str, np.ndarray] = field(default_factory=dict)
-    site_indexes: dict[int, Knn] = field(default_factory=dict)
-    """knn: each site's own index of its training data (pid -> fitted Knn)."""
+    site_methods: dict[int, QueryFederated] = field(default_factory=dict)
+    """Methods federated by query: each site's own copy, fitted on its own data."""
 
-    def site_index(self, pid: int, site: Site, directory: str = "") -> Knn:
-        """knn: this site's index, built on first use from the site's own data (in
-        `directory`/index when given; else a temporary folder)."""
-        if pid not in self.site_indexes:
+    def site_method(self, pid: int, site: Site, directory: str = "") -> QueryFederated:
+        """This site's copy of a method federated by query, fitted on first use on the
+        site's own training examples (its files, e.g. an index, in `directory` when
+        given, else a temporary folder)."""
+        if pid not in self.site_methods:
             from fedtune.regimes import build_frozen
 
-            knn = build_frozen(self.cfg, self.splits.labels)
-            assert isinstance(knn, Knn)
-            self.site_indexes[pid] = knn.fit(site.train, Path(directory) if directory else None)
-        return self.site_indexes[pid]
+            method = build_frozen(self.cfg, self.splits.labels)
+            assert isinstance(method, QueryFederated)
+            method.fit(site.train, Path(directory) if directory else None, site.validation or None)
+            self.site_methods[pid] = method
+        return self.site_methods[pid]
 
     def embeddings(self, key: str, examples: list[Example]) -> np.ndarray:
         """`features` method: the frozen embeddings of `examples` [N, D], kept per key."""
-        assert isinstance(self.model, Features | Knn)
+        assert isinstance(self.model, EmbeddingMethod)
         if key not in self._embeddings:
             self._embeddings[key] = self.model.embed([e.text for e in examples])
         return self._embeddings[key]
@@ -127,9 +130,12 @@ class Workspace:
     def evaluate(self, key: str, examples: list[Example], generate: bool = True) -> Metrics:
         """The current model on labelled examples (encoded once per key). Generation
         decodes answers only when `generate` (the test set, not every round's check)."""
-        if isinstance(self.model, Features | Knn):
+        if isinstance(self.model, Features):
             x = self.embeddings(key, examples)
             return self.model.metrics(self.model.scores_of(x), self.model.label_ids(examples))
+        if not isinstance(self.model, AdaptedModel):
+            raise ConfigError(f"{self.cfg.method_name} federates by query: it has no global "
+                              "model to evaluate")  # fmt: skip
         return evaluate_features(self.model, self.features(key, examples),
                                  self.cfg.train.eval_batch_size, generate=generate,
                                  bf16=self.cfg.train.bf16)  # fmt: skip
@@ -182,17 +188,18 @@ def workspace(cfg: RunConfig, splits: Splits | None = None) -> Workspace:
     return ws
 
 
-def _federable_frozen(cfg: RunConfig, labels: tuple[str, ...]) -> Features | Knn:
+def _federable_frozen(cfg: RunConfig, labels: tuple[str, ...]) -> FrozenMethod[Any]:
     from fedtune.regimes import build_frozen
 
     method = build_frozen(cfg, labels)
-    if isinstance(method, Knn):
+    if isinstance(method, QueryFederated):
         return method
     if not isinstance(method, Features):
         raise ConfigError(
-            f"method {cfg.method_name} has no weights to federate in rounds: knn federates "
-            "by query (`fedtune compare --regimes federated` runs it), in-context learning "
-            "does not federate (its demonstrations are the sites' texts)"
+            f"method {cfg.method_name} does not federate on data.task = {cfg.data.task}: "
+            "it has no weights to average, and its answers are texts that cannot be "
+            "combined; run it centralized or local-only (knn and icl classification "
+            "federate by query)"
         )
     method.init_state(method.embedder.dim)  # zeros [K, D], [K]
     return method
@@ -238,7 +245,7 @@ def site_workspace(cfg: RunConfig, data_path: str, name: str) -> Workspace:
     return ws
 
 
-def _model(cfg: RunConfig, labels: tuple[str, ...]) -> AdaptedModel | Features | Knn:
+def _model(cfg: RunConfig, labels: tuple[str, ...]) -> AdaptedModel | FrozenMethod[Any]:
     if is_frozen(cfg.method_name):
         return _federable_frozen(cfg, labels)
     model = AdaptedModel.build(cfg.model, cfg.method, labels, seed=cfg.seed,
@@ -311,8 +318,9 @@ def site_train(msg: Message, context: Context) -> Message:
         return reply_as_fitres(site_train(inner, context), msg, str(config_of(inner)[LAYOUT]))
     cfg, ws, pid, site = _site(context)
     fed, model = cfg.federated, ws.model
-    if isinstance(model, Knn):
-        raise ConfigError("knn is not trained in rounds; it federates by query (query.knn)")
+    if not isinstance(model, AdaptedModel | Features):
+        raise ConfigError(f"{cfg.method_name} is not trained in rounds; it federates by "
+                          "query (query.answer)")  # fmt: skip
     conf = config_of(msg)
     check_version(conf)
     transport = str(conf.get("transport", "fp32"))
@@ -428,8 +436,8 @@ def site_evaluate(msg: Message, context: Context) -> Message:
     _, ws, pid, site = _site(context)
     conf = config_of(msg)
     check_version(conf)
-    if isinstance(ws.model, Knn):
-        raise ConfigError("knn has no global model to evaluate at the sites")
+    if isinstance(ws.model, QueryFederated):
+        raise ConfigError(f"{ws.cfg.method_name} has no global model to evaluate at the sites")
     ws.model.load_trainable_state(decode_state(arrays_of(msg), str(conf.get("transport", "fp32"))))
     if not site.validation:
         raise ConfigError(f"{site.name} has no validation set; set federated.validation = 'site'")
@@ -482,24 +490,24 @@ def site_personalize(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
-@client_app.query("knn")
-def site_knn(msg: Message, context: Context) -> Message:
-    """Federated kNN: for each query embedding the server sends, the top-k
-    (cosine score, label id) pairs of this site's own index. Only those pairs
-    leave the site: never a text, never an embedding."""
+@client_app.query("answer")
+def site_answer(msg: Message, context: Context) -> Message:
+    """A method federated by query (knn, icl): this site's answers to the server's
+    queries, from its own copy fitted on its own data (fedtune.federated.query). Only
+    the answers leave the site: never a training text, never an embedding of one."""
+    from fedtune.federated.query import payload_of
+
     _, ws, pid, site = _site(context)
-    if not isinstance(ws.model, Knn):
-        raise ConfigError(f"the run's method is {ws.cfg.method_name}, not knn")
-    # The index lives in the node's output-dir when it has one (in process: the
-    # run's sites/<site>/), else in a temporary folder for the life of the process.
-    index = ws.site_index(pid, site, str(context.node_config.get("output-dir", "") or ""))
-    queries = np.asarray(arrays_of(msg)["queries"].numpy(), dtype=np.float32)  # [Q, D]
-    conf = config_of(msg)
-    check_version(conf)
-    scores, labels = index.neighbours(queries, int(conf["k"]))  # [Q, k] each
+    if not isinstance(ws.model, QueryFederated):
+        raise ConfigError(f"the run's method {ws.cfg.method_name} does not federate by query")
+    check_version(config_of(msg))
+    # What the site fitted lives in the node's output-dir when it has one (in process:
+    # the run's sites/<site>/), else in a temporary folder for the life of the process.
+    method = ws.site_method(pid, site, str(context.node_config.get("output-dir", "") or ""))
+    answers = method.answer_queries(payload_of(msg.content))
     content = RecordDict(
         {
-            "arrays": ArrayRecord({"scores": Array(scores), "labels": Array(labels)}),
+            "arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in answers.items()}),
             "metrics": MetricRecord({"num-examples": len(site.train)}),
             "site": ConfigRecord({"name": site.name}),
         }
@@ -535,13 +543,12 @@ def server_main(grid: Grid, context: Context) -> None:
     cfg = config_from_run_config(dict(context.run_config))
     resume = str(context.run_config.get("resume", "") or "")
     out_key = str(context.run_config.get("output-dir", "") or "")
-    if cfg.method_name == "knn":  # federated by query, not in rounds
-        from fedtune.federated.knn import run_federated_knn
-        from fedtune.federated.runner import refuse_knn_resume
+    from fedtune.federated.query import federates_by_query, refuse_resume, run_federated_by_query
 
+    if federates_by_query(cfg):  # not in rounds
         if resume:
-            refuse_knn_resume(cfg)
-        run_federated_knn(cfg, console, grid=grid, out=Path(out_key) if out_key else None)
+            refuse_resume(cfg)
+        run_federated_by_query(cfg, console, grid=grid, out=Path(out_key) if out_key else None)
         return
     if resume:
         out = Path(resume)

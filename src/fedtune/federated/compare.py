@@ -39,6 +39,7 @@ from fedtune.federated.partition import partition_examples
 from fedtune.federated.runner import run_federated
 from fedtune.federated.server import build_strategy, checkpoint_state, find_checkpoint
 from fedtune.methods import get_method
+from fedtune.methods.frozen import FrozenMethod
 from fedtune.regimes import describe_data, method_configs, run_centralized
 from fedtune.report import _pct, personalized_table
 from fedtune.runs import (
@@ -56,9 +57,13 @@ from fedtune.runs import (
 )
 
 
-def federates(method: str) -> bool:
-    """In-context learning has no federated form: its demonstrations are texts."""
-    return bool(getattr(get_method(method), "federates", True))
+def federates(method: str, task: str) -> bool:
+    """False for a method with no federated form on `task` (generation ICL: its answers
+    are texts, neither weights to average nor scores to combine)."""
+    cls = get_method(method)
+    if issubclass(cls, FrozenMethod):
+        cls = cls.for_task(task)
+    return bool(getattr(cls, "federates", True))
 
 
 def _epochs_budget(fed: FederatedConfig) -> float:
@@ -167,9 +172,9 @@ def run_regimes(
                 rows.append({**r, "regime": regime, "site": site})
                 key = regime if site == "all" else f"local {site}"
                 curves[mname][key] = val_curve(staging / name)
-            if "federated" in regimes and not federates(mname):
-                console.print(f"[yellow]{mname} has no federated form; skipped[/] "
-                              f"({get_method(mname).description})")  # fmt: skip
+            if "federated" in regimes and not federates(mname, cfg.data.task):
+                console.print(f"[yellow]{mname} has no federated form on data.task = "
+                              f"{cfg.data.task}; skipped[/]")  # fmt: skip
             elif "federated" in regimes:
                 console.rule(f"{mname}: federated ({len(partition.sites)} sites)")
                 name = f"{mname}-federated"

@@ -82,17 +82,19 @@ def run_federated(
     """Federate `cfg.method` across `cfg.federated.sites` sites in this process.
     Returns the run summary (also the last line of metrics.jsonl)."""
     console = console or Console()
-    if cfg.method_name == "knn" and resume is None:
-        from fedtune.federated.knn import run_federated_knn
+    from fedtune.federated.query import federates_by_query, refuse_resume
 
-        return run_federated_knn(cfg, console, splits, shown_as)
+    if federates_by_query(cfg) and resume is None:
+        from fedtune.federated.query import run_federated_by_query
+
+        return run_federated_by_query(cfg, console, splits, shown_as)
     t_start = time.perf_counter()
     out: Path | None
     if resume is not None:
         out = Path(resume)
         if (out / CONFIG_FILE).is_file():
             cfg = RunConfig.from_dict(json.loads((out / CONFIG_FILE).read_text("utf-8")))
-            refuse_knn_resume(cfg)
+            refuse_resume(cfg)
         if not (out / CONFIG_FILE).is_file() or find_checkpoint(out) is None:
             raise ConfigError(
                 f"{out} is not an interrupted federated run (needs {CONFIG_FILE} and a "
@@ -165,13 +167,6 @@ def own_site_names(cfg: RunConfig) -> list[str]:
                           "file name (without suffix) names the site")  # fmt: skip
     return names
 
-
-def refuse_knn_resume(cfg: RunConfig) -> None:
-    if cfg.method_name == "knn":
-        raise ConfigError(
-            "a federated knn run has no rounds and no checkpoint to resume: start it again "
-            "(its sites rebuild their indexes; embeddings come from the cache)"
-        )
 
 
 def prepare_run_dir(cfg: RunConfig, out: Path, labels: tuple[str, ...], sites: list[Site]) -> None:

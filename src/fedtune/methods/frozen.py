@@ -5,8 +5,9 @@ fitted on labelled examples (embed and fit a classifier, fill an index, or
 nothing at all for in-context learning), predicts a score per label, reports the
 same metrics, and saves a directory `fedtune predict` reloads. Its trainable
 state is what would cross a site boundary: the classifier's weights for
-`features`, nothing for `knn` and `icl` (knn federates by query, see
-fedtune.federated.knn; icl does not federate).
+`features`; nothing for `knn` and `icl`, which federate by query instead
+(`QueryFederated`, run by fedtune.federated.query): each site keeps its own
+index or demonstrations and answers the server's queries from them.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class FrozenMethod(ABC, Generic[C]):
     config_class: ClassVar[type[MethodConfig]]
     kind: ClassVar[str] = "frozen"
     federates: ClassVar[bool] = True
-    """False for methods with no federated form (in-context learning)."""
+    """False for methods with no federated form (in-context learning for generation)."""
     task: ClassVar[str] = "classification"
     validates: ClassVar[bool] = True
     """False where a validation pass decides nothing and costs much (generation ICL)."""
@@ -169,6 +170,33 @@ class FrozenMethod(ABC, Generic[C]):
 
     @abstractmethod
     def _load_state(self, directory: Path) -> None: ...
+
+
+Payload = dict[str, np.ndarray | list[str]]
+"""What the server sends the sites for a batch of queries: arrays with one row per
+query, or lists of texts with one item per query."""
+
+
+class QueryFederated(ABC):
+    """A frozen method that federates by query (fedtune.federated.query): every site
+    fits its own copy on its own training examples; the server sends each query to
+    every site, each answers from its copy, and only the answers leave a site; the
+    server combines them into label scores. No rounds and no global model."""
+
+    query_protocol: ClassVar[str]
+    """What crosses a site boundary, in a sentence or two for the run report."""
+
+    @abstractmethod
+    def query_payload(self, texts: list[str]) -> Payload:
+        """Server: what every site needs to answer `texts`."""
+
+    @abstractmethod
+    def answer_queries(self, payload: Payload) -> dict[str, np.ndarray]:
+        """Site: its answers to a batch of queries, arrays with one row per query."""
+
+    @abstractmethod
+    def combine_answers(self, answers: list[dict[str, np.ndarray]]) -> np.ndarray:
+        """Server: the replies of the sites that answered a batch -> label scores [Q, K]."""
 
 
 class EmbeddingMethod(FrozenMethod[C]):

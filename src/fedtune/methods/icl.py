@@ -28,6 +28,12 @@ alternative templates among which fit() keeps the best on the validation set
 (hard prompt tuning). Prompts longer than the context budget lose their
 demonstrations (last first), then the end of the query text; the run's notes
 say how many.
+
+Federated, by query (fedtune.federated.query): a site's demonstrations are its
+own texts, so they never leave it; the server sends each query's text to every
+site, each site prompts the LM with demonstrations from its own examples and
+returns its label probabilities, and the server averages them (an ensemble of the
+sites' prompts). Zero-shot it equals the centralized run: no site data is used.
 """
 
 from __future__ import annotations
@@ -55,7 +61,7 @@ from fedtune.data import Example
 from fedtune.embed import Embedder
 from fedtune.errors import ConfigError, ModelError
 from fedtune.methods import register
-from fedtune.methods.frozen import FrozenMethod
+from fedtune.methods.frozen import FrozenMethod, Payload, QueryFederated, log_normalize
 from fedtune.progress import bars_visible
 from fedtune.vectorstore import VectorStore
 
@@ -416,18 +422,25 @@ def fit_to_budget(
 
 # --- the method ---------------------------------------------------------------------
 
+_LOADED: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+"""The last causal LM loaded for scoring, by (name, dtype, device): the frozen LM is
+only read, so the sites of a federation run in one process share one copy."""
+
+
 
 @register
-class ICL(FrozenMethod[IclConfig]):
+class ICL(FrozenMethod[IclConfig], QueryFederated):
     name = "icl"
     description = (
         "in-context learning: zero/few-shot prompting of a causal LM (local or OpenAI-compatible)"
     )
     config_class = IclConfig
-    # No federated form: the demonstrations are the training texts themselves, and
-    # sending them to other sites is what federation exists to avoid. A site can
-    # prompt with its own examples: that is the local-only regime.
-    federates = False
+    query_protocol = (
+        "for each query the server sent the query's text to every site; each site "
+        "prompted the LM with demonstrations drawn from its own examples and sent back "
+        "its probability of each label: no example of a site left it. The server "
+        "averaged the sites' probabilities."
+    )
 
     @classmethod
     def for_task(cls, task: str) -> type[FrozenMethod[Any]]:
@@ -626,6 +639,20 @@ class ICL(FrozenMethod[IclConfig]):
     def predict_scores(self, texts: list[str]) -> np.ndarray:
         return self._predict(list(texts), self.variant, record=True)
 
+    # Federated by query: demonstrations stay at the site that holds them.
+
+    def query_payload(self, texts: list[str]) -> Payload:
+        return {"texts": list(texts)}
+
+    def answer_queries(self, payload: Payload) -> dict[str, np.ndarray]:
+        texts = [str(t) for t in payload["texts"]]
+        return {"logp": log_normalize(self.predict_scores(texts)).astype(np.float32)}
+
+    def combine_answers(self, answers: list[dict[str, np.ndarray]]) -> np.ndarray:
+        """The mean of the sites' label probabilities, as log-probabilities [Q, K]."""
+        logp = np.stack([np.asarray(a["logp"], np.float64) for a in answers])
+        return (np.logaddexp.reduce(logp, axis=0) - math.log(len(answers))).astype(np.float32)
+
     def _predict(self, texts: list[str], variant: Variant, record: bool) -> np.ndarray:
         if not texts:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
@@ -685,16 +712,19 @@ class ICL(FrozenMethod[IclConfig]):
             return
         from fedtune.models import load_base_model, load_config, load_tokenizer
 
-        self._tokenizer = load_tokenizer(self.model_name, "decoder")
         # fp32 on the CPU; on a GPU, bf16 for checkpoints saved in half precision.
         dtype = torch.float32
         if self._device.type == "cuda" and torch.cuda.is_bf16_supported():
             saved = getattr(load_config(self.model_name), "dtype", None)
             if str(saved).removeprefix("torch.") in ("bfloat16", "float16"):
                 dtype = torch.bfloat16
-        model = load_base_model(self.model_name, "decoder", self.labels, dtype=dtype)
-        self._lm = model
-        self._lm.to(self._device).eval()
+        key = (self.model_name, str(dtype), str(self._device))
+        if key not in _LOADED:
+            lm: Any = load_base_model(self.model_name, "decoder", self.labels, dtype=dtype)
+            _LOADED.clear()  # one LM held at a time
+            _LOADED[key] = (load_tokenizer(self.model_name, "decoder"),
+                            lm.to(self._device).eval())  # fmt: skip
+        self._tokenizer, self._lm = _LOADED[key]
 
     @property
     def _turns(self) -> bool:

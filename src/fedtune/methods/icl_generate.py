@@ -7,8 +7,10 @@ max_context, batch_size) when `data.task = "generation"`: `ICL.for_task` hands o
 to this class. Demonstrations are rendered like training examples
 (fedtune.generate.InstructionLM): through the chat template as earlier user /
 assistant turns, else as earlier prompt + response blocks. Prompts that would pass
-the context budget drop demonstrations, last first. Like ICL for classification it
-has no federated form (the demonstrations are the sites' own texts).
+the context budget drop demonstrations, last first. Unlike ICL for classification
+(which federates by query, averaging the sites' label probabilities) it has no
+federated form: the sites' answers are texts, which cannot be averaged, and its
+demonstrations are the sites' own texts, which must not leave them.
 """
 
 from __future__ import annotations

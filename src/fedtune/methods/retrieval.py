@@ -6,7 +6,7 @@ neighbours into label scores.
 source) that is saved in the model directory; a query is embedded, its k nearest
 passages retrieved (cosine similarity) and their labels voted, each neighbour
 weighted by 1 / (cosine distance + 0.01) by default. The vote is a function of
-(score, label) pairs only, which is what lets the federated form (fedtune.federated.knn)
+(score, label) pairs only, which is what lets the federated form (fedtune.federated.query)
 merge the top-k lists sites send without ever seeing their texts or embeddings.
 """
 
@@ -25,7 +25,7 @@ from fedtune.config import MethodConfig
 from fedtune.data import Example
 from fedtune.errors import ConfigError, ModelError
 from fedtune.methods import register
-from fedtune.methods.frozen import EmbeddingMethod
+from fedtune.methods.frozen import EmbeddingMethod, Payload, QueryFederated
 from fedtune.vectorstore import Hit, VectorStore
 
 INDEX_DIR = "index"
@@ -77,10 +77,15 @@ def top_k(scores: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, n
 
 
 @register
-class Knn(EmbeddingMethod[KnnConfig]):
+class Knn(EmbeddingMethod[KnnConfig], QueryFederated):
     name = "knn"
     description = "k nearest neighbours in a vector index (LanceDB), distance-weighted vote"
     config_class = KnnConfig
+    query_protocol = (
+        "for each query the server sent the query's embedding to every site and received "
+        "the site's top-k (cosine score, label) pairs: no text and no embedding of a "
+        "site's data left it. The server kept the k best pairs over all sites and voted."
+    )
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -125,11 +130,30 @@ class Knn(EmbeddingMethod[KnnConfig]):
         return scores, labels
 
     def scores_of(self, queries: np.ndarray) -> np.ndarray:
-        s, lab = self.neighbours(queries, self.config.k)
+        return self._vote(*self.neighbours(queries, self.config.k))
+
+    def _vote(self, s: np.ndarray, lab: np.ndarray) -> np.ndarray:
         return vote(np.where(np.isfinite(s), s, 0.0), lab, len(self.labels), self.config.weighting)
 
     def predict_scores(self, texts: list[str]) -> np.ndarray:
         return self.scores_of(self.embed(list(texts)))
+
+    # Federated by query: the server embeds the queries; a site answers with its
+    # top-k (score, label) pairs; the k best of the union are the k best of the
+    # pooled index, so with disjoint sites the vote equals centralized knn's.
+
+    def query_payload(self, texts: list[str]) -> Payload:
+        return {"queries": self.embed(list(texts))}
+
+    def answer_queries(self, payload: Payload) -> dict[str, np.ndarray]:
+        scores, labels = self.neighbours(np.asarray(payload["queries"], np.float32), self.config.k)
+        return {"scores": scores, "labels": labels}
+
+    def combine_answers(self, answers: list[dict[str, np.ndarray]]) -> np.ndarray:
+        s, lab = top_k(np.concatenate([a["scores"] for a in answers], 1),
+                       np.concatenate([a["labels"] for a in answers], 1),
+                       self.config.k)  # fmt: skip
+        return self._vote(s, lab)
 
     def _save_state(self, directory: Path) -> None:
         if self.store is None:

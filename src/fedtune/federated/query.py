@@ -1,12 +1,17 @@
-"""Federated nearest-neighbour classification: each site keeps its own index;
-the server sends query embeddings to every site (`query.knn` messages), each site
-answers with its top-k (cosine score, label id) pairs, and the server keeps the
-k best pairs over all sites and votes. No text and no embedding of a site's data
-ever leaves it; what does is k (score, label) pairs per query.
+"""Frozen methods federated by query (`QueryFederated`: knn, icl). Each site fits the
+method on its own training examples and keeps it; the server sends every site each
+batch of queries (`query.answer` messages), each site answers from its own copy,
+and the server combines the answers of the sites that replied into label scores.
+There are no rounds and no global model; what leaves a site is its answers.
 
-The merge is exact: the k best of the union of the sites' top-k lists are the k
-best of the union of their indexes, so with disjoint shards federated kNN gives
-the labels centralized kNN gives on the pooled index.
+- knn: the server sends query embeddings; a site answers with its top-k (cosine
+  score, label id) pairs; the server keeps the k best over all sites and votes. The
+  merge is exact: the k best of the union of the sites' top-k lists are the k best
+  of the union of their indexes, so with disjoint shards federated kNN gives the
+  labels centralized kNN gives on the pooled index.
+- icl: the server sends the query texts; a site prompts the LM with demonstrations
+  from its own examples and answers with its label probabilities; the server
+  averages them.
 """
 
 from __future__ import annotations
@@ -24,47 +29,84 @@ from rich.markup import escape
 from fedtune import __version__
 from fedtune.config import RunConfig
 from fedtune.data import Example, Splits
-from fedtune.errors import FedtuneError
+from fedtune.errors import ConfigError, FedtuneError
 from fedtune.evaluate import Metrics
 from fedtune.federated.apps import VERSION_KEY, client_app, workspace
 from fedtune.federated.grid import InProcessGrid, exchange
 from fedtune.federated.wire import arrays_of, message_bytes, message_payload_bytes
-from fedtune.methods.retrieval import Knn, top_k, vote
+from fedtune.methods import get_method
+from fedtune.methods.frozen import FrozenMethod, Payload, QueryFederated
 from fedtune.report import metrics_table, plot_confusion
 from fedtune.runs import METRICS_FILE, append_jsonl, final_run_dir, write_json
 
 QUERY_BATCH = 256
-"""Query embeddings per message (256 x 384 fp32 = 393 KB for MiniLM)."""
+"""Queries per message (knn: 256 x 384 fp32 = 393 KB of MiniLM embeddings)."""
+QUERY_TEXTS = "queries"
+"""The ConfigRecord that carries a payload's texts (its arrays ride in "arrays")."""
 
 
-def federated_neighbours(
-    grid: Grid, queries: np.ndarray, k: int, min_sites: int, traffic: list[dict[str, Any]],
-    names: dict[int, str], timeout: float = 3600.0, kind: str = "knn",
-    failures: list[str] | None = None,
-) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """The k best (score, label id) pairs over the sites that answered, for each query
-    [Q, k] each. `names` (node id -> site name) is completed from the replies; a site
-    that fails is skipped and named in `failures`; fewer than `min_sites` answers for
-    a batch of queries stop the run."""
+def federates_by_query(cfg: RunConfig) -> bool:
+    """True when the run's method (for its task) federates by query."""
+    cls = get_method(cfg.method_name)
+    return issubclass(cls, FrozenMethod) and issubclass(cls.for_task(cfg.data.task),
+                                                        QueryFederated)  # fmt: skip
+
+
+def refuse_resume(cfg: RunConfig) -> None:
+    if federates_by_query(cfg):
+        raise ConfigError(
+            f"a federated {cfg.method_name} run has no rounds and no checkpoint to resume: "
+            "start it again (without --resume)"
+        )
+
+
+def query_content(payload: Payload, start: int, stop: int) -> RecordDict:
+    """Rows start:stop of a payload as a message's content."""
+    arrays = {k: Array(np.ascontiguousarray(v[start:stop]))
+              for k, v in payload.items() if isinstance(v, np.ndarray)}  # fmt: skip
+    texts = ConfigRecord()
+    for k, v in payload.items():
+        if not isinstance(v, np.ndarray):
+            texts[k] = [str(t) for t in v[start:stop]]
+    return RecordDict({"arrays": ArrayRecord(arrays), QUERY_TEXTS: texts,
+                       "config": ConfigRecord({VERSION_KEY: __version__})})  # fmt: skip
+
+
+def payload_of(content: RecordDict) -> Payload:
+    """A site's view of a query message's content (query_content's inverse)."""
+    payload: Payload = {k: a.numpy() for k, a in content.array_records["arrays"].items()}
+    for k, v in content.config_records[QUERY_TEXTS].items():
+        payload[k] = [str(t) for t in v]  # type: ignore[union-attr]
+    return payload
+
+
+def federated_answers(
+    grid: Grid, method: QueryFederated, payload: Payload, n: int, min_sites: int,
+    traffic: list[dict[str, Any]], names: dict[int, str], timeout: float = 3600.0,
+    kind: str = "test", failures: list[str] | None = None,
+) -> np.ndarray:  # fmt: skip
+    """Label scores [n, K] for the n queries of `payload`, combined by `method` from the
+    sites that answered each batch. `names` (node id -> site name) is completed from
+    the replies; a site that fails is skipped and named in `failures`; fewer than
+    `min_sites` answers for a batch stop the run."""
     nodes = list(grid.get_node_ids())
-    best_s, best_l = [], []
-    for start in range(0, len(queries), QUERY_BATCH):
-        batch = np.ascontiguousarray(queries[start : start + QUERY_BATCH], dtype=np.float32)
-        config = ConfigRecord({"k": k, VERSION_KEY: __version__})
-        content = RecordDict({"arrays": ArrayRecord({"queries": Array(batch)}), "config": config})
-        messages = [grid.create_message(content, f"{MessageType.QUERY}.knn", node, str(start))
+    out = []
+    for start in range(0, n, QUERY_BATCH):
+        stop = min(start + QUERY_BATCH, n)
+        content = query_content(payload, start, stop)
+        messages = [grid.create_message(content, f"{MessageType.QUERY}.answer", node, str(start))
                     for node in nodes]  # fmt: skip
         for m in messages:
             traffic.append({"kind": kind, "direction": "down", "site": names.get(
                 m.metadata.dst_node_id, str(m.metadata.dst_node_id)),
                 "bytes": message_bytes(m), "payload_bytes": message_payload_bytes(m)})  # fmt: skip
         got = exchange(grid, messages, timeout)
+        what = f"{kind} queries {start}-{stop - 1}"
         if failures is not None:
-            failures += [f"{names.get(n, f'node-{n}')} sent no reply to {kind} queries "
-                         f"{start}-{start + len(batch) - 1} in {timeout:g} s"
+            failures += [f"{names.get(n, f'node-{n}')} sent no reply to {what} in {timeout:g} s"
                          for n in got.missing]  # fmt: skip
         replies = got.replies
-        cand_s, cand_l = [], []
+        answers = []
         for r in replies:
             node = r.metadata.src_node_id
             if not r.has_error() and "site" in r.content.config_records:
@@ -75,25 +117,20 @@ def federated_neighbours(
                             "error": r.error.reason if r.has_error() else ""})  # fmt: skip
             if r.has_error():
                 if failures is not None:
-                    failures.append(f"{site} failed on {kind} queries {start}-"
-                                    f"{start + len(batch) - 1}: {r.error.reason}")  # fmt: skip
+                    failures.append(f"{site} failed on {what}: {r.error.reason}")
                 continue
-            arrays = arrays_of(r)
-            cand_s.append(arrays["scores"].numpy())
-            cand_l.append(arrays["labels"].numpy())
-        if len(cand_s) < max(1, min_sites):
+            answers.append({k: a.numpy() for k, a in arrays_of(r).items()})
+        if len(answers) < max(1, min_sites):
             raise FedtuneError(
-                f"only {len(cand_s)} of {len(nodes)} sites answered the kNN queries "
+                f"only {len(answers)} of {len(nodes)} sites answered the {kind} queries "
                 f"(federated.min_sites = {min_sites}): "
                 + "; ".join(str(r.error.reason) for r in replies if r.has_error())
             )
-        s, lab = top_k(np.concatenate(cand_s, 1), np.concatenate(cand_l, 1), k)
-        best_s.append(s)
-        best_l.append(lab)
-    return np.concatenate(best_s), np.concatenate(best_l)
+        out.append(method.combine_answers(answers))
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
-def run_federated_knn(
+def run_federated_by_query(
     cfg: RunConfig,
     console: Console | None = None,
     splits: Splits | None = None,
@@ -101,10 +138,11 @@ def run_federated_knn(
     grid: Grid | None = None,
     out: Path | None = None,
 ) -> dict[str, Any]:
-    """Federated kNN: the sites of `grid` (default: `cfg.federated.sites` sites in
-    this process, each index under the run's sites/<site>/index); writes a run
-    directory (config, metrics.jsonl, report.md, confusion.png, traffic.json; no
-    global model: the indexes stay at the sites) and returns the summary."""
+    """A frozen method federated by query across the sites of `grid` (default:
+    `cfg.federated.sites` sites in this process, each one's fitted method under the
+    run's sites/<site>/); writes a run directory (config, metrics.jsonl, report.md,
+    confusion.png, traffic.json; no global model: what each site fitted stays there)
+    and returns the summary."""
     from fedtune.data import example_groups, examples_digest
     from fedtune.federated.runner import _run_id, make_contexts, prepare_run_dir
     from fedtune.regimes import describe_data
@@ -113,8 +151,9 @@ def run_federated_knn(
     t_start = time.perf_counter()
     out = out or final_run_dir(cfg)
     ws = workspace(cfg, splits)
-    knn = ws.model
-    assert isinstance(knn, Knn)
+    method = ws.model
+    assert isinstance(method, FrozenMethod) and isinstance(method, QueryFederated)
+    name = cfg.method_name
     sites = ws.partition.sites
     names = [s.name for s in sites]
     node_names: dict[int, str] = {}
@@ -124,8 +163,9 @@ def run_federated_knn(
         node_names = {n: names[i] for i, n in enumerate(contexts)}
     n_sites = len(list(grid.get_node_ids()))
     console.print(
-        f"[bold]knn[/], federated by query (k = {knn.config.k}): {n_sites} sites each "
-        f"keep their own index; {len(ws.splits.validation)} validation / "
+        f"[bold]{name}[/] with {escape(method.model_description)}, federated by query: "
+        f"{n_sites} sites each answer from their own examples; "
+        f"{len(ws.splits.validation) if method.validates else 0} validation / "
         f"{len(ws.splits.test)} test queries"
     )
     traffic: list[dict[str, Any]] = []
@@ -133,16 +173,17 @@ def run_federated_knn(
     fed = cfg.federated
 
     def evaluate(kind: str, examples: list[Example]) -> Metrics:
-        with console.status(f"knn: {len(examples)} {kind} queries to {n_sites} sites"):
-            q = ws.embeddings(kind, examples)  # the server embeds its own queries
-            s, lab = federated_neighbours(grid, q, knn.config.k, fed.min_sites, traffic,
-                                          node_names, fed.timeout, kind, failures)  # fmt: skip
-        scores = vote(np.where(np.isfinite(s), s, 0.0), lab, len(knn.labels), knn.config.weighting)
-        return knn.metrics(scores, knn.label_ids(examples))
+        with console.status(f"{name}: {len(examples)} {kind} queries to {n_sites} sites"):
+            payload = method.query_payload([e.text for e in examples])
+            scores = federated_answers(grid, method, payload, len(examples), fed.min_sites,
+                                       traffic, node_names, fed.timeout, kind,
+                                       failures)  # fmt: skip
+        return method.metrics(scores, method.label_ids(examples))
 
     prepare_run_dir(cfg, out, ws.splits.labels, sites)
     try:
-        val = evaluate("validation", ws.splits.validation) if ws.splits.validation else None
+        val = (evaluate("validation", ws.splits.validation)
+               if ws.splits.validation and method.validates else None)  # fmt: skip
         if val is not None:
             console.print(f"  validation accuracy {val.accuracy:.4f}  macro-F1 {val.macro_f1:.4f}")
         test = evaluate("test", ws.splits.test)
@@ -160,9 +201,9 @@ def run_federated_knn(
         "event": "test",
         "regime": "federated",
         "name": (shown_as or out).name,
-        "method": "knn",
-        "model": knn.model_description,
-        "kind": knn.kind,
+        "method": name,
+        "model": method.model_description,
+        "kind": method.kind,
         "data": describe_data(cfg),
         "strategy": "query",
         "transport": "fp32",
@@ -171,7 +212,7 @@ def run_federated_knn(
         "n_validation": len(ws.splits.validation),
         "n_test": len(ws.splits.test),
         "trainable_parameters": 0,
-        "base_parameters": knn.base_parameters,
+        "base_parameters": method.base_parameters,
         "trainable_percent": 0.0,
         "rounds": 0,
         "best_round": 0,
@@ -197,7 +238,7 @@ def run_federated_knn(
     }  # fmt: skip
     append_jsonl(out / METRICS_FILE, summary)
     write_json(out / "traffic.json", traffic)
-    _write_report(out, summary, test, ws.splits.labels)
+    _write_report(out, summary, test, ws.splits.labels, method.query_protocol)
     console.print(
         f"[bold green]test[/] accuracy {test.accuracy:.4f}  macro-F1 {test.macro_f1:.4f}  "
         f"weighted F1 {test.weighted_f1:.4f}  ({summary['wall_seconds']:.0f} s) "
@@ -207,17 +248,15 @@ def run_federated_knn(
     return summary
 
 
-def _write_report(out: Path, s: dict[str, Any], test: Metrics, labels: tuple[str, ...]) -> None:
-    title = f"knn on {s['model']}, federated by query"
+def _write_report(out: Path, s: dict[str, Any], test: Metrics, labels: tuple[str, ...],
+                  protocol: str) -> None:  # fmt: skip
+    title = f"{s['method']} on {s['model']}, federated by query"
     plot_confusion(test, labels, out / "confusion.png", f"test, {title}")
     mb = 1e6
     text = f"""# Run {s["name"]}: {title}
 
-Each site ({", ".join(s["sites"])}) keeps an index of its own training examples
-({s["n_train"]} in all); for each query the server sent the query's embedding to every
-site and received the site's top-k (cosine score, label) pairs: no text and no
-embedding of a site's data left it. The server kept the k best pairs over all
-sites and voted.
+Each site ({", ".join(s["sites"])}) kept the method fitted on its own training
+examples ({s["n_train"]} in all); {protocol}
 
 | | |
 |---|---|
@@ -238,7 +277,7 @@ sites and voted.
 ![confusion matrix](confusion.png)
 """  # noqa: E501
     if s["failed_sites"]:
-        text += ("\n## Sites that failed\n\nTheir neighbours are missing from the queries "
-                 "below: those answers come from the other sites' data only.\n\n"
+        text += ("\n## Sites that failed\n\nTheir answers are missing for the queries "
+                 "below: those come from the other sites' data only.\n\n"
                  + "\n".join(f"- {n}" for n in s["notes"] if " failed on " in n) + "\n")
     (out / "report.md").write_text(text)
