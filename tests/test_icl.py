@@ -19,7 +19,7 @@ from fedtune.config import ModelConfig, method_config
 from fedtune.data import Example
 from fedtune.errors import ConfigError, EndpointError
 from fedtune.methods import available_methods, is_frozen
-from fedtune.methods.frozen import load_frozen
+from fedtune.methods.frozen import load_frozen, log_normalize
 from fedtune.methods.icl import (
     ICL,
     IclConfig,
@@ -225,6 +225,26 @@ def test_local_scores_are_label_likelihoods(tiny_models: dict[str, str], family:
     )
     metrics = m.evaluate(TRAIN)
     assert 0.0 <= metrics.accuracy <= 1.0
+
+
+def test_bf16_autocasts_the_scoring(tiny_models: dict[str, str]) -> None:
+    """train.bf16 (build_frozen passes it) autocasts ICL's forward passes: 2.5x the
+    prompts per second on an AVX512-BF16 CPU (docs/benchmarks.md), scores within
+    bf16's rounding of fp32's."""
+    path = tiny_models["llama"]
+    fp32 = make(path, shots=0).predict_scores(TEXTS)
+    m = ICL(IclConfig(shots=0), ModelConfig(name=path), LABELS, bf16=True)
+    m._load_lm()
+    seen: list[bool] = []
+    hook = m._lm.register_forward_pre_hook(
+        lambda mod, args: seen.append(torch.is_autocast_enabled("cpu")))
+    try:
+        bf16 = m.predict_scores(TEXTS)
+    finally:
+        hook.remove()
+    assert seen and all(seen)
+    assert not np.array_equal(bf16, fp32)
+    np.testing.assert_allclose(log_normalize(bf16), log_normalize(fp32), atol=0.05)
 
 
 def test_zero_shot(tiny_models: dict[str, str]) -> None:

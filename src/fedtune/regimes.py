@@ -190,7 +190,8 @@ def method_configs(
 def build_frozen(cfg: RunConfig, labels: tuple[str, ...]) -> FrozenMethod[Any]:
     cls = get_method(cfg.method_name)
     assert issubclass(cls, FrozenMethod)
-    return cls.for_task(cfg.data.task)(cfg.method, cfg.model, labels, seed=cfg.seed)
+    return cls.for_task(cfg.data.task)(cfg.method, cfg.model, labels, seed=cfg.seed,
+                                       bf16=cfg.train.bf16)  # fmt: skip
 
 
 def run_frozen(

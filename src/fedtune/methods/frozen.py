@@ -75,11 +75,13 @@ class FrozenMethod(ABC, Generic[C]):
         return cls
 
     def __init__(self, config: C, model_config: ModelConfig, labels: tuple[str, ...],
-                 seed: int = 0):  # fmt: skip
+                 seed: int = 0, bf16: bool = False):  # fmt: skip
         self.config = config
         self.model_config = model_config
         self.labels = tuple(labels)
         self.seed = seed
+        self.bf16 = bf16
+        """Autocast the frozen LM's forward passes to bf16 (`train.bf16`; ICL's scoring)."""
         self.fit_seconds = 0.0
         self.notes: list[str] = []
         """What a reader of the run report should know (truncations, variants…)."""

@@ -840,7 +840,11 @@ class ICL(FrozenMethod[IclConfig], QueryFederated):
         order = np.argsort([f["length"] for f in feats], kind="stable")  # less padding
         scores = np.zeros((len(heads), len(self.labels)), dtype=np.float32)
         bs = self.config.batch_size
-        with torch.no_grad():
+        if self.bf16:
+            from fedtune.train import warn_slow_bf16
+
+            warn_slow_bf16(True, self._device)
+        with torch.no_grad(), torch.autocast(self._device.type, torch.bfloat16, enabled=self.bf16):
             for start in range(0, len(order), bs):
                 idx = order[start : start + bs]
                 batch = to_device(form.collate([feats[i] for i in idx]), self._device)

@@ -192,6 +192,7 @@ class GenerationICL(FrozenMethod[IclConfig]):
         self._lm.to(device)
         answers = generate_texts(self._lm, form.tokenizer, prompts,
                                  self.model_config.max_new_tokens, self.config.batch_size,
+                                 bf16=self.bf16,
                                  description=f"icl {self.config.shots}-shot")  # fmt: skip
         if self.dropped:
             self.notes.append(f"{self.dropped} demonstrations dropped to fit the context budget "
