@@ -75,20 +75,26 @@ def _epochs_budget(fed: FederatedConfig) -> float:
     return fed.rounds * fed.local_epochs
 
 
-def val_curve(run_dir: Path) -> list[tuple[float, float]]:
+def val_curve(
+    run_dir: Path,
+    config: dict[str, Any] | None = None,
+    records: list[dict[str, Any]] | None = None,
+) -> list[tuple[float, float]]:
     """(epochs of training, validation loss) of a saved run, read from its metrics.jsonl.
 
     A centralized or local-only run gives one point per evaluation at its epoch; a
     federated run one per round at `round x federated.local_epochs` (from its
     config.json; round 0, before any training, left out), so runs of one budget end at
     the same x. A round logged twice (a run resumed from the checkpoint before it)
-    counts once, its last record.
+    counts once, its last record. `config` and `records`: the run's config.json and
+    metrics.jsonl when the caller has read them already.
     """
-    config = json.loads((run_dir / CONFIG_FILE).read_text("utf-8"))
+    if config is None:
+        config = json.loads((run_dir / CONFIG_FILE).read_text("utf-8"))
     local_epochs = float(config["federated"]["local_epochs"])
     evals: list[tuple[float, float]] = []
     rounds: dict[int, float] = {}
-    for r in read_jsonl(run_dir / METRICS_FILE):
+    for r in read_jsonl(run_dir / METRICS_FILE) if records is None else records:
         if "val_loss" not in r:
             continue
         if r.get("event") == "eval":

@@ -139,7 +139,7 @@ def _read(folder: Path, name: str | None) -> list[dict[str, Any]]:
             "test_scores": summary.get("test_scores") or [],
             "test_groups": summary.get("test_groups") or [],
             "test_digest": summary.get("test_digest", ""),
-            "_run": run, "_config": config, "_cfg": cfg, "_curve": val_curve(run),
+            "_run": run, "_config": config, "_cfg": cfg, "_curve": val_curve(run, config, records),
         })  # fmt: skip
     return read
 
