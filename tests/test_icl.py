@@ -294,6 +294,12 @@ def test_calibrated_scores_divide_by_the_content_free_prior(
         prior = np.mean([np.exp(x - np.logaddexp.reduce(x)) for x in priors], axis=0)
         np.testing.assert_allclose(np.exp(got[i]), (p / prior) / (p / prior).sum(), atol=1e-4)
     assert np.allclose(np.exp(got).sum(-1), 1.0, atol=1e-5)
+    # prior = "train": then times the training labels' frequencies (add-one smoothed).
+    toward = make(path, shots=shots, seed=1, calibrate=True, content_free=("N/A", ""),
+                  prior="train").fit(TRAIN)  # fmt: skip
+    counts = np.bincount([LABELS.index(e.label) for e in TRAIN], minlength=3) + 1.0
+    np.testing.assert_allclose(toward.predict_scores(texts), got + np.log(counts / counts.sum()),
+                               atol=1e-5)  # fmt: skip
 
 
 def test_calibration_refusals(tiny_models: dict[str, str]) -> None:
@@ -301,6 +307,10 @@ def test_calibration_refusals(tiny_models: dict[str, str]) -> None:
         remote("http://127.0.0.1:9/v1", calibrate=True)
     with pytest.raises(ConfigError, match="content_free"):
         make(tiny_models["gpt2"], calibrate=True, content_free=())
+    with pytest.raises(ConfigError, match="calibrate = true"):
+        make(tiny_models["gpt2"], prior="train")
+    with pytest.raises(ConfigError, match="needs training examples to count"):
+        make(tiny_models["gpt2"], shots=0, calibrate=True, prior="train").fit([])
 
 
 def test_chat_template_prompts(tiny_models: dict[str, str], chat_llama: str) -> None:

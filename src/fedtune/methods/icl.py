@@ -152,6 +152,14 @@ class IclConfig(MethodConfig):
     (lm-evaluation-harness's `--fewshot_as_multiturn`); `inline`, as text in the user
     turn before the query. Both backends. On SmolLM2-135M-Instruct, 4 similar shots:
     0.667 accuracy as turns, 0.220 inline (docs/benchmarks.md)."""
+    prior: Literal["uniform", "train"] = "uniform"
+    """calibrate: the label distribution calibrated scores aim at. `uniform`: Zhao et
+    al.'s division by the content-free prior, which treats the labels as equally
+    likely; `train`: then multiplied by the label frequencies of the training examples
+    (add-one smoothed), the Bayes decision for a test set labelled like the training
+    set: on a skewed task (FPB: 61% neutral) a weak zero-shot model then answers the
+    frequent label unless the prompt says otherwise. Uses the training labels' counts,
+    no demonstrations."""
     content_free: tuple[str, ...] = ("N/A", "", "[MASK]")
     """calibrate: the content-free query texts whose label probabilities are averaged."""
     retrieve: int = 0
@@ -471,6 +479,11 @@ class ICL(FrozenMethod[IclConfig], QueryFederated):
                 "backend (free-text answers) does not give; use the local backend or "
                 "set method.calibrate = false"
             )
+        if cfg.prior not in ("uniform", "train"):
+            raise ConfigError(f'method.prior = {cfg.prior!r}: choose "uniform" or "train"')
+        if cfg.prior == "train" and not cfg.calibrate:
+            raise ConfigError('method.prior = "train" corrects calibrated scores; set '
+                              "method.calibrate = true")  # fmt: skip
         if cfg.calibrate and not cfg.content_free:
             raise ConfigError(
                 'method.calibrate = true needs content-free query texts; set e.g. '
@@ -526,6 +539,9 @@ class ICL(FrozenMethod[IclConfig], QueryFederated):
                 "icl needs training examples to draw demonstrations from; "
                 "set method.shots = 0 for zero-shot prompting"
             )
+        if cfg.prior == "train" and not train:
+            raise ConfigError('method.prior = "train" needs training examples to count the '
+                              'labels of; set method.prior = "uniform"')  # fmt: skip
         if cfg.backend == "remote":
             self._endpoint()  # a missing URL or model name fails now, not after work
         self._pool = list(train)
@@ -832,7 +848,17 @@ class ICL(FrozenMethod[IclConfig], QueryFederated):
             for pairs, _ in fitted
         ]
         prior = self._score_heads(form, list(distinct))
-        return contextual_calibration(scores, prior, rows)
+        calibrated = contextual_calibration(scores, prior, rows)
+        if self.config.prior == "uniform":
+            return calibrated
+        return calibrated + np.log(self.label_prior()).astype(np.float32)
+
+    def label_prior(self) -> np.ndarray:
+        """The training examples' (the pool's) label frequencies, add-one smoothed [K]."""
+        if not self._pool:
+            raise ModelError('method.prior = "train" needs the training examples; call fit()')
+        counts = np.bincount(self.label_ids(self._pool), minlength=len(self.labels)) + 1.0
+        return counts / counts.sum()
 
     def _score_heads(self, form: GenerativeClassifier, heads: list[str]) -> np.ndarray:
         """Log-likelihood of each label word after each prompt head -> [N, K]."""
