@@ -416,6 +416,14 @@ def test_save_load_reproduces_local_predictions(
     loaded = load_frozen(tmp_path / "model")
     assert isinstance(loaded, ICL) and loaded.seed == 7
     np.testing.assert_allclose(loaded.predict_scores(texts), scores, atol=1e-6)
+    # Calibrated toward the training prior: the saved pool gives the same prior back.
+    toward = make(tiny_models["gpt2"], shots=0, calibrate=True, prior="train").fit(TRAIN[:5])
+    scores = toward.predict_scores(texts)
+    toward.save(tmp_path / "toward")
+    again = load_frozen(tmp_path / "toward")
+    assert isinstance(again, ICL) and again.config.prior == "train"
+    np.testing.assert_allclose(again.label_prior(), toward.label_prior())
+    np.testing.assert_allclose(again.predict_scores(texts), scores, atol=1e-6)
 
 
 # --- remote backend ---------------------------------------------------------------
