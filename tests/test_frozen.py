@@ -244,8 +244,10 @@ def test_knn_index_round_trip_and_model_mismatch(
 
 
 def test_federated_knn_equals_centralized_and_only_scores_leave_sites(
-    tiny_models: dict[str, str], table: Path, tmp_path: Path
+    tiny_models: dict[str, str], table: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import fedtune.federated.query as query
+
     cfg = _cfg(tiny_models, table, tmp_path, "knn", "name=fk", "method.k=5")
     ws = apps.workspace(cfg)
     sites = ws.partition.sites
@@ -291,6 +293,7 @@ def test_federated_knn_equals_centralized_and_only_scores_leave_sites(
     up = [t for t in traffic if t["direction"] == "up"]
     assert all(t["payload_bytes"] == len(queries) * 5 * (4 + 8) for t in up)
 
+    monkeypatch.setattr(query, "QUERY_BATCH", 5)  # several batches of embeddings
     summary = run_federated(cfg)
     cen = run_centralized(_cfg(tiny_models, table, tmp_path, "knn", "name=ck", "method.k=5"))
     assert summary["confusion"] == cen["confusion"]
@@ -391,14 +394,16 @@ def test_index_and_ask(
 
 
 def test_icl_federates_by_query_demonstrations_stay_at_their_site(
-    tiny_models: dict[str, str], table: Path, tmp_path: Path
+    tiny_models: dict[str, str], table: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Federated ICL: each site prompts with demonstrations from its own examples and
     returns label probabilities; the server averages them. Zero-shot it is the
     centralized run (no site data is used)."""
+    import fedtune.federated.query as query
     from fedtune.methods.frozen import log_normalize
     from fedtune.methods.icl import ICL
 
+    monkeypatch.setattr(query, "QUERY_BATCH", 4)  # several batches: slicing is exercised
     lm = f"method.model={tiny_models['gpt2']}"
     cfg = _cfg(tiny_models, table, tmp_path, "icl", "name=icl", lm, "method.shots=2",
                "method.selection=similar", f"method.embedder={tiny_models['bert']}")  # fmt: skip
@@ -427,11 +432,18 @@ def test_icl_federates_by_query_demonstrations_stay_at_their_site(
     assert fed_run["loss"] == pytest.approx(loss, rel=1e-4)
     assert fed_run["accuracy"] == pytest.approx(float((mean.argmax(1) == y).mean()))
 
-    # What left a site: one probability per label per query, never a text.
+    # What crossed: down, the query texts and the fedtune version; up, one probability
+    # per label per query, the site's name and its number of examples.
     contexts = make_contexts(cfg, 3, [s.name for s in ws.partition.sites], None)
+    sent: list[Message] = []
     replies: list[Message] = []
 
     class Spy(InProcessGrid):
+        def push_messages(self, messages):  # type: ignore[no-untyped-def]
+            messages = list(messages)
+            sent.extend(messages)
+            return super().push_messages(messages)
+
         def pull_messages(self, ids):  # type: ignore[no-untyped-def]
             got = list(super().pull_messages(ids))
             replies.extend(got)
@@ -442,13 +454,46 @@ def test_icl_federates_by_query_demonstrations_stay_at_their_site(
     texts = [e.text for e in test]
     federated_answers(Spy(apps.client_app, contexts, _run_id(cfg)), icl,
                       icl.query_payload(texts), len(texts), 3, [], {})  # fmt: skip
-    site_texts = [e.text.encode() for st in ws.partition.sites for e in st.train]
-    assert len(replies) == 3
+    batches = -(-len(texts) // 4)
+    assert len(sent) == len(replies) == 3 * batches
+    down = sorted({t for m in sent for t in m.content.config_records["queries"]["texts"]})
+    assert down == sorted(set(texts))
+    for m in sent:
+        c = m.content
+        assert set(c.config_records) == {"queries", "config"} and not c.array_records["arrays"]
+        assert set(c.config_records["config"]) == {apps.VERSION_KEY}
     for r in replies:
-        assert set(r.content.array_records["arrays"]) == {"logp"}
-        assert tuple(r.content.array_records["arrays"]["logp"].shape) == (len(texts), 3)
-        assert set(r.content.config_records) == {"site"}
-        assert not any(t in r.content.array_records["arrays"]["logp"].data for t in site_texts)
+        c = r.content
+        assert set(c.array_records) == {"arrays"} and set(c.array_records["arrays"]) == {"logp"}
+        assert c.array_records["arrays"]["logp"].shape[1] == 3
+        assert set(c.config_records) == {"site"} and set(c.config_records["site"]) == {"name"}
+        assert set(c.metric_records["metrics"]) == {"num-examples"}
+
+    # A site that fails or answers malformed is left out and named; the others decide.
+    real = ICL.answer_queries
+
+    def org_1_breaks(self, payload):  # type: ignore[no-untyped-def]
+        out = real(self, payload)
+        if self._pool and self._pool[0].site == "org-1":
+            return {"logp": out["logp"][:-1]}  # one row short
+        return out
+
+    monkeypatch.setattr(ICL, "answer_queries", org_1_breaks)
+    failures: list[tuple[str, str]] = []
+    names: dict[int, str] = {}
+    two = federated_answers(InProcessGrid(apps.client_app, contexts, _run_id(cfg)), icl,
+                            icl.query_payload(texts), len(texts), 2, [], names, kind="test",
+                            failures=failures)  # fmt: skip
+    assert {s for s, _ in failures} == {"org-1"} and "malformed" in failures[0][1]
+    np.testing.assert_allclose(np.exp(two), (probs[0] + probs[2]) / 2, rtol=1e-4)
+    monkeypatch.setattr(ICL, "answer_queries", real)
+
+    # The remote backend would send a site's demonstrations to the run config's endpoint.
+    with pytest.raises(ConfigError, match=r"backend.*remote.*demonstrations"):
+        run_federated(_cfg(tiny_models, table, tmp_path, "icl", "name=r", lm,
+                           "method.backend=remote", "method.base_url=http://127.0.0.1:9/v1",
+                           "method.api_model=m"))  # fmt: skip
+    assert not (tmp_path / "r").exists()
 
     # Zero-shot, the sites' answers are the same prompt's: federated = centralized.
     zero = _cfg(tiny_models, table, tmp_path, "icl", "name=zero", lm, "method.shots=0")

@@ -227,7 +227,7 @@ def test_local_scores_are_label_likelihoods(tiny_models: dict[str, str], family:
     assert 0.0 <= metrics.accuracy <= 1.0
 
 
-def test_bf16_autocasts_the_scoring(tiny_models: dict[str, str]) -> None:
+def test_bf16_autocasts_the_scoring(tiny_models: dict[str, str], tmp_path: Path) -> None:
     """train.bf16 (build_frozen passes it) autocasts ICL's forward passes: 2.5x the
     prompts per second on an AVX512-BF16 CPU (docs/benchmarks.md), scores within
     bf16's rounding of fp32's."""
@@ -245,6 +245,10 @@ def test_bf16_autocasts_the_scoring(tiny_models: dict[str, str]) -> None:
     assert seen and all(seen)
     assert not np.array_equal(bf16, fp32)
     np.testing.assert_allclose(log_normalize(bf16), log_normalize(fp32), atol=0.05)
+    m.save(tmp_path / "m")  # fedtune predict scores as the run did
+    again = load_frozen(tmp_path / "m")
+    assert again.bf16 and not load_frozen(make(path, shots=0).save(tmp_path / "f")).bf16
+    np.testing.assert_allclose(again.predict_scores(TEXTS), bf16, atol=1e-6)
 
 
 def test_zero_shot(tiny_models: dict[str, str]) -> None:

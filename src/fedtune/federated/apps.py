@@ -112,11 +112,12 @@ class Workspace:
         site's own training examples (its files, e.g. an index, in `directory` when
         given, else a temporary folder)."""
         if pid not in self.site_methods:
-            from fedtune.regimes import build_frozen
-
-            method = build_frozen(self.cfg, self.splits.labels)
+            method = _federable_frozen(self.cfg, self.splits.labels)
             assert isinstance(method, QueryFederated)
-            method.fit(site.train, Path(directory) if directory else None, site.validation or None)
+            # Prompt variants are chosen on the site's validation set, else on the shared
+            # one, like the centralized run's.
+            method.fit(site.train, Path(directory) if directory else None,
+                       site.validation or self.splits.validation or None)  # fmt: skip
             self.site_methods[pid] = method
         return self.site_methods[pid]
 
@@ -193,6 +194,15 @@ def _federable_frozen(cfg: RunConfig, labels: tuple[str, ...]) -> FrozenMethod[A
 
     method = build_frozen(cfg, labels)
     if isinstance(method, QueryFederated):
+        if getattr(method.config, "backend", "local") == "remote":
+            # A site would send its demonstrations (its training texts) and the key in
+            # the environment variable the run config names to the endpoint the run
+            # config names: the server's choice, not the site's.
+            raise ConfigError(
+                'federated icl runs the LM at each site: method.backend = "remote" would '
+                "send a site's demonstrations to an endpoint the run's config names; use "
+                'method.backend = "local" (or run remote icl centralized or local-only)'
+            )
         return method
     if not isinstance(method, Features):
         raise ConfigError(

@@ -38,8 +38,7 @@ from fedtune.evaluate import LABEL, metric_names
 from fedtune.federated.partition import partition_examples
 from fedtune.federated.runner import run_federated
 from fedtune.federated.server import build_strategy, checkpoint_state, find_checkpoint
-from fedtune.methods import get_method
-from fedtune.methods.frozen import FrozenMethod
+from fedtune.methods.frozen import frozen_class
 from fedtune.regimes import describe_data, method_configs, run_centralized
 from fedtune.report import _pct, personalized_table
 from fedtune.runs import (
@@ -60,10 +59,8 @@ from fedtune.runs import (
 def federates(method: str, task: str) -> bool:
     """False for a method with no federated form on `task` (generation ICL: its answers
     are texts, neither weights to average nor scores to combine)."""
-    cls = get_method(method)
-    if issubclass(cls, FrozenMethod):
-        cls = cls.for_task(task)
-    return bool(getattr(cls, "federates", True))
+    cls = frozen_class(method, task)
+    return cls is None or cls.federates
 
 
 def _epochs_budget(fed: FederatedConfig) -> float:

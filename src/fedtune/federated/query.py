@@ -34,8 +34,7 @@ from fedtune.evaluate import Metrics
 from fedtune.federated.apps import VERSION_KEY, client_app, workspace
 from fedtune.federated.grid import InProcessGrid, exchange
 from fedtune.federated.wire import arrays_of, message_bytes, message_payload_bytes
-from fedtune.methods import get_method
-from fedtune.methods.frozen import FrozenMethod, Payload, QueryFederated
+from fedtune.methods.frozen import FrozenMethod, Payload, QueryFederated, frozen_class
 from fedtune.report import metrics_table, plot_confusion
 from fedtune.runs import METRICS_FILE, append_jsonl, final_run_dir, write_json
 
@@ -47,9 +46,8 @@ QUERY_TEXTS = "queries"
 
 def federates_by_query(cfg: RunConfig) -> bool:
     """True when the run's method (for its task) federates by query."""
-    cls = get_method(cfg.method_name)
-    return issubclass(cls, FrozenMethod) and issubclass(cls.for_task(cfg.data.task),
-                                                        QueryFederated)  # fmt: skip
+    cls = frozen_class(cfg.method_name, cfg.data.task)
+    return cls is not None and issubclass(cls, QueryFederated)
 
 
 def refuse_resume(cfg: RunConfig) -> None:
@@ -67,7 +65,10 @@ def query_content(payload: Payload, start: int, stop: int) -> RecordDict:
     texts = ConfigRecord()
     for k, v in payload.items():
         if not isinstance(v, np.ndarray):
-            texts[k] = [str(t) for t in v[start:stop]]
+            # Flower's protobuf refuses strings that are not valid UTF-8 (a lone
+            # surrogate from a JSON escape): those characters go as "?".
+            texts[k] = [str(t).encode("utf-8", "replace").decode("utf-8")
+                        for t in v[start:stop]]  # fmt: skip
     return RecordDict({"arrays": ArrayRecord(arrays), QUERY_TEXTS: texts,
                        "config": ConfigRecord({VERSION_KEY: __version__})})  # fmt: skip
 
@@ -83,11 +84,12 @@ def payload_of(content: RecordDict) -> Payload:
 def federated_answers(
     grid: Grid, method: QueryFederated, payload: Payload, n: int, min_sites: int,
     traffic: list[dict[str, Any]], names: dict[int, str], timeout: float = 3600.0,
-    kind: str = "test", failures: list[str] | None = None,
+    kind: str = "test", failures: list[tuple[str, str]] | None = None,
 ) -> np.ndarray:  # fmt: skip
     """Label scores [n, K] for the n queries of `payload`, combined by `method` from the
     sites that answered each batch. `names` (node id -> site name) is completed from
-    the replies; a site that fails is skipped and named in `failures`; fewer than
+    the replies; a site that fails, sends no reply or a malformed one is skipped and
+    named in `failures` (site, what happened); fewer than
     `min_sites` answers for a batch stop the run."""
     nodes = list(grid.get_node_ids())
     out = []
@@ -103,8 +105,9 @@ def federated_answers(
         got = exchange(grid, messages, timeout)
         what = f"{kind} queries {start}-{stop - 1}"
         if failures is not None:
-            failures += [f"{names.get(n, f'node-{n}')} sent no reply to {what} in {timeout:g} s"
-                         for n in got.missing]  # fmt: skip
+            for node in got.missing:
+                site = names.get(node, f"node-{node}")
+                failures.append((site, f"{site} sent no reply to {what} in {timeout:g} s"))
         replies = got.replies
         answers = []
         for r in replies:
@@ -117,9 +120,18 @@ def federated_answers(
                             "error": r.error.reason if r.has_error() else ""})  # fmt: skip
             if r.has_error():
                 if failures is not None:
-                    failures.append(f"{site} failed on {what}: {r.error.reason}")
+                    failures.append((site, f"{site} failed on {what}: {r.error.reason}"))
                 continue
-            answers.append({k: a.numpy() for k, a in arrays_of(r).items()})
+            answer = {k: a.numpy() for k, a in arrays_of(r).items()}
+            bad = [k for k, a in answer.items() if len(a) != stop - start
+                   or (a.dtype.kind == "f" and np.isnan(a).any())]  # fmt: skip
+            if bad or not answer:
+                if failures is not None:
+                    failures.append((site, f"{site} failed on {what}: a malformed answer "
+                                           f"({', '.join(bad) or 'empty'}: not one finite row "
+                                           "per query)"))  # fmt: skip
+                continue
+            answers.append(answer)
         if len(answers) < max(1, min_sites):
             raise FedtuneError(
                 f"only {len(answers)} of {len(nodes)} sites answered the {kind} queries "
@@ -169,7 +181,7 @@ def run_federated_by_query(
         f"{len(ws.splits.test)} test queries"
     )
     traffic: list[dict[str, Any]] = []
-    failures: list[str] = []
+    failures: list[tuple[str, str]] = []
     fed = cfg.federated
 
     def evaluate(kind: str, examples: list[Example]) -> Metrics:
@@ -192,7 +204,7 @@ def run_federated_by_query(
 
         shutil.rmtree(out, ignore_errors=True)  # nothing half-written stays
         raise
-    for line in failures:
+    for _, line in failures:
         console.print(f"[yellow]{escape(line)}[/]")
     test_traffic = [t for t in traffic if t["kind"] == "test"]
     per_site = {d: sum(t["bytes"] for t in test_traffic if t["direction"] == d) / n_sites
@@ -231,8 +243,8 @@ def run_federated_by_query(
         "test_scores": test.per_example,
         "test_groups": example_groups(ws.splits.test),
         "test_digest": examples_digest(ws.splits.test),
-        "notes": list(ws.splits.notes) + list(ws.partition.notes) + failures,
-        "failed_sites": sorted({f.split(" failed on ")[0] for f in failures}),
+        "notes": list(ws.splits.notes) + list(ws.partition.notes) + [f for _, f in failures],
+        "failed_sites": sorted({site for site, _ in failures}),
         "wall_seconds": time.perf_counter() - t_start,
         "history": [],
     }  # fmt: skip
@@ -279,5 +291,6 @@ examples ({s["n_train"]} in all); {protocol}
     if s["failed_sites"]:
         text += ("\n## Sites that failed\n\nTheir answers are missing for the queries "
                  "below: those come from the other sites' data only.\n\n"
-                 + "\n".join(f"- {n}" for n in s["notes"] if " failed on " in n) + "\n")
+                 + "\n".join(f"- {n}" for n in s["notes"]
+                        if " failed on " in n or " sent no reply to " in n) + "\n")
     (out / "report.md").write_text(text)

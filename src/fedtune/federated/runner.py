@@ -168,7 +168,6 @@ def own_site_names(cfg: RunConfig) -> list[str]:
     return names
 
 
-
 def prepare_run_dir(cfg: RunConfig, out: Path, labels: tuple[str, ...], sites: list[Site]) -> None:
     out.mkdir(parents=True)
     write_json(out / CONFIG_FILE, cfg.to_dict())

@@ -5,7 +5,7 @@ fitted on labelled examples (embed and fit a classifier, fill an index, or
 nothing at all for in-context learning), predicts a score per label, reports the
 same metrics, and saves a directory `fedtune predict` reloads. Its trainable
 state is what would cross a site boundary: the classifier's weights for
-`features`; nothing for `knn` and `icl`, which federate by query instead
+`features`; nothing for `knn` and classification `icl`, which federate by query instead
 (`QueryFederated`, run by fedtune.federated.query): each site keeps its own
 index or demonstrations and answers the server's queries from them.
 """
@@ -157,6 +157,7 @@ class FrozenMethod(ABC, Generic[C]):
             "model": asdict(self.model_config),
             "method": {"name": method_name_of(self.config), **asdict(self.config)},
             "base_parameters": self.base_parameters,
+            "bf16": self.bf16,
         }
 
     def save(self, directory: str | Path) -> Path:
@@ -185,8 +186,10 @@ class QueryFederated(ABC):
     every site, each answers from its copy, and only the answers leave a site; the
     server combines them into label scores. No rounds and no global model."""
 
-    query_protocol: ClassVar[str]
-    """What crosses a site boundary, in a sentence or two for the run report."""
+    @property
+    @abstractmethod
+    def query_protocol(self) -> str:
+        """What crosses a site boundary, in a sentence or two for the run report."""
 
     @abstractmethod
     def query_payload(self, texts: list[str]) -> Payload:
@@ -226,6 +229,15 @@ class EmbeddingMethod(FrozenMethod[C]):
         return self.embedder.embed(list(texts))
 
 
+def frozen_class(name: str, task: str) -> type[FrozenMethod[Any]] | None:
+    """The frozen-method class that runs method `name` on data.task `task` (icl hands
+    generation over to its own class); None for a trained method."""
+    from fedtune.methods import get_method
+
+    cls = get_method(name)
+    return cls.for_task(task) if issubclass(cls, FrozenMethod) else None
+
+
 def is_frozen_dir(directory: Path) -> bool:
     meta = directory / META_FILE
     return meta.is_file() and json.loads(meta.read_text()).get("kind") == "frozen"
@@ -246,7 +258,8 @@ def load_frozen(directory: str | Path) -> FrozenMethod[Any]:
     values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v
                               for k, v in meta["model"].items()}  # fmt: skip
     model_cfg = ModelConfig(**values)
-    method = cls(method_config(name, mcfg), model_cfg, tuple(meta["labels"]))
+    method = cls(method_config(name, mcfg), model_cfg, tuple(meta["labels"]),
+                 bf16=bool(meta.get("bf16", False)))  # scored as it was when saved
     method._load_state(src)
     return method
 

@@ -33,7 +33,10 @@ Federated, by query (fedtune.federated.query): a site's demonstrations are its
 own texts, so they never leave it; the server sends each query's text to every
 site, each site prompts the LM with demonstrations from its own examples and
 returns its label probabilities, and the server averages them (an ensemble of the
-sites' prompts). Zero-shot it equals the centralized run: no site data is used.
+sites' prompts). Zero-shot with the uniform prior it equals the centralized run (no
+site data is used); `prior = "train"` aims each site at its own label frequencies,
+which its answers then reveal. The remote backend is refused there: a site would send
+its demonstrations to the endpoint the run's config names.
 """
 
 from __future__ import annotations
@@ -435,7 +438,6 @@ _LOADED: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 only read, so the sites of a federation run in one process share one copy."""
 
 
-
 @register
 class ICL(FrozenMethod[IclConfig], QueryFederated):
     name = "icl"
@@ -443,12 +445,19 @@ class ICL(FrozenMethod[IclConfig], QueryFederated):
         "in-context learning: zero/few-shot prompting of a causal LM (local or OpenAI-compatible)"
     )
     config_class = IclConfig
-    query_protocol = (
-        "for each query the server sent the query's text to every site; each site "
-        "prompted the LM with demonstrations drawn from its own examples and sent back "
-        "its probability of each label: no example of a site left it. The server "
-        "averaged the sites' probabilities."
-    )
+
+    @property
+    def query_protocol(self) -> str:
+        cfg = self.config
+        demos = ("with demonstrations drawn from its own examples" if cfg.shots > 0 else
+                 "zero-shot (no demonstrations: every site ran the same prompt)")  # fmt: skip
+        text = (f"for each query the server sent the query's text to every site; each site "
+                f"prompted the LM {demos} and sent back its probability of each label: no "
+                "example of a site left it. The server averaged the sites' probabilities.")
+        if cfg.prior == "train":
+            text += (" With method.prior = \"train\" each site aimed its calibrated "
+                     "probabilities at its own label frequencies, which its answers reveal.")
+        return text
 
     @classmethod
     def for_task(cls, task: str) -> type[FrozenMethod[Any]]:
@@ -665,8 +674,10 @@ class ICL(FrozenMethod[IclConfig], QueryFederated):
         return {"logp": log_normalize(self.predict_scores(texts)).astype(np.float32)}
 
     def combine_answers(self, answers: list[dict[str, np.ndarray]]) -> np.ndarray:
-        """The mean of the sites' label probabilities, as log-probabilities [Q, K]."""
-        logp = np.stack([np.asarray(a["logp"], np.float64) for a in answers])
+        """The mean of the sites' label probabilities, as log-probabilities [Q, K]. Each
+        site's answer is renormalised first, so no site outweighs another by sending
+        scores that do not sum to one."""
+        logp = np.stack([log_normalize(np.asarray(a["logp"], np.float64)) for a in answers])
         return (np.logaddexp.reduce(logp, axis=0) - math.log(len(answers))).astype(np.float32)
 
     def _predict(self, texts: list[str], variant: Variant, record: bool) -> np.ndarray:

@@ -54,9 +54,9 @@ class GenerationICL(FrozenMethod[IclConfig]):
                                 ("batch_size", cfg.batch_size, 1)):  # fmt: skip
             if value < low:
                 raise ConfigError(f"method.{key} = {value} must be >= {low}")
-        if cfg.calibrate:
-            raise ConfigError("method.calibrate corrects label scores; generation has none: "
-                              "set method.calibrate = false")  # fmt: skip
+        if cfg.calibrate or cfg.prior != "uniform":
+            raise ConfigError("method.calibrate and method.prior correct label scores; "
+                              "generation has none: leave them unset")  # fmt: skip
         self.model_name = cfg.model or self.model_config.name
         self._pool: list[Example] = []
         self._vectors: np.ndarray | None = None

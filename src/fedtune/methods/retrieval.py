@@ -81,11 +81,13 @@ class Knn(EmbeddingMethod[KnnConfig], QueryFederated):
     name = "knn"
     description = "k nearest neighbours in a vector index (LanceDB), distance-weighted vote"
     config_class = KnnConfig
-    query_protocol = (
-        "for each query the server sent the query's embedding to every site and received "
-        "the site's top-k (cosine score, label) pairs: no text and no embedding of a "
-        "site's data left it. The server kept the k best pairs over all sites and voted."
-    )
+
+    @property
+    def query_protocol(self) -> str:
+        return ("for each query the server sent the query's embedding to every site and "
+                "received the site's top-k (cosine score, label) pairs: no text and no "
+                "embedding of a site's data left it. The server kept the k best pairs over "
+                "all sites and voted.")  # fmt: skip
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
