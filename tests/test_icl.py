@@ -225,6 +225,9 @@ def test_local_scores_are_label_likelihoods(tiny_models: dict[str, str], family:
     )
     metrics = m.evaluate(TRAIN)
     assert 0.0 <= metrics.accuracy <= 1.0
+    # Counted without loading the weights (what a federation's server needs).
+    fresh = make(path, shots=0)
+    assert fresh.base_parameters == m.base_parameters and fresh._lm is None
 
 
 def test_bf16_autocasts_the_scoring(tiny_models: dict[str, str], tmp_path: Path) -> None:

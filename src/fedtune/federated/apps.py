@@ -59,6 +59,7 @@ from fedtune.federated.wire import (
 from fedtune.methods import is_frozen
 from fedtune.methods.features import Features
 from fedtune.methods.frozen import EmbeddingMethod, FrozenMethod, QueryFederated
+from fedtune.methods.icl import release_shared_lm
 from fedtune.train import TrainSession, train
 
 CONFIG_KEY = FLOWER_CONFIG_KEY
@@ -172,6 +173,7 @@ def workspace(cfg: RunConfig, splits: Splits | None = None) -> Workspace:
     ws = _WORKSPACE.get(key)
     if ws is None:
         _WORKSPACE.clear()
+        release_shared_lm()  # the last workspace's ICL model, if any
         splits = splits or make_splits(cfg.data)
         if cfg.federated.partition == "own":
             # Sites bring their own data: the server holds validation and test only.
@@ -267,6 +269,7 @@ def _model(cfg: RunConfig, labels: tuple[str, ...]) -> AdaptedModel | FrozenMeth
 def clear_workspace() -> None:
     _WORKSPACE.clear()
     _SITE_WORKSPACES.clear()
+    release_shared_lm()
 
 
 def local_steps(cfg: RunConfig, n_train: int) -> int:

@@ -438,6 +438,11 @@ _LOADED: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 only read, so the sites of a federation run in one process share one copy."""
 
 
+def release_shared_lm() -> None:
+    """Forget the shared LM (methods that hold it keep their reference)."""
+    _LOADED.clear()
+
+
 @register
 class ICL(FrozenMethod[IclConfig], QueryFederated):
     name = "icl"
@@ -1000,7 +1005,14 @@ class ICL(FrozenMethod[IclConfig], QueryFederated):
     def base_parameters(self) -> int:
         if self.config.backend == "remote":
             return 0
-        self._load_lm()
+        if self._lm is None:  # count without loading the weights (a federation's server)
+            from transformers import AutoModelForCausalLM
+
+            from fedtune.models import load_config
+
+            with torch.device("meta"):
+                lm = AutoModelForCausalLM.from_config(load_config(self.model_name))
+            return int(sum(p.numel() for p in lm.parameters()))
         return int(sum(p.numel() for p in self._lm.parameters()))
 
     def _save_state(self, directory: Path) -> None:
