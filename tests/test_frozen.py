@@ -488,6 +488,13 @@ def test_icl_federates_by_query_demonstrations_stay_at_their_site(
     np.testing.assert_allclose(np.exp(two), (probs[0] + probs[2]) / 2, rtol=1e-4)
     monkeypatch.setattr(ICL, "answer_queries", real)
 
+    # What a site notes (prompts cut to fit the context) reaches the run's summary.
+    tight = run_federated(_cfg(tiny_models, table, tmp_path, "icl", "name=tight", lm,
+                               "method.shots=2", "method.max_context=56"))  # fmt: skip
+    for org in ("org-0", "org-1", "org-2"):
+        assert any(n.startswith(f"{org}: icl: ") and "dropped demonstrations to fit 56 tokens"
+                   in n for n in tight["notes"])  # fmt: skip
+
     # The remote backend would send a site's demonstrations to the run config's endpoint.
     with pytest.raises(ConfigError, match=r"backend.*remote.*demonstrations"):
         run_federated(_cfg(tiny_models, table, tmp_path, "icl", "name=r", lm,

@@ -107,6 +107,8 @@ class Workspace:
     _embeddings: dict[str, np.ndarray] = field(default_factory=dict)
     site_methods: dict[int, QueryFederated] = field(default_factory=dict)
     """Methods federated by query: each site's own copy, fitted on its own data."""
+    site_notes_sent: dict[int, int] = field(default_factory=dict)
+    """How many of each site method's notes went to the server already."""
 
     def site_method(self, pid: int, site: Site, directory: str = "") -> QueryFederated:
         """This site's copy of a method federated by query, fitted on first use on the
@@ -525,6 +527,13 @@ def site_answer(msg: Message, context: Context) -> Message:
             "site": ConfigRecord({"name": site.name}),
         }
     )
+    # What the run's report should say (e.g. prompts that dropped demonstrations to fit
+    # the context): the notes since the last reply; counts, never examples.
+    assert isinstance(method, FrozenMethod)
+    new = method.notes[ws.site_notes_sent.get(pid, 0) :]
+    ws.site_notes_sent[pid] = len(method.notes)
+    if new:
+        content["notes"] = ConfigRecord({"notes": list(new)})
     return Message(content, reply_to=msg)
 
 

@@ -85,11 +85,13 @@ def federated_answers(
     grid: Grid, method: QueryFederated, payload: Payload, n: int, min_sites: int,
     traffic: list[dict[str, Any]], names: dict[int, str], timeout: float = 3600.0,
     kind: str = "test", failures: list[tuple[str, str]] | None = None,
+    notes: list[str] | None = None,
 ) -> np.ndarray:  # fmt: skip
     """Label scores [n, K] for the n queries of `payload`, combined by `method` from the
     sites that answered each batch. `names` (node id -> site name) is completed from
     the replies; a site that fails, sends no reply or a malformed one is skipped and
-    named in `failures` (site, what happened); fewer than
+    named in `failures` (site, what happened); what a site noted (e.g. prompts cut to
+    fit the context) is added to `notes`, prefixed with its name; fewer than
     `min_sites` answers for a batch stop the run."""
     nodes = list(grid.get_node_ids())
     out = []
@@ -132,6 +134,10 @@ def federated_answers(
                                            "per query)"))  # fmt: skip
                 continue
             answers.append(answer)
+            if notes is not None and "notes" in r.content.config_records:
+                said = r.content.config_records["notes"].get("notes")
+                if isinstance(said, list):
+                    notes += [f"{site}: {n}" for n in said if isinstance(n, str)]
         if len(answers) < max(1, min_sites):
             raise FedtuneError(
                 f"only {len(answers)} of {len(nodes)} sites answered the {kind} queries "
@@ -182,6 +188,7 @@ def run_federated_by_query(
     )
     traffic: list[dict[str, Any]] = []
     failures: list[tuple[str, str]] = []
+    site_notes: list[str] = []
     fed = cfg.federated
 
     def evaluate(kind: str, examples: list[Example]) -> Metrics:
@@ -189,7 +196,7 @@ def run_federated_by_query(
             payload = method.query_payload([e.text for e in examples])
             scores = federated_answers(grid, method, payload, len(examples), fed.min_sites,
                                        traffic, node_names, fed.timeout, kind,
-                                       failures)  # fmt: skip
+                                       failures, site_notes)  # fmt: skip
         return method.metrics(scores, method.label_ids(examples))
 
     prepare_run_dir(cfg, out, ws.splits.labels, sites)
@@ -243,7 +250,8 @@ def run_federated_by_query(
         "test_scores": test.per_example,
         "test_groups": example_groups(ws.splits.test),
         "test_digest": examples_digest(ws.splits.test),
-        "notes": list(ws.splits.notes) + list(ws.partition.notes) + [f for _, f in failures],
+        "notes": list(ws.splits.notes) + list(ws.partition.notes) + list(dict.fromkeys(site_notes))
+        + [f for _, f in failures],
         "failed_sites": sorted({site for site, _ in failures}),
         "wall_seconds": time.perf_counter() - t_start,
         "history": [],
