@@ -9,8 +9,10 @@ Each (model, shots, selection) scores the test sentences once with
 calibration (recorded on the way), so the two rows differ only by the correction and
 the calibrated one's extra cost is its content-free passes (timed apart). `--test N` scores a
 stratified, seeded subset of N test sentences (all when 0); the majority-class
-share of those sentences is printed with the table. Local backend, bf16 is not used
-(fp32, as `fedtune train --method icl` runs on a CPU); the chat template is used when
+share of those sentences is printed with the table. Local backend, fp32 unless
+`--bf16` (autocast, as `train.bf16 = true` does); `--prior` adds a row per run:
+the calibrated scores aimed at the training labels' frequencies (`method.prior =
+"train"`, no extra passes). The chat template is used when
 the model has one (`method.chat = "auto"`; `--chat auto,off` adds the plain prompt),
 the row says which.
 """
@@ -46,6 +48,9 @@ def main() -> None:
                         "as text in the user turn), turns (each its own user and assistant "
                         "turn)")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--bf16", action="store_true", help="autocast the scoring to bf16")
+    p.add_argument("--prior", action="store_true",
+                   help="also the row calibrated toward the training label prior")
     args = p.parse_args()
     splits, test, y, texts = fpb_test(args.test, args.seed)
     labels = splits.labels
@@ -66,7 +71,8 @@ def main() -> None:
                 cfg = IclConfig(shots=shots, selection=selection if shots else "random",
                                 calibrate=True, chat=chat,  # type: ignore[arg-type]
                                 chat_demos=chat_demos)  # type: ignore[arg-type]
-                method = ICL(cfg, ModelConfig(name=model), labels, seed=args.seed)
+                method = ICL(cfg, ModelConfig(name=model), labels, seed=args.seed,
+                             bf16=args.bf16)  # fmt: skip
                 method.fit(splits.train)
                 # The instance's scoring calls, timed: the first scores the real
                 # prompts, the second the content-free ones; the calibration's input is
@@ -95,8 +101,11 @@ def main() -> None:
                 if method.uses_chat:
                     prompt = "chat, turns" if shots and chat_demos == "turns" else "chat"
                 raw_s, prior_s = calls[0], sum(calls[1:])
-                for name, scores, secs in (("no", seen["raw"], raw_s),
-                                           ("yes", calibrated, raw_s + prior_s)):  # fmt: skip
+                rows = [("no", seen["raw"], raw_s), ("yes", calibrated, raw_s + prior_s)]
+                if args.prior:
+                    rows.append(("yes, train prior",
+                                 calibrated + np.log(method.label_prior()), raw_s + prior_s))
+                for name, scores, secs in rows:
                     pred = scores.argmax(-1)
                     acc = float((pred == y).mean())
                     f1 = f1_score(y, pred, average="macro", labels=range(len(labels)))
