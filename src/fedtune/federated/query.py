@@ -93,6 +93,9 @@ def federated_answers(
     named in `failures` (site, what happened); what a site noted (e.g. prompts cut to
     fit the context) is added to `notes`, prefixed with its name; fewer than
     `min_sites` answers for a batch stop the run."""
+    rows = {k: len(v) for k, v in payload.items()}
+    if any(r != n for r in rows.values()):
+        raise ValueError(f"a query payload holds {rows} rows, not {n} each")
     nodes = list(grid.get_node_ids())
     out = []
     for start in range(0, n, QUERY_BATCH):
