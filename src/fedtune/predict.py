@@ -60,10 +60,10 @@ def read_texts(path: str | Path, column: str = "text",
         )
     if df.empty:
         raise DataError(f"{p}: no rows to predict")
-    from fedtune.data.sources import _cell
+    from fedtune.data.sources import cell_text
 
     # Missing cells (None, NaN from a JSONL record without the field) are empty text.
-    texts = [_cell(v) if not isinstance(v, str) else v for v in df[column].tolist()]
+    texts = [cell_text(v) if not isinstance(v, str) else v for v in df[column].tolist()]
     for i, t in enumerate(texts):
         if not t.strip() and not allow_empty:
             row = i + 2 if p.suffix.lower() in (".csv", ".tsv") else i + 1

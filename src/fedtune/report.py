@@ -115,8 +115,8 @@ def test_section(m: Metrics, labels: tuple[str, ...]) -> str:
     if m.samples:
         lines += ["", "Generated answers (the first test examples):", "",
                   "| instruction | reference | generated |", "|---|---|---|"]  # fmt: skip
-        lines += [f"| {_cell(x['instruction'], 300)} | {_cell(x['reference'], 300)} "
-                  f"| {_cell(x['prediction'], 300)} |" for x in m.samples]  # fmt: skip
+        lines += [f"| {table_cell(x['instruction'], 300)} | {table_cell(x['reference'], 300)} "
+                  f"| {table_cell(x['prediction'], 300)} |" for x in m.samples]  # fmt: skip
     if m.answers:
         lines += ["", f"All {len(m.answers)} test answers with their scores: "
                   f"[{ANSWERS_FILE}]({ANSWERS_FILE})."]  # fmt: skip
@@ -220,7 +220,7 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:.3f} MB"
 
 
-def _cell(text: str, limit: int = 0) -> str:
+def table_cell(text: str, limit: int = 0) -> str:
     """`text` fit for a markdown table cell: one line, no pipes, at most `limit`
     characters (cut before escaping, so a cut never splits an escape)."""
     one = " ".join(str(text).split())
@@ -302,7 +302,7 @@ else f"the highest shared validation {LABEL.get(s_by(s), s_by(s))}"}.
                  "", "| round | phase | site | when (UTC) | reason |",
                  "|---|---|---|---|---|"]  # fmt: skip
         lines += [f"| {d['round']} | {d.get('phase', 'train')} | {d['site']} | {d['at']} | "
-                  f"{_cell(d['reason'])} |" for d in s["dropped"]]  # fmt: skip
+                  f"{table_cell(d['reason'])} |" for d in s["dropped"]]  # fmt: skip
         text += "\n" + "\n".join(lines) + "\n"
     text += defences_section(s)
     if s.get("personalized"):
@@ -367,5 +367,6 @@ def defences_section(s: dict[str, Any]) -> str:
         lines += ["", "## Updates rejected", "",
                   "A rejected update leaves its site out of that round's aggregate.", "",
                   "| round | site | reason |", "|---|---|---|"]  # fmt: skip
-        lines += [f"| {r['round']} | {r['site']} | {_cell(r['reason'])} |" for r in s["rejected"]]
+        lines += [f"| {r['round']} | {r['site']} | {table_cell(r['reason'])} |"
+                  for r in s["rejected"]]  # fmt: skip
     return "\n".join(lines) + "\n"

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.config import DataConfig
-from fedtune.data.sources import Example, _cell, _read_bytes, checked_table, decode_bytes
+from fedtune.data.sources import Example, cell_text, checked_table, decode_bytes, read_bytes
 from fedtune.errors import DataError
 
 DEFAULT_CATEGORY = "all"
@@ -114,7 +114,7 @@ def read_records(p: Path, encoding: str = "auto") -> list[dict[str, Any]]:
             return [dict(r) for r in pd.read_parquet(p).to_dict("records")]
         except Exception as e:  # pyarrow errors: a malformed user file
             raise DataError(f"{p}: cannot parse as parquet ({e}); fix the file") from e
-    text = decode_bytes(_read_bytes(p), encoding, str(p))
+    text = decode_bytes(read_bytes(p), encoding, str(p))
     if not text.strip():
         raise DataError(f"{p}: empty dataset (the file is empty); check the file")
     if suffix in (".csv", ".tsv"):
@@ -213,19 +213,20 @@ def records_to_examples(
         if chat:
             text, context, response = _from_messages(row.get("messages"), unit)
         else:
-            text, context = _cell(row.get(ins)), _cell(row.get(ctx)) if ctx else ""
+            text, context = cell_text(row.get(ins)), cell_text(row.get(ctx)) if ctx else ""
             response = _answer_text(row.get(resp))
             if not text:
                 raise DataError(f"{unit}: empty instruction in column {ins!r}; fix or remove it")
             if not response:
                 raise DataError(f"{unit}: empty response in column {resp!r}; fix or remove it")
-        site = _cell(row.get(cfg.site_column)) if cfg.site_column else ""
+        site = cell_text(row.get(cfg.site_column)) if cfg.site_column else ""
         if cfg.site_column and not site:
             raise DataError(f"{unit}: empty site in column {cfg.site_column!r}; fill it or "
                             "remove the record")
         out.append(Example(
-            text, (_cell(row.get(cat)) if cat else "") or DEFAULT_CATEGORY, f"{name}:{i}",
-            site, context, response, _cell(row.get(cfg.group_column)) if cfg.group_column else "",
+            text, (cell_text(row.get(cat)) if cat else "") or DEFAULT_CATEGORY, f"{name}:{i}",
+            site, context, response,
+            cell_text(row.get(cfg.group_column)) if cfg.group_column else "",
         ))  # fmt: skip
     return out
 
@@ -236,7 +237,7 @@ def _answer_text(value: Any) -> str:
         return ", ".join(_answer_text(v) for v in value if _answer_text(v))
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
-    return _cell(value)
+    return cell_text(value)
 
 
 def _from_messages(messages: Any, unit: str) -> tuple[str, str, str]:
@@ -250,7 +251,7 @@ def _from_messages(messages: Any, unit: str) -> tuple[str, str, str]:
         raise DataError(
             f"{unit}: `messages` must be a list of {{role, content}} objects; fix the record"
         )
-    turns = [(str(m["role"]), _cell(m["content"])) for m in messages]
+    turns = [(str(m["role"]), cell_text(m["content"])) for m in messages]
     last = max((i for i, (r, _) in enumerate(turns) if r == "assistant"), default=-1)
     if last < 1 or turns[last - 1][0] != "user" or not turns[last][1]:
         raise DataError(
@@ -293,7 +294,7 @@ def config_fields(cfg: DataConfig) -> dict[str, Any]:
 
 def _tatqa_rows(f: Path) -> list[dict[str, Any]]:
     try:
-        reports = json.loads(decode_bytes(_read_bytes(f), "utf-8", str(f)))
+        reports = json.loads(decode_bytes(read_bytes(f), "utf-8", str(f)))
     except json.JSONDecodeError as e:
         raise DataError(f"{f}: line {e.lineno}: not valid JSON ({e.msg}); download it again") from e
     rows = []
@@ -301,7 +302,7 @@ def _tatqa_rows(f: Path) -> list[dict[str, Any]]:
         try:
             table = report["table"]
             context = "\n".join(
-                ["Table:"] + [" | ".join(_cell(c) for c in row) for row in table["table"]]
+                ["Table:"] + [" | ".join(cell_text(c) for c in row) for row in table["table"]]
                 + [""] + [p["text"] for p in sorted(report["paragraphs"], key=lambda p: p["order"])]
             )  # fmt: skip
             for q in report["questions"]:

@@ -36,7 +36,7 @@ from fedtune.data.instructions import (
     dataset_files,
     table_rows,
 )
-from fedtune.data.sources import Example, _cell, decode_bytes
+from fedtune.data.sources import Example, cell_text, decode_bytes
 from fedtune.errors import DataError
 
 ASSISTANT = "\n\nAssistant:"
@@ -139,13 +139,13 @@ def records_to_pairs(
         if good == bad and not prompts_only:
             continue  # the same answer twice: no preference to learn
         # One empty side is kept: an empty reply (HH has some) can be the worse one.
-        site = _cell(row.get(cfg.site_column)) if cfg.site_column else ""
+        site = cell_text(row.get(cfg.site_column)) if cfg.site_column else ""
         if cfg.site_column and not site:
             raise DataError(f"{unit}: empty site in column {cfg.site_column!r}; fill it or "
                             "remove the record")  # fmt: skip
-        group = _cell(row.get(cfg.group_column)) if cfg.group_column else f"{context}\x00{text}"
+        group = cell_text(row.get(cfg.group_column)) if cfg.group_column else f"{context}\x00{text}"
         out.append(Example(
-            text, (_cell(row.get(cat)) if cat else "") or DEFAULT_CATEGORY, f"{name}:{i}",
+            text, (cell_text(row.get(cat)) if cat else "") or DEFAULT_CATEGORY, f"{name}:{i}",
             site, context, good, group, bad,
         ))  # fmt: skip
     if not out:
@@ -158,7 +158,7 @@ def _messages(value: Any) -> list[tuple[str, str]] | None:
     if hasattr(value, "tolist"):  # parquet hands over numpy arrays
         value = value.tolist()
     if isinstance(value, list) and all(isinstance(m, dict) and "role" in m for m in value):
-        return [(str(m["role"]), _cell(m.get("content"))) for m in value]
+        return [(str(m["role"]), cell_text(m.get("content"))) for m in value]
     return None
 
 
@@ -167,7 +167,7 @@ def _prompt_turns(value: Any, unit: str) -> tuple[str, str]:
     HH transcript ending with its open "Assistant:" turn."""
     turns = _messages(value)
     if turns is None:
-        text = value if isinstance(value, str) else _cell(value)
+        text = value if isinstance(value, str) else cell_text(value)
         if HUMAN.strip() in text:
             return _dialogue(text.removesuffix(ASSISTANT).removesuffix(ASSISTANT.strip()), unit)
         if not text.strip():
@@ -184,7 +184,7 @@ def _response(value: Any, unit: str) -> str:
     """A response cell: text, or the last assistant turn of a chat list."""
     turns = _messages(value)
     if turns is None:
-        return value.strip() if isinstance(value, str) else _cell(value)
+        return value.strip() if isinstance(value, str) else cell_text(value)
     answers = [c for r, c in turns if r == "assistant"]
     if not answers:
         raise DataError(f"{unit}: a response's messages hold no assistant turn; fix the record")

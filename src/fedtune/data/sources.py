@@ -150,11 +150,12 @@ def load_fpb(
         )
     if p.suffix.lower() == ".zip":
         return _load_fpb_zip(p, member, encoding)
-    text = decode_bytes(_read_bytes(p), encoding, str(p))
+    text = decode_bytes(read_bytes(p), encoding, str(p))
     return parse_fpb(text, str(p), p.name)
 
 
-def _read_bytes(p: Path) -> bytes:
+def read_bytes(p: Path) -> bytes:
+    """The file's bytes; an unreadable file is a DataError that names it."""
     try:
         return p.read_bytes()
     except OSError as e:
@@ -234,7 +235,7 @@ def load_table(
         if suffix == ".parquet":
             df = pd.read_parquet(p)
         else:
-            text = decode_bytes(_read_bytes(p), encoding, str(p))
+            text = decode_bytes(read_bytes(p), encoding, str(p))
             if not text.strip():
                 raise DataError(f"{p}: empty dataset (the file is empty); check the file")
             if suffix in (".csv", ".tsv"):
@@ -256,12 +257,12 @@ def load_table(
     out: list[Example] = []
     for i, (t, lab) in enumerate(zip(df[text_column], df[label_column], strict=True)):
         row = i + first_row
-        text_s, label_s = _cell(t), _cell(lab)
+        text_s, label_s = cell_text(t), cell_text(lab)
         if not text_s:
             raise DataError(f"{p}: {unit} {row}: empty text in column {text_column!r}")
         if not label_s:
             raise DataError(f"{p}: {unit} {row}: empty label in column {label_column!r}")
-        site = _cell(df[site_column].iloc[i]) if site_column else ""
+        site = cell_text(df[site_column].iloc[i]) if site_column else ""
         if site_column and not site:
             raise DataError(f"{p}: {unit} {row}: empty site in column {site_column!r}")
         out.append(Example(text_s, label_s, f"{p.name}:{row}", site))
@@ -284,7 +285,7 @@ def checked_table(path: str | Path) -> Path:
     return p
 
 
-def _cell(value: Any) -> str:
+def cell_text(value: Any) -> str:
     """A table cell as stripped text; missing values (None, NaN, pd.NA) become ''."""
     import pandas as pd
 
@@ -338,8 +339,8 @@ def load_hf(
                 )
             label_s = names[lab]
         else:
-            label_s = _cell(lab)
-        text_s = _cell(t)
+            label_s = cell_text(lab)
+        text_s = cell_text(t)
         if not text_s:
             raise DataError(f"{origin}: empty text in column {text_column!r}")
         if not label_s:

@@ -63,7 +63,9 @@ def federates(method: str, task: str) -> bool:
     return cls is None or cls.federates
 
 
-def _epochs_budget(fed: FederatedConfig) -> float:
+def epochs_budget(fed: FederatedConfig) -> float:
+    """The federated run's training budget in epochs of a site's data (rounds x local
+    epochs): what centralized and local-only runs get in `fedtune compare`."""
     if fed.local_steps:
         raise ConfigError(
             "compare needs the budget in epochs: set federated.local_epochs and leave "
@@ -125,7 +127,7 @@ def run_regimes(
     shown = shown_as or out
     methods = methods or [cfg.method_name]
     method_cfgs = method_configs(cfg, methods, method_overrides)
-    _epochs_budget(cfg.federated)
+    epochs_budget(cfg.federated)
     build_strategy(cfg.federated, cfg.method.lr, cfg.method_name)
     splits = make_splits(cfg.data)
     partition = partition_examples(splits.train, splits.labels, cfg.federated, cfg.seed)
@@ -142,7 +144,7 @@ def run_regimes(
             mname = dataclasses.replace(cfg, method=mcfg).method_name
             fcfg = dataclasses.replace(cfg.federated, **(federated_overrides or {}).get(mname, {}))
             tcfg = dataclasses.replace(
-                cfg.train, epochs=_epochs_budget(fcfg), max_steps=0,
+                cfg.train, epochs=epochs_budget(fcfg), max_steps=0,
                 **(train_overrides or {}).get(mname, {}),
             )  # fmt: skip
             base = dataclasses.replace(cfg, method=mcfg, train=tcfg, federated=fcfg,
@@ -503,7 +505,7 @@ def _ranking(rows: list[dict[str, Any]], out: Path) -> list[str]:
 def _samples_side_by_side(rows: list[dict[str, Any]]) -> list[str]:
     """Generation: the first test answers of every regime next to the reference, one
     table per method (every run is tested on the same examples in the same order)."""
-    from fedtune.report import _cell
+    from fedtune.report import table_cell
 
     lines: list[str] = []
     for method in dict.fromkeys(r["method"] for r in rows):
@@ -517,9 +519,9 @@ def _samples_side_by_side(rows: list[dict[str, Any]]) -> list[str]:
         for i, first in enumerate(runs[0]["samples"]):
             answers = [r["samples"][i]["prediction"] if i < len(r["samples"]) else ""
                        for r in runs]  # fmt: skip
-            lines.append(f"| {_cell(first['instruction'], 200)} "
-                         f"| {_cell(first['reference'], 200)} | "
-                         + " | ".join(_cell(a, 200) for a in answers) + " |")  # fmt: skip
+            lines.append(f"| {table_cell(first['instruction'], 200)} "
+                         f"| {table_cell(first['reference'], 200)} | "
+                         + " | ".join(table_cell(a, 200) for a in answers) + " |")  # fmt: skip
         lines.append("")
     return lines
 

@@ -30,14 +30,14 @@ from rich.markdown import Markdown
 from fedtune.config import REGIMES, RunConfig
 from fedtune.errors import ConfigError, FedtuneError
 from fedtune.federated.compare import (
-    _epochs_budget,
     comparison_rows,
+    epochs_budget,
     val_curve,
     write_regimes_report,
     write_seeds_report,
 )
 from fedtune.regimes import describe_data
-from fedtune.report import _cell
+from fedtune.report import table_cell
 from fedtune.runs import (
     COMPARISON_FILE,
     CONFIG_FILE,
@@ -231,7 +231,7 @@ def _budget(row: dict[str, Any]) -> float:
     """Epochs of training a run was given: rounds x local epochs for a federated run,
     `train.epochs` for the others (which `fedtune compare` set to that product)."""
     cfg: RunConfig = row["_cfg"]
-    return _epochs_budget(cfg.federated) if row["regime"] == "federated" else cfg.train.epochs
+    return epochs_budget(cfg.federated) if row["regime"] == "federated" else cfg.train.epochs
 
 
 def _ordered(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -267,8 +267,9 @@ def _differences(rows: list[dict[str, Any]]) -> list[str]:
                 for k in sorted(mine.keys() | ref.keys())
                 if k not in skip and mine.get(k) != ref.get(k)
                 and (r["regime"] == "federated" or not k.startswith("federated."))]  # fmt: skip
-        lines.append(f"| {r['method']} | {r['regime']} | {r['site']} | {_cell(str(r['_run']))} "
-                     f"| {_cell('; '.join(diff)) or '-'} |")  # fmt: skip
+        lines.append(f"| {r['method']} | {r['regime']} | {r['site']} "
+                     f"| {table_cell(str(r['_run']))} "
+                     f"| {table_cell('; '.join(diff)) or '-'} |")  # fmt: skip
     return [*lines, ""]
 
 
