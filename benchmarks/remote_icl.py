@@ -64,6 +64,10 @@ def main() -> None:
     p.add_argument("--python", default=sys.executable, help="Python with the server installed")
     p.add_argument("--threads", type=int, default=0, help="server CPU threads")
     p.add_argument("--shots", default="0,4")
+    p.add_argument("--selection", default="random", choices=("random", "similar"),
+                   help="method.selection: which demonstrations")
+    p.add_argument("--max-tokens", type=int, default=8,
+                   help="method.max_tokens: the answer's length limit (remote)")
     p.add_argument("--test", type=int, default=150)
     p.add_argument("--seed", type=int, default=42)
     args = p.parse_args()
@@ -86,15 +90,18 @@ def main() -> None:
         ready = wait_ready(url, proc)
         print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
               f"server: {server} ({gguf.name}), ready in {ready:.1f} s (log {log}); FPB all-agree, "
-              f"{len(texts)} test sentences (stratified, seed {args.seed})")  # fmt: skip
+              f"{len(texts)} test sentences (stratified, seed {args.seed}); {args.selection} "
+              f"demonstrations; remote answers of at most {args.max_tokens} tokens")  # fmt: skip
         print()
         print("| shots | backend | accuracy | macro-F1 | no label | sentences/s | same as local |")
         print("|---|---|---|---|---|---|---|")
         for shots in (int(s) for s in args.shots.split(",")):
             preds = {}
             for backend in ("local", "remote"):
-                extra = {"base_url": url, "api_model": alias, "retries": 1, "timeout": 120.0}
+                extra = {"base_url": url, "api_model": alias, "retries": 1, "timeout": 120.0,
+                         "max_tokens": args.max_tokens}
                 cfg = IclConfig(shots=shots, backend=backend, model=args.model,
+                                selection=args.selection,
                                 **(extra if backend == "remote" else {}))  # fmt: skip
                 method = ICL(cfg, ModelConfig(name=args.model), labels, seed=args.seed)
                 method.fit(splits.train)
