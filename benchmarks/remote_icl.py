@@ -66,7 +66,7 @@ def main() -> None:
     p.add_argument("--shots", default="0,4")
     p.add_argument("--selection", default="random", choices=("random", "similar"),
                    help="method.selection: which demonstrations")
-    p.add_argument("--max-tokens", type=int, default=8,
+    p.add_argument("--max-tokens", type=int, default=16,
                    help="method.max_tokens: the answer's length limit (remote)")
     p.add_argument("--test", type=int, default=150)
     p.add_argument("--seed", type=int, default=42)
