@@ -86,6 +86,8 @@ def _imports(python: str, code: str) -> bool:
     try:
         probe = subprocess.run([python, "-c", code], capture_output=True, timeout=120)
         return probe.returncode == 0
+    except subprocess.TimeoutExpired:  # an import that hangs cannot serve either
+        return False
     except OSError as e:
         raise ModelError(f"--python {python} cannot be run ({e}); pass a Python executable") from e
 
