@@ -24,7 +24,6 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from fedtune.errors import ModelError
 
@@ -32,8 +31,8 @@ LLAMA_CPP_VERSION = "0.3.36"
 """The llama-cpp-python release this was tested with (docs/benchmarks.md)."""
 INSTALL = f"pip install 'llama-cpp-python[server]=={LLAMA_CPP_VERSION}'"
 
-Server = Literal["auto", "llama-cpp", "transformers"]
 SERVERS: tuple[str, ...] = ("auto", "llama-cpp", "transformers")
+"""`--server` values; `auto` = llama-cpp where installed, else transformers."""
 
 
 def transformers_install() -> str:
