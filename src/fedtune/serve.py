@@ -148,6 +148,6 @@ def check_server_installed(python: str) -> None:
         here = "this environment" if python == sys.executable else python
         raise ModelError(
             f"llama-cpp-python's server is not installed in {here}: run `{INSTALL}` there "
-            "(it builds llama.cpp from source, about 20 minutes on 2 CPU cores), or pass "
+            "(it builds llama.cpp from source: 84 min measured on 2 busy CPU cores), or pass "
             "--python of an environment that has it"
         )
