@@ -33,7 +33,7 @@ from sklearn.metrics import f1_score
 
 from fedtune.config import ModelConfig
 from fedtune.methods.icl import ICL, IclConfig
-from fedtune.serve import SERVERS, choose_server, gguf_of, llama_cpp_command, transformers_command
+from fedtune.serve import SERVERS, choose_server, gguf_of, server_command
 
 
 def free_port() -> int:
@@ -78,11 +78,7 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}/v1"
     log = Path(tempfile.mkdtemp(prefix="fedtune-serve-")) / "server.log"
     server = choose_server(args.server, args.python)
-    cmd = (
-        llama_cpp_command(args.python, gguf, alias, "127.0.0.1", port, 2048, args.threads)
-        if server == "llama-cpp"
-        else transformers_command(args.python, gguf, alias, "127.0.0.1", port, args.threads)
-    )
+    cmd = server_command(server, args.python, gguf, alias, "127.0.0.1", port, 2048, args.threads)
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd.argv, cwd=cmd.cwd, env=cmd.environment(), stdout=out,
                                 stderr=subprocess.STDOUT)  # fmt: skip

@@ -174,16 +174,12 @@ def models_serve_cmd(
     """Serve a GGUF decoder on an OpenAI-compatible endpoint (transformers' or
     llama-cpp-python's server, installed separately: docs/models.md) for remote ICL and
     `fedtune ask`."""
-    from fedtune.serve import choose_server, gguf_of, llama_cpp_command, transformers_command
+    from fedtune.serve import choose_server, gguf_of, server_command
 
     try:
         gguf, alias = gguf_of(model)
         chosen = choose_server(server, python)
-        cmd = (
-            llama_cpp_command(python, gguf, alias, host, port, context, threads)
-            if chosen == "llama-cpp"
-            else transformers_command(python, gguf, alias, host, port, threads)
-        )
+        cmd = server_command(chosen, python, gguf, alias, host, port, context, threads)
     except FedtuneError as e:
         _fail(e)
     url = f"http://{host}:{port}/v1"

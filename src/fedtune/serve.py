@@ -141,6 +141,16 @@ def transformers_command(
     return ServerCommand(argv, where, env)
 
 
+def server_command(
+    server: str, python: str, gguf: Path, alias: str, host: str, port: int, context: int,
+    threads: int,
+) -> ServerCommand:
+    """The command of `server` (`llama-cpp` or `transformers`, from `choose_server`)."""
+    if server == "llama-cpp":
+        return llama_cpp_command(python, gguf, alias, host, port, context, threads)
+    return transformers_command(python, gguf, alias, host, port, threads)
+
+
 def check_server_installed(python: str) -> None:
     """Refuse, naming the install command, when `python` cannot import llama-cpp-python's
     server."""
