@@ -15,6 +15,8 @@ the queue is empty, asks the `responder` (request JSON -> content string, or an
 action tuple). Actions:
 
     ("ok", content)                   200 with a chat completion whose message is `content`
+    ("logprobs", {token: logprob})    200 with a one-token completion (the most likely
+                                      token) and those as its top_logprobs
     ("status", code[, headers[, body]])  that status; body default: an OpenAI error JSON
     ("sleep", seconds[, content])     wait, then answer `content` (default: the responder);
                                       makes client timeouts happen
@@ -75,6 +77,19 @@ def completion(content: str, model: str = "stub-model") -> dict[str, Any]:
     }
 
 
+def logprob_completion(top: dict[str, float], model: str = "stub-model") -> dict[str, Any]:
+    """A one-token chat completion carrying `top` as the token's top_logprobs, in the
+    OpenAI schema (vLLM and llama.cpp's server answer the same way)."""
+    best = max(top, key=top.__getitem__)
+    body = completion(best, model)
+    entries = [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in top.items()]
+    first = {"token": best, "logprob": top[best], "bytes": list(best.encode()),
+             "top_logprobs": entries}  # fmt: skip
+    body["choices"][0]["logprobs"] = {"content": [first]}
+    body["choices"][0]["finish_reason"] = "length"
+    return body
+
+
 def error_body(code: int, message: str = "") -> dict[str, Any]:
     """An error response body in the OpenAI schema."""
     return {
@@ -132,6 +147,8 @@ class _Handler(BaseHTTPRequestHandler):
         kind = action[0]
         if kind == "ok":
             self._send_json(200, completion(str(action[1]), stub.model))
+        elif kind == "logprobs":
+            self._send_json(200, logprob_completion(dict(action[1]), stub.model))
         elif kind == "status":
             code = int(action[1])
             headers = action[2] if len(action) > 2 else {}

@@ -348,11 +348,13 @@ def test_remote_icl_against_transformers_serve_a_real_openai_compatible_server(
     import socket
     import subprocess
     import time
+    from dataclasses import replace
 
     import httpx
     from transformers.utils.import_utils import is_serve_available
 
     from fedtune.data import Example
+    from fedtune.errors import EndpointError
     from fedtune.methods.icl import ICL, IclConfig
     from fedtune.remote import ChatClient, Endpoint
 
@@ -392,6 +394,13 @@ def test_remote_icl_against_transformers_serve_a_real_openai_compatible_server(
         decided = (scores.max(-1) > np.sort(scores, -1)[:, -2]).sum()
         assert scores.shape == (len(TEXTS), 3)
         assert decided == round((1 - share) * len(TEXTS))
+        # transformers serve ignores logprobs/top_logprobs: label scores from them are
+        # refused with the fallback named, not read as empty.
+        cfg = replace(cfg, remote_scoring="logprobs")
+        method = ICL(cfg, ModelConfig(name="tiny"), LABELS, seed=0).fit(train)
+        with pytest.raises(EndpointError, match=r"without choices\[0\]\.logprobs.*"
+                           r'remote_scoring = "text"'):  # fmt: skip
+            method.predict_scores(TEXTS[:1])
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -4,6 +4,7 @@ remote backend against the OpenAI stub, and save -> load_frozen (offline, fast).
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -310,8 +311,10 @@ def test_calibrated_scores_divide_by_the_content_free_prior(
 
 
 def test_calibration_refusals(tiny_models: dict[str, str]) -> None:
-    with pytest.raises(ConfigError, match="remote"):
+    with pytest.raises(ConfigError, match='remote_scoring = "logprobs"'):
         remote("http://127.0.0.1:9/v1", calibrate=True)
+    with pytest.raises(ConfigError, match="top_logprobs = 21"):
+        remote("http://127.0.0.1:9/v1", remote_scoring="logprobs", top_logprobs=21)
     with pytest.raises(ConfigError, match="content_free"):
         make(tiny_models["gpt2"], calibrate=True, content_free=())
     with pytest.raises(ConfigError, match="calibrate = true"):
@@ -484,6 +487,78 @@ def test_remote_counts_unparseable_answers() -> None:
     np.testing.assert_array_equal(scores[:2], 0.0)  # uniform: no label preferred
     assert metrics.accuracy == pytest.approx(4 / 6)
     assert m.notes[0] == "icl: 2 of 6 remote answers named no label (unparseable; counted as wrong)"
+
+
+def logprob_answer(body: dict[str, Any]) -> tuple[str, dict[str, float]]:
+    """Top log-probabilities of a first answer token: the gold label's word leads a
+    real query, a content-free query leans toward positive."""
+    query = query_of(body)
+    if query in ("N/A", ""):
+        return ("logprobs", {"Positive": math.log(0.6), "Neutral": math.log(0.3),
+                             "Negative": math.log(0.1)})  # fmt: skip
+    gold = GOLD.get(query, "neutral")
+    top = {"The": math.log(0.1), "ne": math.log(0.05)}  # no label / two labels
+    for label in LABELS:  # the gold word at 0.5, the others 0.15 and positive +0.1
+        top[" " + label.capitalize()] = math.log(0.5 if label == gold else 0.15)
+    top["pos"] = math.log(0.1)
+    return ("logprobs", top)
+
+
+def test_remote_logprobs_score_label_words() -> None:
+    """remote_scoring = "logprobs": one token per request, its top_logprobs scored as
+    label words (fedtune.remote.label_logprobs); answers are never parsed."""
+    with OpenAIStub(responder=logprob_answer) as stub:
+        m = remote(stub.url, shots=2, remote_scoring="logprobs", top_logprobs=7).fit(TRAIN)
+        scores = m.predict_scores(TEXTS)
+        body = stub.chat_requests[0].body
+    assert body["max_tokens"] == 1 and body["logprobs"] is True and body["top_logprobs"] == 7
+    assert len(stub.chat_requests) == len(TEXTS)  # no calibration: one request a text
+    for row, y in zip(scores, Y, strict=True):
+        want = np.log([0.5 if k == y else 0.15 for k in range(3)]) + np.log([1, 1, 1.0])
+        want[2] = np.logaddexp(want[2], np.log(0.1))  # "pos" begins positive too
+        np.testing.assert_allclose(row, want, rtol=1e-5)
+    assert m.extra_metrics["unparseable_share"] == 0.0 and m.notes == []
+
+
+def test_remote_logprobs_calibrated_like_the_local_backend() -> None:
+    """Contextual calibration over the server's label scores: each content-free query
+    is sent once (zero-shot) and divides every row's label probabilities, as
+    contextual_calibration does locally; prior = "train" then aims at the training
+    labels' frequencies."""
+    with OpenAIStub(responder=logprob_answer) as stub:
+        raw = remote(stub.url, shots=0, remote_scoring="logprobs").predict_scores(TEXTS)
+        n = len(stub.chat_requests)
+        m = remote(stub.url, shots=0, remote_scoring="logprobs", calibrate=True,
+                   content_free=("N/A", "")).fit(TRAIN)  # fmt: skip
+        got = m.predict_scores(TEXTS)
+        assert len(stub.chat_requests) - n == len(TEXTS) + 2
+        prior = np.log([[0.1, 0.3, 0.6]] * 2)
+        np.testing.assert_allclose(got, contextual_calibration(raw, prior, [[0, 1]] * 6),
+                                   atol=1e-6)  # fmt: skip
+        toward = remote(stub.url, shots=0, remote_scoring="logprobs", calibrate=True,
+                        content_free=("N/A", ""), prior="train").fit(TRAIN)  # fmt: skip
+        counts = np.bincount([LABELS.index(e.label) for e in TRAIN], minlength=3) + 1.0
+        np.testing.assert_allclose(toward.predict_scores(TEXTS),
+                                   got + np.log(counts / counts.sum()), atol=1e-5)  # fmt: skip
+    assert [LABELS[k] for k in raw.argmax(-1)] == [LABELS[y] for y in Y]
+    # Divided by the content-free prior (positive 0.6), a positive sentence's 0.6
+    # (0.5 + "pos" 0.1) weighs 1.0 against negative's 0.15 / 0.1 = 1.5.
+    positive = [i for i, y in enumerate(Y) if LABELS[y] == "positive"]
+    assert positive and all(LABELS[got[i].argmax()] == "negative" for i in positive)
+
+
+def test_remote_logprobs_without_a_label_are_counted() -> None:
+    def answer(body: dict[str, Any]) -> str | tuple[str, dict[str, float]]:
+        if query_of(body) in TEXTS[:2]:
+            return ("logprobs", {"I": -0.3, "The": -1.4})
+        return logprob_answer(body)
+
+    with OpenAIStub(responder=answer) as stub:
+        m = remote(stub.url, shots=0, remote_scoring="logprobs")
+        assert m.predict(TEXTS[:3]) == ["", "", LABELS[Y[2]]]
+    assert m.extra_metrics["unparseable_share"] == pytest.approx(2 / 3)
+    assert m.notes == ["icl: 2 of 3 remote answers put no label word among their top "
+                       "log-probabilities"]  # fmt: skip
 
 
 def test_remote_retries_then_fails_clearly() -> None:

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from openai_stub import OpenAIStub, closed_port_url
 
 from fedtune.errors import EndpointError
-from fedtune.remote import ChatClient, Endpoint, parse_label
+from fedtune.remote import ChatClient, Endpoint, label_logprobs, parse_label
 
 MSGS = [{"role": "user", "content": "Sentiment of: profit rose?"}]
 LABELS = ("negative", "neutral", "positive")
@@ -307,3 +309,51 @@ def test_parse_label_overlapping_and_underscores() -> None:
     assert parse_label("very positive news", labels) == "very positive"
     assert parse_label("This is very positive.", labels) == "very positive"
     assert parse_label("Not equivalent", labels) == "not_equivalent"
+
+
+# -- label scores from top log-probabilities -----------------------------------------
+
+
+def test_first_token_logprobs_request_and_merge(stub: OpenAIStub) -> None:
+    stub.push(("logprobs", {"Positive": -0.5, " positive": -2.0, "The": -1.5}))
+    with ChatClient(fast(stub.url)) as client:
+        top = client.first_token_logprobs(MSGS, top=5)
+    assert top == {"Positive": -0.5, " positive": -2.0, "The": -1.5}
+    assert stub.requests[0].body == {
+        "model": "stub-model", "messages": MSGS, "max_tokens": 1, "temperature": 0.0,
+        "logprobs": True, "top_logprobs": 5,
+    }  # fmt: skip
+    # Two token ids decoding to the same text: their probabilities add up.
+    body = {"choices": [{"logprobs": {"content": [{"top_logprobs": [
+        {"token": "Neg", "logprob": math.log(0.2)}, {"token": "Neg", "logprob": math.log(0.3)},
+    ]}]}}]}  # fmt: skip
+    stub.push(("json", body))
+    with ChatClient(fast(stub.url)) as client:
+        assert client.first_token_logprobs(MSGS) == {"Neg": pytest.approx(math.log(0.5))}
+
+
+def test_label_logprobs_sums_tokens_that_begin_a_label_word() -> None:
+    top = {"Positive": math.log(0.4), " positive": math.log(0.1), "POS": math.log(0.05),
+           "ne": math.log(0.2), "The": math.log(0.15), "Neutral": math.log(0.02)}  # fmt: skip
+    scores = label_logprobs(top, LABELS)
+    floor = math.log(0.02) - math.log(2)  # negative: not listed ("ne" is ambiguous)
+    np.testing.assert_allclose(scores, [floor, math.log(0.02), math.log(0.55)], rtol=1e-6)
+    # No label word begins with any listed token: all at the floor, no label preferred.
+    none = label_logprobs({"The": -0.1, "I": -3.0}, LABELS)
+    assert np.ptp(none) == 0 and none[0] == pytest.approx(-3.0 - math.log(2))
+    # Label words, not label names, are what the tokens begin.
+    words = label_logprobs({"bad": -0.2, "good": -1.0}, ("bad", "so-so", "good"))
+    assert words.argmax() == 0 and words[2] == pytest.approx(-1.0)
+
+
+def test_logprobs_refused_or_ignored_names_the_text_fallback(stub: OpenAIStub) -> None:
+    # A server may refuse the fields (400) or ignore them (transformers serve 5.24).
+    stub.push(("status", 400, {}, {"detail": "Unsupported fields in the request: {'logprobs'}"}))
+    stub.push(("ok", "Positive"))
+    with ChatClient(fast(stub.url)) as client:
+        with pytest.raises(EndpointError, match=r"HTTP 400.*logprobs.*remote_scoring = \"text\""):
+            client.first_token_logprobs(MSGS)
+        with pytest.raises(EndpointError, match=r"without choices\[0\]\.logprobs.*remote_scoring"):
+            client.first_token_logprobs(MSGS)
+        assert client.stats["failures"] == 2
+    assert len(stub.requests) == 2  # neither is retried

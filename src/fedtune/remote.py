@@ -10,6 +10,13 @@ protocol, so one small synchronous client covers them:
         answer = chat.complete([{"role": "user", "content": "..."}], max_tokens=4)
     label = parse_label(answer, ("negative", "neutral", "positive"))
 
+Where the server returns log-probabilities, `first_token_logprobs` and
+`label_logprobs` score label words instead of parsing an answer:
+
+    with ChatClient(endpoint) as chat:
+        top = chat.first_token_logprobs(messages, top=20)
+    scores = label_logprobs(top, ("negative", "neutral", "positive"))   # [3]
+
 Failures become `EndpointError`s that name the URL, what went wrong and the fix.
 Transient failures (connection errors, timeouts, 408/409/429/5xx) are retried with
 bounded exponential backoff; request errors (400/401/403/404/422) fail at once, since
@@ -19,6 +26,7 @@ repeating the same request cannot fix them.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import string
@@ -28,6 +36,7 @@ from types import TracebackType
 from typing import Any
 
 import httpx
+import numpy as np
 
 from fedtune.errors import EndpointError
 
@@ -170,12 +179,45 @@ class ChatClient:
         if stop:
             payload["stop"] = stop
         try:
-            return self._post(payload)
+            return _content(*self._post(payload))
         except EndpointError:
             self.stats["failures"] += 1
             raise
 
-    def _post(self, payload: dict[str, Any]) -> str:
+    def first_token_logprobs(
+        self, messages: list[dict[str, str]], *, top: int = 20
+    ) -> dict[str, float]:
+        """The `top` most likely first tokens of the assistant's answer and their
+        log-probabilities (`logprobs` / `top_logprobs` of the chat-completions API: OpenAI,
+        vLLM, llama.cpp's server). One token is generated, greedily. Tokens that decode
+        to the same text are merged (their probabilities added).
+
+        Raises EndpointError as `complete` does, and when the server refuses the
+        fields (HTTP 400/422) or answers without log-probabilities (`transformers
+        serve` 5.24 ignores the fields): the message names `method.remote_scoring =
+        "text"` as the fix.
+        """
+        payload: dict[str, Any] = {
+            "model": self.endpoint.model,
+            "messages": messages,
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "logprobs": True,
+            "top_logprobs": top,
+        }
+        hint = (
+            "; the server may not give log-probabilities (the logprobs and top_logprobs "
+            'fields): set method.remote_scoring = "text" to parse answers instead'
+        )
+        try:
+            return _top_logprobs(*self._post(payload, hint), hint)
+        except EndpointError:
+            self.stats["failures"] += 1
+            raise
+
+    def _post(self, payload: dict[str, Any], request_hint: str = "") -> tuple[str, httpx.Response]:
+        """POST with retries -> (url, the successful response). `request_hint` is added
+        to the message of a request error (400/422)."""
         ep = self.endpoint
         url = ep.url
         headers = {"Accept": "application/json"}
@@ -203,9 +245,10 @@ class ChatClient:
                 hint = "Is the server running? Check method.base_url (--base-url)"
             else:
                 if resp.is_success:
-                    return _content(url, resp)
+                    return url, resp
                 if resp.status_code not in RETRY_STATUSES:
-                    raise EndpointError(_fatal_message(ep, resp))
+                    extra = request_hint if resp.status_code in (400, 422) else ""
+                    raise EndpointError(_fatal_message(ep, resp) + extra)
                 last = f"HTTP {resp.status_code}: {_excerpt(resp)}"
                 hint = (
                     "The server is rate-limiting requests; lower the request rate"
@@ -229,14 +272,7 @@ class ChatClient:
 
 def _content(url: str, resp: httpx.Response) -> str:
     """choices[0].message.content of a successful response, or EndpointError."""
-    try:
-        data = resp.json()
-    except ValueError:
-        raise EndpointError(
-            f"{url} answered HTTP {resp.status_code} with a body that is not JSON: "
-            f"{_excerpt(resp)}. Is method.base_url (--base-url) an OpenAI-compatible API "
-            "(usually ending in /v1)?"
-        ) from None
+    data = _json(url, resp)
     try:
         content = data["choices"][0]["message"]["content"]
     except (KeyError, IndexError, TypeError):
@@ -255,6 +291,63 @@ def _content(url: str, resp: httpx.Response) -> str:
             f"{_excerpt(resp)}"
         )
     return content
+
+
+def _json(url: str, resp: httpx.Response) -> Any:
+    try:
+        return resp.json()
+    except ValueError:
+        raise EndpointError(
+            f"{url} answered HTTP {resp.status_code} with a body that is not JSON: "
+            f"{_excerpt(resp)}. Is method.base_url (--base-url) an OpenAI-compatible API "
+            "(usually ending in /v1)?"
+        ) from None
+
+
+def _top_logprobs(url: str, resp: httpx.Response, hint: str) -> dict[str, float]:
+    """choices[0].logprobs.content[0].top_logprobs of a response as {token text:
+    log-probability}, or EndpointError."""
+    data = _json(url, resp)
+    try:
+        entries = data["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+        pairs = [(str(e["token"]), float(e["logprob"])) for e in entries]
+    except (KeyError, IndexError, TypeError, ValueError):
+        raise EndpointError(
+            f"{url} answered HTTP {resp.status_code} without "
+            f"choices[0].logprobs.content[0].top_logprobs: {_excerpt(resp)}{hint}"
+        ) from None
+    if not pairs:
+        raise EndpointError(f"{url} returned an empty top_logprobs list{hint}")
+    out: dict[str, float] = {}
+    for token, logprob in pairs:
+        out[token] = float(np.logaddexp(out[token], logprob)) if token in out else logprob
+    return out
+
+
+def label_logprobs(top: dict[str, float], words: tuple[str, ...]) -> np.ndarray:
+    """Label scores [K] from the first answer token's top log-probabilities: each label
+    gets the log of the summed probability of the listed tokens that begin its label
+    word (case, surrounding spaces and punctuation ignored: "Neg", " negative" and
+    "NEGATIVE" all begin "negative"). A token that begins several words ("ne" for
+    negative and neutral) counts for none. A label with no listed token gets the
+    smallest listed log-probability minus ln 2: its probability is at most that one's,
+    and a label that is listed stays ahead of one that is not. When no label is listed
+    every score is that floor (no label preferred: counted as unparseable).
+
+    Written here because the label words of a classifier are scored from a server's
+    top-k list, which no client library does (lm-evaluation-harness scores whole
+    continuations, which chat-completions servers cannot)."""
+    names = [_norm(w) for w in words]
+    floor = min(top.values()) - math.log(2)
+    scores = np.full(len(words), -np.inf)
+    for token, logprob in top.items():
+        t = _norm(token)
+        if not t:
+            continue
+        hits = [k for k, name in enumerate(names) if name.startswith(t)]
+        if len(hits) == 1:
+            scores[hits[0]] = np.logaddexp(scores[hits[0]], logprob)
+    return np.where(np.isfinite(scores), scores, floor).astype(np.float32)
 
 
 def _fatal_message(ep: Endpoint, resp: httpx.Response) -> str:

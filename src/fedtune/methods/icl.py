@@ -21,7 +21,10 @@ Two backends:
   likelihood after the prompt is scored (fedtune.classify.GenerativeClassifier),
   so the prediction is always a valid label;
 - `remote`: an OpenAI-compatible chat-completions endpoint answers in free text
-  (fedtune.remote); answers naming no label are counted as unparseable.
+  (fedtune.remote); answers naming no label are counted as unparseable. Where the
+  server returns log-probabilities (`remote_scoring = "logprobs"`), the first answer
+  token's top log-probabilities score the label words instead, and calibration works
+  as it does locally.
 
 Prompt templates are data (config fields); `variants` names a TOML file of
 alternative templates among which fit() keeps the best on the validation set
@@ -137,6 +140,15 @@ class IclConfig(MethodConfig):
     ("The sentiment of ... is Negative."): at 8 tokens 55% of SmolLM2's zero-shot
     answers named no label, at 16 tokens 17% (docs/benchmarks.md); with demonstrations
     it answers with the label word and stops."""
+    remote_scoring: Literal["text", "logprobs"] = "text"
+    """remote: how an answer becomes label scores. `text`: the answer (up to
+    `max_tokens`) is parsed for a label word; `logprobs`: one token is generated and
+    the server's `top_logprobs` for it score each label word by the tokens that begin
+    it (fedtune.remote.label_logprobs), as the local backend scores label words; this
+    also allows `calibrate`. Needs a server that returns log-probabilities (OpenAI,
+    vLLM, llama.cpp's server; `transformers serve` ignores them)."""
+    top_logprobs: int = 20
+    """remote_scoring = "logprobs": first tokens the server lists (1-20)."""
     batch_size: int = 8
     """local: prompts scored per forward pass."""
     chat: Literal["auto", "on", "off"] = "auto"
@@ -146,7 +158,8 @@ class IclConfig(MethodConfig):
     tokenizer has a chat template (instruction-tuned models do); `off`: the plain
     text prompt. The remote backend always chats."""
     calibrate: bool = False
-    """local: contextual calibration (Zhao et al. 2021, "Calibrate Before Use"):
+    """local, or remote with `remote_scoring = "logprobs"`: contextual calibration
+    (Zhao et al. 2021, "Calibrate Before Use"):
     the same prompt with a content-free query (each of `content_free`) gives the
     model's label prior for that prompt; each label's probability is divided by
     it and renormalised over the labels. Costs one more forward pass per distinct
@@ -490,12 +503,19 @@ class ICL(FrozenMethod[IclConfig], QueryFederated):
                 raise ConfigError(f"method.{key} = {value} must be >= {low}")
         if cfg.timeout <= 0:
             raise ConfigError(f"method.timeout = {cfg.timeout} must be > 0 seconds")
-        if cfg.calibrate and cfg.backend == "remote":
+        if cfg.calibrate and cfg.backend == "remote" and cfg.remote_scoring == "text":
             raise ConfigError(
-                'method.calibrate = true needs label probabilities, which the "remote" '
-                "backend (free-text answers) does not give; use the local backend or "
+                'method.calibrate = true needs label probabilities, which free-text answers '
+                '(method.remote_scoring = "text") do not give; set method.remote_scoring = '
+                '"logprobs" (a server that returns top_logprobs), use the local backend or '
                 "set method.calibrate = false"
             )
+        if cfg.remote_scoring not in ("text", "logprobs"):
+            raise ConfigError(f"method.remote_scoring = {cfg.remote_scoring!r}: choose "
+                              '"text" or "logprobs"')  # fmt: skip
+        if not 1 <= cfg.top_logprobs <= 20:
+            raise ConfigError(f"method.top_logprobs = {cfg.top_logprobs} must be 1 to 20 "
+                              "(the chat-completions API's range)")  # fmt: skip
         if cfg.prior not in ("uniform", "train"):
             raise ConfigError(f'method.prior = {cfg.prior!r}: choose "uniform" or "train"')
         if cfg.prior == "train" and not cfg.calibrate:
@@ -857,16 +877,35 @@ class ICL(FrozenMethod[IclConfig], QueryFederated):
 
         fitted = self._fit_all(texts, demos, render, count, cut, budget, total, record)
         scores = self._score_heads(form, [head(pairs, query) for pairs, query in fitted])
+        return self._calibrated(
+            scores, fitted, head, lambda heads: self._score_heads(form, list(heads))
+        )
+
+    def _calibrated(
+        self,
+        scores: np.ndarray,
+        fitted: list[tuple[list[tuple[str, str]], str]],
+        render: Callable[[list[tuple[str, str]], str], Any],
+        score: Callable[[list[Any]], np.ndarray],
+    ) -> np.ndarray:
+        """Contextual calibration (when method.calibrate) of label scores [N, K]:
+        every distinct prompt with each content-free query instead of the real one
+        (zero-shot or shared demonstrations: scored once). `render(pairs, query)` is a
+        prompt `score` takes (a string or a chat), keyed by its JSON."""
         if not self.config.calibrate:
             return scores
-        # Contextual calibration: every distinct prompt with each content-free query
-        # instead of the real one (zero-shot or shared demonstrations: scored once).
-        distinct: dict[str, int] = {}
-        rows = [
-            [distinct.setdefault(head(pairs, c), len(distinct)) for c in self.config.content_free]
-            for pairs, _ in fitted
-        ]
-        prior = self._score_heads(form, list(distinct))
+        distinct: dict[str, tuple[int, Any]] = {}
+        rows = []
+        for pairs, _ in fitted:
+            row = []
+            for c in self.config.content_free:
+                prompt = render(pairs, c)
+                key = json.dumps(prompt)
+                if key not in distinct:
+                    distinct[key] = (len(distinct), prompt)
+                row.append(distinct[key][0])
+            rows.append(row)
+        prior = score([prompt for _, prompt in distinct.values()])
         calibrated = contextual_calibration(scores, prior, rows)
         if self.config.prior == "uniform":
             return calibrated
@@ -941,7 +980,7 @@ class ICL(FrozenMethod[IclConfig], QueryFederated):
             TimeRemainingColumn,
         )
 
-        from fedtune.remote import ChatClient, parse_label
+        from fedtune.remote import ChatClient, label_logprobs, parse_label
 
         cfg = self.config
         total = self.context_budget()
@@ -965,28 +1004,41 @@ class ICL(FrozenMethod[IclConfig], QueryFederated):
             disable=len(texts) < PROGRESS_MIN or not bars_visible(),
             transient=True,
         )
+        def chat_of(pairs: list[tuple[str, str]], query: str) -> list[dict[str, str]]:
+            return build_messages(variant, pairs, query, self.words, self._turns)
+
+        logprobs = cfg.remote_scoring == "logprobs"
         with ChatClient(self._endpoint()) as chat, progress:
             task = progress.add_task("requests", total=len(texts))
+
+            def label_scores(messages: list[dict[str, str]]) -> np.ndarray:
+                top = chat.first_token_logprobs(messages, top=cfg.top_logprobs)
+                return label_logprobs(top, self.words)
+
             for row, (pairs, query) in enumerate(fitted):
-                answer = chat.complete(
-                    build_messages(variant, pairs, query, self.words, self._turns),
-                    max_tokens=cfg.max_tokens,
-                    temperature=0.0,
-                )
-                label = parse_label(answer, self.labels, self.words)
-                if label is None:
-                    unparseable += 1  # a uniform row: no label preferred
+                if logprobs:
+                    scores[row] = label_scores(chat_of(pairs, query))
+                    unparseable += bool(np.ptp(scores[row]) == 0)
                 else:
-                    scores[row] = -1e4
-                    scores[row, index[label]] = 0.0
+                    answer = chat.complete(
+                        chat_of(pairs, query), max_tokens=cfg.max_tokens, temperature=0.0
+                    )
+                    label = parse_label(answer, self.labels, self.words)
+                    if label is None:
+                        unparseable += 1  # a uniform row: no label preferred
+                    else:
+                        scores[row] = -1e4
+                        scores[row, index[label]] = 0.0
                 progress.advance(task)
+            scores = self._calibrated(
+                scores, fitted, chat_of, lambda chats: np.stack([label_scores(m) for m in chats])
+            )
         if record:
             self.extra_metrics["unparseable_share"] = unparseable / len(texts)
             if unparseable:
-                self.notes.append(
-                    f"icl: {unparseable} of {len(texts)} remote answers named "
-                    "no label (unparseable; counted as wrong)"
-                )
+                what = ("put no label word among their top log-probabilities" if logprobs
+                        else "named no label (unparseable; counted as wrong)")  # fmt: skip
+                self.notes.append(f"icl: {unparseable} of {len(texts)} remote answers {what}")
         return scores
 
     # --- sizes, save / load --------------------------------------------------------------
