@@ -8,7 +8,8 @@ next to the local backend on the same sentences.
 The server is started by this script (`fedtune.serve`'s commands, the ones `fedtune
 models serve` runs) on a free port and stopped at the end. Per shots: the
 local backend (transformers, label words scored, the chat template) and the remote
-one (the server's chat completion at temperature 0, parsed into a label) on a
+one (the server's chat completion at temperature 0, parsed into a label; or, with
+`--scoring logprobs`, its first token's top_logprobs scored as label words) on a
 stratified, seeded subset of FPB all-agree's test sentences; accuracy, macro-F1, the
 share of answers that named no label, requests (sentences) per second, and how often
 the two backends predict the same label.
@@ -68,9 +69,16 @@ def main() -> None:
                    help="method.selection: which demonstrations")
     p.add_argument("--max-tokens", type=int, default=16,
                    help="method.max_tokens: the answer's length limit (remote)")
+    p.add_argument("--scoring", default="text", choices=("text", "logprobs"),
+                   help="method.remote_scoring: parse the answer, or score label words from "
+                   "the first token's top_logprobs (a server that returns them: llama.cpp's)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="method.calibrate on both backends (needs --scoring logprobs)")
     p.add_argument("--test", type=int, default=150)
     p.add_argument("--seed", type=int, default=42)
     args = p.parse_args()
+    if args.calibrate and args.scoring != "logprobs":
+        p.error("--calibrate needs --scoring logprobs (free-text answers give no label scores)")
     splits, _, y, texts = fpb_test(args.test, args.seed)
     labels = splits.labels
     gguf, alias = gguf_of(args.model)
@@ -87,7 +95,9 @@ def main() -> None:
         print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
               f"server: {server} ({gguf.name}), ready in {ready:.1f} s (log {log}); FPB all-agree, "
               f"{len(texts)} test sentences (stratified, seed {args.seed}); {args.selection} "
-              f"demonstrations; remote answers of at most {args.max_tokens} tokens")  # fmt: skip
+              "demonstrations; remote: " + (f"answers of at most {args.max_tokens} tokens"
+              if args.scoring == "text" else "label words scored from top_logprobs")
+              + ("; calibrated" if args.calibrate else ""))  # fmt: skip
         print()
         print("| shots | backend | accuracy | macro-F1 | no label | sentences/s | same as local |")
         print("|---|---|---|---|---|---|---|")
@@ -95,9 +105,9 @@ def main() -> None:
             preds = {}
             for backend in ("local", "remote"):
                 extra = {"base_url": url, "api_model": alias, "retries": 1, "timeout": 120.0,
-                         "max_tokens": args.max_tokens}
+                         "max_tokens": args.max_tokens, "remote_scoring": args.scoring}
                 cfg = IclConfig(shots=shots, backend=backend, model=args.model,
-                                selection=args.selection,
+                                selection=args.selection, calibrate=args.calibrate,
                                 **(extra if backend == "remote" else {}))  # fmt: skip
                 method = ICL(cfg, ModelConfig(name=args.model), labels, seed=args.seed)
                 method.fit(splits.train)
