@@ -393,6 +393,19 @@ def test_index_and_ask(
     assert hits[0].text in sent[1]["content"] and sent[0]["role"] == "system"
 
 
+def test_merge_counted_notes() -> None:
+    from fedtune.federated.query import merge_counted
+
+    said = ["org-0: icl: 3 of 4 prompts dropped demonstrations", "org-0: icl: chose 'a'",
+            "org-1: icl: 1 of 4 prompts dropped demonstrations", "org-0: icl: chose 'a'",
+            "org-0: icl: 2 of 3 prompts dropped demonstrations",
+            "org-0: icl: 1 of 3 query texts were truncated"]  # fmt: skip
+    assert merge_counted(said) == [
+        "org-0: icl: 5 of 7 prompts dropped demonstrations", "org-0: icl: chose 'a'",
+        "org-1: icl: 1 of 4 prompts dropped demonstrations",
+        "org-0: icl: 1 of 3 query texts were truncated"]  # fmt: skip
+
+
 def test_icl_federates_by_query_demonstrations_stay_at_their_site(
     tiny_models: dict[str, str], table: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -491,9 +504,13 @@ def test_icl_federates_by_query_demonstrations_stay_at_their_site(
     # What a site notes (prompts cut to fit the context) reaches the run's summary.
     tight = run_federated(_cfg(tiny_models, table, tmp_path, "icl", "name=tight", lm,
                                "method.shots=2", "method.max_context=56"))  # fmt: skip
+    # Its batches' counts are added up: one note per site and pass (validation, test),
+    # out of all of that pass's queries.
+    passes = sorted([len(ws.splits.validation), len(test)])
     for org in ("org-0", "org-1", "org-2"):
-        assert any(n.startswith(f"{org}: icl: ") and "dropped demonstrations to fit 56 tokens"
-                   in n for n in tight["notes"])  # fmt: skip
+        dropped = [n for n in tight["notes"] if n.startswith(f"{org}: icl: ")
+                   and "dropped demonstrations to fit 56 tokens" in n]  # fmt: skip
+        assert sorted(int(n.split(" of ")[1].split()[0]) for n in dropped) == passes, dropped
 
     # The remote backend would send a site's demonstrations to the run config's endpoint.
     with pytest.raises(ConfigError, match=r"backend.*remote.*demonstrations"):

@@ -16,6 +16,7 @@ There are no rounds and no global model; what leaves a site is its answers.
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,32 @@ QUERY_BATCH = 256
 """Queries per message (knn: 256 x 384 fp32 = 393 KB of MiniLM embeddings)."""
 QUERY_TEXTS = "queries"
 """The ConfigRecord that carries a payload's texts (its arrays ride in "arrays")."""
+
+
+_COUNTED = re.compile(r"^(?P<head>.*?)(?P<n>\d+) of (?P<m>\d+)(?P<tail>\D.*)?$", re.S)
+
+
+def merge_counted(notes: list[str]) -> list[str]:
+    """Notes of one pass over the queries, each batch's "<site>: ... N of M ..." notes
+    made one per site and kind by adding up N and M ("site-1: icl: 3 of 256 prompts
+    dropped demonstrations" and "... 1 of 83 ..." -> "... 4 of 339 ..."); other notes
+    once each, in their first order."""
+    merged: dict[tuple[str, str], list[int]] = {}
+    out: dict[str, tuple[str, str] | None] = {}
+    for note in notes:
+        m = _COUNTED.match(note)
+        if m is None:
+            out.setdefault(note, None)
+            continue
+        key = (m["head"], m["tail"] or "")
+        if key in merged:
+            merged[key][0] += int(m["n"])
+            merged[key][1] += int(m["m"])
+        else:
+            merged[key] = [int(m["n"]), int(m["m"])]
+            out[f"\0{len(merged)}"] = key
+    return [note if key is None else f"{key[0]}{merged[key][0]} of {merged[key][1]}{key[1]}"
+            for note, key in out.items()]  # fmt: skip
 
 
 def federates_by_query(cfg: RunConfig) -> bool:
@@ -195,11 +222,13 @@ def run_federated_by_query(
     fed = cfg.federated
 
     def evaluate(kind: str, examples: list[Example]) -> Metrics:
+        said: list[str] = []
         with console.status(f"{name}: {len(examples)} {kind} queries to {n_sites} sites"):
             payload = method.query_payload([e.text for e in examples])
             scores = federated_answers(grid, method, payload, len(examples), fed.min_sites,
                                        traffic, node_names, fed.timeout, kind,
-                                       failures, site_notes)  # fmt: skip
+                                       failures, said)  # fmt: skip
+        site_notes.extend(merge_counted(said))  # batches of QUERY_BATCH: one note per pass
         return method.metrics(scores, method.label_ids(examples))
 
     prepare_run_dir(cfg, out, ws.splits.labels, sites)
