@@ -341,6 +341,9 @@ def test_label_logprobs_sums_tokens_that_begin_a_label_word() -> None:
     # No label word begins with any listed token: all at the floor, no label preferred.
     none = label_logprobs({"The": -0.1, "I": -3.0}, LABELS)
     assert np.ptp(none) == 0 and none[0] == pytest.approx(-3.0 - math.log(2))
+    # Raw vocabulary pieces: the space marks of byte BPE and SentencePiece.
+    raw = label_logprobs({"ĠNegative": -0.5, "▁neutral": -1.5, "Ġ": -2.0}, LABELS)
+    np.testing.assert_allclose(raw, [-0.5, -1.5, -2.0 - math.log(2)], rtol=1e-6)
     # Label words, not label names, are what the tokens begin.
     words = label_logprobs({"bad": -0.2, "good": -1.0}, ("bad", "so-so", "good"))
     assert words.argmax() == 0 and words[2] == pytest.approx(-1.0)

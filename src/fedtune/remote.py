@@ -327,9 +327,9 @@ def _top_logprobs(url: str, resp: httpx.Response, hint: str) -> dict[str, float]
 def label_logprobs(top: dict[str, float], words: tuple[str, ...]) -> np.ndarray:
     """Label scores [K] from the first answer token's top log-probabilities: each label
     gets the log of the summed probability of the listed tokens that begin its label
-    word (case, surrounding spaces and punctuation ignored: "Neg", " negative" and
-    "NEGATIVE" all begin "negative"). A token that begins several words ("ne" for
-    negative and neutral) counts for none. A label with no listed token gets the
+    word (case, surrounding spaces and punctuation ignored: "Neg", " negative",
+    "ĠNegative" and "NEGATIVE" all begin "negative"). A token that begins several
+    words ("ne" for negative and neutral) counts for none. A label with no listed token gets the
     smallest listed log-probability minus ln 2: its probability is at most that one's,
     and a label that is listed stays ahead of one that is not. When no label is listed
     every score is that floor (no label preferred: counted as unparseable).
@@ -341,7 +341,9 @@ def label_logprobs(top: dict[str, float], words: tuple[str, ...]) -> np.ndarray:
     floor = min(top.values()) - math.log(2)
     scores = np.full(len(words), -np.inf)
     for token, logprob in top.items():
-        t = _norm(token)
+        # Servers that list raw vocabulary pieces mark a leading space as "Ġ" (byte BPE)
+        # or "▁" (SentencePiece); decoded text has the space itself.
+        t = _norm(token.replace("Ġ", " ").replace("▁", " "))
         if not t:
             continue
         hits = [k for k, name in enumerate(names) if name.startswith(t)]
