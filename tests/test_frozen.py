@@ -400,10 +400,16 @@ def test_merge_counted_notes() -> None:
             "org-1: icl: 1 of 4 prompts dropped demonstrations", "org-0: icl: chose 'a'",
             "org-0: icl: 2 of 3 prompts dropped demonstrations",
             "org-0: icl: 1 of 3 query texts were truncated"]  # fmt: skip
+    # Numbers inside decimals or thousands are not counts.
+    other = ["org-0: lr 0.5 of 10 steps", "org-0: 1,024 of 2,048 rows", "org-0: lr 0.5 of 10 steps"]
+    assert merge_counted(other) == other[:2]
     assert merge_counted(said) == [
         "org-0: icl: 5 of 7 prompts dropped demonstrations", "org-0: icl: chose 'a'",
         "org-1: icl: 1 of 4 prompts dropped demonstrations",
         "org-0: icl: 1 of 3 query texts were truncated"]  # fmt: skip
+    # Numbers inside decimals or thousands are not counts.
+    other = ["org-0: lr 0.5 of 10 steps", "org-0: 1,024 of 2,048 rows", "org-0: lr 0.5 of 10 steps"]
+    assert merge_counted(other) == other[:2]
 
 
 def test_icl_federates_by_query_demonstrations_stay_at_their_site(

@@ -489,13 +489,17 @@ def test_remote_counts_unparseable_answers() -> None:
     assert m.notes[0] == "icl: 2 of 6 remote answers named no label (unparseable; counted as wrong)"
 
 
+CONTENT_FREE = {"N/A": (0.1, 0.3, 0.6), "": (0.2, 0.3, 0.5)}
+"""What logprob_answer gives a content-free query: label probabilities leaning positive."""
+
+
 def logprob_answer(body: dict[str, Any]) -> tuple[str, dict[str, float]]:
     """Top log-probabilities of a first answer token: the gold label's word leads a
     real query, a content-free query leans toward positive."""
     query = query_of(body)
-    if query in ("N/A", ""):
-        return ("logprobs", {"Positive": math.log(0.6), "Neutral": math.log(0.3),
-                             "Negative": math.log(0.1)})  # fmt: skip
+    if query in CONTENT_FREE:
+        lean = zip(LABELS, CONTENT_FREE[query], strict=True)
+        return ("logprobs", {w.capitalize(): math.log(p) for w, p in lean})
     gold = GOLD.get(query, "neutral")
     top = {"The": math.log(0.1), "ne": math.log(0.05)}  # no label / two labels
     for label in LABELS:  # the gold word at 0.5, the others 0.15 and positive +0.1
@@ -514,7 +518,7 @@ def test_remote_logprobs_score_label_words() -> None:
     assert body["max_tokens"] == 1 and body["logprobs"] is True and body["top_logprobs"] == 7
     assert len(stub.chat_requests) == len(TEXTS)  # no calibration: one request a text
     for row, y in zip(scores, Y, strict=True):
-        want = np.log([0.5 if k == y else 0.15 for k in range(3)]) + np.log([1, 1, 1.0])
+        want = np.log([0.5 if k == y else 0.15 for k in range(3)])
         want[2] = np.logaddexp(want[2], np.log(0.1))  # "pos" begins positive too
         np.testing.assert_allclose(row, want, rtol=1e-5)
     assert m.extra_metrics["unparseable_share"] == 0.0 and m.notes == []
@@ -532,7 +536,7 @@ def test_remote_logprobs_calibrated_like_the_local_backend() -> None:
                    content_free=("N/A", "")).fit(TRAIN)  # fmt: skip
         got = m.predict_scores(TEXTS)
         assert len(stub.chat_requests) - n == len(TEXTS) + 2
-        prior = np.log([[0.1, 0.3, 0.6]] * 2)
+        prior = np.log([CONTENT_FREE["N/A"], CONTENT_FREE[""]])
         np.testing.assert_allclose(got, contextual_calibration(raw, prior, [[0, 1]] * 6),
                                    atol=1e-6)  # fmt: skip
         toward = remote(stub.url, shots=0, remote_scoring="logprobs", calibrate=True,
@@ -541,10 +545,32 @@ def test_remote_logprobs_calibrated_like_the_local_backend() -> None:
         np.testing.assert_allclose(toward.predict_scores(TEXTS),
                                    got + np.log(counts / counts.sum()), atol=1e-5)  # fmt: skip
     assert [LABELS[k] for k in raw.argmax(-1)] == [LABELS[y] for y in Y]
-    # Divided by the content-free prior (positive 0.6), a positive sentence's 0.6
-    # (0.5 + "pos" 0.1) weighs 1.0 against negative's 0.15 / 0.1 = 1.5.
-    positive = [i for i, y in enumerate(Y) if LABELS[y] == "positive"]
-    assert positive and all(LABELS[got[i].argmax()] == "negative" for i in positive)
+
+
+def test_remote_logprobs_calibration_per_prompt() -> None:
+    """With demonstrations each query has its own content-free prompts (its own
+    demonstrations, a content-free query): each row is divided by its own prior.
+    Here a content-free answer leans toward its first demonstration's label."""
+    def answer(body: dict[str, Any]) -> tuple[str, dict[str, float]]:
+        if query_of(body) not in CONTENT_FREE:
+            return logprob_answer(body)
+        first = query_of({"messages": [None, body["messages"][1]]})
+        lean = 0.7 if query_of(body) == "N/A" else 0.5
+        return ("logprobs", {w.capitalize(): math.log(lean if w == GOLD[first] else 0.2)
+                             for w in LABELS})  # fmt: skip
+
+    with OpenAIStub(responder=answer) as stub:
+        opts: dict[str, Any] = {"shots": 2, "remote_scoring": "logprobs", "seed": 3}
+        raw = remote(stub.url, **opts).fit(TRAIN).predict_scores(TEXTS)
+        m = remote(stub.url, calibrate=True, content_free=("N/A", ""), **opts).fit(TRAIN)
+        got = m.predict_scores(TEXTS)
+    firsts = [m._pairs(m._demonstrations([text])[0])[0][0] for text in TEXTS]
+    assert len({GOLD[f] for f in firsts}) > 1  # the rows' priors differ
+    for i, first in enumerate(firsts):
+        prior = np.log([[lean if w == GOLD[first] else 0.2 for w in LABELS]
+                        for lean in (0.7, 0.5)])  # fmt: skip
+        np.testing.assert_allclose(got[i], contextual_calibration(raw[i:i + 1], prior, [[0, 1]])[0],
+                                   atol=1e-6)  # fmt: skip
 
 
 def test_remote_logprobs_without_a_label_are_counted() -> None:
@@ -556,9 +582,17 @@ def test_remote_logprobs_without_a_label_are_counted() -> None:
     with OpenAIStub(responder=answer) as stub:
         m = remote(stub.url, shots=0, remote_scoring="logprobs")
         assert m.predict(TEXTS[:3]) == ["", "", LABELS[Y[2]]]
+        # Calibrated, such a row stays undecided (dividing a flat row by the prior
+        # would pick the label the content-free prompt likes least).
+        c = remote(stub.url, shots=0, remote_scoring="logprobs", calibrate=True).fit(TRAIN)
+        assert c.predict(TEXTS[:3]) == ["", "", LABELS[Y[2]]]
+        assert c.extra_metrics["unparseable_share"] == pytest.approx(2 / 3)
     assert m.extra_metrics["unparseable_share"] == pytest.approx(2 / 3)
     assert m.notes == ["icl: 2 of 3 remote answers put no label word among their top "
                        "log-probabilities"]  # fmt: skip
+    with pytest.raises(ConfigError, match="cannot be told apart"):
+        ICL(IclConfig(backend="remote", remote_scoring="logprobs"),
+            ModelConfig(name="minilm", label_words=["Good", "good.", "bad"]), LABELS)  # fmt: skip
 
 
 def test_remote_retries_then_fails_clearly() -> None:

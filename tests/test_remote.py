@@ -341,6 +341,11 @@ def test_label_logprobs_sums_tokens_that_begin_a_label_word() -> None:
     # No label word begins with any listed token: all at the floor, no label preferred.
     none = label_logprobs({"The": -0.1, "I": -3.0}, LABELS)
     assert np.ptp(none) == 0 and none[0] == pytest.approx(-3.0 - math.log(2))
+    # A token that is a whole label word is that label's, even if it begins another.
+    yes_no = label_logprobs({"no": math.log(0.9), "not": math.log(0.05)}, ("no", "not_sure", "yes"))
+    np.testing.assert_allclose(yes_no[:2], [math.log(0.9), math.log(0.05)], rtol=1e-6)
+    # Nothing listed (an answer that ended at once): no label preferred.
+    assert label_logprobs({}, LABELS).tolist() == [0.0, 0.0, 0.0]
     # Raw vocabulary pieces: the space marks of byte BPE and SentencePiece.
     raw = label_logprobs({"ĠNegative": -0.5, "▁neutral": -1.5, "Ġ": -2.0}, LABELS)
     np.testing.assert_allclose(raw, [-0.5, -1.5, -2.0 - math.log(2)], rtol=1e-6)
@@ -349,14 +354,42 @@ def test_label_logprobs_sums_tokens_that_begin_a_label_word() -> None:
     assert words.argmax() == 0 and words[2] == pytest.approx(-1.0)
 
 
-def test_logprobs_refused_or_ignored_names_the_text_fallback(stub: OpenAIStub) -> None:
-    # A server may refuse the fields (400) or ignore them (transformers serve 5.24).
-    stub.push(("status", 400, {}, {"detail": "Unsupported fields in the request: {'logprobs'}"}))
+def test_first_token_logprobs_odd_entries(stub: OpenAIStub) -> None:
+    """Non-finite or null log-probabilities become a floor; `bytes` decide a token's
+    text (a piece that splits a character has a lossy `token`); an answer with no
+    token gives nothing listed."""
+    entries = [
+        {"token": "Pos", "logprob": float("-inf")},
+        {"token": "Neg", "logprob": None},
+        {"token": None, "logprob": -0.5, "bytes": list(b"neu")},
+        {"token": "n\ufffd", "logprob": -1.0, "bytes": [110, 195]},  # "n" + half of "é"
+    ]
+    stub.push(("json", {"choices": [{"logprobs": {"content": [{"top_logprobs": entries}]}}]}))
+    stub.push(("json", {"choices": [{"logprobs": {"content": []}}]}))
+    with ChatClient(fast(stub.url)) as client:
+        top = client.first_token_logprobs(MSGS)
+        assert top == {"Pos": -1e4, "Neg": -1e4, "neu": -0.5, "n": -1.0}
+        assert client.first_token_logprobs(MSGS) == {}
+    scores = label_logprobs(top, ("négatif", "neutral", "positive"))
+    assert scores.argmax() == 1 and np.isfinite(scores).all()
+
+
+@pytest.mark.parametrize("code", [400, 422])
+def test_logprobs_refused_or_ignored_names_the_text_fallback(stub: OpenAIStub, code: int) -> None:
+    # A server may refuse the fields (400/422) or ignore them (transformers serve 5.24).
+    refusal = {"detail": "Unsupported fields in the request: {'top_logprobs'}"}
+    stub.push(("status", code, {}, refusal))
     stub.push(("ok", "Positive"))
     with ChatClient(fast(stub.url)) as client:
-        with pytest.raises(EndpointError, match=r"HTTP 400.*logprobs.*remote_scoring = \"text\""):
+        with pytest.raises(EndpointError, match=rf"HTTP {code}.*Unsupported fields.*lower "
+                           r'method\.top_logprobs.*remote_scoring = "text"'):  # fmt: skip
             client.first_token_logprobs(MSGS)
         with pytest.raises(EndpointError, match=r"without choices\[0\]\.logprobs.*remote_scoring"):
             client.first_token_logprobs(MSGS)
         assert client.stats["failures"] == 2
     assert len(stub.requests) == 2  # neither is retried
+    # Other failures say nothing about log-probabilities.
+    stub.push(("status", 404))
+    with ChatClient(fast(stub.url)) as client, pytest.raises(EndpointError) as err:
+        client.first_token_logprobs(MSGS)
+    assert "remote_scoring" not in str(err.value)

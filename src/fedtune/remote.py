@@ -207,7 +207,8 @@ class ChatClient:
         }
         hint = (
             "; the server may not give log-probabilities (the logprobs and top_logprobs "
-            'fields): set method.remote_scoring = "text" to parse answers instead'
+            f"fields; some cap top_logprobs below the {top} asked: lower "
+            'method.top_logprobs): set method.remote_scoring = "text" to parse answers instead'
         )
         try:
             return _top_logprobs(*self._post(payload, hint), hint)
@@ -304,22 +305,43 @@ def _json(url: str, resp: httpx.Response) -> Any:
         ) from None
 
 
+LOGPROB_FLOOR = -1e4
+"""What a listed token's log-probability becomes when the server sends none that is
+finite (null, -Infinity or NaN; vLLM clamps to -9999 itself)."""
+
+
+def _token_text(entry: dict[str, Any]) -> str:
+    """A top_logprobs entry's text: its UTF-8 `bytes` when given (the `token` string of
+    a piece that splits a character is lossy: U+FFFD, a cut prefix or a placeholder),
+    with the incomplete character dropped; else `token`; "" when neither is usable."""
+    raw = entry.get("bytes")
+    if isinstance(raw, list) and raw and all(isinstance(b, int) and 0 <= b < 256 for b in raw):
+        return bytes(raw).decode("utf-8", "ignore")
+    token = entry.get("token")
+    return token if isinstance(token, str) else ""
+
+
 def _top_logprobs(url: str, resp: httpx.Response, hint: str) -> dict[str, float]:
     """choices[0].logprobs.content[0].top_logprobs of a response as {token text:
-    log-probability}, or EndpointError."""
+    log-probability}; {} when the answer has no token (it ended at once). EndpointError
+    when the response carries no log-probabilities at all."""
     data = _json(url, resp)
     try:
-        entries = data["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
-        pairs = [(str(e["token"]), float(e["logprob"])) for e in entries]
-    except (KeyError, IndexError, TypeError, ValueError):
+        content = data["choices"][0]["logprobs"]["content"]
+        entries = content[0]["top_logprobs"] if content else []
+        pairs = [(_token_text(e), e["logprob"]) for e in entries]
+    except (KeyError, IndexError, TypeError, AttributeError):
         raise EndpointError(
             f"{url} answered HTTP {resp.status_code} without "
             f"choices[0].logprobs.content[0].top_logprobs: {_excerpt(resp)}{hint}"
         ) from None
-    if not pairs:
-        raise EndpointError(f"{url} returned an empty top_logprobs list{hint}")
     out: dict[str, float] = {}
-    for token, logprob in pairs:
+    for token, value in pairs:
+        try:
+            logprob = float(value)
+        except (TypeError, ValueError):
+            logprob = LOGPROB_FLOOR
+        logprob = logprob if math.isfinite(logprob) else LOGPROB_FLOOR
         out[token] = float(np.logaddexp(out[token], logprob)) if token in out else logprob
     return out
 
@@ -328,25 +350,31 @@ def label_logprobs(top: dict[str, float], words: tuple[str, ...]) -> np.ndarray:
     """Label scores [K] from the first answer token's top log-probabilities: each label
     gets the log of the summed probability of the listed tokens that begin its label
     word (case, surrounding spaces and punctuation ignored: "Neg", " negative",
-    "ĠNegative" and "NEGATIVE" all begin "negative"). A token that begins several
-    words ("ne" for negative and neutral) counts for none. A label with no listed token gets the
-    smallest listed log-probability minus ln 2: its probability is at most that one's,
-    and a label that is listed stays ahead of one that is not. When no label is listed
-    every score is that floor (no label preferred: counted as unparseable).
+    "ĠNegative" and "NEGATIVE" all begin "negative"). A token that is a whole label
+    word counts for that label ("no" for no, not for "not sure"); one that only begins
+    several words ("ne" for negative and neutral) counts for none, nor does one that is
+    only space or punctuation. A label with no listed token gets the smallest listed
+    log-probability minus ln 2: its probability is at most that one's, and a label
+    that is listed stays ahead of one that is not. When no label is listed (or nothing
+    is) every score is equal (no label preferred: counted as unparseable).
 
     Written here because the label words of a classifier are scored from a server's
     top-k list, which no client library does (lm-evaluation-harness scores whole
     continuations, which chat-completions servers cannot)."""
-    names = [_norm(w) for w in words]
+    if not top:
+        return np.zeros(len(words), np.float32)
+    names = [normalize_answer(w) for w in words]
     floor = min(top.values()) - math.log(2)
     scores = np.full(len(words), -np.inf)
     for token, logprob in top.items():
         # Servers that list raw vocabulary pieces mark a leading space as "Ġ" (byte BPE)
-        # or "▁" (SentencePiece); decoded text has the space itself.
-        t = _norm(token.replace("Ġ", " ").replace("▁", " "))
+        # or "▁" (SentencePiece) at the start; decoded text has the space itself.
+        t = normalize_answer(re.sub(r"^[Ġ▁]", " ", token))
         if not t:
             continue
-        hits = [k for k, name in enumerate(names) if name.startswith(t)]
+        hits = [k for k, name in enumerate(names) if name == t] or [
+            k for k, name in enumerate(names) if name.startswith(t)
+        ]
         if len(hits) == 1:
             scores[hits[0]] = np.logaddexp(scores[hits[0]], logprob)
     return np.where(np.isfinite(scores), scores, floor).astype(np.float32)
@@ -418,7 +446,7 @@ def _retry_after(resp: httpx.Response) -> float | None:
 _STRIP = string.whitespace + string.punctuation + "“”‘’«»"
 
 
-def _norm(text: str) -> str:
+def normalize_answer(text: str) -> str:
     """Lowercase, trim quotes/punctuation, and treat `_` and runs of spaces as one space."""
     text = text.replace("_", " ").lower()
     return " ".join(text.split()).strip(_STRIP)
@@ -450,10 +478,10 @@ def parse_label(answer: str, labels: tuple[str, ...], words: tuple[str, ...] = (
         raise ValueError(f"words has {len(words)} entries but labels has {len(labels)}")
     names: list[tuple[str, str]] = []  # (normalised name, label)
     for i, label in enumerate(labels):
-        for name in {_norm(label), _norm(words[i]) if words else ""}:
+        for name in {normalize_answer(label), normalize_answer(words[i]) if words else ""}:
             if name:
                 names.append((name, label))
-    text = _norm(answer)
+    text = normalize_answer(answer)
     if not text:
         return None
     for name, label in names:

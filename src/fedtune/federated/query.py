@@ -45,14 +45,19 @@ QUERY_TEXTS = "queries"
 """The ConfigRecord that carries a payload's texts (its arrays ride in "arrays")."""
 
 
-_COUNTED = re.compile(r"^(?P<head>.*?)(?P<n>\d+) of (?P<m>\d+)(?P<tail>\D.*)?$", re.S)
+_COUNTED = re.compile(
+    r"^(?P<head>.*?)(?<![\d.,])(?P<n>\d+) of (?P<m>\d+)(?![\d.,]?\d)(?P<tail>.*)$", re.S
+)
+"""A note with a whole-number count "N of M" (not inside a decimal or a 1,024)."""
 
 
 def merge_counted(notes: list[str]) -> list[str]:
     """Notes of one pass over the queries, each batch's "<site>: ... N of M ..." notes
     made one per site and kind by adding up N and M ("site-1: icl: 3 of 256 prompts
     dropped demonstrations" and "... 1 of 83 ..." -> "... 4 of 339 ..."); other notes
-    once each, in their first order."""
+    once each, in their first order. Notes that differ only in their first count are
+    taken for one count's batches: the site notes of methods federated by query are
+    counts of the queries a batch held (knn, icl)."""
     merged: dict[tuple[str, str], list[int]] = {}
     out: dict[str, tuple[str, str] | None] = {}
     for note in notes:

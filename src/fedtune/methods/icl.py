@@ -533,6 +533,17 @@ class ICL(FrozenMethod[IclConfig], QueryFederated):
                 f"labels ({', '.join(self.labels)}); give one word per label, in label order"
             )
         self.words: tuple[str, ...] = words
+        if cfg.backend == "remote" and cfg.remote_scoring == "logprobs":
+            from fedtune.remote import normalize_answer
+
+            normed = [normalize_answer(w) for w in words]
+            if len(set(normed)) < len(normed) or not all(normed):
+                raise ConfigError(
+                    f"label words {list(words)} cannot be told apart by their first tokens "
+                    "(two are the same word once case, spaces and punctuation are ignored, "
+                    'or one is empty), which method.remote_scoring = "logprobs" needs; set '
+                    "distinct model.label_words"
+                )
         self.variant = Variant.from_config(cfg).check()
         self.model_name = cfg.model or self.model_config.name
         if cfg.backend == "local":
@@ -983,8 +994,10 @@ class ICL(FrozenMethod[IclConfig], QueryFederated):
         from fedtune.remote import ChatClient, label_logprobs, parse_label
 
         cfg = self.config
+        logprobs = cfg.remote_scoring == "logprobs"
+        answer_tokens = 1 if logprobs else cfg.max_tokens
         total = self.context_budget()
-        budget = total - cfg.max_tokens if total < _NO_LIMIT else _NO_LIMIT
+        budget = total - answer_tokens if total < _NO_LIMIT else _NO_LIMIT
         count, cut = self._remote_counter() if total < _NO_LIMIT else (len, lambda s, n: s)
 
         def render(pairs: list[tuple[str, str]], query: str) -> str:
@@ -994,7 +1007,6 @@ class ICL(FrozenMethod[IclConfig], QueryFederated):
         fitted = self._fit_all(texts, demos, render, count, cut, budget, total, record)
         scores = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
         index = {label: i for i, label in enumerate(self.labels)}
-        unparseable = 0
         progress = Progress(
             TextColumn("[bold]icl[/] remote"),
             BarColumn(),
@@ -1004,35 +1016,43 @@ class ICL(FrozenMethod[IclConfig], QueryFederated):
             disable=len(texts) < PROGRESS_MIN or not bars_visible(),
             transient=True,
         )
+
         def chat_of(pairs: list[tuple[str, str]], query: str) -> list[dict[str, str]]:
             return build_messages(variant, pairs, query, self.words, self._turns)
 
-        logprobs = cfg.remote_scoring == "logprobs"
+        flat = np.zeros(len(texts), dtype=bool)  # rows that name no label
         with ChatClient(self._endpoint()) as chat, progress:
             task = progress.add_task("requests", total=len(texts))
 
             def label_scores(messages: list[dict[str, str]]) -> np.ndarray:
                 top = chat.first_token_logprobs(messages, top=cfg.top_logprobs)
+                progress.advance(task)
                 return label_logprobs(top, self.words)
+
+            def content_free(chats: list[list[dict[str, str]]]) -> np.ndarray:
+                progress.update(task, total=len(texts) + len(chats))
+                return np.stack([label_scores(m) for m in chats])
 
             for row, (pairs, query) in enumerate(fitted):
                 if logprobs:
                     scores[row] = label_scores(chat_of(pairs, query))
-                    unparseable += bool(np.ptp(scores[row]) == 0)
+                    flat[row] = np.ptp(scores[row]) == 0
+                    continue
+                answer = chat.complete(
+                    chat_of(pairs, query), max_tokens=cfg.max_tokens, temperature=0.0
+                )
+                label = parse_label(answer, self.labels, self.words)
+                if label is None:
+                    flat[row] = True  # a uniform row: no label preferred
                 else:
-                    answer = chat.complete(
-                        chat_of(pairs, query), max_tokens=cfg.max_tokens, temperature=0.0
-                    )
-                    label = parse_label(answer, self.labels, self.words)
-                    if label is None:
-                        unparseable += 1  # a uniform row: no label preferred
-                    else:
-                        scores[row] = -1e4
-                        scores[row, index[label]] = 0.0
+                    scores[row] = -1e4
+                    scores[row, index[label]] = 0.0
                 progress.advance(task)
-            scores = self._calibrated(
-                scores, fitted, chat_of, lambda chats: np.stack([label_scores(m) for m in chats])
-            )
+            scores = self._calibrated(scores, fitted, chat_of, content_free)
+        # Calibration would turn a row that names no label into the label the
+        # content-free prompt likes least: such a row stays undecided.
+        scores[flat] = 0.0
+        unparseable = int(flat.sum())
         if record:
             self.extra_metrics["unparseable_share"] = unparseable / len(texts)
             if unparseable:
