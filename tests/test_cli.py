@@ -368,6 +368,18 @@ def test_compare_applies_method_sets_to_the_compared_method(
     assert bad.exit_code == 2 and "method.lr" in bad.output and "--methods" in bad.output
     assert len(seen) == 2
 
+    # A key only the compared method has (the config's LoRA has no embed_scale).
+    own = runner.invoke(app, ["compare", str(config), "--methods", "ptuning",
+                              "--set", "method.embed_scale=auto"])  # fmt: skip
+    assert own.exit_code == 0, own.output
+    assert seen[-1][0].method.embed_scale == "auto"  # type: ignore[attr-defined]
+    # The config's own method alone keeps the config's settings for it.
+    config.write_text('[method]\nname = "lora"\nr = 4\n')
+    same = runner.invoke(app, ["compare", str(config), "--methods", "lora",
+                               "--set", "method.lr=0.03"])  # fmt: skip
+    assert same.exit_code == 0, same.output
+    assert (seen[-1][0].method.r, seen[-1][0].method.lr) == (4, 0.03)  # type: ignore[attr-defined]
+
 
 def test_evaluate_tests_a_saved_run_again(tiny_models: dict[str, str], table: Path,
                                           tmp_path: Path) -> None:  # fmt: skip

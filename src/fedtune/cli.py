@@ -340,7 +340,6 @@ def compare_cmd(
 ) -> None:
     """Centralized vs local-only vs federated on one split, same method and budget;
     one report with the source post's two figures and a table."""
-    from fedtune.config import load_config
     from fedtune.federated.compare import resume_comparison, run_regimes, run_seeds
 
     _quiet_libraries()
@@ -355,10 +354,8 @@ def compare_cmd(
                                   f"drop {', '.join(given)}")  # fmt: skip
             resume_comparison(resume, console)
             return
-        cfg = load_config(config, set_ or [])
         names = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
-        if names:
-            cfg = _method_sets_for(names, cfg, config, set_ or [])
+        cfg = _compare_config(names, config, set_ or [])
         wanted = tuple(r.strip() for r in regimes.split(",") if r.strip())
         if seeds is None:
             run_regimes(cfg, names, wanted, console)
@@ -395,21 +392,21 @@ def _int_list(text: str, option: str) -> list[int]:
                           "e.g. 1,2,3") from None  # fmt: skip
 
 
-def _method_sets_for(
-    names: list[str], cfg: RunConfig, config: Path | None, sets: list[str]
-) -> RunConfig:
-    """`--set method.KEY=...` configures the config's own method; other methods of
-    `--methods` run with their defaults. When the config's method is not compared, the
-    overrides would silently do nothing: with one method they are applied to it, with
-    several it is an error that says how to set them."""
+def _compare_config(names: list[str] | None, config: Path | None, sets: list[str]) -> RunConfig:
+    """The comparison's config. `--set method.KEY=...` configures the config's own
+    method; other methods of `--methods` run with their defaults. With one method the
+    overrides are that method's (its own keys, e.g. ptuning's embed_scale on a LoRA
+    config); with several, none of them the config's, they would silently do nothing:
+    an error that says how to set them."""
     from fedtune.config import load_config
 
     keys = [s.split("=", 1)[0].strip() for s in sets]
     method_keys = [k for k in keys if k.startswith("method.") and k != "method.name"]
-    if not method_keys or cfg.method_name in names:
-        return cfg
-    if len(names) == 1 and "method.name" not in keys:
+    if names and len(names) == 1 and method_keys and "method.name" not in keys:
         return load_config(config, [f"method.name={names[0]}", *sets])
+    cfg = load_config(config, sets)
+    if not names or not method_keys or cfg.method_name in names:
+        return cfg
     raise ConfigError(
         f"--set {', '.join(method_keys)} configures the config's method "
         f"({cfg.method_name}), which --methods {','.join(names)} leaves out, so it would "
