@@ -368,11 +368,11 @@ def test_compare_applies_method_sets_to_the_compared_method(
     assert bad.exit_code == 2 and "method.lr" in bad.output and "--methods" in bad.output
     assert len(seen) == 2
 
-    # A key only the compared method has (the config's LoRA has no embed_scale).
+    # A key only the compared method has (the config's LoRA has no virtual tokens).
     own = runner.invoke(app, ["compare", str(config), "--methods", "ptuning",
-                              "--set", "method.embed_scale=auto"])  # fmt: skip
+                              "--set", "method.num_virtual_tokens=8"])  # fmt: skip
     assert own.exit_code == 0, own.output
-    assert seen[-1][0].method.embed_scale == "auto"  # type: ignore[attr-defined]
+    assert seen[-1][0].method.num_virtual_tokens == 8  # type: ignore[attr-defined]
     # The config's own method alone keeps the config's settings for it.
     config.write_text('[method]\nname = "lora"\nr = 4\n')
     same = runner.invoke(app, ["compare", str(config), "--methods", "lora",

@@ -205,43 +205,6 @@ def test_ptuning_encoder_stays_fp32_under_bf16_autocast(tiny_models: dict[str, s
     assert set(encoder.state_dict()) == set(plain.state_dict())
 
 
-def test_ptuning_embed_scale_matches_a_scaled_embedding(
-    tiny_models: dict[str, str], tmp_path: Path
-) -> None:
-    """Gemma scales its token embeddings by sqrt(hidden size); PEFT's virtual tokens
-    skip that. `method.embed_scale = "auto"` scales them by the model's factor (a plain
-    attribute: the same state dict keys); `off` and unscaled models keep PEFT's."""
-    import dataclasses
-    import shutil
-
-    from peft.tuners.p_tuning import PromptEncoder
-    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
-
-    folder = tmp_path / "gemma3"
-    shutil.copytree(tiny_models["llama"], folder)
-    vocab = len(AutoTokenizer.from_pretrained(folder))
-    torch.manual_seed(0)
-    Gemma3ForCausalLM(Gemma3TextConfig(
-        vocab_size=vocab, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
-        sliding_window=64, architectures=["Gemma3ForCausalLM"],
-    )).save_pretrained(folder)  # fmt: skip
-    scaled = {}
-    for mode in ("off", "auto"):
-        cfg = dataclasses.replace(method_config("ptuning"), embed_scale=mode)
-        model = AdaptedModel.build(ModelConfig(name=str(folder)), cfg, LABELS, seed=0)
-        [encoder] = [m for m in model.module.modules() if isinstance(m, PromptEncoder)]
-        scaled[mode] = (encoder(torch.arange(encoder.total_virtual_tokens)).detach(),
-                        set(encoder.state_dict()))  # fmt: skip
-        batch = model.formulation.collate(model.formulation.encode(TEXTS, Y))
-        assert model.formulation.loss(model.module, batch).isfinite()
-    torch.testing.assert_close(scaled["auto"][0], scaled["off"][0] * 64**0.5)
-    assert scaled["auto"][1] == scaled["off"][1]
-    llama = dataclasses.replace(method_config("ptuning"), embed_scale="auto")
-    plain = AdaptedModel.build(ModelConfig(name=tiny_models["llama"]), llama, LABELS, seed=0)
-    assert {m.output_scale for m in plain.module.modules() if isinstance(m, PromptEncoder)} == {1.0}
-
-
 def test_prefix_on_an_encoder_without_a_cache_is_refused() -> None:
     """MPNet's attention takes no key/value cache: one clear error naming the methods
     that work, not PEFT's ValueError from the first forward pass."""

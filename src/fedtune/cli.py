@@ -395,9 +395,9 @@ def _int_list(text: str, option: str) -> list[int]:
 def _compare_config(names: list[str] | None, config: Path | None, sets: list[str]) -> RunConfig:
     """The comparison's config. `--set method.KEY=...` configures the config's own
     method; other methods of `--methods` run with their defaults. With one method the
-    overrides are that method's (its own keys, e.g. ptuning's embed_scale on a LoRA
-    config); with several, none of them the config's, they would silently do nothing:
-    an error that says how to set them."""
+    overrides are that method's (its own keys too, e.g. ptuning's num_virtual_tokens
+    on a LoRA config); with several, none of them the config's, they would silently
+    do nothing: an error that says how to set them."""
     from fedtune.config import load_config
 
     keys = [s.split("=", 1)[0].strip() for s in sets]

@@ -82,11 +82,6 @@ class PtuningConfig(PeftMethodConfig):
     encoder_type: Literal["MLP", "LSTM"] = "MLP"
     encoder_num_layers: int = 2
     encoder_dropout: float = 0.0
-    embed_scale: Literal["auto", "off"] = "off"
-    """`auto`: where the model scales its token embeddings (Gemma: by sqrt(hidden size),
-    25.3 for Gemma 3 270M), scale the virtual tokens by the same factor, as raw
-    embeddings; PEFT passes the encoder's output unscaled, at about a tenth of the
-    words' norm on Gemma 3 (2.8 against 26). `off`: PEFT's behaviour."""
 
 
 @dataclass(frozen=True)
@@ -253,14 +248,9 @@ class _Fp32PromptEncoder(PromptEncoder):
     all; docs/benchmarks.md). The encoder is a few small matrix products on
     num_virtual_tokens rows, so fp32 costs nothing measurable."""
 
-    output_scale: float = 1.0
-    """Multiplies the virtual-token embeddings (PtuningConfig.embed_scale); a plain
-    attribute, so the state dict keeps PEFT's keys."""
-
     def forward(self, indices: Tensor) -> Tensor:
         with torch.autocast(indices.device.type, enabled=False):
-            out = super().forward(indices)
-            return out * self.output_scale if self.output_scale != 1.0 else out
+            return super().forward(indices)
 
 
 @register
@@ -271,17 +261,11 @@ class PtuningMethod(_PeftMethod):
 
     def apply(self, model: PreTrainedModel, kind: Kind) -> nn.Module:
         module = super().apply(model, kind)
-        assert isinstance(self.config, PtuningConfig)
-        scale = 1.0
-        if self.config.embed_scale == "auto":
-            scale = float(getattr(model.get_input_embeddings(), "embed_scale", 1.0))
         # Every encoder PEFT built for this model (fedtune adds no adapter later; one
         # added with PeftModel.add_adapter would get PEFT's plain encoder).
         for encoder in module.modules():
             if type(encoder) is PromptEncoder:
                 encoder.__class__ = _Fp32PromptEncoder  # same weights and state dict keys
-                assert isinstance(encoder, _Fp32PromptEncoder)
-                encoder.output_scale = scale
         return module
 
     def peft_config(self, model: PreTrainedModel, kind: Kind) -> hf_peft.PeftConfig:
