@@ -1000,9 +1000,11 @@ class ICL(FrozenMethod[IclConfig], QueryFederated):
         budget = total - answer_tokens if total < _NO_LIMIT else _NO_LIMIT
         count, cut = self._remote_counter() if total < _NO_LIMIT else (len, lambda s, n: s)
 
-        def render(pairs: list[tuple[str, str]], query: str) -> str:
-            msgs = build_messages(variant, pairs, query, self.words, self._turns)
-            return "\n".join(m["content"] for m in msgs)
+        def chat_of(pairs: list[tuple[str, str]], query: str) -> list[dict[str, str]]:
+            return build_messages(variant, pairs, query, self.words, self._turns)
+
+        def render(pairs: list[tuple[str, str]], query: str) -> str:  # what counts tokens
+            return "\n".join(m["content"] for m in chat_of(pairs, query))
 
         fitted = self._fit_all(texts, demos, render, count, cut, budget, total, record)
         scores = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
@@ -1016,9 +1018,6 @@ class ICL(FrozenMethod[IclConfig], QueryFederated):
             disable=len(texts) < PROGRESS_MIN or not bars_visible(),
             transient=True,
         )
-
-        def chat_of(pairs: list[tuple[str, str]], query: str) -> list[dict[str, str]]:
-            return build_messages(variant, pairs, query, self.words, self._turns)
 
         flat = np.zeros(len(texts), dtype=bool)  # rows that name no label
         with ChatClient(self._endpoint()) as chat, progress:
