@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import LABELS
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from rich.console import Console
 from safetensors.torch import load_file
 
 import fedtune.federated.apps as apps
@@ -604,6 +605,34 @@ def test_an_interrupted_compare_resumes_where_it_stopped(
         compare.resume_comparison(out)
     with pytest.raises(ConfigError, match="no interrupted comparison"):
         compare.resume_comparison(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("seeds", [None, [1, 2]], ids=["one", "seeds"])
+def test_a_compare_that_fails_before_any_run_finishes_leaves_nothing(
+    tiny_models: dict[str, str], table: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    seeds: list[int] | None,
+) -> None:  # fmt: skip
+    import fedtune.federated.compare as compare
+    from fedtune.errors import ModelError
+
+    def not_installed(cfg, *a, **k):  # type: ignore[no-untyped-def]
+        raise ModelError("model `gemma3` is not installed: run `fedtune models install gemma3`")
+
+    real_central = compare.run_centralized
+    monkeypatch.setattr(compare, "run_centralized", not_installed)
+    cfg = _cfg(tiny_models, table, tmp_path, "name=early", "federated.rounds=1")
+    console = Console(record=True, width=200)
+    with pytest.raises(ModelError, match="not installed"):
+        if seeds is None:
+            compare.run_regimes(cfg, ["lora"], console=console)
+        else:
+            compare.run_seeds(cfg, seeds, ["lora"], console=console)
+    # No hidden folder that a rerun under the same name would refuse to replace.
+    assert not list(tmp_path.glob(".*partial")) and not (tmp_path / "early").exists()
+    shown = console.export_text()
+    assert "nothing kept" in shown and "--resume" not in shown
+    monkeypatch.setattr(compare, "run_centralized", real_central)  # installed: runs at once
+    assert compare.run_regimes(cfg, ["lora"], ("centralized",)) == tmp_path / "early"
 
 
 def test_a_comparison_plan_names_its_data_files_absolutely(

@@ -37,7 +37,13 @@ from fedtune.errors import ConfigError
 from fedtune.evaluate import LABEL, metric_names
 from fedtune.federated.partition import partition_examples
 from fedtune.federated.runner import run_federated
-from fedtune.federated.server import build_strategy, checkpoint_state, find_checkpoint
+from fedtune.federated.server import (
+    CHECKPOINT_DIR,
+    STATE_FILE,
+    build_strategy,
+    checkpoint_state,
+    find_checkpoint,
+)
 from fedtune.methods.frozen import frozen_class
 from fedtune.regimes import describe_data, method_configs, run_centralized
 from fedtune.report import _pct, personalized_table
@@ -229,8 +235,9 @@ def _plan_config(cfg: RunConfig, out: Path) -> dict[str, Any]:
 def _interruptible(out: Path, shown_as: Path | None, resume: bool, plan: dict[str, Any],
                    console: Console) -> Iterator[Path]:  # fmt: skip
     """The comparison's staging folder, which an interruption or a failure keeps
-    (with the plan and the runs finished so far) for `fedtune compare --resume`. Only
-    the outermost comparison (`shown_as` None) tells the user how to continue."""
+    (with the plan and the runs finished so far) for `fedtune compare --resume`, and
+    removes when nothing had finished. Only the outermost comparison (`shown_as` None)
+    decides and tells the user how to continue."""
     with staged_run_dir(out, resumable=True, resume=resume) as staging:
         if not resume:  # written whole, then renamed: a kept folder never has half a plan
             write_json(staging / f"{PLAN_FILE}.tmp", plan)
@@ -240,9 +247,21 @@ def _interruptible(out: Path, shown_as: Path | None, resume: bool, plan: dict[st
         except BaseException as e:
             if shown_as is None:
                 what = "interrupted" if isinstance(e, KeyboardInterrupt | SystemExit) else "failed"
-                console.print(f"[yellow]{what}; the finished runs are kept. Continue "
-                              f"with: fedtune compare --resume {out}")  # fmt: skip
+                if resume or _resumable(staging):
+                    console.print(f"[yellow]{what}; the finished runs are kept. Continue "
+                                  f"with: fedtune compare --resume {out}")  # fmt: skip
+                else:  # e.g. a model not installed: nothing to continue, nothing left behind
+                    shutil.rmtree(staging, ignore_errors=True)
+                    console.print(f"[yellow]{what} before any run finished; nothing kept")
             raise
+
+
+def _resumable(staging: Path) -> bool:
+    """Whether a stopped comparison has anything `--resume` would keep: a finished
+    run (its report, the last file it writes) or a federated checkpoint, at any depth
+    (a --seeds comparison nests one comparison a seed)."""
+    patterns = (REPORT_FILE, f"{CHECKPOINT_DIR}*/{STATE_FILE}")
+    return any(next(staging.rglob(p), None) is not None for p in patterns)
 
 
 def _finished(run_dir: Path, console: Console) -> dict[str, Any] | None:
