@@ -108,3 +108,13 @@ def table(tmp_path: Path) -> Path:
     path = tmp_path / "d.csv"
     pd.DataFrame(rows).to_csv(path, index=False)
     return path
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The checkout's Flower app staged with only what its bundle needs: `flwr run`
+    packs every *.py file of the folder it is given, so a stray folder in a checkout
+    (staged wheels, a second environment) could exceed Flower's 10 MB FAB limit."""
+    from fedtune.deploy import find_app_dir, stage_app
+
+    return stage_app(find_app_dir(), tmp_path_factory.mktemp("staged") / "app")

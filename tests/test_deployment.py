@@ -27,6 +27,7 @@ import torch
 from conftest import LABELS, TEXTS, Y
 from peft import PeftModel
 from rich.console import Console
+from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from typer.testing import CliRunner
 
@@ -87,6 +88,14 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFedera
         assert p is not None and p.popen.poll() is not None, p
         with pytest.raises(ProcessLookupError):
             os.killpg(p.popen.pid, 0)
+
+
+def _rounds(out: Path) -> list[dict]:  # type: ignore[type-arg]
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["event"] == "round"]
 
 
 def _write_config(root: Path, tiny: str, *extra: str) -> Path:
@@ -209,6 +218,52 @@ def test_a_sites_tasks_go_only_to_its_own_worker(federation: LocalFederation) ->
     left = [d for d in Path(tempfile.gettempdir()).glob("fedtune-site-*")
             if d.stat().st_ctime >= started and (d / "superexec.secret").exists()]  # fmt: skip
     assert not left
+
+
+def test_a_deployed_sites_nan_update_is_rejected_by_the_server(
+    federation: LocalFederation, app: Path, tiny_models: dict[str, str], tmp_path: Path
+) -> None:
+    """Update validation under the Deployment Engine: org-a (partition 0) sends a NaN
+    every round; the server rejects it, names it, and averages the two others."""
+    config = _write_config(tmp_path, tiny_models["bert"], 'attack = "nan"', "attackers = 1",
+                           "min_sites = 2")  # fmt: skip
+    out = tmp_path / "run"
+    run = federation.submit(app, fedtune_run_config(config, out), timeout=600)
+    assert run.completed, run
+    rounds = _rounds(out)
+    assert [r["round"] for r in rounds] == [1, 2]
+    for r in rounds:
+        assert r["sites"] == 2 and list(r["rejected"]) == ["site-1"]
+        assert "non-finite values" in r["rejected"]["site-1"]
+    final = load_file(str(out / "checkpoint" / "global.safetensors"))
+    assert all(torch.isfinite(v).all() for v in final.values())
+    assert "## Updates rejected" in (out / "report.md").read_text()
+
+
+def test_secure_aggregation_deployed_equals_in_process(
+    federation: LocalFederation, app: Path, tiny_models: dict[str, str], tmp_path: Path
+) -> None:
+    """SecAgg+ across SuperNodes (three sites, TLS): the same global state as the same
+    run in process, up to the protocol's quantization."""
+    import fedtune.federated.apps as apps
+    from fedtune.config import load_config
+    from fedtune.federated.runner import run_federated
+
+    config = _write_config(tmp_path, tiny_models["bert"], "secagg = true")
+    out = tmp_path / "run"
+    run = federation.submit(app, fedtune_run_config(config, out), timeout=600)
+    assert run.completed, run
+    rounds = _rounds(out)
+    assert [(r["round"], r["sites"], r.get("secagg")) for r in rounds] == [(1, 3, True),
+                                                                           (2, 3, True)]
+    apps.clear_workspace()
+    local = tmp_path / "local"
+    run_federated(load_config(str(config), [f"output_dir={local}", "name=x"]))
+    apps.clear_workspace()
+    a = load_file(str(out / "checkpoint" / "global.safetensors"))
+    b = load_file(str(local / "x" / "checkpoint" / "global.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
 
 
 @pytest.mark.slow

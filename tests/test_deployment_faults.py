@@ -11,7 +11,6 @@ takes ~3 min (the SuperNodes reconnect with Flower's back-off): `slow`
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 import threading
@@ -23,15 +22,13 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_deployment import _write_config
+from test_deployment import _rounds, _write_config
 
 from fedtune.certs import make_certs
 from fedtune.deploy import (
     FlowerRun,
     LocalFederation,
     fedtune_run_config,
-    find_app_dir,
-    stage_app,
 )
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX process groups")
@@ -47,22 +44,6 @@ def federation(tmp_path: Path) -> Iterator[LocalFederation]:
     with LocalFederation(tmp_path / "fed", SITES, certs, env=env, task_poll_interval=0.1,
                          start_timeout=120) as fed:  # fmt: skip
         yield fed
-
-
-@pytest.fixture(scope="module")
-def app(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The checkout's Flower app staged with only what its bundle needs: `flwr run`
-    packs every *.py file of the folder it is given, so a stray folder in a checkout
-    (staged wheels, a second environment) could exceed Flower's 10 MB FAB limit."""
-    return stage_app(find_app_dir(), tmp_path_factory.mktemp("staged") / "app")
-
-
-def _rounds(out: Path) -> list[dict]:  # type: ignore[type-arg]
-    path = out / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if r["event"] == "round"]
 
 
 Result = list[FlowerRun | BaseException]
@@ -121,52 +102,6 @@ def test_a_site_that_crashes_mid_round_is_dropped_and_named(
     report = (out / "report.md").read_text()
     assert "Sites that dropped out" in report and "| 2 | train | site-3 |" in report
     assert (out / "model" / "adapter_model.safetensors").is_file()
-
-
-def test_a_deployed_sites_nan_update_is_rejected_by_the_server(
-    federation: LocalFederation, app: Path, tiny_models: dict[str, str], tmp_path: Path
-) -> None:
-    """Update validation under the Deployment Engine: org-a (partition 0) sends a NaN
-    every round; the server rejects it, names it, and averages the two others."""
-    config = _write_config(tmp_path, tiny_models["bert"], 'attack = "nan"', "attackers = 1",
-                           "min_sites = 2")  # fmt: skip
-    out = tmp_path / "run"
-    run = federation.submit(app, fedtune_run_config(config, out), timeout=600)
-    assert run.completed, run
-    rounds = _rounds(out)
-    assert [r["round"] for r in rounds] == [1, 2]
-    for r in rounds:
-        assert r["sites"] == 2 and list(r["rejected"]) == ["site-1"]
-        assert "non-finite values" in r["rejected"]["site-1"]
-    final = load_file(str(out / "checkpoint" / "global.safetensors"))
-    assert all(torch.isfinite(v).all() for v in final.values())
-    assert "## Updates rejected" in (out / "report.md").read_text()
-
-
-def test_secure_aggregation_deployed_equals_in_process(
-    federation: LocalFederation, app: Path, tiny_models: dict[str, str], tmp_path: Path
-) -> None:
-    """SecAgg+ across SuperNodes (three sites, TLS): the same global state as the same
-    run in process, up to the protocol's quantization."""
-    import fedtune.federated.apps as apps
-    from fedtune.config import load_config
-    from fedtune.federated.runner import run_federated
-
-    config = _write_config(tmp_path, tiny_models["bert"], "secagg = true")
-    out = tmp_path / "run"
-    run = federation.submit(app, fedtune_run_config(config, out), timeout=600)
-    assert run.completed, run
-    rounds = _rounds(out)
-    assert [(r["round"], r["sites"], r.get("secagg")) for r in rounds] == [(1, 3, True),
-                                                                           (2, 3, True)]
-    apps.clear_workspace()
-    local = tmp_path / "local"
-    run_federated(load_config(str(config), [f"output_dir={local}", "name=x"]))
-    apps.clear_workspace()
-    a = load_file(str(out / "checkpoint" / "global.safetensors"))
-    b = load_file(str(local / "x" / "checkpoint" / "global.safetensors"))
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
 
 
 @pytest.mark.slow

@@ -25,6 +25,27 @@ def _script(*runs: Path) -> subprocess.CompletedProcess[str]:
                           text=True, env=env, timeout=600)  # fmt: skip
 
 
+def _main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+          *argv: str | Path) -> tuple[int, str, str]:  # fmt: skip
+    """The script's main() in this process: (exit status, stdout, stderr). Each test
+    runs the script once as a subprocess; further calls here save a Python and
+    PyTorch start-up each (~8 s on 2 cores)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import paired
+
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), *map(str, argv)])
+    capsys.readouterr()
+    try:
+        paired.main()
+        code: int | str | None = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    if isinstance(code, str):  # sys.exit(message): the interpreter would print it
+        return 1, out, err + code
+    return code or 0, out, err
+
+
 def _compare(tiny_models: dict[str, str], table: Path, tmp_path: Path, *extra: str) -> Path:
     """LoRA on the tiny BERT, centralized and at each site alone: saved runs to compare."""
     cfg = load_config(None, [
@@ -36,8 +57,9 @@ def _compare(tiny_models: dict[str, str], table: Path, tmp_path: Path, *extra: s
 
 
 def test_paired_compares_saved_runs_and_retests_old_ones(
-    tiny_models: dict[str, str], table: Path, tmp_path: Path
-) -> None:
+    tiny_models: dict[str, str], table: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
     out = _compare(tiny_models, table, tmp_path, "name=cmp")
     cen = out / "lora-centralized"
     fed = sorted(out.glob("lora-local-*"))[0]  # a model of another training set
@@ -63,12 +85,14 @@ def test_paired_compares_saved_runs_and_retests_old_ones(
     shares = [float(p.strip().rsplit(" ", 1)[1]) for p in row.split("|")[5].split(",")]
     assert sum(shares) == pytest.approx(100 * gap[0], abs=0.1 * len(shares))
 
-    assert _script(cen).returncode != 0  # one run: nothing to compare
+    code, _, err = _main(monkeypatch, capsys, cen)  # one run: nothing to compare
+    assert code != 0 and "at least one other run" in err
 
 
 def test_held_out_examples_are_unseen_and_their_scores_are_kept(
-    tiny_models: dict[str, str], table: Path, tmp_path: Path
-) -> None:
+    tiny_models: dict[str, str], table: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
     out = _compare(tiny_models, table, tmp_path, "name=ho", "data.limit=30")
     cen, site = out / "lora-centralized", sorted(out.glob("lora-local-*"))[0]
     save = tmp_path / "held.json"
@@ -81,11 +105,9 @@ def test_held_out_examples_are_unseen_and_their_scores_are_kept(
     assert "the test set and the held-out examples" in res.stdout
     assert res.stderr.count("testing the saved model (12 examples)") == 2
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import paired  # the script's own functions
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import paired  # the script's own functions
+
     from fedtune.data import make_splits
 
     held = paired.held_out([cen, site], 12)
@@ -98,16 +120,14 @@ def test_held_out_examples_are_unseen_and_their_scores_are_kept(
     for r in (cen, site):
         mine = kept[str(r.resolve())]
         assert [mine[paired._digest(e)] for e in held] == paired._test(r, held)
-    again = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
-    assert again.returncode == 0 and "testing the saved model (12" not in again.stderr
-    assert again.stdout == res.stdout
+    code, out, err = _main(monkeypatch, capsys, *argv[2:])
+    assert code == 0 and "testing the saved model (12" not in err
+    assert out == res.stdout
     # A larger draw holds the smaller one: only the examples it adds are tested.
     bigger = {paired._digest(e) for e in paired.held_out([cen, site], 16)}
     assert {paired._digest(e) for e in held} <= bigger
-    more = subprocess.run([*argv[:3], "16", *argv[4:]], capture_output=True, text=True,
-                          env=env, timeout=600)  # fmt: skip
-    assert more.returncode == 0 and more.stderr.count("testing the saved model (4 examples)") == 2
+    code, _, err = _main(monkeypatch, capsys, *argv[2:3], "16", *argv[4:])
+    assert code == 0 and err.count("testing the saved model (4 examples)") == 2
 
-    too_many = subprocess.run([*argv[:2], "--held-out", "500", str(cen), str(site)],
-                              capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
-    assert too_many.returncode != 0 and "ask for fewer" in too_many.stderr
+    code, _, err = _main(monkeypatch, capsys, "--held-out", "500", cen, site)
+    assert code != 0 and "ask for fewer" in err
