@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import script_main
 
 from fedtune.config import load_config
 from fedtune.federated.compare import paired_gap, run_regimes
@@ -23,27 +24,6 @@ def _script(*runs: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     return subprocess.run([sys.executable, str(SCRIPT), *map(str, runs)], capture_output=True,
                           text=True, env=env, timeout=600)  # fmt: skip
-
-
-def _main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-          *argv: str | Path) -> tuple[int, str, str]:  # fmt: skip
-    """The script's main() in this process: (exit status, stdout, stderr). Each test
-    runs the script once as a subprocess; further calls here save a Python and
-    PyTorch start-up each (~8 s on 2 cores)."""
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    import paired
-
-    monkeypatch.setattr(sys, "argv", [str(SCRIPT), *map(str, argv)])
-    capsys.readouterr()
-    try:
-        paired.main()
-        code: int | str | None = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    if isinstance(code, str):  # sys.exit(message): the interpreter would print it
-        return 1, out, err + code
-    return code or 0, out, err
 
 
 def _compare(tiny_models: dict[str, str], table: Path, tmp_path: Path, *extra: str) -> Path:
@@ -85,7 +65,7 @@ def test_paired_compares_saved_runs_and_retests_old_ones(
     shares = [float(p.strip().rsplit(" ", 1)[1]) for p in row.split("|")[5].split(",")]
     assert sum(shares) == pytest.approx(100 * gap[0], abs=0.1 * len(shares))
 
-    code, _, err = _main(monkeypatch, capsys, cen)  # one run: nothing to compare
+    code, _, err = script_main(monkeypatch, capsys, SCRIPT, cen)  # one run: nothing to compare
     assert code != 0 and "at least one other run" in err
 
 
@@ -120,14 +100,14 @@ def test_held_out_examples_are_unseen_and_their_scores_are_kept(
     for r in (cen, site):
         mine = kept[str(r.resolve())]
         assert [mine[paired._digest(e)] for e in held] == paired._test(r, held)
-    code, out, err = _main(monkeypatch, capsys, *argv[2:])
+    code, out, err = script_main(monkeypatch, capsys, SCRIPT, *argv[2:])
     assert code == 0 and "testing the saved model (12" not in err
     assert out == res.stdout
     # A larger draw holds the smaller one: only the examples it adds are tested.
     bigger = {paired._digest(e) for e in paired.held_out([cen, site], 16)}
     assert {paired._digest(e) for e in held} <= bigger
-    code, _, err = _main(monkeypatch, capsys, *argv[2:3], "16", *argv[4:])
+    code, _, err = script_main(monkeypatch, capsys, SCRIPT, *argv[2:3], "16", *argv[4:])
     assert code == 0 and err.count("testing the saved model (4 examples)") == 2
 
-    code, _, err = _main(monkeypatch, capsys, "--held-out", "500", cen, site)
+    code, _, err = script_main(monkeypatch, capsys, SCRIPT, "--held-out", "500", cen, site)
     assert code != 0 and "ask for fewer" in err

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
+from conftest import script_main
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "reward_probe.py"
@@ -48,8 +50,10 @@ def test_probe_reads_where_a_reward_head_reads_and_the_length_rule() -> None:
     assert reward_probe.length_rule(lengths) == (1 + 0 + 0.5 + 1) / 4
 
 
-def test_script_reads_the_reward_models_split_and_resumes(tiny_models: dict[str, str],
-                                                          tmp_path: Path) -> None:  # fmt: skip
+def test_script_reads_the_reward_models_split_and_resumes(
+    tiny_models: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
     rows = [{"prompt": f"Is {i % 7} a good number? ({i})", "chosen": f"yes {i % 7} profit rose",
              "rejected": f"no loss fell {i % 7}"} for i in range(60)]  # fmt: skip
     data = tmp_path / "pairs.jsonl"
@@ -87,16 +91,16 @@ def test_script_reads_the_reward_models_split_and_resumes(tiny_models: dict[str,
     # The planted preference ("yes ... rose" chosen over "no ... fell") is found.
     assert summary["chosen"]["test"] >= 0.9
     # A second call reads the features back: no forward pass, the same table.
-    again = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
-    assert again.returncode == 0 and "sequences" not in again.stderr
-    assert [x for x in again.stdout.splitlines() if x.startswith("|")] == [
+    code, out_again, err = script_main(monkeypatch, capsys, SCRIPT, *argv[2:])
+    assert code == 0 and "sequences" not in err
+    assert [x for x in out_again.splitlines() if x.startswith("|")] == [
         x for x in first.stdout.splitlines() if x.startswith("|")
     ]
     # Another split is another cache entry, never the stale features.
-    other = subprocess.run([*argv, "--set", "data.test_size=0.3"], capture_output=True,
-                           text=True, env=env, timeout=600)  # fmt: skip
-    assert other.returncode == 0 and "sequences" in other.stderr
-    assert "18 test pairs" in other.stdout and len(list(out.glob("features-*.npz"))) == 2
+    code, out_other, err = script_main(monkeypatch, capsys, SCRIPT, *argv[2:], "--set",
+                                       "data.test_size=0.3")  # fmt: skip
+    assert code == 0 and "sequences" in err
+    assert "18 test pairs" in out_other and len(list(out.glob("features-*.npz"))) == 2
 
 
 def test_batched_features_equal_one_at_a_time(tiny_models: dict[str, str],
