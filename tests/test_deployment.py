@@ -1,6 +1,9 @@
 """Flower's Deployment Engine (fedtune.deploy): a SuperLink and three SuperNodes on
 loopback with TLS and SuperNode authentication (keys from `make_certs`), each site
-with its warm worker (fedtune.federated.worker), a run submitted with `fedtune submit`.
+with its warm worker (fedtune.federated.worker), a run submitted with `fedtune submit`,
+a site's NaN update rejected by the server, and SecAgg+ across the SuperNodes.
+(Faults that break the federation, a site or the SuperLink killed, are in
+test_deployment_faults.py, with a federation each.)
 
 One federation serves the module: starting it takes 15-20 s on two cores (each site's
 worker imports torch and transformers once); a 2-round run of a tiny model ~15 s
