@@ -400,6 +400,99 @@ def test_icl_zero_and_few_shot_generate(tiny_models: dict[str, str], dolly: Path
     assert [r["regime"] for r in rows] == ["centralized"]
 
 
+def _solve(body: dict[str, object]) -> str:
+    """What a perfect server answers to a question of `_rows`: the sum, or the code."""
+    import re
+
+    user = str(body["messages"][-1]["content"])  # type: ignore[index]
+    if m := re.search(r"What is (\d) plus (\d)\?", user):
+        return f" {int(m[1]) + int(m[2])}\n"
+    return user.split("\n\n", 1)[0].removeprefix("code ")
+
+
+def test_icl_generation_answers_from_a_remote_server(dolly: Path, tmp_path: Path) -> None:
+    """method.backend = "remote" on the generation task: each question goes to an
+    OpenAI-compatible server as a conversation (demonstrations as user / assistant
+    turns, the context before the question), greedy, model.max_new_tokens long, several
+    requests in flight; the answers are scored like the local LM's and the run
+    predicts again from its saved demonstrations."""
+    import threading
+    import time
+
+    from openai_stub import OpenAIStub
+
+    from fedtune.regimes import run_centralized
+
+    arrivals: list[float] = []
+    lock = threading.Lock()
+
+    def slow(body: dict[str, object]) -> tuple[object, ...]:
+        with lock:
+            arrivals.append(time.monotonic())
+        return ("sleep", 0.3, _solve(body))
+
+    with OpenAIStub(responder=slow) as stub:
+        cfg = _gen_cfg(dolly, "minilm", tmp_path, "method.name=icl", "method.backend=remote",
+                       f"method.base_url={stub.url}", "method.api_model=stub-model",
+                       "method.shots=2", "method.concurrency=5", "model.system_prompt=Be brief.",
+                       "data.test_size=0.1")  # fmt: skip
+        s = run_centralized(cfg)
+        bodies = [r.body for r in stub.chat_requests]
+        assert len(bodies) == s["n_test"] == 6
+        assert s["exact_match"] == 1.0 and s["model"] == f"stub-model at {stub.url}"
+        assert s["base_parameters"] == 0
+        # 6 requests of 0.3 s, 5 at once: all but one arrived before the first answer.
+        assert sorted(arrivals)[4] - min(arrivals) < 0.25
+        for body in bodies:
+            assert body["max_tokens"] == 4 and body["temperature"] == 0.0
+            roles = [m["role"] for m in body["messages"]]
+            assert roles == ["system", "user", "assistant", "user", "assistant", "user"]
+            assert body["messages"][0]["content"] == "Be brief."
+        copy = next(b for b in bodies if "code" in b["messages"][-1]["content"])
+        assert copy["messages"][-1]["content"].startswith("code ")  # context, then question
+        answers = [json.loads(x) for x in (Path(s["run_dir"]) / "answers.jsonl").read_text()
+                   .splitlines()]  # fmt: skip
+        assert all(a["prediction"] == a["reference"] for a in answers)
+        r = CliRunner().invoke(app, ["predict", s["run_dir"], "--text", "What is 2 plus 3?"])
+        assert r.exit_code == 0, r.output
+        assert "5" in r.output
+        # A budget in tokens (4 characters a token without method.model): the
+        # demonstrations go first, then the end of a long context.
+        from fedtune.data import Example
+        from fedtune.methods.icl_generate import GenerationICL
+
+        tight = GenerationICL(method_config("icl", {"backend": "remote", "base_url": stub.url,
+                                                    "api_model": "stub-model", "shots": 2,
+                                                    "max_context": 12}),
+                              ModelConfig(name="minilm", max_new_tokens=4), [], seed=0)  # fmt: skip
+        tight.fit([Example(r["instruction"], r["category"], context=r["context"],
+                           response=r["response"]) for r in _rows(10)])  # fmt: skip
+        long = Example("Repeat the code.", "copy", context="code 12 " + "x" * 80, response="12")
+        assert tight.answer([long])[0].startswith("12 x")  # the start of the context kept
+        sent = stub.chat_requests[-1].body["messages"]
+        assert [m["role"] for m in sent] == ["user"] and len(sent[0]["content"]) <= 4 * 8
+        assert tight.notes == ["2 demonstrations dropped to fit the context budget of 8 prompt "
+                               "tokens", "1 of 1 contexts cut to fit 8 prompt tokens"]  # fmt: skip
+
+
+def test_icl_generation_remote_refuses_label_options(dolly: Path, tmp_path: Path) -> None:
+    from fedtune.regimes import run_centralized
+
+    base = ("method.name=icl", "method.backend=remote", "method.base_url=http://127.0.0.1:9/v1",
+            "method.api_model=m")  # fmt: skip
+    for extra, pattern in (
+        ("method.remote_scoring=logprobs", r"logprobs.*scores label words"),
+        ("method.max_tokens=32", r"max_tokens = 32.*model\.max_new_tokens = 4"),
+        ("method.concurrency=0", r"method\.concurrency = 0 must be >= 1"),
+        ("method.max_context=4", r"max_context = 4 leaves no room"),
+    ):
+        with pytest.raises(ConfigError, match=pattern):
+            run_centralized(_gen_cfg(dolly, "minilm", tmp_path, *base, extra))
+    with pytest.raises(ConfigError, match=r"needs method\.api_model"):
+        run_centralized(_gen_cfg(dolly, "minilm", tmp_path, *base[:3]))
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
 def test_classification_only_methods_and_encoders_refuse_generation(
     tiny_models: dict[str, str], dolly: Path, tmp_path: Path
 ) -> None:

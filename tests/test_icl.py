@@ -4,6 +4,7 @@ remote backend against the OpenAI stub, and save -> load_frozen (offline, fast).
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -595,6 +596,36 @@ def test_remote_logprobs_without_a_label_are_counted() -> None:
             ModelConfig(name="minilm", label_words=["Good", "good.", "bad"]), LABELS)  # fmt: skip
 
 
+def test_remote_requests_in_flight_at_once_keep_their_order() -> None:
+    """method.concurrency requests at once: every text's answer lands on its own row,
+    and a request error stops the rest (not one failed request per text)."""
+    import threading
+
+    arrivals: list[float] = []
+    lock = threading.Lock()
+
+    def slow(body: dict[str, Any]) -> tuple[Any, ...]:
+        with lock:
+            arrivals.append(time.perf_counter())
+        return ("sleep", 0.3, gold_answer(body))
+
+    with OpenAIStub(responder=slow) as stub:
+        m = remote(stub.url, shots=2, concurrency=6).fit(TRAIN)
+        assert m.predict(TEXTS) == [LABELS[y] for y in Y]
+        assert max(arrivals) - min(arrivals) < 0.25  # all six sent before any answer
+        one = remote(stub.url, shots=2, concurrency=1).fit(TRAIN)
+        arrivals.clear()
+        assert one.predict(TEXTS[:2]) == [LABELS[y] for y in Y[:2]]
+        assert max(arrivals) - min(arrivals) >= 0.3  # one at a time
+    with OpenAIStub(responder=lambda body: ("status", 400)) as stub:
+        m = remote(stub.url, shots=0, concurrency=2)
+        with pytest.raises(EndpointError, match="400"):
+            m.predict(TEXTS * 5)
+        assert len(stub.chat_requests) <= 4  # of 30: the rest were cancelled
+    with pytest.raises(ConfigError, match=r"method\.concurrency = 0 must be >= 1"):
+        remote("http://127.0.0.1:9/v1", concurrency=0)
+
+
 def test_remote_retries_then_fails_clearly() -> None:
     with OpenAIStub(responder=gold_answer) as stub:
         m = remote(stub.url, shots=0, retries=1)
@@ -636,8 +667,8 @@ def test_remote_save_load_same_prompts(tmp_path: Path, monkeypatch: pytest.Monke
         assert (tmp_path / "model" / "demos" / "index.json").is_file()
         loaded = load_frozen(tmp_path / "model")
         np.testing.assert_array_equal(loaded.predict_scores(texts), scores)
-        bodies = [r.body for r in stub.chat_requests]
-    assert bodies[:4] == bodies[4:]
+        bodies = [json.dumps(r.body, sort_keys=True) for r in stub.chat_requests]
+    assert sorted(bodies[:4]) == sorted(bodies[4:])  # requests run 4 at once: any order
 
 
 # --- prompt variants --------------------------------------------------------------

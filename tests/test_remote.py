@@ -393,3 +393,31 @@ def test_logprobs_refused_or_ignored_names_the_text_fallback(stub: OpenAIStub, c
     with ChatClient(fast(stub.url)) as client, pytest.raises(EndpointError) as err:
         client.first_token_logprobs(MSGS)
     assert "remote_scoring" not in str(err.value)
+
+
+# --- map_requests ------------------------------------------------------------------
+
+
+def test_map_requests_keeps_order_and_stops_at_the_first_error() -> None:
+    from fedtune.remote import map_requests
+
+    def slow(i: int) -> int:
+        time.sleep(0.02 * (5 - i % 5))  # later items finish first
+        return i * i
+
+    assert map_requests(slow, list(range(10)), 4) == [i * i for i in range(10)]
+    assert map_requests(slow, [3], 8) == [9] and map_requests(slow, [], 4) == []
+    started: list[int] = []
+    lock = threading.Lock()
+
+    def fail(i: int) -> int:
+        with lock:
+            started.append(i)
+        time.sleep(0.05)
+        raise EndpointError(f"item {i}")
+
+    with pytest.raises(EndpointError, match="item 0"):
+        map_requests(fail, list(range(40)), 2)
+    assert len(started) <= 4  # the calls not yet started were cancelled
+    with pytest.raises(EndpointError, match=r"method\.concurrency = 0 must be >= 1"):
+        map_requests(slow, [1, 2], 0)

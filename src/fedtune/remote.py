@@ -17,6 +17,10 @@ Where the server returns log-probabilities, `first_token_logprobs` and
         top = chat.first_token_logprobs(messages, top=20)
     scores = label_logprobs(top, ("negative", "neutral", "positive"))   # [3]
 
+Many requests at once (`map_requests`): one client serves several threads, so a
+server that batches requests (vLLM, llama.cpp's server with `--parallel`, a hosted API)
+answers them together; results come back in the order asked.
+
 Failures become `EndpointError`s that name the URL, what went wrong and the fix.
 Transient failures (connection errors, timeouts, 408/409/429/5xx) are retried with
 bounded exponential backoff; request errors (400/401/403/404/422) fail at once, since
@@ -30,10 +34,13 @@ import math
 import os
 import re
 import string
+import threading
 import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import numpy as np
@@ -129,6 +136,8 @@ class ChatClient:
 
     `stats` counts `requests` (HTTP attempts sent), `retries` (attempts after a
     retryable failure) and `failures` (`complete` calls that raised EndpointError).
+    One client may be used from several threads at once (`map_requests`): httpx's
+    client is thread-safe and the counters are kept under a lock.
     """
 
     def __init__(self, endpoint: Endpoint, client: httpx.Client | None = None) -> None:
@@ -138,6 +147,11 @@ class ChatClient:
         self._owns_client = client is None
         self._client = client if client is not None else httpx.Client(timeout=endpoint.timeout)
         self.stats: dict[str, int] = {"requests": 0, "retries": 0, "failures": 0}
+        self._lock = threading.Lock()
+
+    def _count(self, key: str) -> None:
+        with self._lock:
+            self.stats[key] += 1
 
     def __enter__(self) -> ChatClient:
         return self
@@ -181,7 +195,7 @@ class ChatClient:
         try:
             return _content(*self._post(payload))
         except EndpointError:
-            self.stats["failures"] += 1
+            self._count("failures")
             raise
 
     def first_token_logprobs(
@@ -213,7 +227,7 @@ class ChatClient:
         try:
             return _top_logprobs(*self._post(payload, hint), hint)
         except EndpointError:
-            self.stats["failures"] += 1
+            self._count("failures")
             raise
 
     def _post(self, payload: dict[str, Any], request_hint: str = "") -> tuple[str, httpx.Response]:
@@ -229,7 +243,7 @@ class ChatClient:
         hint = ""
         for attempt in range(attempts):
             retry_after: float | None = None
-            self.stats["requests"] += 1
+            self._count("requests")
             try:
                 # The per-request timeout also applies to a caller-supplied client,
                 # whose own default might be "no timeout": never hang.
@@ -263,12 +277,38 @@ class ChatClient:
                 log.warning(
                     "%s: %s; retry %d/%d in %.2f s", url, last, attempt + 1, ep.retries, wait
                 )
-                self.stats["retries"] += 1
+                self._count("retries")
                 time.sleep(wait)
         plural = "s" if attempts != 1 else ""
         raise EndpointError(
             f"{url}: gave up after {attempts} attempt{plural}; last failure: {last}. {hint}"
         )
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def map_requests(fn: Callable[[T], R], items: Sequence[T], concurrency: int) -> list[R]:
+    """`[fn(x) for x in items]` with up to `concurrency` calls in flight at once
+    (threads: each call waits on the network). Results keep the order of `items`. The
+    first exception is raised once the calls already running have ended; the calls not
+    yet started are cancelled, so a dead server costs at most `concurrency` requests'
+    retries, not one per item."""
+    if concurrency < 1:
+        raise EndpointError(f"method.concurrency = {concurrency} must be >= 1 (1: one request "
+                            "at a time)")  # fmt: skip
+    if concurrency == 1 or len(items) <= 1:
+        return [fn(x) for x in items]
+    workers = min(concurrency, len(items))
+    with ThreadPoolExecutor(workers, thread_name_prefix="fedtune-remote") as pool:
+        futures = [pool.submit(fn, x) for x in items]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
 
 
 def _content(url: str, resp: httpx.Response) -> str:

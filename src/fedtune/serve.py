@@ -117,12 +117,15 @@ def choose_server(server: str, python: str) -> str:
 
 
 def transformers_command(
-    python: str, gguf: Path, alias: str, host: str, port: int, threads: int
-) -> ServerCommand:
+    python: str, gguf: Path, alias: str, host: str, port: int, threads: int,
+    batching: bool = False,
+) -> ServerCommand:  # fmt: skip
     """`transformers serve` on the plain folder of `gguf` (converted once, cached),
     announced as `alias`: the server names a local model by the path it was given, so
     it starts in a folder of the cache where `alias` links to the model folder. Never
-    online: the Hub is off and the CLI's update check skipped."""
+    online: the Hub is off and the CLI's update check skipped. `batching`: its
+    continuous batching, which decodes the requests in flight together (without it the
+    server answers one at a time)."""
     from fedtune.catalog import gguf_folder
 
     folder = gguf_folder(gguf)  # <cache>/gguf/<sha>
@@ -135,6 +138,8 @@ def transformers_command(
         link.symlink_to(folder, target_is_directory=True)
     argv = [python, "-m", "transformers.cli.transformers", "serve", alias, "--host", host,
             "--port", str(port)]  # fmt: skip
+    if batching:
+        argv.append("--continuous-batching")
     env = {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_UPDATE_CHECK": "1"}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -143,12 +148,18 @@ def transformers_command(
 
 def server_command(
     server: str, python: str, gguf: Path, alias: str, host: str, port: int, context: int,
-    threads: int,
-) -> ServerCommand:
-    """The command of `server` (`llama-cpp` or `transformers`, from `choose_server`)."""
+    threads: int, batching: bool = False,
+) -> ServerCommand:  # fmt: skip
+    """The command of `server` (`llama-cpp` or `transformers`, from `choose_server`);
+    `batching` (transformers only) turns on continuous batching."""
     if server == "llama-cpp":
+        if batching:
+            raise ModelError(
+                "--batching is transformers' continuous batching; llama-cpp-python's server "
+                "answers one request at a time: pass --server transformers, or drop --batching"
+            )
         return llama_cpp_command(python, gguf, alias, host, port, context, threads)
-    return transformers_command(python, gguf, alias, host, port, threads)
+    return transformers_command(python, gguf, alias, host, port, threads, batching)
 
 
 def check_server_installed(python: str) -> None:

@@ -84,6 +84,7 @@ Renderer = Callable[[list[tuple[str, str]], str], str]
 """(demonstration pairs, query text) -> the prompt."""
 
 
+
 @dataclass(frozen=True)
 class IclConfig(MethodConfig):
     """Zero/few-shot prompting of a causal LM (local or OpenAI-compatible)."""
@@ -135,6 +136,10 @@ class IclConfig(MethodConfig):
     """remote: seconds per request."""
     retries: int = 3
     """remote: extra attempts after a transient failure (timeout, 429, 5xx)."""
+    concurrency: int = 4
+    """remote: requests in flight at once (1: one at a time). A server that batches
+    (vLLM, llama.cpp's server with `--parallel N`, a hosted API) answers them together;
+    one that does not queues them. Answers are the same either way."""
     max_tokens: int = 16
     """remote: answer length limit. A small chat model often answers a full sentence
     ("The sentiment of ... is Negative."): at 8 tokens 55% of SmolLM2's zero-shot
@@ -186,6 +191,55 @@ class IclConfig(MethodConfig):
     most similar to the question (by `embedder`), drawn from every example's context
     split into ~120-word passages, instead of the example's own context: open-book QA
     over the whole document collection. 0 = the example's own context."""
+
+
+# --- the remote backend's shared parts (classification and generation) ----------------
+
+
+def remote_endpoint(cfg: IclConfig) -> Any:
+    """The `fedtune.remote.Endpoint` of `method.base_url` / `method.api_model`; a
+    ConfigError naming the key when one is missing."""
+    from fedtune.remote import Endpoint
+
+    if not (cfg.base_url or os.environ.get("OPENAI_BASE_URL", "")):
+        raise ConfigError(
+            'method.backend = "remote" needs method.base_url (e.g. http://127.0.0.1:8000/v1) '
+            "or the OPENAI_BASE_URL environment variable"
+        )
+    if not cfg.api_model:
+        raise ConfigError(
+            'method.backend = "remote" needs method.api_model: the model name the server '
+            "serves (GET <base_url>/models lists them)"
+        )
+    return Endpoint.from_env(
+        cfg.base_url, cfg.api_model, cfg.api_key_env, timeout=cfg.timeout, retries=cfg.retries
+    )
+
+
+def served_description(cfg: IclConfig) -> str:
+    """"<api_model> at <scheme://host:port/path>": the served model and its server,
+    without the credentials or query a URL may carry."""
+    from urllib.parse import urlsplit
+
+    url = urlsplit(cfg.base_url or os.environ.get("OPENAI_BASE_URL", ""))
+    host = url.hostname or ""
+    where = f"{url.scheme}://{host}{f':{url.port}' if url.port else ''}{url.path}"
+    return f"{cfg.api_model} at {where}"
+
+
+def token_counter(model: str) -> tuple[Callable[[str], int], Callable[[str, int], str]]:
+    """(count, cut) of a remote prompt's tokens: `count(text)` and `cut(text, n)` (its
+    first n tokens), with `model`'s tokenizer when one is named (`method.model`), else
+    estimated at 4 characters a token."""
+    if model:
+        from fedtune.models import load_tokenizer
+
+        tok = load_tokenizer(model, "decoder")
+        return (
+            lambda s: len(tok(s)["input_ids"]),
+            lambda s, n: str(tok.decode(tok(s, add_special_tokens=False)["input_ids"][:n])),
+        )
+    return (lambda s: math.ceil(len(s) / 4)), (lambda s, n: s[: 4 * n])
 
 
 # --- prompts: pure functions ---------------------------------------------------------
@@ -496,6 +550,7 @@ class ICL(FrozenMethod[IclConfig], QueryFederated):
             ("select_on", cfg.select_on, 1),
             ("max_context", cfg.max_context, 0),
             ("retries", cfg.retries, 0),
+            ("concurrency", cfg.concurrency, 1),
             ("max_tokens", cfg.max_tokens, 1),
             ("batch_size", cfg.batch_size, 1),
         ):
@@ -564,7 +619,7 @@ class ICL(FrozenMethod[IclConfig], QueryFederated):
         self._tokenizer: Any = None
         self._device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self._formulations: dict[str, GenerativeClassifier] = {}
-        self._remote_tokenizer: Any = None
+        self._counter: tuple[Callable[[str], int], Callable[[str, int], str]] | None = None
 
     # --- the demonstration pool -------------------------------------------------------
 
@@ -949,35 +1004,12 @@ class ICL(FrozenMethod[IclConfig], QueryFederated):
     # remote: free-text answers parsed into labels
 
     def _endpoint(self) -> Any:
-        from fedtune.remote import Endpoint
-
-        cfg = self.config
-        if not (cfg.base_url or os.environ.get("OPENAI_BASE_URL", "")):
-            raise ConfigError(
-                'method.backend = "remote" needs method.base_url (e.g. http://127.0.0.1:8000/v1) '
-                "or the OPENAI_BASE_URL environment variable"
-            )
-        if not cfg.api_model:
-            raise ConfigError(
-                'method.backend = "remote" needs method.api_model: the model name the server '
-                "serves (GET <base_url>/models lists them)"
-            )
-        return Endpoint.from_env(
-            cfg.base_url, cfg.api_model, cfg.api_key_env, timeout=cfg.timeout, retries=cfg.retries
-        )
+        return remote_endpoint(self.config)
 
     def _remote_counter(self) -> tuple[Callable[[str], int], Callable[[str, int], str]]:
-        if self.config.model:
-            if self._remote_tokenizer is None:
-                from fedtune.models import load_tokenizer
-
-                self._remote_tokenizer = load_tokenizer(self.config.model, "decoder")
-            tok = self._remote_tokenizer
-            return (
-                lambda s: len(tok(s)["input_ids"]),
-                lambda s, n: str(tok.decode(tok(s, add_special_tokens=False)["input_ids"][:n])),
-            )
-        return (lambda s: math.ceil(len(s) / 4)), (lambda s, n: s[: 4 * n])
+        if self._counter is None:
+            self._counter = token_counter(self.config.model)
+        return self._counter
 
     def _score_remote(
         self, texts: list[str], demos: list[list[int]], variant: Variant, record: bool
@@ -991,7 +1023,7 @@ class ICL(FrozenMethod[IclConfig], QueryFederated):
             TimeRemainingColumn,
         )
 
-        from fedtune.remote import ChatClient, label_logprobs, parse_label
+        from fedtune.remote import ChatClient, label_logprobs, map_requests, parse_label
 
         cfg = self.config
         logprobs = cfg.remote_scoring == "logprobs"
@@ -1019,7 +1051,6 @@ class ICL(FrozenMethod[IclConfig], QueryFederated):
             transient=True,
         )
 
-        flat = np.zeros(len(texts), dtype=bool)  # rows that name no label
         with ChatClient(self._endpoint()) as chat, progress:
             task = progress.add_task("requests", total=len(texts))
 
@@ -1030,23 +1061,23 @@ class ICL(FrozenMethod[IclConfig], QueryFederated):
 
             def content_free(chats: list[list[dict[str, str]]]) -> np.ndarray:
                 progress.update(task, total=len(texts) + len(chats))
-                return np.stack([label_scores(m) for m in chats])
+                return np.stack(map_requests(label_scores, chats, cfg.concurrency))
 
-            for row, (pairs, query) in enumerate(fitted):
-                if logprobs:
-                    scores[row] = label_scores(chat_of(pairs, query))
-                    flat[row] = np.ptp(scores[row]) == 0
-                    continue
-                answer = chat.complete(
-                    chat_of(pairs, query), max_tokens=cfg.max_tokens, temperature=0.0
-                )
-                label = parse_label(answer, self.labels, self.words)
-                if label is None:
-                    flat[row] = True  # a uniform row: no label preferred
-                else:
-                    scores[row] = -1e4
-                    scores[row, index[label]] = 0.0
+            def text_scores(messages: list[dict[str, str]]) -> np.ndarray:
+                answer = chat.complete(messages, max_tokens=cfg.max_tokens, temperature=0.0)
                 progress.advance(task)
+                label = parse_label(answer, self.labels, self.words)
+                row = np.zeros(len(self.labels), dtype=np.float32)  # no label: undecided
+                if label is not None:
+                    row[:] = -1e4
+                    row[index[label]] = 0.0
+                return row
+
+            chats = [chat_of(pairs, query) for pairs, query in fitted]
+            rows = map_requests(label_scores if logprobs else text_scores, chats, cfg.concurrency)
+            if rows:
+                scores = np.stack(rows).astype(np.float32)
+            flat = np.ptp(scores, axis=1) == 0  # a uniform row: no label preferred
             scores = self._calibrated(scores, fitted, chat_of, content_free)
         # Calibration would turn a row that names no label into the label the
         # content-free prompt likes least: such a row stays undecided.
@@ -1067,12 +1098,7 @@ class ICL(FrozenMethod[IclConfig], QueryFederated):
         """The LM that answers: `method.model` (else `model.name`), or the served model
         and its server (without credentials or query a URL may carry)."""
         if self.config.backend == "remote":
-            from urllib.parse import urlsplit
-
-            url = urlsplit(self.config.base_url or os.environ.get("OPENAI_BASE_URL", ""))
-            host = url.hostname or ""
-            where = f"{url.scheme}://{host}{f':{url.port}' if url.port else ''}{url.path}"
-            return f"{self.config.api_model} at {where}"
+            return served_description(self.config)
         return self.model_name
 
     @property

@@ -3,11 +3,18 @@ solved examples in its prompt. The zero-shot row is the "base model" baseline ev
 trained method is measured against.
 
 It is the `icl` method (same `[method]` keys: shots, selection, embedder, seed,
-max_context, batch_size) when `data.task = "generation"`: `ICL.for_task` hands over
-to this class. Demonstrations are rendered like training examples
-(fedtune.generate.InstructionLM): through the chat template as earlier user /
+max_context, batch_size, and the remote backend's) when `data.task = "generation"`:
+`ICL.for_task` hands over to this class. Demonstrations are rendered like training
+examples (fedtune.generate.InstructionLM): through the chat template as earlier user /
 assistant turns, else as earlier prompt + response blocks. Prompts that would pass
-the context budget drop demonstrations, last first. Unlike ICL for classification
+the context budget drop demonstrations, last first.
+
+`method.backend = "remote"` sends the same conversation (the system prompt, each
+demonstration as a user turn answered by an assistant turn, the question with its
+context) to an OpenAI-compatible chat-completions endpoint (fedtune.remote), up to
+`method.concurrency` requests at once, and takes its greedy answer of at most
+`model.max_new_tokens` tokens: the answer length every generation method is measured
+at. The server applies its own chat template. Unlike ICL for classification
 (which federates by query, averaging the sites' label probabilities) it has no
 federated form: the sites' answers are texts, which cannot be averaged, and its
 demonstrations are the sites' own texts, which must not leave them.
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +36,15 @@ from fedtune.errors import ConfigError, ModelError
 from fedtune.evaluate import Metrics
 from fedtune.generate import InstructionLM, answer_metrics, generate_texts
 from fedtune.methods.frozen import FrozenMethod
-from fedtune.methods.icl import MAX_POSITIONS, IclConfig, query_seed
+from fedtune.methods.icl import (
+    MAX_POSITIONS,
+    IclConfig,
+    query_seed,
+    remote_endpoint,
+    served_description,
+    token_counter,
+)
+from fedtune.progress import bars_visible
 
 DEMOS_FILE = "demonstrations.jsonl"
 PROMPT_FILE = "prompt.json"
@@ -45,30 +61,55 @@ class GenerationICL(FrozenMethod[IclConfig]):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         cfg = self.config
-        if cfg.backend != "local":
-            raise ConfigError(
-                'method.backend = "remote" scores label words; generation with icl runs the '
-                'local LM (method.backend = "local")'
-            )
         for key, value, low in (("shots", cfg.shots, 0), ("retrieve", cfg.retrieve, 0),
-                                ("batch_size", cfg.batch_size, 1)):  # fmt: skip
+                                ("batch_size", cfg.batch_size, 1), ("retries", cfg.retries, 0),
+                                ("concurrency", cfg.concurrency, 1),
+                                ("max_context", cfg.max_context, 0)):  # fmt: skip
             if value < low:
                 raise ConfigError(f"method.{key} = {value} must be >= {low}")
         if cfg.calibrate or cfg.prior != "uniform":
             raise ConfigError("method.calibrate and method.prior correct label scores; "
                               "generation has none: leave them unset")  # fmt: skip
+        tokens = self.model_config.max_new_tokens
+        if cfg.max_context and cfg.max_context <= tokens:
+            raise ConfigError(f"method.max_context = {cfg.max_context} leaves no room for a "
+                              f"prompt: it holds the answer's model.max_new_tokens = {tokens} "
+                              "too; raise it, or 0 for the model's own limit")  # fmt: skip
+        if cfg.backend == "remote":
+            if cfg.remote_scoring != "text":
+                raise ConfigError('method.remote_scoring = "logprobs" scores label words; a '
+                                  'generation answer is text: leave it "text"')  # fmt: skip
+            if cfg.max_tokens != IclConfig.max_tokens:
+                raise ConfigError(
+                    f"method.max_tokens = {cfg.max_tokens} limits a label answer; a generation "
+                    f"answer is at most model.max_new_tokens = {self.model_config.max_new_tokens}"
+                    " tokens, locally and remotely: set that instead"
+                )
+            if cfg.timeout <= 0:
+                raise ConfigError(f"method.timeout = {cfg.timeout} must be > 0 seconds")
+        elif cfg.backend != "local":
+            raise ConfigError(f'method.backend = {cfg.backend!r}: use "local" or "remote"')
         self.model_name = cfg.model or self.model_config.name
         self._pool: list[Example] = []
         self._vectors: np.ndarray | None = None
         self._embedder: Any = None
         self._lm: Any = None
         self._form: InstructionLM | None = None
+        self._counter: tuple[Callable[[str], int], Callable[[str, int], str]] | None = None
         self.dropped = 0
+        self.cut = 0
+        if cfg.backend == "remote":
+            remote_endpoint(cfg)  # a missing URL or model name fails now, not after work
+
+    @property
+    def remote(self) -> bool:
+        return self.config.backend == "remote"
 
     @property
     def model_description(self) -> str:
-        """The LM that answers: `method.model`, else `model.name`."""
-        return self.model_name
+        """The LM that answers: `method.model` (else `model.name`), or the served model
+        and its server."""
+        return served_description(self.config) if self.remote else self.model_name
 
     # --- the model and the prompt ------------------------------------------------------
 
@@ -85,9 +126,12 @@ class GenerationICL(FrozenMethod[IclConfig]):
         return self._form
 
     def _budget(self) -> int:
-        """Prompt tokens allowed: the context window less the answer's tokens."""
+        """Prompt tokens allowed: the context window less the answer's tokens (remote:
+        `method.max_context` or no limit)."""
         if self.config.max_context:
             return self.config.max_context - self.model_config.max_new_tokens
+        if self.remote:
+            return 1 << 60
         mc = self._lm.config
         positions = getattr(mc, "max_position_embeddings", None) or MAX_POSITIONS
         return min(int(positions), MAX_POSITIONS) - self.model_config.max_new_tokens
@@ -178,15 +222,95 @@ class GenerationICL(FrozenMethod[IclConfig]):
         return [replace(q, context="\n\n".join(passages[j] for j in row))
                 for q, row in zip(queries, top, strict=True)]  # fmt: skip
 
+    # --- the remote backend ----------------------------------------------------------------
+
+    def _messages(self, demos: list[Example], query: Example) -> list[dict[str, str]]:
+        """The conversation a server is sent: the system prompt (`model.system_prompt`),
+        each demonstration as a user turn (context, then instruction, as the local chat
+        prompt has them) answered by its response, then the question. With
+        `method.max_context` set, demonstrations are dropped (last first) until the
+        prompt and `model.max_new_tokens` fit; a question still too long alone keeps the
+        start of its context (counted with `method.model`'s tokenizer when named, else
+        at 4 characters a token)."""
+        system = self.model_config.system_prompt
+
+        def user(e: Example, context: str) -> dict[str, str]:
+            return {"role": "user", "content": f"{context}\n\n{e.text}" if context else e.text}
+
+        def chat(shots: list[Example], context: str) -> list[dict[str, str]]:
+            msgs = [{"role": "system", "content": system}] if system else []
+            for d in shots:
+                msgs += [user(d, d.context), {"role": "assistant", "content": d.response}]
+            return [*msgs, user(query, context)]
+
+        if not self.config.max_context:
+            return chat(demos, query.context)
+        if self._counter is None:
+            self._counter = token_counter(self.config.model)
+        count, cut = self._counter
+        budget = self._budget()
+
+        def size(msgs: list[dict[str, str]]) -> int:
+            return count("\n".join(m["content"] for m in msgs))
+
+        shots = list(demos)
+        while shots and size(chat(shots, query.context)) > budget:
+            shots.pop()  # the last demonstration first
+            self.dropped += 1
+        msgs = chat(shots, query.context)
+        over = size(msgs) - budget
+        if over > 0 and query.context:
+            keep = max(0, count(query.context) - over)
+            msgs = chat(shots, cut(query.context, keep))
+            self.cut += 1
+        return msgs
+
+    def _answer_remote(self, queries: list[Example], demos: list[list[Example]]) -> list[str]:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        from fedtune.remote import ChatClient, map_requests
+
+        chats = [self._messages(d, q) for d, q in zip(demos, queries, strict=True)]
+        progress = Progress(TextColumn(f"[bold]icl {self.config.shots}-shot[/] remote"),
+                            BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            TimeRemainingColumn(), disable=not bars_visible(),
+                            transient=True)  # fmt: skip
+        tokens = self.model_config.max_new_tokens
+        with ChatClient(remote_endpoint(self.config)) as client, progress:
+            task = progress.add_task("requests", total=len(chats))
+
+            def ask(messages: list[dict[str, str]]) -> str:
+                text = client.complete(messages, max_tokens=tokens, temperature=0.0)
+                progress.advance(task)
+                return text.strip()
+
+            return map_requests(ask, chats, self.config.concurrency)
+
     # --- answering -----------------------------------------------------------------------
 
     def answer(self, queries: list[Example]) -> list[str]:
         """Greedy answers to generation examples (their responses are not looked at)."""
-        form = self._load()
         if self.config.retrieve > 0:
             queries = self._grounded(queries)
-        self.dropped = 0
+        self.dropped = self.cut = 0
         demos = self._demonstrations(queries)
+        if self.remote:
+            answers = self._answer_remote(queries, demos)
+            if self.dropped:
+                self.notes.append(f"{self.dropped} demonstrations dropped to fit the context "
+                                  f"budget of {self._budget()} prompt tokens")  # fmt: skip
+            if self.cut:
+                self.notes.append(f"{self.cut} of {len(queries)} contexts cut to fit "
+                                  f"{self._budget()} prompt tokens")  # fmt: skip
+            return answers
+        form = self._load()
         prompts = [self._prompt(form, d, q) for d, q in zip(demos, queries, strict=True)]
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self._lm.to(device)
@@ -219,6 +343,8 @@ class GenerationICL(FrozenMethod[IclConfig]):
 
     @property
     def base_parameters(self) -> int:
+        if self.remote:
+            return 0  # not known here: the server holds the model
         self._load()
         return int(sum(p.numel() for p in self._lm.parameters()))
 
