@@ -466,6 +466,34 @@ def test_a_comparison_reads_the_two_findings_off_its_runs() -> None:
     assert "| ptuning | -1.0 | +1.5 (site-2) | - |" in findings(gen, "rougeL")
 
 
+def test_the_findings_read_off_the_validation_loss_as_the_post_does() -> None:
+    """The post's figures are validation-loss curves: the findings also compare each
+    run's lowest shared validation loss, federated against centralized and every site;
+    a method without losses (frozen) gets no row there."""
+    from fedtune.federated.compare import findings
+
+    def row(method: str, regime: str, site: str, loss: float) -> dict[str, object]:
+        return {"method": method, "regime": regime, "site": site, "accuracy": 0.9,
+                "n_test": 400, "best_val_loss": loss}  # fmt: skip
+
+    nan = float("nan")
+    rows = [row("ptuning", "centralized", "all", 0.042), row("ptuning", "local", "site-1", 0.24),
+            row("ptuning", "local", "site-2", 0.12), row("ptuning", "federated", "all", 0.14),
+            row("lora", "centralized", "all", 0.116), row("lora", "local", "site-1", 0.173),
+            row("lora", "federated", "all", 0.077), row("knn", "centralized", "all", nan),
+            row("knn", "federated", "all", nan)]  # fmt: skip
+    lines = findings(rows, "accuracy")
+    assert ("| ptuning | 0.1400 | 0.0420 | 0.1200 (site-2) | above centralized (3.33x); "
+            "not below site-2 |") in lines
+    assert ("| lora | 0.0770 | 0.1160 | 0.1730 (site-1) | below centralized (0.66x); "
+            "below every local-only site |") in lines
+    assert not any(line.startswith("| knn | nan") for line in lines)
+    assert lines.index("| method | federated | centralized | lowest local-only site | "
+                       "federated |") < lines.index("| ptuning | +0.0 | +0.0 (site-1) | 1.5 |")
+    no_loss = [{k: v for k, v in r.items() if k != "best_val_loss"} for r in rows]
+    assert not any("lowest local-only site" in line for line in findings(no_loss, "accuracy"))
+
+
 def test_the_findings_carry_a_paired_interval_from_per_example_scores() -> None:
     """With each run's per-example test scores, each gap gets its paired bootstrap 95%
     interval: a gap made of the same shift on every example has a zero-width interval;

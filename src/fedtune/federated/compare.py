@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import shutil
 import time
 from collections.abc import Iterator
@@ -597,6 +598,49 @@ def _gap(fed: dict[str, Any], other: dict[str, Any], top: str) -> str:
     return text
 
 
+def _loss_findings(rows: list[dict[str, Any]]) -> list[str]:
+    """The findings as the source post reads them, off its validation-loss curves: each
+    run's lowest loss on the shared validation set (the model it kept), federated
+    against centralized and every local-only site. Empty when no method has a
+    federated loss and another regime's (frozen methods have none)."""
+
+    def loss(r: dict[str, Any] | None) -> float | None:
+        v = (r or {}).get("best_val_loss")
+        return float(v) if isinstance(v, int | float) and math.isfinite(v) else None
+
+    lines = []
+    for method in dict.fromkeys(r["method"] for r in rows):
+        runs = [r for r in rows if r["method"] == method]
+        fed = loss(next((r for r in runs if r["regime"] == "federated"), None))
+        cen = loss(next((r for r in runs if r["regime"] == "centralized"), None))
+        sites = [(r["site"], v) for r in runs if r["regime"] == "local" and (v := loss(r))
+                 is not None]  # fmt: skip
+        if fed is None or (cen is None and not sites):
+            continue
+        said = []
+        if cen is not None:
+            ratio = f" ({fed / cen:.2f}x)" if cen > 0 else ""
+            said.append(f"{'below' if fed < cen else 'above'} centralized{ratio}")
+        if sites:
+            above = [name for name, v in sites if v <= fed]
+            said.append("below every local-only site" if not above
+                        else f"not below {', '.join(above)}")  # fmt: skip
+        low = min(sites, key=lambda x: x[1]) if sites else None
+        lines.append(f"| {method} | {fed:.4f} | {'-' if cen is None else f'{cen:.4f}'} | "
+                     + (f"{low[1]:.4f} ({low[0]})" if low else "-")
+                     + f" | {'; '.join(said)} |")  # fmt: skip
+    if not lines:
+        return []
+    return [
+        "The post reads both findings off validation-loss curves (figures (a) and (b)): "
+        "each run's lowest loss on the shared validation set, the model it kept "
+        "(federated: its best round's global model).", "",
+        "| method | federated | centralized | lowest local-only site | federated |",
+        "|---|---|---|---|---|", *lines, "",
+        "On the test set, which chose no model:", "",
+    ]  # fmt: skip
+
+
 def findings(rows: list[dict[str, Any]], top: str) -> list[str]:
     """The source post's two findings, read off one comparison, per method: federated
     against centralized training, and against the best local-only site, in points of
@@ -627,6 +671,7 @@ def findings(rows: list[dict[str, Any]], top: str) -> list[str]:
             "(`data.group_column`)" if groups else "the test examples")
     return [
         "## The source post's two findings", "",
+        *_loss_findings(rows),
         f"Federated ≈ centralized, and federated above every site trained alone: test "
         f"{LABEL[top]} of the federated model minus each, in points (positive: federated "
         f"higher), with [the 95% interval] of a paired bootstrap over {over}: "
