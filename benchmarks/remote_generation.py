@@ -22,19 +22,17 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from remote_icl import free_port, wait_ready
+from remote_icl import served
 
 from fedtune.config import load_config, method_config
 from fedtune.data import make_splits
 from fedtune.generate import score_texts
 from fedtune.methods.icl_generate import GenerationICL
-from fedtune.serve import SERVERS, choose_server, gguf_of, server_command
+from fedtune.serve import SERVERS
 
 ROOT = Path(__file__).resolve().parent.parent
 TATQA = ROOT / "examples" / "tatqa-lora.toml"
@@ -59,23 +57,12 @@ def main() -> None:
     splits = make_splits(cfg.data)
     test = splits.test[: args.test]
     mc = cfg.model
-    gguf, alias = gguf_of(args.model)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/v1"
-    log = Path(tempfile.mkdtemp(prefix="fedtune-serve-")) / "server.log"
-    server = choose_server(args.server, args.python)
-    cmd = server_command(server, args.python, gguf, alias, "127.0.0.1", port, 2048, args.threads,
-                         args.batching)  # fmt: skip
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd.argv, cwd=cmd.cwd, env=cmd.environment(), stdout=out,
-                                stderr=subprocess.STDOUT)  # fmt: skip
-    try:
-        ready = wait_ready(url, proc)
+    with served(args.model, args.server, args.python, args.threads,
+                args.batching) as (url, alias, server, ready, log):  # fmt: skip
         print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-              f"server: {server}{' with continuous batching' if args.batching else ''} "
-              f"({gguf.name}), ready in "
-              f"{ready:.1f} s (log {log}); TAT-QA, the first {len(test)} test questions of "
-              f"{TATQA.name}'s split; {args.shots}-shot; answers of at most "
+              f"server: {server}{' with continuous batching' if args.batching else ''}, "
+              f"ready in {ready:.1f} s (log {log}); TAT-QA, the first {len(test)} test "
+              f"questions of {TATQA.name}'s split; {args.shots}-shot; answers of at most "
               f"{mc.max_new_tokens} tokens")  # fmt: skip
         print()
         print("| backend | requests at once | EM | F1 | ROUGE-L | answers/s "
@@ -108,12 +95,6 @@ def main() -> None:
             print(f"| {backend} | {concurrency if backend == 'remote' else ''} | "
                   f"{mean['exact_match']:.4f} | {mean['f1']:.4f} | {mean['rougeL']:.4f} | "
                   f"{len(test) / secs:.3f} | {same} |", flush=True)  # fmt: skip
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ the two backends predict the same label.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import socket
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -58,6 +60,33 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 300.0) 
     raise SystemExit(f"the server did not answer within {timeout:.0f} s")
 
 
+@contextlib.contextmanager
+def served(
+    model: str, server: str, python: str, threads: int, batching: bool = False
+) -> Iterator[tuple[str, str, str, float, Path]]:
+    """Start `fedtune models serve`'s command for `model` on a free port; yields (base
+    URL, the model's alias, the server chosen, seconds until it answered, its log) and
+    stops it on leaving."""
+    gguf, alias = gguf_of(model)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/v1"
+    log = Path(tempfile.mkdtemp(prefix="fedtune-serve-")) / "server.log"
+    chosen = choose_server(server, python)
+    cmd = server_command(chosen, python, gguf, alias, "127.0.0.1", port, 2048, threads,
+                         batching)  # fmt: skip
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd.argv, cwd=cmd.cwd, env=cmd.environment(), stdout=out,
+                                stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        yield url, alias, f"{chosen} ({gguf.name})", wait_ready(url, proc), log
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="smollm2")
@@ -81,19 +110,10 @@ def main() -> None:
         p.error("--calibrate needs --scoring logprobs (free-text answers give no label scores)")
     splits, _, y, texts = fpb_test(args.test, args.seed)
     labels = splits.labels
-    gguf, alias = gguf_of(args.model)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/v1"
-    log = Path(tempfile.mkdtemp(prefix="fedtune-serve-")) / "server.log"
-    server = choose_server(args.server, args.python)
-    cmd = server_command(server, args.python, gguf, alias, "127.0.0.1", port, 2048, args.threads)
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd.argv, cwd=cmd.cwd, env=cmd.environment(), stdout=out,
-                                stderr=subprocess.STDOUT)  # fmt: skip
-    try:
-        ready = wait_ready(url, proc)
+    with served(args.model, args.server, args.python, args.threads) as (url, alias, server,
+                                                                         ready, log):
         print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-              f"server: {server} ({gguf.name}), ready in {ready:.1f} s (log {log}); FPB all-agree, "
+              f"server: {server}, ready in {ready:.1f} s (log {log}); FPB all-agree, "
               f"{len(texts)} test sentences (stratified, seed {args.seed}); {args.selection} "
               "demonstrations; remote: " + (f"answers of at most {args.max_tokens} tokens"
               if args.scoring == "text" else "label words scored from top_logprobs")
@@ -125,12 +145,6 @@ def main() -> None:
                 same = "" if backend == "local" else f"{(pred == preds['local']).mean():.4f}"
                 print(f"| {shots} | {backend} | {acc:.4f} | {f1:.4f} | {none:.4f} | "
                       f"{len(texts) / secs:.2f} | {same} |", flush=True)  # fmt: skip
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 if __name__ == "__main__":

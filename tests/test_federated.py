@@ -477,19 +477,25 @@ def test_the_findings_read_off_the_validation_loss_as_the_post_does() -> None:
                 "n_test": 400, "best_val_loss": loss}  # fmt: skip
 
     nan = float("nan")
+    frozen = [{**row("knn", regime, "all", 0.3), "kind": "frozen"}
+              for regime in ("centralized", "federated")]  # fmt: skip
     rows = [row("ptuning", "centralized", "all", 0.042), row("ptuning", "local", "site-1", 0.24),
             row("ptuning", "local", "site-2", 0.12), row("ptuning", "federated", "all", 0.14),
             row("lora", "centralized", "all", 0.116), row("lora", "local", "site-1", 0.173),
-            row("lora", "federated", "all", 0.077), row("knn", "centralized", "all", nan),
-            row("knn", "federated", "all", nan)]  # fmt: skip
+            row("lora", "federated", "all", 0.077), *frozen,
+            row("ia3", "centralized", "all", 0.2), row("ia3", "federated", "all", nan)]  # fmt: skip
     lines = findings(rows, "accuracy")
     assert ("| ptuning | 0.1400 | 0.0420 | 0.1200 (site-2) | above centralized (3.33x); "
             "not below site-2 |") in lines
     assert ("| lora | 0.0770 | 0.1160 | 0.1730 (site-1) | below centralized (0.66x); "
             "below every local-only site |") in lines
-    assert not any(line.startswith("| knn | nan") for line in lines)
+    # A frozen method keeps no model by its loss; a NaN loss is no reading.
+    assert not any(line.startswith(("| knn | 0.3", "| ia3 | nan")) for line in lines)
     assert lines.index("| method | federated | centralized | lowest local-only site | "
-                       "federated |") < lines.index("| ptuning | +0.0 | +0.0 (site-1) | 1.5 |")
+                       "reading |") < lines.index("| ptuning | +0.0 | +0.0 (site-1) | 1.5 |")
+    level = findings([row("lora", "centralized", "all", 0.1), row("lora", "federated", "all",
+                                                                  0.1)], "accuracy")  # fmt: skip
+    assert "| lora | 0.1000 | 0.1000 | - | level with centralized (1.00x) |" in level
     no_loss = [{k: v for k, v in r.items() if k != "best_val_loss"} for r in rows]
     assert not any("lowest local-only site" in line for line in findings(no_loss, "accuracy"))
 

@@ -417,19 +417,24 @@ def test_icl_generation_answers_from_a_remote_server(dolly: Path, tmp_path: Path
     requests in flight; the answers are scored like the local LM's and the run
     predicts again from its saved demonstrations."""
     import threading
-    import time
 
     from openai_stub import OpenAIStub
 
     from fedtune.regimes import run_centralized
 
-    arrivals: list[float] = []
+    # The first five requests are answered only once all five are in the server at once
+    # (concurrency 5; a barrier, not a clock); the sixth follows.
+    together = threading.Barrier(5, timeout=20)
+    seen = []
     lock = threading.Lock()
 
     def slow(body: dict[str, object]) -> tuple[object, ...]:
         with lock:
-            arrivals.append(time.monotonic())
-        return ("sleep", 0.3, _solve(body))
+            seen.append(body)
+            first = len(seen) <= 5
+        if first:
+            together.wait()
+        return ("sleep", 0.01, _solve(body))
 
     with OpenAIStub(responder=slow) as stub:
         cfg = _gen_cfg(dolly, "minilm", tmp_path, "method.name=icl", "method.backend=remote",
@@ -441,8 +446,6 @@ def test_icl_generation_answers_from_a_remote_server(dolly: Path, tmp_path: Path
         assert len(bodies) == s["n_test"] == 6
         assert s["exact_match"] == 1.0 and s["model"] == f"stub-model at {stub.url}"
         assert s["base_parameters"] == 0
-        # 6 requests of 0.3 s, 5 at once: all but one arrived before the first answer.
-        assert sorted(arrivals)[4] - min(arrivals) < 0.25
         for body in bodies:
             assert body["max_tokens"] == 4 and body["temperature"] == 0.0
             roles = [m["role"] for m in body["messages"]]
@@ -473,6 +476,17 @@ def test_icl_generation_answers_from_a_remote_server(dolly: Path, tmp_path: Path
         assert [m["role"] for m in sent] == ["user"] and len(sent[0]["content"]) <= 4 * 8
         assert tight.notes == ["2 demonstrations dropped to fit the context budget of 8 prompt "
                                "tokens", "1 of 1 contexts cut to fit 8 prompt tokens"]  # fmt: skip
+        # model.context_keep = "end" keeps a context's end, as the local prompt does; a
+        # question longer than the budget alone goes as it is, and the notes say so.
+        ends = GenerationICL(tight.config, ModelConfig(name="minilm", max_new_tokens=4,
+                                                       context_keep="end"), [], seed=0)  # fmt: skip
+        ends.fit(tight._pool)
+        ends.answer([replace(long, context="x" * 80 + " code 34")])
+        assert stub.chat_requests[-1].body["messages"][-1]["content"].startswith("x")
+        assert "code 34" in stub.chat_requests[-1].body["messages"][-1]["content"]
+        ends.answer([Example("Repeat the code. " * 4, "copy", context="code 56", response="")])
+        assert stub.chat_requests[-1].body["messages"][-1]["content"] == "Repeat the code. " * 4
+        assert ends.notes[-1].startswith("1 of 1 prompts are over the budget of 8 prompt tokens")
 
 
 def test_icl_generation_remote_refuses_label_options(dolly: Path, tmp_path: Path) -> None:

@@ -418,6 +418,21 @@ def test_map_requests_keeps_order_and_stops_at_the_first_error() -> None:
 
     with pytest.raises(EndpointError, match="item 0"):
         map_requests(fail, list(range(40)), 2)
-    assert len(started) <= 4  # the calls not yet started were cancelled
-    with pytest.raises(EndpointError, match=r"method\.concurrency = 0 must be >= 1"):
+    assert len(started) <= 4  # 2 in flight and a race each: nothing starts after a failure
+    # A slow first item does not hide a failure behind it: the failure stops the rest
+    # at once, and the error raised is that of the earliest item that failed.
+    started.clear()
+
+    def second_fails(i: int) -> int:
+        with lock:
+            started.append(i)
+        if i == 0:
+            time.sleep(0.5)
+            return 0
+        raise EndpointError(f"item {i}")
+
+    with pytest.raises(EndpointError, match="item 1"):
+        map_requests(second_fails, list(range(200)), 2)
+    assert len(started) <= 6
+    with pytest.raises(ValueError, match="concurrency must be >= 1, got 0"):
         map_requests(slow, [1, 2], 0)

@@ -37,7 +37,7 @@ import string
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeVar
@@ -289,26 +289,44 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
+class _Skipped(Exception):
+    """A call not made because an earlier one failed (map_requests)."""
+
+
 def map_requests(fn: Callable[[T], R], items: Sequence[T], concurrency: int) -> list[R]:
     """`[fn(x) for x in items]` with up to `concurrency` calls in flight at once
-    (threads: each call waits on the network). Results keep the order of `items`. The
-    first exception is raised once the calls already running have ended; the calls not
-    yet started are cancelled, so a dead server costs at most `concurrency` requests'
-    retries, not one per item."""
+    (threads: each call waits on the network). Results keep the order of `items`. After
+    the first exception no call starts (the ones in flight end), and the exception of
+    the earliest item that failed is raised: a dead or refusing server costs about
+    `concurrency` requests, not one per item. 1: a plain loop."""
     if concurrency < 1:
-        raise EndpointError(f"method.concurrency = {concurrency} must be >= 1 (1: one request "
-                            "at a time)")  # fmt: skip
+        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     if concurrency == 1 or len(items) <= 1:
         return [fn(x) for x in items]
-    workers = min(concurrency, len(items))
-    with ThreadPoolExecutor(workers, thread_name_prefix="fedtune-remote") as pool:
-        futures = [pool.submit(fn, x) for x in items]
+    failed = threading.Event()
+
+    def call(x: T) -> R:
+        if failed.is_set():
+            raise _Skipped
         try:
-            return [f.result() for f in futures]
+            return fn(x)
         except BaseException:
-            for f in futures:
-                f.cancel()
+            failed.set()
             raise
+
+    pool = ThreadPoolExecutor(min(concurrency, len(items)), thread_name_prefix="fedtune-remote")
+    futures = [pool.submit(call, x) for x in items]
+    try:
+        wait(futures, return_when=FIRST_EXCEPTION)
+    except BaseException:  # Ctrl-C while waiting: start nothing more
+        failed.set()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    for f in futures:
+        if not f.cancelled() and not isinstance(f.exception(), _Skipped | None):
+            raise f.exception()  # type: ignore[misc]
+    return [f.result() for f in futures]
 
 
 def _content(url: str, resp: httpx.Response) -> str:

@@ -599,10 +599,11 @@ def _gap(fed: dict[str, Any], other: dict[str, Any], top: str) -> str:
 
 
 def _loss_findings(rows: list[dict[str, Any]]) -> list[str]:
-    """The findings as the source post reads them, off its validation-loss curves: each
-    run's lowest loss on the shared validation set (the model it kept), federated
-    against centralized and every local-only site. Empty when no method has a
-    federated loss and another regime's (frozen methods have none)."""
+    """The findings as the source post reads them, off its validation-loss curves: the
+    loss on the shared validation set of the model each run kept (by default its
+    lowest: `train.select_by`), federated against centralized and every local-only
+    site. Trained methods only: a frozen method has no curve and keeps no model by its
+    loss. Empty when no method has a federated loss and another regime's."""
 
     def loss(r: dict[str, Any] | None) -> float | None:
         v = (r or {}).get("best_val_loss")
@@ -610,7 +611,7 @@ def _loss_findings(rows: list[dict[str, Any]]) -> list[str]:
 
     lines = []
     for method in dict.fromkeys(r["method"] for r in rows):
-        runs = [r for r in rows if r["method"] == method]
+        runs = [r for r in rows if r["method"] == method and r.get("kind") != "frozen"]
         fed = loss(next((r for r in runs if r["regime"] == "federated"), None))
         cen = loss(next((r for r in runs if r["regime"] == "centralized"), None))
         sites = [(r["site"], v) for r in runs if r["regime"] == "local" and (v := loss(r))
@@ -620,7 +621,8 @@ def _loss_findings(rows: list[dict[str, Any]]) -> list[str]:
         said = []
         if cen is not None:
             ratio = f" ({fed / cen:.2f}x)" if cen > 0 else ""
-            said.append(f"{'below' if fed < cen else 'above'} centralized{ratio}")
+            side = "below" if fed < cen else "above" if fed > cen else "level with"
+            said.append(f"{side} centralized{ratio}")
         if sites:
             above = [name for name, v in sites if v <= fed]
             said.append("below every local-only site" if not above
@@ -633,9 +635,10 @@ def _loss_findings(rows: list[dict[str, Any]]) -> list[str]:
         return []
     return [
         "The post reads both findings off validation-loss curves (figures (a) and (b)): "
-        "each run's lowest loss on the shared validation set, the model it kept "
-        "(federated: its best round's global model).", "",
-        "| method | federated | centralized | lowest local-only site | federated |",
+        "the loss on the shared validation set of the model each run kept (its lowest "
+        "unless `train.select_by` chose by a metric; federated: the best round's global "
+        "model).", "",
+        "| method | federated | centralized | lowest local-only site | reading |",
         "|---|---|---|---|---|", *lines, "",
         "On the test set, which chose no model:", "",
     ]  # fmt: skip

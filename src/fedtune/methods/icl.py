@@ -68,7 +68,7 @@ from fedtune.embed import Embedder
 from fedtune.errors import ConfigError, ModelError
 from fedtune.methods import register
 from fedtune.methods.frozen import FrozenMethod, Payload, QueryFederated, log_normalize
-from fedtune.progress import bars_visible
+from fedtune.progress import count_bar
 from fedtune.vectorstore import VectorStore
 
 PROMPT_FILE = "prompt.json"
@@ -82,7 +82,6 @@ _PLACEHOLDER = re.compile(r"\{(\w*)\}")
 _NO_LIMIT = 1 << 60
 Renderer = Callable[[list[tuple[str, str]], str], str]
 """(demonstration pairs, query text) -> the prompt."""
-
 
 
 @dataclass(frozen=True)
@@ -136,10 +135,12 @@ class IclConfig(MethodConfig):
     """remote: seconds per request."""
     retries: int = 3
     """remote: extra attempts after a transient failure (timeout, 429, 5xx)."""
-    concurrency: int = 4
-    """remote: requests in flight at once (1: one at a time). A server that batches
-    (vLLM, llama.cpp's server with `--parallel N`, a hosted API) answers them together;
-    one that does not queues them. Answers are the same either way."""
+    concurrency: int = 1
+    """remote: requests in flight at once. A server that batches them (vLLM, llama.cpp's
+    `llama-server --parallel N`, `fedtune models serve --batching`, a hosted API)
+    answers them together: 2x the answers a second at 4 on 2 CPU cores
+    (docs/benchmarks.md). One that answers one at a time queues them, and a queued
+    request's wait counts against `timeout`: keep 1 there."""
     max_tokens: int = 16
     """remote: answer length limit. A small chat model often answers a full sentence
     ("The sentiment of ... is Negative."): at 8 tokens 55% of SmolLM2's zero-shot
@@ -217,7 +218,7 @@ def remote_endpoint(cfg: IclConfig) -> Any:
 
 
 def served_description(cfg: IclConfig) -> str:
-    """"<api_model> at <scheme://host:port/path>": the served model and its server,
+    """`<api_model> at <scheme://host:port/path>`: the served model and its server,
     without the credentials or query a URL may carry."""
     from urllib.parse import urlsplit
 
@@ -227,19 +228,30 @@ def served_description(cfg: IclConfig) -> str:
     return f"{cfg.api_model} at {where}"
 
 
-def token_counter(model: str) -> tuple[Callable[[str], int], Callable[[str, int], str]]:
-    """(count, cut) of a remote prompt's tokens: `count(text)` and `cut(text, n)` (its
-    first n tokens), with `model`'s tokenizer when one is named (`method.model`), else
-    estimated at 4 characters a token."""
+Cutter = Callable[..., str]
+"""cut(text, n, end=False) -> the first (`end`: last) n tokens of text."""
+
+
+def token_counter(model: str) -> tuple[Callable[[str], int], Cutter]:
+    """(count, cut) of a remote prompt's tokens: `count(text)` and `cut(text, n,
+    end=False)` (its first n tokens, or its last n), with `model`'s tokenizer when one
+    is named (`method.model`), else estimated at 4 characters a token."""
     if model:
         from fedtune.models import load_tokenizer
 
         tok = load_tokenizer(model, "decoder")
-        return (
-            lambda s: len(tok(s)["input_ids"]),
-            lambda s, n: str(tok.decode(tok(s, add_special_tokens=False)["input_ids"][:n])),
-        )
-    return (lambda s: math.ceil(len(s) / 4)), (lambda s, n: s[: 4 * n])
+
+        def cut(s: str, n: int, end: bool = False) -> str:
+            ids = tok(s, add_special_tokens=False)["input_ids"]
+            return str(tok.decode(ids[len(ids) - n :] if end else ids[:n])) if n > 0 else ""
+
+        return (lambda s: len(tok(s)["input_ids"])), cut
+
+    def cut_chars(s: str, n: int, end: bool = False) -> str:
+        keep = max(0, 4 * n)
+        return (s[len(s) - keep :] if end else s[:keep]) if keep else ""
+
+    return (lambda s: math.ceil(len(s) / 4)), cut_chars
 
 
 # --- prompts: pure functions ---------------------------------------------------------
@@ -619,7 +631,7 @@ class ICL(FrozenMethod[IclConfig], QueryFederated):
         self._tokenizer: Any = None
         self._device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self._formulations: dict[str, GenerativeClassifier] = {}
-        self._counter: tuple[Callable[[str], int], Callable[[str, int], str]] | None = None
+        self._counter: tuple[Callable[[str], int], Cutter] | None = None
 
     # --- the demonstration pool -------------------------------------------------------
 
@@ -1006,7 +1018,7 @@ class ICL(FrozenMethod[IclConfig], QueryFederated):
     def _endpoint(self) -> Any:
         return remote_endpoint(self.config)
 
-    def _remote_counter(self) -> tuple[Callable[[str], int], Callable[[str, int], str]]:
+    def _remote_counter(self) -> tuple[Callable[[str], int], Cutter]:
         if self._counter is None:
             self._counter = token_counter(self.config.model)
         return self._counter
@@ -1014,15 +1026,6 @@ class ICL(FrozenMethod[IclConfig], QueryFederated):
     def _score_remote(
         self, texts: list[str], demos: list[list[int]], variant: Variant, record: bool
     ) -> np.ndarray:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
         from fedtune.remote import ChatClient, label_logprobs, map_requests, parse_label
 
         cfg = self.config
@@ -1041,15 +1044,7 @@ class ICL(FrozenMethod[IclConfig], QueryFederated):
         fitted = self._fit_all(texts, demos, render, count, cut, budget, total, record)
         scores = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
         index = {label: i for i, label in enumerate(self.labels)}
-        progress = Progress(
-            TextColumn("[bold]icl[/] remote"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            disable=len(texts) < PROGRESS_MIN or not bars_visible(),
-            transient=True,
-        )
+        progress = count_bar("[bold]icl[/] remote", hide=len(texts) < PROGRESS_MIN)
 
         with ChatClient(self._endpoint()) as chat, progress:
             task = progress.add_task("requests", total=len(texts))

@@ -38,13 +38,14 @@ from fedtune.generate import InstructionLM, answer_metrics, generate_texts
 from fedtune.methods.frozen import FrozenMethod
 from fedtune.methods.icl import (
     MAX_POSITIONS,
+    Cutter,
     IclConfig,
     query_seed,
     remote_endpoint,
     served_description,
     token_counter,
 )
-from fedtune.progress import bars_visible
+from fedtune.progress import count_bar
 
 DEMOS_FILE = "demonstrations.jsonl"
 PROMPT_FILE = "prompt.json"
@@ -95,9 +96,8 @@ class GenerationICL(FrozenMethod[IclConfig]):
         self._embedder: Any = None
         self._lm: Any = None
         self._form: InstructionLM | None = None
-        self._counter: tuple[Callable[[str], int], Callable[[str, int], str]] | None = None
-        self.dropped = 0
-        self.cut = 0
+        self._counter: tuple[Callable[[str], int], Cutter] | None = None
+        self.dropped = self.cut = self.over = 0
         if cfg.backend == "remote":
             remote_endpoint(cfg)  # a missing URL or model name fails now, not after work
 
@@ -230,8 +230,10 @@ class GenerationICL(FrozenMethod[IclConfig]):
         prompt has them) answered by its response, then the question. With
         `method.max_context` set, demonstrations are dropped (last first) until the
         prompt and `model.max_new_tokens` fit; a question still too long alone keeps the
-        start of its context (counted with `method.model`'s tokenizer when named, else
-        at 4 characters a token)."""
+        start of its context (its end with `model.context_keep = "end"`), counted with
+        `method.model`'s tokenizer when named, else at 4 characters a token. A question
+        (with the system prompt) longer than the budget alone is sent as it is and
+        counted in the notes."""
         system = self.model_config.system_prompt
 
         def user(e: Example, context: str) -> dict[str, str]:
@@ -260,28 +262,26 @@ class GenerationICL(FrozenMethod[IclConfig]):
         msgs = chat(shots, query.context)
         over = size(msgs) - budget
         if over > 0 and query.context:
-            keep = max(0, count(query.context) - over)
-            msgs = chat(shots, cut(query.context, keep))
+            # Which end of a context is kept: model.context_keep, as the local prompt does.
+            end = self.model_config.context_keep == "end"
+            keep = count(query.context) - over
+            while over > 0 and keep > 0:  # counts of pieces need not add up: measure again
+                msgs = chat(shots, cut(query.context, keep, end=end))
+                over = size(msgs) - budget
+                keep -= max(over, 1)
+            if over > 0:
+                msgs = chat(shots, "")
+                over = size(msgs) - budget
             self.cut += 1
+        if over > 0:
+            self.over += 1
         return msgs
 
     def _answer_remote(self, queries: list[Example], demos: list[list[Example]]) -> list[str]:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
         from fedtune.remote import ChatClient, map_requests
 
         chats = [self._messages(d, q) for d, q in zip(demos, queries, strict=True)]
-        progress = Progress(TextColumn(f"[bold]icl {self.config.shots}-shot[/] remote"),
-                            BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                            TimeRemainingColumn(), disable=not bars_visible(),
-                            transient=True)  # fmt: skip
+        progress = count_bar(f"[bold]icl {self.config.shots}-shot[/] remote")
         tokens = self.model_config.max_new_tokens
         with ChatClient(remote_endpoint(self.config)) as client, progress:
             task = progress.add_task("requests", total=len(chats))
@@ -299,7 +299,7 @@ class GenerationICL(FrozenMethod[IclConfig]):
         """Greedy answers to generation examples (their responses are not looked at)."""
         if self.config.retrieve > 0:
             queries = self._grounded(queries)
-        self.dropped = self.cut = 0
+        self.dropped = self.cut = self.over = 0
         demos = self._demonstrations(queries)
         if self.remote:
             answers = self._answer_remote(queries, demos)
@@ -309,6 +309,12 @@ class GenerationICL(FrozenMethod[IclConfig]):
             if self.cut:
                 self.notes.append(f"{self.cut} of {len(queries)} contexts cut to fit "
                                   f"{self._budget()} prompt tokens")  # fmt: skip
+            if self.over:
+                self.notes.append(
+                    f"{self.over} of {len(queries)} prompts are over the budget of "
+                    f"{self._budget()} prompt tokens even without demonstrations and context "
+                    "(the question and system prompt alone): raise method.max_context"
+                )
             return answers
         form = self._load()
         prompts = [self._prompt(form, d, q) for d, q in zip(demos, queries, strict=True)]
