@@ -80,6 +80,12 @@ def served(
     try:
         yield url, alias, f"{chosen} ({gguf.name})", wait_ready(url, proc), log
     finally:
+        try:  # the server's peak memory, read before it stops
+            status = Path(f"/proc/{proc.pid}/status").read_text()
+            peak = int(status.split("VmHWM:")[1].split()[0]) / 2**20
+            print(f"\nserver peak RSS: {peak:.2f} GB", flush=True)
+        except (OSError, IndexError, ValueError):
+            pass
         proc.terminate()
         try:
             proc.wait(timeout=30)

@@ -342,7 +342,7 @@ def test_models_serve_transformers_runs_it_offline_under_the_alias(
               "--python", hf], env={"COLUMNS": "200"},
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert calls[-1][0][-1] == "--continuous-batching"
+    assert calls[-1][0][-3:] == ["--continuous-batching", "--cb-num-blocks", "64"]
     assert "continuous batching" in result.output and "method.concurrency=8" in result.output
     llama = _fake_python(tmp_path, "llama", llama=True, transformers=False)
     result = CliRunner().invoke(app, ["models", "serve", str(path), "--server", "llama-cpp",

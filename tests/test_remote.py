@@ -418,6 +418,10 @@ def test_map_requests_keeps_order_and_stops_at_the_first_error() -> None:
 
     with pytest.raises(EndpointError, match="item 0"):
         map_requests(fail, list(range(40)), 2)
+    assert started == [0]  # the first call runs alone: a dead server fails once
+    started.clear()
+    with pytest.raises(EndpointError, match="item 1"):
+        map_requests(lambda i: 0 if i == 0 else fail(i), list(range(40)), 2)
     assert len(started) <= 4  # 2 in flight and a race each: nothing starts after a failure
     # A slow first item does not hide a failure behind it: the failure stops the rest
     # at once, and the error raised is that of the earliest item that failed.

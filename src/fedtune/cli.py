@@ -170,8 +170,8 @@ def models_serve_cmd(
     batching: Annotated[
         bool,
         typer.Option(help="transformers: continuous batching, the requests in flight decoded "
-                          "together (send several: method.concurrency); about 2x the answers/s "
-                          "on 2 CPU cores, the same answers where measured (docs/benchmarks.md)."),
+                          "together (send several: method.concurrency); 1.7x the answers/s on 2 "
+                          "CPU cores, the same answers where measured (docs/benchmarks.md)."),
     ] = False,
     python: Annotated[
         str, typer.Option(help="Python of the environment with the server installed.")

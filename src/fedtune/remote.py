@@ -298,11 +298,14 @@ def map_requests(fn: Callable[[T], R], items: Sequence[T], concurrency: int) -> 
     (threads: each call waits on the network). Results keep the order of `items`. After
     the first exception no call starts (the ones in flight end), and the exception of
     the earliest item that failed is raised: a dead or refusing server costs about
-    `concurrency` requests, not one per item. 1: a plain loop."""
+    `concurrency` requests, not one per item. The first call runs alone, so that a
+    server that is down or refuses every request fails once (one series of retries),
+    not once per call in flight. 1: a plain loop."""
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
-    if concurrency == 1 or len(items) <= 1:
+    if concurrency == 1 or len(items) <= 2:
         return [fn(x) for x in items]
+    first, items = fn(items[0]), items[1:]
     failed = threading.Event()
 
     def call(x: T) -> R:
@@ -326,7 +329,7 @@ def map_requests(fn: Callable[[T], R], items: Sequence[T], concurrency: int) -> 
     for f in futures:
         if not f.cancelled() and not isinstance(f.exception(), _Skipped | None):
             raise f.exception()  # type: ignore[misc]
-    return [f.result() for f in futures]
+    return [first, *(f.result() for f in futures)]
 
 
 def _content(url: str, resp: httpx.Response) -> str:

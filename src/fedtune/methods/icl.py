@@ -138,7 +138,7 @@ class IclConfig(MethodConfig):
     concurrency: int = 1
     """remote: requests in flight at once. A server that batches them (vLLM, llama.cpp's
     `llama-server --parallel N`, `fedtune models serve --batching`, a hosted API)
-    answers them together: 2x the answers a second at 4 on 2 CPU cores
+    answers them together: 1.7x the answers a second at 4 on 2 CPU cores
     (docs/benchmarks.md). One that answers one at a time queues them, and a queued
     request's wait counts against `timeout`: keep 1 there."""
     max_tokens: int = 16
