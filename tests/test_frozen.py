@@ -266,7 +266,8 @@ def test_federated_knn_equals_centralized_and_only_scores_leave_sites(
     traffic: list[dict] = []
     knn = ws.model
     assert isinstance(knn, Knn)
-    scores = federated_answers(grid, knn, knn.query_payload(texts), len(texts), 1, traffic, {})
+    scores = federated_answers(grid, knn, knn.query_payload(ws.splits.test), len(texts), 1,
+                               traffic, {})  # fmt: skip
     # Centralized: one index over the union of the sites' disjoint shards; the merged
     # top-k are the pooled index's top-k, so the votes are the same.
     central = Knn(cfg.method, cfg.model, LABELS).fit([e for st in sites for e in st.train])
@@ -472,7 +473,7 @@ def test_icl_federates_by_query_demonstrations_stay_at_their_site(
     assert isinstance(icl, ICL)
     texts = [e.text for e in test]
     federated_answers(Spy(apps.client_app, contexts, _run_id(cfg)), icl,
-                      icl.query_payload(texts), len(texts), 3, [], {})  # fmt: skip
+                      icl.query_payload(test), len(texts), 3, [], {})  # fmt: skip
     batches = -(-len(texts) // 4)
     assert len(sent) == len(replies) == 3 * batches
     down = sorted({t for m in sent for t in m.content.config_records["queries"]["texts"]})
@@ -501,7 +502,7 @@ def test_icl_federates_by_query_demonstrations_stay_at_their_site(
     failures: list[tuple[str, str]] = []
     names: dict[int, str] = {}
     two = federated_answers(InProcessGrid(apps.client_app, contexts, _run_id(cfg)), icl,
-                            icl.query_payload(texts), len(texts), 2, [], names, kind="test",
+                            icl.query_payload(test), len(texts), 2, [], names, kind="test",
                             failures=failures)  # fmt: skip
     assert {s for s, _ in failures} == {"org-1"} and "malformed" in failures[0][1]
     np.testing.assert_allclose(np.exp(two), (probs[0] + probs[2]) / 2, rtol=1e-4)

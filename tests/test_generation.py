@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -376,6 +377,43 @@ def test_adapter_generates_the_same_text_in_plain_peft(
     assert generate_texts(peft_model, ours.tokenizer, [prompt], 4) == [text]
 
 
+def test_generate_texts_confidence_is_the_answers_mean_log_probability(
+    tiny_models: dict[str, str],
+) -> None:
+    """What a site says with its federated answer: the mean log-probability of the
+    answer's tokens (with the stop token that ended it), as a whole forward pass of the
+    same model over prompt + answer gives it; for a plain LM and a P-tuning model."""
+    from peft import PromptEncoderConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["llama"])
+    tok.pad_token = tok.pad_token or tok.eos_token
+    lm = AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval()
+    ptuned = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_models["llama"]),
+                            PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=3,
+                                                encoder_hidden_size=16)).eval()  # fmt: skip
+    prompts = [tok("What is 3 plus 4?")["input_ids"], tok("Repeat: ab")["input_ids"]]
+    for model, virtual in ((lm, 0), (ptuned, 3)):
+        sure: list[float] = []
+        answers = generate_texts(model, tok, prompts, 5, batch_size=1, confidences=sure)
+        plain = generate_texts(model, tok, prompts, 5, batch_size=1)
+        assert answers == plain and len(sure) == 2
+        for p, got in zip(prompts, sure, strict=True):
+            ids = list(p)
+            for _ in range(5):  # greedy by whole forward passes, one token at a time
+                with torch.no_grad():
+                    logits = model(input_ids=torch.tensor([ids])).logits[0, virtual:]
+                ids.append(int(logits[-1].argmax()))
+                if ids[-1] == tok.eos_token_id:
+                    break
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([ids])).logits[0, virtual:].float()
+            new = torch.tensor(ids[len(p) :])[:, None]
+            logp = logits.log_softmax(-1)[len(p) - 1 : -1].gather(1, new)
+            assert got == pytest.approx(float(logp.mean()), abs=1e-4)
+            assert got <= 0
+
+
 def test_icl_zero_and_few_shot_generate(tiny_models: dict[str, str], dolly: Path,
                                         tmp_path: Path) -> None:  # fmt: skip
     from fedtune.regimes import run_centralized
@@ -386,18 +424,43 @@ def test_icl_zero_and_few_shot_generate(tiny_models: dict[str, str], dolly: Path
         assert s["kind"] == "frozen" and s["task"] == "generation" and len(s["samples"]) == 5
     r = CliRunner().invoke(app, ["predict", s["run_dir"], "--text", "What is 1 plus 1?"])
     assert r.exit_code == 0, r.output
-    # Free-text answers cannot be averaged: generation ICL has no federated form
-    # (classification ICL federates by query, tests/test_frozen.py).
+    # Federated by query: each site answers from its own demonstrations; the server
+    # keeps the answer of the surest site (tests/test_frozen.py: the classification form).
+    from fedtune.federated import apps
     from fedtune.federated.compare import run_regimes
-    from fedtune.federated.runner import run_federated
+    from fedtune.methods.icl_generate import GenerationICL
 
     cfg = _gen_cfg(dolly, tiny_models["llama"], tmp_path, "method.name=icl", "name=fed",
-                   "method.shots=0", "federated.sites=2")  # fmt: skip
-    with pytest.raises(ConfigError, match=r"does not federate on data\.task = generation"):
-        run_federated(cfg)
+                   "method.shots=2", "federated.sites=2")  # fmt: skip
     out = run_regimes(cfg, ["icl"], ("centralized", "federated"))
     rows = json.loads((out / "comparison.json").read_text())
-    assert [r["regime"] for r in rows] == ["centralized"]
+    assert [r["regime"] for r in rows] == ["centralized", "federated"]
+    fed = rows[-1]
+    assert fed["strategy"] == "query" and fed["task"] == "generation"
+    assert fed["primary"] == "rougeL" and 0 <= fed["rougeL"] <= 1
+    run = out / "icl-federated"
+    report = (run / "report.md").read_text()
+    assert "the answer its site's LM was surest of" in report and "| ROUGE-L | EM | F1 |" in report
+    assert not (run / "confusion.png").exists()
+    got = [json.loads(line)["prediction"] for line in (run / "answers.jsonl").open()]
+    # By hand: every site's ICL on its own examples; per question the surest answer.
+    ws = apps.workspace(cfg)
+    test = ws.splits.test
+    per_site = []
+    for site in ws.partition.sites:
+        icl = GenerationICL(cfg.method, cfg.model, ws.splits.labels, seed=cfg.seed).fit(site.train)
+        sure: list[float] = []
+        per_site.append((icl.answer(test, sure), sure))
+    assert all(len(a) == len(c) == len(test) for a, c in per_site)
+    want = [max(((c[q], -s, a[q]) for s, (a, c) in enumerate(per_site)))[2]
+            for q in range(len(test))]  # fmt: skip
+    assert got == want
+    assert per_site[0][1] != per_site[1][1]  # other prompts, other certainties
+    # The choice itself (the tiny random LM gives every prompt the same answer).
+    icl = GenerationICL(cfg.method, cfg.model, ws.splits.labels)
+    sites = [{"answer": ["a0", "b0", "c0"], "confidence": np.array([-1.0, -0.2, -3.0])},
+             {"answer": ["a1", "b1", "c1"], "confidence": np.array([-0.5, -0.9, -3.0])}]
+    assert icl.combine_answers(sites).tolist() == ["a1", "b0", "c0"]  # a tie: the first reply
 
 
 def _solve(body: dict[str, object]) -> str:

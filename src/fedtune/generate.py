@@ -219,10 +219,10 @@ def _prompt_learning(module: nn.Module) -> str:
 
 
 def _greedy_prompt_learning(module: nn.Module, ids: Tensor, mask: Tensor, max_new_tokens: int,
-                            stop: list[int]) -> Tensor:  # fmt: skip
+                            stop: list[int]) -> tuple[Tensor, Tensor]:  # fmt: skip
     """Greedy decoding of a PEFT prompt-learning model (prompt tuning, P-tuning, prefix
     tuning) with a KV cache and the positions training uses: left-padded ids [B, T]
-    and their mask -> [B, T + new].
+    and their mask -> ([B, T + new] ids, [B, new] log-probabilities of the new tokens).
 
     Written here because `generate` gets those models wrong with transformers 5.24 and
     peft 0.21 (tested against whole forward passes): prompt tuning and P-tuning drop
@@ -256,8 +256,11 @@ def _greedy_prompt_learning(module: nn.Module, ids: Tensor, mask: Tensor, max_ne
     done = torch.zeros(rows, dtype=torch.bool, device=ids.device)
     stops = torch.tensor(stop, device=ids.device)
     nxt_pos = positions[:, -1:] + 1  # [B, 1]
+    logps = []
     for step in range(max_new_tokens):
-        nxt = out.logits[:, -1].argmax(-1)
+        logits = out.logits[:, -1].float()
+        nxt = logits.argmax(-1)
+        logps.append(logits.log_softmax(-1).gather(1, nxt[:, None]))
         ids = torch.cat([ids, nxt[:, None]], dim=1)
         done |= torch.isin(nxt, stops)
         if bool(done.all()) or step == max_new_tokens - 1:
@@ -266,18 +269,21 @@ def _greedy_prompt_learning(module: nn.Module, ids: Tensor, mask: Tensor, max_ne
         out = base(input_ids=nxt[:, None], attention_mask=full_mask, position_ids=nxt_pos,
                    use_cache=True, **{key: getattr(out, key)})  # fmt: skip
         nxt_pos = nxt_pos + 1
-    return ids
+    return ids, torch.cat(logps, dim=1)
 
 
 @torch.no_grad()
 def generate_texts(
     module: nn.Module, tok: PreTrainedTokenizerBase, prompts: list[list[int]],
     max_new_tokens: int, batch_size: int = 16, bf16: bool = False,
-    description: str = "generate",
+    description: str = "generate", confidences: list[float] | None = None,
 ) -> list[str]:  # fmt: skip
     """Greedy answers of a causal LM (or its PEFT wrapper) to tokenized prompts, in
     prompt order. Prompts of similar length are batched together (left padded, as
-    decoder-only generation needs)."""
+    decoder-only generation needs). `confidences`, when given, is filled with each
+    answer's mean token log-probability under the model (its tokens up to and with
+    the stop token that ended it), in prompt order: how sure the model was of what it
+    wrote, the measure sites' answers are ranked by when generation federates by query."""
     from transformers import GenerationConfig
 
     if max_new_tokens < 1:
@@ -290,6 +296,7 @@ def generate_texts(
     learning = _prompt_learning(module)
     groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     out = [""] * len(prompts)
+    sure = [0.0] * len(prompts)
     was_training = module.training
     module.eval()
     device = next(module.parameters()).device
@@ -305,11 +312,17 @@ def generate_texts(
                 width = ids.shape[1]
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     if learning:
-                        gen = _greedy_prompt_learning(module, ids, mask, max_new_tokens, stops)
+                        gen, logp = _greedy_prompt_learning(module, ids, mask, max_new_tokens,
+                                                            stops)  # fmt: skip
                     else:
-                        gen = module.generate(  # type: ignore[operator]
-                            input_ids=ids, attention_mask=mask, generation_config=config
+                        res = module.generate(  # type: ignore[operator]
+                            input_ids=ids, attention_mask=mask, generation_config=config,
+                            output_scores=confidences is not None, return_dict_in_generate=True,
                         )
+                        gen = res.sequences
+                        logp = (module.compute_transition_scores(  # type: ignore[operator]
+                            gen, res.scores, normalize_logits=True).float()
+                            if confidences is not None else None)  # fmt: skip
                 # Decoder-only models return prompt + answer; a model fed embeddings
                 # (some prompt-learning paths) returns the answer alone.
                 if gen.shape[1] >= width and torch.equal(gen[:, :width], ids):
@@ -319,9 +332,14 @@ def generate_texts(
                     # Up to the first stop token (the uncached loop runs past it).
                     cut = next((j for j, t in enumerate(answer) if t in stops), len(answer))
                     out[i] = str(tok.decode(answer[:cut], skip_special_tokens=True)).strip()
+                    if confidences is not None and logp is not None:
+                        taken = logp[r, : min(cut + 1, len(answer))]
+                        sure[i] = float(taken.mean()) if len(taken) else 0.0
                 bar.update(task, advance=len(idx))
     finally:
         module.train(was_training)
+    if confidences is not None:
+        confidences[:] = sure
     return out
 
 

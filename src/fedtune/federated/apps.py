@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
@@ -510,7 +510,7 @@ def site_answer(msg: Message, context: Context) -> Message:
     """A method federated by query (knn, icl): this site's answers to the server's
     queries, from its own copy fitted on its own data (fedtune.federated.query). Only
     the answers leave the site: never a training text, never an embedding of one."""
-    from fedtune.federated.query import payload_of
+    from fedtune.federated.query import payload_of, payload_records
 
     _, ws, pid, site = _site(context)
     if not isinstance(ws.model, QueryFederated):
@@ -522,7 +522,7 @@ def site_answer(msg: Message, context: Context) -> Message:
     answers = method.answer_queries(payload_of(msg.content))
     content = RecordDict(
         {
-            "arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in answers.items()}),
+            **payload_records(answers),
             "metrics": MetricRecord({"num-examples": len(site.train)}),
             "site": ConfigRecord({"name": site.name}),
         }

@@ -31,12 +31,12 @@ from fedtune import __version__
 from fedtune.config import RunConfig
 from fedtune.data import Example, Splits
 from fedtune.errors import ConfigError, FedtuneError
-from fedtune.evaluate import Metrics
+from fedtune.evaluate import Metrics, test_line
 from fedtune.federated.apps import VERSION_KEY, client_app, workspace
 from fedtune.federated.grid import InProcessGrid, exchange
 from fedtune.federated.wire import arrays_of, message_bytes, message_payload_bytes
 from fedtune.methods.frozen import FrozenMethod, Payload, QueryFederated, frozen_class
-from fedtune.report import metrics_table, plot_confusion
+from fedtune.report import plot_confusion, test_section, write_answers
 from fedtune.runs import METRICS_FILE, append_jsonl, final_run_dir, write_json
 
 QUERY_BATCH = 256
@@ -90,25 +90,34 @@ def refuse_resume(cfg: RunConfig) -> None:
         )
 
 
-def query_content(payload: Payload, start: int, stop: int) -> RecordDict:
-    """Rows start:stop of a payload as a message's content."""
-    arrays = {k: Array(np.ascontiguousarray(v[start:stop]))
+def payload_records(payload: Payload) -> dict[str, ArrayRecord | ConfigRecord]:
+    """A payload as a message's records: its arrays in "arrays", its texts (if any) in
+    QUERY_TEXTS (the queries going down, a site's answers coming up)."""
+    arrays = {k: Array(np.ascontiguousarray(v))
               for k, v in payload.items() if isinstance(v, np.ndarray)}  # fmt: skip
     texts = ConfigRecord()
     for k, v in payload.items():
         if not isinstance(v, np.ndarray):
             # Flower's protobuf refuses strings that are not valid UTF-8 (a lone
             # surrogate from a JSON escape): those characters go as "?".
-            texts[k] = [str(t).encode("utf-8", "replace").decode("utf-8")
-                        for t in v[start:stop]]  # fmt: skip
-    return RecordDict({"arrays": ArrayRecord(arrays), QUERY_TEXTS: texts,
+            texts[k] = [str(t).encode("utf-8", "replace").decode("utf-8") for t in v]
+    return {"arrays": ArrayRecord(arrays), **({QUERY_TEXTS: texts} if texts else {})}
+
+
+def query_content(payload: Payload, start: int, stop: int) -> RecordDict:
+    """Rows start:stop of a payload as a message's content."""
+    rows: Payload = {k: v[start:stop] for k, v in payload.items()}
+    return RecordDict({**payload_records(rows),
                        "config": ConfigRecord({VERSION_KEY: __version__})})  # fmt: skip
 
 
-def payload_of(content: RecordDict) -> Payload:
-    """A site's view of a query message's content (query_content's inverse)."""
-    payload: Payload = {k: a.numpy() for k, a in content.array_records["arrays"].items()}
-    for k, v in content.config_records[QUERY_TEXTS].items():
+def payload_of(content: RecordDict, arrays: ArrayRecord | None = None) -> Payload:
+    """The payload a message carries (payload_records' inverse); `arrays` when the
+    caller unpacked them already (fedtune.federated.wire.arrays_of)."""
+    record = content.array_records["arrays"] if arrays is None else arrays
+    payload: Payload = {k: a.numpy() for k, a in record.items()}
+    texts = content.config_records.get(QUERY_TEXTS)
+    for k, v in (texts or {}).items():
         payload[k] = [str(t) for t in v]  # type: ignore[union-attr]
     return payload
 
@@ -119,12 +128,13 @@ def federated_answers(
     kind: str = "test", failures: list[tuple[str, str]] | None = None,
     notes: list[str] | None = None,
 ) -> np.ndarray:  # fmt: skip
-    """Label scores [n, K] for the n queries of `payload`, combined by `method` from the
-    sites that answered each batch. `names` (node id -> site name) is completed from
-    the replies; a site that fails, sends no reply or a malformed one is skipped and
-    named in `failures` (site, what happened); what a site noted (e.g. prompts cut to
-    fit the context) is added to `notes`, prefixed with its name; fewer than
-    `min_sites` answers for a batch stop the run."""
+    """The combined answers (label scores [n, K]; generation: answer texts [n]) to the
+    n queries of `payload`, combined by `method` from the sites that answered each
+    batch. `names` (node id -> site name) is completed from the replies; a site that
+    fails, sends no reply or a malformed one is skipped and named in `failures` (site,
+    what happened); what a site noted (e.g. prompts cut to fit the context) is added
+    to `notes`, prefixed with its name; fewer than `min_sites` answers for a batch
+    stop the run."""
     rows = {k: len(v) for k, v in payload.items()}
     if any(r != n for r in rows.values()):
         raise ValueError(f"a query payload holds {rows} rows, not {n} each")
@@ -159,9 +169,10 @@ def federated_answers(
                 if failures is not None:
                     failures.append((site, f"{site} failed on {what}: {r.error.reason}"))
                 continue
-            answer = {k: a.numpy() for k, a in arrays_of(r).items()}
+            answer = payload_of(r.content, arrays_of(r))
             bad = [k for k, a in answer.items() if len(a) != stop - start
-                   or (a.dtype.kind == "f" and np.isnan(a).any())]  # fmt: skip
+                   or (isinstance(a, np.ndarray) and a.dtype.kind == "f"
+                       and np.isnan(a).any())]  # fmt: skip
             if bad or not answer:
                 if failures is not None:
                     failures.append((site, f"{site} failed on {what}: a malformed answer "
@@ -229,19 +240,19 @@ def run_federated_by_query(
     def evaluate(kind: str, examples: list[Example]) -> Metrics:
         said: list[str] = []
         with console.status(f"{name}: {len(examples)} {kind} queries to {n_sites} sites"):
-            payload = method.query_payload([e.text for e in examples])
-            scores = federated_answers(grid, method, payload, len(examples), fed.min_sites,
-                                       traffic, node_names, fed.timeout, kind,
-                                       failures, said)  # fmt: skip
+            payload = method.query_payload(examples)
+            combined = federated_answers(grid, method, payload, len(examples), fed.min_sites,
+                                         traffic, node_names, fed.timeout, kind,
+                                         failures, said)  # fmt: skip
         site_notes.extend(merge_counted(said))  # batches of QUERY_BATCH: one note per pass
-        return method.metrics(scores, method.label_ids(examples))
+        return method.query_metrics(combined, examples)
 
     prepare_run_dir(cfg, out, ws.splits.labels, sites)
     try:
         val = (evaluate("validation", ws.splits.validation)
                if ws.splits.validation and method.validates else None)  # fmt: skip
         if val is not None:
-            console.print(f"  validation accuracy {val.accuracy:.4f}  macro-F1 {val.macro_f1:.4f}")
+            console.print(f"  validation {test_line(val)}")
         test = evaluate("test", ws.splits.test)
     except BaseException:
         import shutil
@@ -282,8 +293,11 @@ def run_federated_by_query(
         "bytes_total": sum(t["bytes"] for t in traffic),
         "personalized": [],
         **test.summary(),
+        "task": cfg.data.task,
+        "primary": test.primary,
         "report": test.report,
         "confusion": test.confusion,
+        "samples": test.samples,
         "test_scores": test.per_example,
         "test_groups": example_groups(ws.splits.test),
         "test_digest": examples_digest(ws.splits.test),
@@ -297,8 +311,7 @@ def run_federated_by_query(
     write_json(out / "traffic.json", traffic)
     _write_report(out, summary, test, ws.splits.labels, method.query_protocol)
     console.print(
-        f"[bold green]test[/] accuracy {test.accuracy:.4f}  macro-F1 {test.macro_f1:.4f}  "
-        f"weighted F1 {test.weighted_f1:.4f}  ({summary['wall_seconds']:.0f} s) "
+        f"[bold green]test[/] {test_line(test)}  ({summary['wall_seconds']:.0f} s) "
         f"-> {escape(str(shown_as or out))}"
     )
     summary["run_dir"] = str(out)
@@ -308,7 +321,9 @@ def run_federated_by_query(
 def _write_report(out: Path, s: dict[str, Any], test: Metrics, labels: tuple[str, ...],
                   protocol: str) -> None:  # fmt: skip
     title = f"{s['method']} on {s['model']}, federated by query"
-    plot_confusion(test, labels, out / "confusion.png", f"test, {title}")
+    if test.confusion:
+        plot_confusion(test, labels, out / "confusion.png", f"test, {title}")
+    write_answers(out, test)
     mb = 1e6
     text = f"""# Run {s["name"]}: {title}
 
@@ -325,13 +340,8 @@ examples ({s["n_train"]} in all); {protocol}
 
 ## Test set
 
-| accuracy | macro-F1 | weighted F1 | loss |
-|---|---|---|---|
-| {100 * test.accuracy:.2f}% | {100 * test.macro_f1:.2f}% | {100 * test.weighted_f1:.2f}% | {test.loss:.4f} |
-
-{metrics_table(test, labels)}
-
-![confusion matrix](confusion.png)
+{test_section(test, labels)}
+{"![confusion matrix](confusion.png)" if test.confusion else ""}
 """  # noqa: E501
     if s["failed_sites"]:
         text += ("\n## Sites that failed\n\nTheir answers are missing for the queries "

@@ -5,7 +5,7 @@ fitted on labelled examples (embed and fit a classifier, fill an index, or
 nothing at all for in-context learning), predicts a score per label, reports the
 same metrics, and saves a directory `fedtune predict` reloads. Its trainable
 state is what would cross a site boundary: the classifier's weights for
-`features`; nothing for `knn` and classification `icl`, which federate by query instead
+`features`; nothing for `knn` and `icl`, which federate by query instead
 (`QueryFederated`, run by fedtune.federated.query): each site keeps its own
 index or demonstrations and answers the server's queries from them.
 """
@@ -53,7 +53,8 @@ class FrozenMethod(ABC, Generic[C]):
     config_class: ClassVar[type[MethodConfig]]
     kind: ClassVar[str] = "frozen"
     federates: ClassVar[bool] = True
-    """False for methods with no federated form (in-context learning for generation)."""
+    """False for a method with no federated form (neither weights to average nor
+    answers to combine by query)."""
     task: ClassVar[str] = "classification"
     validates: ClassVar[bool] = True
     """False where a validation pass decides nothing and costs much (generation ICL)."""
@@ -184,7 +185,8 @@ class QueryFederated(ABC):
     """A frozen method that federates by query (fedtune.federated.query): every site
     fits its own copy on its own training examples; the server sends each query to
     every site, each answers from its copy, and only the answers leave a site; the
-    server combines them into label scores. No rounds and no global model."""
+    server combines them (label scores, or the answer texts of generation) and scores
+    them. No rounds and no global model."""
 
     @property
     @abstractmethod
@@ -192,16 +194,23 @@ class QueryFederated(ABC):
         """What crosses a site boundary, in a sentence or two for the run report."""
 
     @abstractmethod
-    def query_payload(self, texts: list[str]) -> Payload:
-        """Server: what every site needs to answer `texts`."""
+    def query_payload(self, queries: list[Example]) -> Payload:
+        """Server: what every site needs to answer `queries` (never their labels or
+        reference answers)."""
 
     @abstractmethod
-    def answer_queries(self, payload: Payload) -> dict[str, np.ndarray]:
-        """Site: its answers to a batch of queries, arrays with one row per query."""
+    def answer_queries(self, payload: Payload) -> Payload:
+        """Site: its answers to a batch of queries, one row (or text) per query."""
 
     @abstractmethod
-    def combine_answers(self, answers: list[dict[str, np.ndarray]]) -> np.ndarray:
-        """Server: the replies of the sites that answered a batch -> label scores [Q, K]."""
+    def combine_answers(self, answers: list[Payload]) -> np.ndarray:
+        """Server: the replies of the sites that answered a batch -> one row per query
+        (label scores [Q, K]; generation: the chosen answers, an object array [Q])."""
+
+    def query_metrics(self, combined: np.ndarray, examples: list[Example]) -> Metrics:
+        """Server: the combined answers to `examples` scored against them."""
+        method: Any = self
+        return method.metrics(combined, method.label_ids(examples))
 
 
 class EmbeddingMethod(FrozenMethod[C]):

@@ -772,14 +772,14 @@ class ICL(FrozenMethod[IclConfig], QueryFederated):
 
     # Federated by query: demonstrations stay at the site that holds them.
 
-    def query_payload(self, texts: list[str]) -> Payload:
-        return {"texts": list(texts)}
+    def query_payload(self, queries: list[Example]) -> Payload:
+        return {"texts": [e.text for e in queries]}
 
-    def answer_queries(self, payload: Payload) -> dict[str, np.ndarray]:
+    def answer_queries(self, payload: Payload) -> Payload:
         texts = [str(t) for t in payload["texts"]]
         return {"logp": log_normalize(self.predict_scores(texts)).astype(np.float32)}
 
-    def combine_answers(self, answers: list[dict[str, np.ndarray]]) -> np.ndarray:
+    def combine_answers(self, answers: list[Payload]) -> np.ndarray:
         """The mean of the sites' label probabilities, as log-probabilities [Q, K]. Each
         site's answer is renormalised first, so no site outweighs another by sending
         scores that do not sum to one."""

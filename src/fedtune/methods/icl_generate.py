@@ -14,10 +14,16 @@ demonstration as a user turn answered by an assistant turn, the question with it
 context) to an OpenAI-compatible chat-completions endpoint (fedtune.remote), up to
 `method.concurrency` requests at once, and takes its greedy answer of at most
 `model.max_new_tokens` tokens: the answer length every generation method is measured
-at. The server applies its own chat template. Unlike ICL for classification
-(which federates by query, averaging the sites' label probabilities) it has no
-federated form: the sites' answers are texts, which cannot be averaged, and its
-demonstrations are the sites' own texts, which must not leave them.
+at. The server applies its own chat template.
+
+Federated, by query (fedtune.federated.query), as classification ICL is: the server
+sends each question (with its context) to every site; a site answers with its own
+demonstrations (and, with `method.retrieve`, passages of its own documents) and says
+how sure its LM was: the answer's mean token log-probability. Answers are texts, which
+cannot be averaged, so the server keeps, per question, the answer of the site that
+was surest. No demonstration and no document leaves a site: only answers and one
+number each. Local backend only (a remote one would send a site's texts to the
+endpoint the run's config names).
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from fedtune.data import Example
 from fedtune.errors import ConfigError, ModelError
 from fedtune.evaluate import Metrics
 from fedtune.generate import InstructionLM, answer_metrics, generate_texts
-from fedtune.methods.frozen import FrozenMethod
+from fedtune.methods.frozen import FrozenMethod, Payload, QueryFederated
 from fedtune.methods.icl import (
     MAX_POSITIONS,
     Cutter,
@@ -51,11 +57,10 @@ DEMOS_FILE = "demonstrations.jsonl"
 PROMPT_FILE = "prompt.json"
 
 
-class GenerationICL(FrozenMethod[IclConfig]):
+class GenerationICL(FrozenMethod[IclConfig], QueryFederated):
     name = "icl"
     description = "in-context learning: zero/few-shot answers of a causal LM"
     config_class = IclConfig
-    federates = False
     task = "generation"
     validates = False  # nothing is chosen on validation: test answers only
 
@@ -295,13 +300,18 @@ class GenerationICL(FrozenMethod[IclConfig]):
 
     # --- answering -----------------------------------------------------------------------
 
-    def answer(self, queries: list[Example]) -> list[str]:
-        """Greedy answers to generation examples (their responses are not looked at)."""
+    def answer(self, queries: list[Example], confidences: list[float] | None = None) -> list[str]:
+        """Greedy answers to generation examples (their responses are not looked at).
+        `confidences`, when given, gets each answer's mean token log-probability (the
+        local backend only: a chat server's answers come without one)."""
         if self.config.retrieve > 0:
             queries = self._grounded(queries)
         self.dropped = self.cut = self.over = 0
         demos = self._demonstrations(queries)
         if self.remote:
+            if confidences is not None:
+                raise ConfigError("a chat server's answers come without their log-probabilities: "
+                                  'answers with a confidence need method.backend = "local"')
             answers = self._answer_remote(queries, demos)
             if self.dropped:
                 self.notes.append(f"{self.dropped} demonstrations dropped to fit the context "
@@ -322,15 +332,17 @@ class GenerationICL(FrozenMethod[IclConfig]):
         self._lm.to(device)
         answers = generate_texts(self._lm, form.tokenizer, prompts,
                                  self.model_config.max_new_tokens, self.config.batch_size,
-                                 bf16=self.bf16,
-                                 description=f"icl {self.config.shots}-shot")  # fmt: skip
+                                 bf16=self.bf16, description=f"icl {self.config.shots}-shot",
+                                 confidences=confidences)  # fmt: skip
         if self.dropped:
             self.notes.append(f"{self.dropped} demonstrations dropped to fit the context budget "
                               f"of {self._budget()} prompt tokens")  # fmt: skip
         return answers
 
     def evaluate(self, examples: list[Example]) -> Metrics:
-        answers = self.answer(examples)
+        return self._scored(self.answer(examples), examples)
+
+    def _scored(self, answers: list[str], examples: list[Example]) -> Metrics:
         return answer_metrics(answers, [e.response for e in examples],
                               [e.label for e in examples], self.labels,
                               [e.text for e in examples],
@@ -344,6 +356,42 @@ class GenerationICL(FrozenMethod[IclConfig]):
 
     def metrics(self, scores: np.ndarray, y: np.ndarray) -> Metrics:
         raise ConfigError("a generation model has no label scores to score")
+
+    # --- federated by query: demonstrations and documents stay at their site ----------
+
+    @property
+    def query_protocol(self) -> str:
+        cfg = self.config
+        demos = (f"{cfg.shots} demonstrations drawn from its own examples" if cfg.shots else
+                 "no demonstrations")  # fmt: skip
+        docs = (f", the question's context replaced by the {cfg.retrieve} passages nearest to it "
+                "among its own documents and the question's context"
+                if cfg.retrieve > 0 else "")  # fmt: skip
+        return (f"for each question the server sent its text and context to every site; each "
+                f"site prompted the LM with {demos}{docs}, and sent back its greedy answer "
+                "and the answer's mean token log-probability: no example or document of a "
+                "site left it. The server kept, per question, the answer its site's LM was "
+                "surest of.")  # fmt: skip
+
+    def query_payload(self, queries: list[Example]) -> Payload:
+        return {"text": [q.text for q in queries], "context": [q.context for q in queries]}
+
+    def answer_queries(self, payload: Payload) -> Payload:
+        label = self.labels[0] if self.labels else ""
+        queries = [Example(str(t), label, context=str(c))
+                   for t, c in zip(payload["text"], payload["context"], strict=True)]  # fmt: skip
+        sure: list[float] = []
+        answers = self.answer(queries, sure)
+        return {"answer": answers, "confidence": np.asarray(sure, np.float32)}
+
+    def combine_answers(self, answers: list[Payload]) -> np.ndarray:
+        """Per question, the answer of the surest site (ties: the first to reply)."""
+        sure = np.stack([np.asarray(a["confidence"], np.float64) for a in answers])  # [S, Q]
+        best = sure.argmax(0)
+        return np.array([str(answers[s]["answer"][q]) for q, s in enumerate(best)], dtype=object)
+
+    def query_metrics(self, combined: np.ndarray, examples: list[Example]) -> Metrics:
+        return self._scored([str(a) for a in combined], examples)
 
     # --- sizes, save / load --------------------------------------------------------------
 

@@ -144,16 +144,16 @@ class Knn(EmbeddingMethod[KnnConfig], QueryFederated):
     # top-k (score, label) pairs; the k best of the union are the k best of the
     # pooled index, so with disjoint sites the vote equals centralized knn's.
 
-    def query_payload(self, texts: list[str]) -> Payload:
-        return {"queries": self.embed(list(texts))}
+    def query_payload(self, queries: list[Example]) -> Payload:
+        return {"queries": self.embed([e.text for e in queries])}
 
-    def answer_queries(self, payload: Payload) -> dict[str, np.ndarray]:
+    def answer_queries(self, payload: Payload) -> Payload:
         scores, labels = self.neighbours(np.asarray(payload["queries"], np.float32), self.config.k)
         return {"scores": scores, "labels": labels}
 
-    def combine_answers(self, answers: list[dict[str, np.ndarray]]) -> np.ndarray:
-        s, lab = top_k(np.concatenate([a["scores"] for a in answers], 1),
-                       np.concatenate([a["labels"] for a in answers], 1),
+    def combine_answers(self, answers: list[Payload]) -> np.ndarray:
+        s, lab = top_k(np.concatenate([np.asarray(a["scores"]) for a in answers], 1),
+                       np.concatenate([np.asarray(a["labels"]) for a in answers], 1),
                        self.config.k)  # fmt: skip
         return self._vote(s, lab)
 
