@@ -64,8 +64,8 @@ from fedtune.runs import (
 
 
 def federates(method: str, task: str) -> bool:
-    """False for a method with no federated form on `task` (generation ICL: its answers
-    are texts, neither weights to average nor scores to combine)."""
+    """False for a method with no federated form on `task` (neither weights to average
+    nor answers to combine by query)."""
     cls = frozen_class(method, task)
     return cls is None or cls.federates
 
@@ -598,6 +598,21 @@ def _gap(fed: dict[str, Any], other: dict[str, Any], top: str) -> str:
     return text
 
 
+Row = dict[str, Any]
+
+
+def _by_regime(rows: list[Row], trained: bool = False) -> Iterator[
+        tuple[str, Row | None, Row | None, list[Row]]]:  # fmt: skip
+    """Per method, in the rows' order: (method, its federated row, its centralized row,
+    its local-only rows); `trained`: frozen methods' rows left out."""
+    for method in dict.fromkeys(r["method"] for r in rows):
+        runs = [r for r in rows
+                if r["method"] == method and not (trained and r.get("kind") == "frozen")]
+        yield (method, next((r for r in runs if r["regime"] == "federated"), None),
+               next((r for r in runs if r["regime"] == "centralized"), None),
+               [r for r in runs if r["regime"] == "local"])  # fmt: skip
+
+
 def _loss_findings(rows: list[dict[str, Any]]) -> list[str]:
     """The findings as the source post reads them, off its validation-loss curves: the
     loss on the shared validation set of the model each run kept (by default its
@@ -610,12 +625,9 @@ def _loss_findings(rows: list[dict[str, Any]]) -> list[str]:
         return float(v) if isinstance(v, int | float) and math.isfinite(v) else None
 
     lines = []
-    for method in dict.fromkeys(r["method"] for r in rows):
-        runs = [r for r in rows if r["method"] == method and r.get("kind") != "frozen"]
-        fed = loss(next((r for r in runs if r["regime"] == "federated"), None))
-        cen = loss(next((r for r in runs if r["regime"] == "centralized"), None))
-        sites = [(r["site"], v) for r in runs if r["regime"] == "local" and (v := loss(r))
-                 is not None]  # fmt: skip
+    for method, fed_row, cen_row, local in _by_regime(rows, trained=True):
+        fed, cen = loss(fed_row), loss(cen_row)
+        sites = [(r["site"], v) for r in local if (v := loss(r)) is not None]
         if fed is None or (cen is None and not sites):
             continue
         said = []
@@ -652,11 +664,7 @@ def findings(rows: list[dict[str, Any]], top: str) -> list[str]:
     examples, also the binomial standard error of one run's score on this test set.
     Empty when no method ran federated and another regime."""
     lines = []
-    for method in dict.fromkeys(r["method"] for r in rows):
-        runs = [r for r in rows if r["method"] == method]
-        fed = next((r for r in runs if r["regime"] == "federated"), None)
-        cen = next((r for r in runs if r["regime"] == "centralized"), None)
-        local = [r for r in runs if r["regime"] == "local"]
+    for method, fed, cen, local in _by_regime(rows):
         if fed is None or (cen is None and not local):
             continue
         vs_c = _gap(fed, cen, top) if cen else "-"
