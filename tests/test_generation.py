@@ -414,6 +414,39 @@ def test_generate_texts_confidence_is_the_answers_mean_log_probability(
             assert got <= 0
 
 
+def test_answers_end_where_the_plain_prompt_starts_its_next_block(
+    tiny_models: dict[str, str],
+) -> None:
+    """A base model prompted with the plain template writes the next "### Instruction:"
+    block after its answer (Gemma 3 270M few-shot did): the answer ends there."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fedtune.generate import _stop_at
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["llama"])
+    tok.pad_token = tok.pad_token or tok.eos_token
+    form = InstructionLM(tok, ("all",), 64, ModelConfig().prompt_template, "off", 8)
+    assert form.stop_texts == ("### Instruction:", "### Response:", "### Context:")
+    custom = InstructionLM(tok, ("all",), 64, "Q: {instruction}\n{context}A:", "off", 8)
+    assert custom.stop_texts == ("Q:", "A:", "### Context:")
+    text = "-33640\n\n### Instruction:\nWhat was the net income?\n\n### Context"
+    assert text[: _stop_at(text, form.stop_texts)].strip() == "-33640"
+    assert _stop_at("see ### Response: inline", form.stop_texts) == 24  # not a line start
+    assert _stop_at("  ### Context:\nx", form.stop_texts) == 0
+    # Through decoding: a stop text the answer starts with leaves it empty, and its
+    # confidence is the first token's log-probability alone.
+    lm = AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval()
+    prompt = [tok("What is 3 plus 4?")["input_ids"]]
+    sure: list[float] = []
+    (full,) = generate_texts(lm, tok, prompt, 5, confidences=sure)
+    assert full
+    cut: list[float] = []
+    assert generate_texts(lm, tok, prompt, 5, confidences=cut, stop_texts=(full[:2],)) == [""]
+    with torch.no_grad():
+        first = lm(input_ids=torch.tensor(prompt)).logits[0, -1].float().log_softmax(-1).max()
+    assert cut[0] == pytest.approx(float(first), abs=1e-4)
+
+
 def test_icl_zero_and_few_shot_generate(tiny_models: dict[str, str], dolly: Path,
                                         tmp_path: Path) -> None:  # fmt: skip
     from fedtune.regimes import run_centralized

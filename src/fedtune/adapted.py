@@ -191,7 +191,7 @@ class AdaptedModel:
         prompts = form.prompt_ids(instructions, contexts or [""] * len(instructions))
         return generate_texts(self.module, self.tokenizer, prompts,
                               max_new_tokens or self.model_config.max_new_tokens, batch_size,
-                              bf16)  # fmt: skip
+                              bf16, stop_texts=form.stop_texts)  # fmt: skip
 
     # --- save / load ------------------------------------------------------------
 

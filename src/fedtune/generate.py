@@ -19,6 +19,7 @@ LoRA, IA3, prompt/prefix/P-tuning) trains and generates through this one file.
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -104,6 +105,20 @@ class InstructionLM(CausalLMFormulation):
         block = f"### Context:\n{context}\n\n" if context else ""
         text = self.template.replace("{context}", block).replace("{instruction}", instruction)
         return f"{self.system_prompt}\n\n{text}" if self.system_prompt and system else text
+
+    @property
+    def stop_texts(self) -> tuple[str, ...]:
+        """Plain prompts: the template's block headers ("### Instruction:", "### Context:",
+        "### Response:" by default). An answer ends where it starts one of them on a
+        line of its own, as lm-evaluation-harness's `until` strings end an answer: a base
+        model that has not learnt to write the end token after its answer (few-shot,
+        or zero-shot) writes the next block instead. Chat prompts: none (the template's
+        end-of-turn token ends the answer)."""
+        if self.chat:
+            return ()
+        pieces = self.template.replace("{context}", "\0").replace("{instruction}", "\0")
+        heads = [line.strip() for part in pieces.split("\0") for line in part.splitlines()]
+        return tuple(dict.fromkeys(h for h in [*heads, "### Context:"] if h))
 
     def chat_text(self, messages: list[dict[str, str]]) -> str:
         """`messages` (after the system turn, when there is a system prompt) through the
@@ -272,18 +287,29 @@ def _greedy_prompt_learning(module: nn.Module, ids: Tensor, mask: Tensor, max_ne
     return ids, torch.cat(logps, dim=1)
 
 
+def _stop_at(text: str, stop_texts: Sequence[str]) -> int:
+    """Where `text` ends: before the first line that starts with a stop text (its
+    length when none does)."""
+    ends = [m.start() for s in stop_texts
+            if (m := re.search(rf"(?m)^[ \t]*{re.escape(s)}", text))]  # fmt: skip
+    return min(ends, default=len(text))
+
+
 @torch.no_grad()
 def generate_texts(
     module: nn.Module, tok: PreTrainedTokenizerBase, prompts: list[list[int]],
     max_new_tokens: int, batch_size: int = 16, bf16: bool = False,
     description: str = "generate", confidences: list[float] | None = None,
+    stop_texts: Sequence[str] = (),
 ) -> list[str]:  # fmt: skip
     """Greedy answers of a causal LM (or its PEFT wrapper) to tokenized prompts, in
     prompt order. Prompts of similar length are batched together (left padded, as
     decoder-only generation needs). `confidences`, when given, is filled with each
     answer's mean token log-probability under the model (its tokens up to and with
     the stop token that ended it), in prompt order: how sure the model was of what it
-    wrote, the measure sites' answers are ranked by when generation federates by query."""
+    wrote, the measure sites' answers are ranked by when generation federates by query.
+    An answer also ends before the first line that starts with one of `stop_texts`
+    (InstructionLM.stop_texts); its confidence then covers the tokens kept."""
     from transformers import GenerationConfig
 
     if max_new_tokens < 1:
@@ -331,10 +357,18 @@ def generate_texts(
                     answer = gen[r].tolist()
                     # Up to the first stop token (the uncached loop runs past it).
                     cut = next((j for j, t in enumerate(answer) if t in stops), len(answer))
-                    out[i] = str(tok.decode(answer[:cut], skip_special_tokens=True)).strip()
+                    text = str(tok.decode(answer[:cut], skip_special_tokens=True))
+                    n_taken = min(cut + 1, len(answer))  # with the stop token
+                    end = _stop_at(text, stop_texts)
+                    if end < len(text):
+                        text = text[:end]
+                        # the tokens that wrote the kept text (at least one: the first)
+                        n_taken = max(1, next(k for k in range(cut + 1) if len(str(tok.decode(
+                            answer[:k], skip_special_tokens=True))) >= end))
+                    out[i] = text.strip()
                     if confidences is not None and logp is not None:
-                        taken = logp[r, : min(cut + 1, len(answer))]
-                        sure[i] = float(taken.mean()) if len(taken) else 0.0
+                        kept = logp[r, :n_taken]
+                        sure[i] = float(kept.mean()) if len(kept) else 0.0
                 bar.update(task, advance=len(idx))
     finally:
         module.train(was_training)
@@ -388,7 +422,7 @@ def generation_metrics(
     prompts = [f["input_ids"][: f["prompt_len"]] for f in feats]
     predictions = generate_texts(model.module, model.tokenizer, prompts,
                                  model.model_config.max_new_tokens, min(batch_size, 16),
-                                 bf16)  # fmt: skip
+                                 bf16, stop_texts=form.stop_texts)  # fmt: skip
     return answer_metrics(predictions, [f["reference"] for f in feats],
                           [form.labels[f["labels"]] for f in feats], form.labels,
                           [f["instruction"] for f in feats], loss,

@@ -333,7 +333,7 @@ class GenerationICL(FrozenMethod[IclConfig], QueryFederated):
         answers = generate_texts(self._lm, form.tokenizer, prompts,
                                  self.model_config.max_new_tokens, self.config.batch_size,
                                  bf16=self.bf16, description=f"icl {self.config.shots}-shot",
-                                 confidences=confidences)  # fmt: skip
+                                 confidences=confidences, stop_texts=form.stop_texts)  # fmt: skip
         if self.dropped:
             self.notes.append(f"{self.dropped} demonstrations dropped to fit the context budget "
                               f"of {self._budget()} prompt tokens")  # fmt: skip
