@@ -211,9 +211,8 @@ def _federable_frozen(cfg: RunConfig, labels: tuple[str, ...]) -> FrozenMethod[A
     if not isinstance(method, Features):
         raise ConfigError(
             f"method {cfg.method_name} does not federate on data.task = {cfg.data.task}: "
-            "it has no weights to average, and its answers are texts that cannot be "
-            "combined; run it centralized or local-only (knn and icl classification "
-            "federate by query)"
+            "it has neither weights to average nor answers to combine by query; run it "
+            "centralized or local-only (knn and icl federate by query)"
         )
     method.init_state(method.embedder.dim)  # zeros [K, D], [K]
     return method
