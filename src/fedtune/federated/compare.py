@@ -45,7 +45,6 @@ from fedtune.federated.server import (
     checkpoint_state,
     find_checkpoint,
 )
-from fedtune.methods.frozen import frozen_class
 from fedtune.regimes import describe_data, method_configs, run_centralized
 from fedtune.report import _pct, personalized_table
 from fedtune.runs import (
@@ -61,13 +60,6 @@ from fedtune.runs import (
     staging_dir,
     write_json,
 )
-
-
-def federates(method: str, task: str) -> bool:
-    """False for a method with no federated form on `task` (neither weights to average
-    nor answers to combine by query)."""
-    cls = frozen_class(method, task)
-    return cls is None or cls.federates
 
 
 def epochs_budget(fed: FederatedConfig) -> float:
@@ -184,10 +176,7 @@ def run_regimes(
                 rows.append({**r, "regime": regime, "site": site})
                 key = regime if site == "all" else f"local {site}"
                 curves[mname][key] = val_curve(staging / name)
-            if "federated" in regimes and not federates(mname, cfg.data.task):
-                console.print(f"[yellow]{mname} has no federated form on data.task = "
-                              f"{cfg.data.task}; skipped[/]")  # fmt: skip
-            elif "federated" in regimes:
+            if "federated" in regimes:
                 console.rule(f"{mname}: federated ({len(partition.sites)} sites)")
                 name = f"{mname}-federated"
                 r = _finished(staging / name, console) if resume else None

@@ -52,9 +52,6 @@ class FrozenMethod(ABC, Generic[C]):
     description: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]]
     kind: ClassVar[str] = "frozen"
-    federates: ClassVar[bool] = True
-    """False for a method with no federated form (neither weights to average nor
-    answers to combine by query)."""
     task: ClassVar[str] = "classification"
     validates: ClassVar[bool] = True
     """False where a validation pass decides nothing and costs much (generation ICL)."""
