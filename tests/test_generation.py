@@ -475,7 +475,8 @@ def test_icl_zero_and_few_shot_generate(tiny_models: dict[str, str], dolly: Path
     report = (run / "report.md").read_text()
     assert "the answer its site's LM was surest of" in report and "| ROUGE-L | EM | F1 |" in report
     assert not (run / "confusion.png").exists()
-    got = [json.loads(line)["prediction"] for line in (run / "answers.jsonl").open()]
+    rows_out = [json.loads(line) for line in (run / "answers.jsonl").open()]
+    got = [(r["prediction"], r["site"]) for r in rows_out]
     # By hand: every site's ICL on its own examples; per question the surest answer.
     ws = apps.workspace(cfg)
     test = ws.splits.test
@@ -485,15 +486,21 @@ def test_icl_zero_and_few_shot_generate(tiny_models: dict[str, str], dolly: Path
         sure: list[float] = []
         per_site.append((icl.answer(test, sure), sure))
     assert all(len(a) == len(c) == len(test) for a, c in per_site)
-    want = [max(((c[q], -s, a[q]) for s, (a, c) in enumerate(per_site)))[2]
+    names = [site.name for site in ws.partition.sites]
+    # the surest site per question; a tie goes to the first (sites reply in their order)
+    best = [min(range(len(per_site)), key=lambda s, q=q: (-per_site[s][1][q], s))
             for q in range(len(test))]  # fmt: skip
-    assert got == want
+    assert got == [(per_site[s][0][q], names[s]) for q, s in enumerate(best)]
+    assert any(n.startswith("answers kept per site: ") for n in fed["notes"]), fed["notes"]
     assert per_site[0][1] != per_site[1][1]  # other prompts, other certainties
     # The choice itself (the tiny random LM gives every prompt the same answer).
     icl = GenerationICL(cfg.method, cfg.model, ws.splits.labels)
     sites = [{"answer": ["a0", "b0", "c0"], "confidence": np.array([-1.0, -0.2, -3.0])},
              {"answer": ["a1", "b1", "c1"], "confidence": np.array([-0.5, -0.9, -3.0])}]
-    assert icl.combine_answers(sites).tolist() == ["a1", "b0", "c0"]  # a tie: the first reply
+    # c: a tie, kept from the first reply
+    assert icl.combine_answers(sites).tolist() == [("a1", ""), ("b0", ""), ("c0", "")]
+    sites[0]["site"], sites[1]["site"] = ["x"] * 3, ["y"] * 3  # as the server adds them
+    assert [site for _, site in icl.combine_answers(sites)] == ["y", "x", "x"]
 
 
 def _solve(body: dict[str, object]) -> str:

@@ -43,6 +43,9 @@ QUERY_BATCH = 256
 """Queries per message (knn: 256 x 384 fp32 = 393 KB of MiniLM embeddings)."""
 QUERY_TEXTS = "queries"
 """The ConfigRecord that carries a payload's texts (its arrays ride in "arrays")."""
+SITE_KEY = "site"
+"""Added by the server to each site's answer: the site's name, once per query (what
+`combine_answers` may record of where a kept answer came from)."""
 
 
 _COUNTED = re.compile(
@@ -179,7 +182,7 @@ def federated_answers(
                                            f"({', '.join(bad) or 'empty'}: not one finite row "
                                            "per query)"))  # fmt: skip
                 continue
-            answers.append(answer)
+            answers.append({**answer, SITE_KEY: [site] * (stop - start)})
             if notes is not None and "notes" in r.content.config_records:
                 said = r.content.config_records["notes"].get("notes")
                 if isinstance(said, list):
@@ -302,6 +305,7 @@ def run_federated_by_query(
         "test_groups": example_groups(ws.splits.test),
         "test_digest": examples_digest(ws.splits.test),
         "notes": list(ws.splits.notes) + list(ws.partition.notes) + list(dict.fromkeys(site_notes))
+        + list(method.notes)
         + [f for _, f in failures],
         "failed_sites": sorted({site for site, _ in failures}),
         "wall_seconds": time.perf_counter() - t_start,

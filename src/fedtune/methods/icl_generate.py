@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -385,13 +386,27 @@ class GenerationICL(FrozenMethod[IclConfig], QueryFederated):
         return {"answer": answers, "confidence": np.asarray(sure, np.float32)}
 
     def combine_answers(self, answers: list[Payload]) -> np.ndarray:
-        """Per question, the answer of the surest site (ties: the first to reply)."""
+        """Per question, the answer of the surest site (ties: the first to reply), with
+        the site's name when the server added it: an object array of (answer, site)."""
         sure = np.stack([np.asarray(a["confidence"], np.float64) for a in answers])  # [S, Q]
-        best = sure.argmax(0)
-        return np.array([str(answers[s]["answer"][q]) for q, s in enumerate(best)], dtype=object)
+        out = np.empty(sure.shape[1], dtype=object)
+        for q, s in enumerate(sure.argmax(0)):
+            site = answers[s].get("site")
+            out[q] = (str(answers[s]["answer"][q]), str(site[q]) if site is not None else "")
+        return out
 
     def query_metrics(self, combined: np.ndarray, examples: list[Example]) -> Metrics:
-        return self._scored([str(a) for a in combined], examples)
+        """The kept answers scored; each row of the run's answers.jsonl names the site
+        whose answer it is, and a note counts them per site."""
+        m = self._scored([str(a) for a, _ in combined], examples)
+        sites = [str(site) for _, site in combined]
+        for row, site in zip(m.answers, sites, strict=True):
+            row["site"] = site
+        counts = Counter(s for s in sites if s)
+        if counts:
+            self.notes.append("answers kept per site: " + ", ".join(
+                f"{name} {n} of {len(sites)}" for name, n in sorted(counts.items())))
+        return m
 
     # --- sizes, save / load --------------------------------------------------------------
 
