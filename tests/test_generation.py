@@ -392,10 +392,11 @@ def test_generate_texts_confidence_is_the_answers_mean_log_probability(
     ptuned = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_models["llama"]),
                             PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=3,
                                                 encoder_hidden_size=16)).eval()  # fmt: skip
-    prompts = [tok("What is 3 plus 4?")["input_ids"], tok("Repeat: ab")["input_ids"]]
+    # unequal lengths in one batch: left padding, as the sites' batches have
+    prompts = [tok(t)["input_ids"] for t in ("What is 3 plus 4? Say it in words.", "Repeat: ab")]
     for model, virtual in ((lm, 0), (ptuned, 3)):
         sure: list[float] = []
-        answers = generate_texts(model, tok, prompts, 5, batch_size=1, confidences=sure)
+        answers = generate_texts(model, tok, prompts, 5, batch_size=2, confidences=sure)
         plain = generate_texts(model, tok, prompts, 5, batch_size=1)
         assert answers == plain and len(sure) == 2
         for p, got in zip(prompts, sure, strict=True):
@@ -421,7 +422,7 @@ def test_answers_end_where_the_plain_prompt_starts_its_next_block(
     block after its answer (Gemma 3 270M few-shot did): the answer ends there."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fedtune.generate import _stop_at
+    from fedtune.generate import _stop_at, _tokens_writing
 
     tok = AutoTokenizer.from_pretrained(tiny_models["llama"])
     tok.pad_token = tok.pad_token or tok.eos_token
@@ -433,6 +434,14 @@ def test_answers_end_where_the_plain_prompt_starts_its_next_block(
     assert text[: _stop_at(text, form.stop_texts)].strip() == "-33640"
     assert _stop_at("see ### Response: inline", form.stop_texts) == 24  # not a line start
     assert _stop_at("  ### Context:\nx", form.stop_texts) == 0
+    # The tokens that wrote a cut answer: the fewest whose text reaches the cut.
+    ids = tok("12 apples\n\n### Instruction:\nmore", add_special_tokens=False)["input_ids"]
+    whole = tok.decode(ids)
+    end = _stop_at(whole, form.stop_texts)
+    k = _tokens_writing(tok, ids, end)
+    assert len(tok.decode(ids[:k])) >= end > len(tok.decode(ids[: k - 1]))
+    assert tok.decode(ids[:k])[:end].strip() == "12 apples"
+    assert _tokens_writing(tok, ids, len(whole) + 5) == len(ids)
     # Through decoding: a stop text the answer starts with leaves it empty, and its
     # confidence is the first token's log-probability alone.
     lm = AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval()
@@ -497,10 +506,19 @@ def test_icl_zero_and_few_shot_generate(tiny_models: dict[str, str], dolly: Path
     icl = GenerationICL(cfg.method, cfg.model, ws.splits.labels)
     sites = [{"answer": ["a0", "b0", "c0"], "confidence": np.array([-1.0, -0.2, -3.0])},
              {"answer": ["a1", "b1", "c1"], "confidence": np.array([-0.5, -0.9, -3.0])}]
-    # c: a tie, kept from the first reply
+    # c: a tie, kept from the first site
     assert icl.combine_answers(sites).tolist() == [("a1", ""), ("b0", ""), ("c0", "")]
     sites[0]["site"], sites[1]["site"] = ["x"] * 3, ["y"] * 3  # as the server adds them
     assert [site for _, site in icl.combine_answers(sites)] == ["y", "x", "x"]
+    # An empty answer (the model ended at once) loses to any answer, however sure.
+    sites[1]["answer"][0] = " "
+    assert icl.combine_answers(sites)[0] == ("a0", "x")
+    # Not a log-probability, or not one per question: the reply is malformed (the
+    # server leaves it out and names the site: fedtune.federated.query._checked).
+    for bad in (np.array([0.5, -1.0, -1.0]), np.array([-np.inf, -1.0, -1.0]),
+                np.array([-1.0, -1.0])):
+        with pytest.raises(ValueError):
+            icl.combine_answers([{"answer": ["a", "b", "c"], "confidence": bad}])
 
 
 def _solve(body: dict[str, object]) -> str:

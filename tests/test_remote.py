@@ -440,3 +440,19 @@ def test_map_requests_keeps_order_and_stops_at_the_first_error() -> None:
     assert len(started) <= 6
     with pytest.raises(ValueError, match="concurrency must be >= 1, got 0"):
         map_requests(slow, [1, 2], 0)
+
+
+def test_a_remote_icl_is_refused_a_federated_run_on_both_tasks() -> None:
+    """A site would send its demonstrations to the endpoint the run's config names:
+    federating a remote icl is refused on both tasks, with the fix named (the reason
+    `fedtune compare` prints when it skips that regime)."""
+    from fedtune.config import load_config
+    from fedtune.federated.apps import query_refusal
+
+    for task in ("classification", "generation"):
+        remote = load_config(None, ["method.name=icl", "method.backend=remote",
+                                    f"data.task={task}"])  # fmt: skip
+        assert 'method.backend = "local"' in query_refusal(remote)
+        local = load_config(None, ["method.name=icl", f"data.task={task}"])
+        assert query_refusal(local) == ""
+    assert query_refusal(load_config(None, ["method.name=lora"])) == ""

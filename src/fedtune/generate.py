@@ -295,6 +295,14 @@ def _stop_at(text: str, stop_texts: Sequence[str]) -> int:
     return min(ends, default=len(text))
 
 
+def _tokens_writing(tok: PreTrainedTokenizerBase, ids: list[int], chars: int) -> int:
+    """The fewest leading tokens of `ids` whose decoded text is at least `chars`
+    characters long: the tokens that wrote an answer cut at `chars`."""
+    return next((k for k in range(len(ids) + 1)
+                 if len(str(tok.decode(ids[:k], skip_special_tokens=True))) >= chars),
+                len(ids))  # fmt: skip
+
+
 @torch.no_grad()
 def generate_texts(
     module: nn.Module, tok: PreTrainedTokenizerBase, prompts: list[list[int]],
@@ -341,14 +349,16 @@ def generate_texts(
                         gen, logp = _greedy_prompt_learning(module, ids, mask, max_new_tokens,
                                                             stops)  # fmt: skip
                     else:
+                        scored = confidences is not None  # scores kept only when asked
                         res = module.generate(  # type: ignore[operator]
                             input_ids=ids, attention_mask=mask, generation_config=config,
-                            output_scores=confidences is not None, return_dict_in_generate=True,
+                            output_scores=scored, return_dict_in_generate=scored,
                         )
-                        gen = res.sequences
+                        gen = res.sequences if scored else res
                         logp = (module.compute_transition_scores(  # type: ignore[operator]
                             gen, res.scores, normalize_logits=True).float()
-                            if confidences is not None else None)  # fmt: skip
+                            if scored else None)  # fmt: skip
+                        del res  # its KV cache, before the next batch's
                 # Decoder-only models return prompt + answer; a model fed embeddings
                 # (some prompt-learning paths) returns the answer alone.
                 if gen.shape[1] >= width and torch.equal(gen[:, :width], ids):
@@ -362,9 +372,7 @@ def generate_texts(
                     end = _stop_at(text, stop_texts)
                     if end < len(text):
                         text = text[:end]
-                        # the tokens that wrote the kept text (at least one: the first)
-                        n_taken = max(1, next(k for k in range(cut + 1) if len(str(tok.decode(
-                            answer[:k], skip_special_tokens=True))) >= end))
+                        n_taken = max(1, _tokens_writing(tok, answer[:cut], end))
                     out[i] = text.strip()
                     if confidences is not None and logp is not None:
                         kept = logp[r, :n_taken]

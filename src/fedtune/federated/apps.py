@@ -58,7 +58,7 @@ from fedtune.federated.wire import (
 )
 from fedtune.methods import is_frozen
 from fedtune.methods.features import Features
-from fedtune.methods.frozen import EmbeddingMethod, FrozenMethod, QueryFederated
+from fedtune.methods.frozen import EmbeddingMethod, FrozenMethod, QueryFederated, frozen_class
 from fedtune.methods.icl import release_shared_lm
 from fedtune.train import TrainSession, train
 
@@ -193,20 +193,29 @@ def workspace(cfg: RunConfig, splits: Splits | None = None) -> Workspace:
     return ws
 
 
+def query_refusal(cfg: RunConfig) -> str:
+    """Why the run's method, which federates by query, cannot here ('' when it can or
+    does not federate by query): a remote backend."""
+    cls = frozen_class(cfg.method_name, cfg.data.task)
+    if cls is None or not issubclass(cls, QueryFederated):
+        return ""
+    if getattr(cfg.method, "backend", "local") == "remote":
+        # A site would send its demonstrations (its training texts) and the key in the
+        # environment variable the run config names to the endpoint the run config
+        # names: the server's choice, not the site's.
+        return ('federated icl runs the LM at each site: method.backend = "remote" would '
+                "send a site's demonstrations to an endpoint the run's config names; use "
+                'method.backend = "local" (or run remote icl centralized or local-only)')
+    return ""
+
+
 def _federable_frozen(cfg: RunConfig, labels: tuple[str, ...]) -> FrozenMethod[Any]:
     from fedtune.regimes import build_frozen
 
     method = build_frozen(cfg, labels)
     if isinstance(method, QueryFederated):
-        if getattr(method.config, "backend", "local") == "remote":
-            # A site would send its demonstrations (its training texts) and the key in
-            # the environment variable the run config names to the endpoint the run
-            # config names: the server's choice, not the site's.
-            raise ConfigError(
-                'federated icl runs the LM at each site: method.backend = "remote" would '
-                "send a site's demonstrations to an endpoint the run's config names; use "
-                'method.backend = "local" (or run remote icl centralized or local-only)'
-            )
+        if why := query_refusal(cfg):
+            raise ConfigError(why)
         return method
     if not isinstance(method, Features):
         raise ConfigError(
@@ -508,7 +517,8 @@ def site_personalize(msg: Message, context: Context) -> Message:
 def site_answer(msg: Message, context: Context) -> Message:
     """A method federated by query (knn, icl): this site's answers to the server's
     queries, from its own copy fitted on its own data (fedtune.federated.query). Only
-    the answers leave the site: never a training text, never an embedding of one."""
+    the answers leave the site: never a training text or an embedding of one as such
+    (a generated answer may quote a demonstration or a document)."""
     from fedtune.federated.query import payload_of, payload_records
 
     _, ws, pid, site = _site(context)

@@ -31,11 +31,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from rich.console import Console
 from rich.markdown import Markdown
+from rich.markup import escape
 
 from fedtune.config import REGIMES, FederatedConfig, RunConfig
 from fedtune.data import Splits, make_splits
 from fedtune.errors import ConfigError
 from fedtune.evaluate import LABEL, metric_names
+from fedtune.federated.apps import query_refusal
 from fedtune.federated.partition import partition_examples
 from fedtune.federated.runner import run_federated
 from fedtune.federated.server import (
@@ -176,7 +178,10 @@ def run_regimes(
                 rows.append({**r, "regime": regime, "site": site})
                 key = regime if site == "all" else f"local {site}"
                 curves[mname][key] = val_curve(staging / name)
-            if "federated" in regimes:
+            refused = query_refusal(base) if "federated" in regimes else ""
+            if refused:
+                console.print(f"[yellow]{mname}: no federated run: {escape(refused)}[/]")
+            elif "federated" in regimes:
                 console.rule(f"{mname}: federated ({len(partition.sites)} sites)")
                 name = f"{mname}-federated"
                 r = _finished(staging / name, console) if resume else None

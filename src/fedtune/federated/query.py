@@ -121,8 +121,33 @@ def payload_of(content: RecordDict, arrays: ArrayRecord | None = None) -> Payloa
     payload: Payload = {k: a.numpy() for k, a in record.items()}
     texts = content.config_records.get(QUERY_TEXTS)
     for k, v in (texts or {}).items():
-        payload[k] = [str(t) for t in v]  # type: ignore[union-attr]
+        if not isinstance(v, list) or k in payload:
+            raise ValueError(f"{k!r} is not a list of texts, or is sent twice")
+        payload[k] = [str(t) for t in v]
     return payload
+
+
+def _checked(method: QueryFederated, reply: Any, rows: int) -> tuple[Payload, str]:
+    """A site's reply as its answer, and what is wrong with it ('' when nothing): one
+    finite row (or text) per query in every field, and an answer the method can combine
+    on its own (its fields, kinds and shapes), so a malformed reply is left out rather
+    than stopping the server."""
+    try:
+        answer = payload_of(reply.content, arrays_of(reply))
+    except Exception as e:  # a record of the wrong kind
+        return {}, f"unreadable: {e}"
+    bad = [k for k, a in answer.items() if len(a) != rows
+           or (isinstance(a, np.ndarray) and a.dtype.kind == "f"
+               and not np.isfinite(a).all())]  # fmt: skip
+    if bad or not answer:
+        return answer, f"{', '.join(bad) or 'empty'}: not one finite row per query"
+    try:
+        combined = method.combine_answers([answer])
+    except Exception as e:
+        return answer, f"{type(e).__name__}: {e}"
+    if len(combined) != rows:
+        return answer, f"{len(combined)} combined rows for {rows} queries"
+    return answer, ""
 
 
 def federated_answers(
@@ -172,15 +197,11 @@ def federated_answers(
                 if failures is not None:
                     failures.append((site, f"{site} failed on {what}: {r.error.reason}"))
                 continue
-            answer = payload_of(r.content, arrays_of(r))
-            bad = [k for k, a in answer.items() if len(a) != stop - start
-                   or (isinstance(a, np.ndarray) and a.dtype.kind == "f"
-                       and np.isnan(a).any())]  # fmt: skip
-            if bad or not answer:
+            answer, problem = _checked(method, r, stop - start)
+            if problem:
                 if failures is not None:
                     failures.append((site, f"{site} failed on {what}: a malformed answer "
-                                           f"({', '.join(bad) or 'empty'}: not one finite row "
-                                           "per query)"))  # fmt: skip
+                                           f"({problem})"))  # fmt: skip
                 continue
             answers.append({**answer, SITE_KEY: [site] * (stop - start)})
             if notes is not None and "notes" in r.content.config_records:
@@ -238,6 +259,7 @@ def run_federated_by_query(
     traffic: list[dict[str, Any]] = []
     failures: list[tuple[str, str]] = []
     site_notes: list[str] = []
+    noted = len(method.notes)  # the server's copy is kept between runs: this run's notes
     fed = cfg.federated
 
     def evaluate(kind: str, examples: list[Example]) -> Metrics:
@@ -305,7 +327,7 @@ def run_federated_by_query(
         "test_groups": example_groups(ws.splits.test),
         "test_digest": examples_digest(ws.splits.test),
         "notes": list(ws.splits.notes) + list(ws.partition.notes) + list(dict.fromkeys(site_notes))
-        + list(method.notes)
+        + list(method.notes[noted:])
         + [f for _, f in failures],
         "failed_sites": sorted({site for site, _ in failures}),
         "wall_seconds": time.perf_counter() - t_start,

@@ -21,8 +21,8 @@ sends each question (with its context) to every site; a site answers with its ow
 demonstrations (and, with `method.retrieve`, passages of its own documents) and says
 how sure its LM was: the answer's mean token log-probability. Answers are texts, which
 cannot be averaged, so the server keeps, per question, the answer of the site that
-was surest. No demonstration and no document leaves a site: only answers and one
-number each. Local backend only (a remote one would send a site's texts to the
+was surest. No demonstration or document is sent as such, only answers (which may
+quote them) and one number each. Local backend only (a remote one would send a site's texts to the
 endpoint the run's config names).
 """
 
@@ -121,10 +121,17 @@ class GenerationICL(FrozenMethod[IclConfig], QueryFederated):
 
     def _load(self) -> InstructionLM:
         if self._form is None:
+            from fedtune.methods.icl import _LOADED
             from fedtune.models import load_base_model, load_tokenizer
 
-            tok = load_tokenizer(self.model_name, "decoder")
-            self._lm = load_base_model(self.model_name, "decoder", self.labels).eval()
+            # The frozen LM is only read: the sites of an in-process federation share
+            # one copy (as classification ICL's do), one LM held at a time.
+            key = (self.model_name, "float32", "generation")
+            if key not in _LOADED:
+                lm = load_base_model(self.model_name, "decoder", self.labels).eval()
+                _LOADED.clear()
+                _LOADED[key] = (load_tokenizer(self.model_name, "decoder"), lm)
+            tok, self._lm = _LOADED[key]
             mc = self.model_config
             self._form = InstructionLM(tok, self.labels, mc.max_length, mc.prompt_template,
                                        mc.chat, mc.max_target_length,
@@ -371,8 +378,8 @@ class GenerationICL(FrozenMethod[IclConfig], QueryFederated):
         return (f"for each question the server sent its text and context to every site; each "
                 f"site prompted the LM with {demos}{docs}, and sent back its greedy answer "
                 "and the answer's mean token log-probability: no example or document of a "
-                "site left it. The server kept, per question, the answer its site's LM was "
-                "surest of.")  # fmt: skip
+                "site was sent as such (an answer may quote one). The server kept, per "
+                "question, the answer its site's LM was surest of.")  # fmt: skip
 
     def query_payload(self, queries: list[Example]) -> Payload:
         return {"text": [q.text for q in queries], "context": [q.context for q in queries]}
@@ -386,13 +393,22 @@ class GenerationICL(FrozenMethod[IclConfig], QueryFederated):
         return {"answer": answers, "confidence": np.asarray(sure, np.float32)}
 
     def combine_answers(self, answers: list[Payload]) -> np.ndarray:
-        """Per question, the answer of the surest site (ties: the first to reply), with
-        the site's name when the server added it: an object array of (answer, site)."""
+        """Per question, the answer of the surest site (ties: the first site, in the
+        server's order), with the site's name when the server added it: an object array
+        of (answer, site). An empty answer (the model ended at once) is kept only when
+        every site's is empty: an answer that says nothing is no answer, however sure."""
+        texts = [a["answer"] for a in answers]
         sure = np.stack([np.asarray(a["confidence"], np.float64) for a in answers])  # [S, Q]
+        if sure.ndim != 2 or not all(isinstance(t, list) and len(t) == sure.shape[1]
+                                     for t in texts):  # fmt: skip
+            raise ValueError("not one answer text and one confidence per question")
+        if not (np.isfinite(sure).all() and (sure <= 0).all()):
+            raise ValueError("a confidence is not a log-probability (finite, at most 0)")
+        said = np.array([[bool(str(x).strip()) for x in t] for t in texts])  # [S, Q]
         out = np.empty(sure.shape[1], dtype=object)
-        for q, s in enumerate(sure.argmax(0)):
+        for q, s in enumerate(np.where(said, sure, -np.inf).argmax(0)):
             site = answers[s].get("site")
-            out[q] = (str(answers[s]["answer"][q]), str(site[q]) if site is not None else "")
+            out[q] = (str(texts[s][q]), str(site[q]) if site is not None else "")
         return out
 
     def query_metrics(self, combined: np.ndarray, examples: list[Example]) -> Metrics:
