@@ -344,6 +344,7 @@ def generate_texts(
                 ids, mask = pad_batch([prompts[i] for i in idx], tok.pad_token_id, left=True)
                 ids, mask = ids.to(device), mask.to(device)
                 width = ids.shape[1]
+                logp: Tensor | None
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     if learning:
                         gen, logp = _greedy_prompt_learning(module, ids, mask, max_new_tokens,
@@ -430,7 +431,7 @@ def generation_metrics(
     prompts = [f["input_ids"][: f["prompt_len"]] for f in feats]
     predictions = generate_texts(model.module, model.tokenizer, prompts,
                                  model.model_config.max_new_tokens, min(batch_size, 16),
-                                 bf16, stop_texts=form.stop_texts)  # fmt: skip
+                                 bf16, stop_texts=getattr(form, "stop_texts", ()))  # fmt: skip
     return answer_metrics(predictions, [f["reference"] for f in feats],
                           [form.labels[f["labels"]] for f in feats], form.labels,
                           [f["instruction"] for f in feats], loss,
