@@ -22,8 +22,8 @@ demonstrations (and, with `method.retrieve`, passages of its own documents) and 
 how sure its LM was: the answer's mean token log-probability. Answers are texts, which
 cannot be averaged, so the server keeps, per question, the answer of the site that
 was surest. No demonstration or document is sent as such, only answers (which may
-quote them) and one number each. Local backend only (a remote one would send a site's texts to the
-endpoint the run's config names).
+quote them) and one number each. Local backend only (a remote one would send a
+site's texts to the endpoint the run's config names).
 """
 
 from __future__ import annotations
