@@ -269,6 +269,63 @@ def test_secure_aggregation_deployed_equals_in_process(
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
 
 
+def test_methods_federated_by_query_run_deployed_as_in_process(
+    federation: LocalFederation, app: Path, tiny_models: dict[str, str], tmp_path: Path
+) -> None:
+    """Frozen methods federated by query (fedtune.federated.query) across SuperNodes:
+    knn's replies are arrays (top-k scores and label ids), generation ICL's are texts
+    and a confidence per question (ConfigRecords both ways). Over gRPC and TLS the
+    answers are those of the same run in process."""
+    cases = {"knn": _write_config(tmp_path, tiny_models["bert"]).read_text()
+             .replace('name = "lora"\nlr = 0.01', 'name = "knn"\nk = 3')}  # fmt: skip
+    rows = []
+    for i in range(30):
+        a, b = i % 7, (i * 3) % 5
+        rows.append({"instruction": f"What is {a} plus {b}? ({i})", "context": f"note {i}",
+                     "response": str(a + b)})  # fmt: skip
+    (tmp_path / "qa.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    cases["icl"] = f"""name = "deployed"
+[data]
+task = "generation"
+source = "file"
+path = {json.dumps(str(tmp_path / "qa.jsonl"))}
+[model]
+name = {json.dumps(tiny_models["llama"])}
+max_length = 48
+max_new_tokens = 4
+[method]
+name = "icl"
+shots = 2
+[train]
+progress = false
+[federated]
+sites = {len(SITES)}
+"""
+    for method, text in cases.items():
+        config = tmp_path / f"{method}.toml"
+        config.write_text(text, encoding="utf-8")
+        out = tmp_path / f"{method}-deployed"
+        run = federation.submit(app, fedtune_run_config(config, out), timeout=600)
+        assert run.completed, run
+        apps.clear_workspace()
+        local = tmp_path / f"{method}-local"
+        summary = run_federated(load_config(str(config), [f"output_dir={local}", "name=x"]),
+                                Console(quiet=True))  # fmt: skip
+        apps.clear_workspace()
+        test = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+        assert test["event"] == "test" and test["strategy"] == "query", method
+        assert test["n_test"] == summary["n_test"] > 0
+        assert test[test["primary"]] == pytest.approx(summary[summary["primary"]], abs=1e-6)
+        np.testing.assert_allclose(test["test_scores"], summary["test_scores"], atol=1e-6)
+        assert test["confusion"] == summary["confusion"]
+        if method == "icl":  # each answer the same text, from the same site (by order)
+            deployed = [json.loads(line) for line in (out / "answers.jsonl").open()]
+            in_process = [json.loads(line) for line in (local / "x" / "answers.jsonl").open()]
+            site = dict(zip(test["sites"], summary["sites"], strict=True))
+            assert [(d["prediction"], site[d["site"]]) for d in deployed] == [
+                (p["prediction"], p["site"]) for p in in_process]
+
+
 @pytest.mark.slow
 def test_a_failing_run_raises_with_the_serverapp_log(federation: LocalFederation,
                                                      tmp_path: Path) -> None:  # fmt: skip

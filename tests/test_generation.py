@@ -502,6 +502,30 @@ def test_icl_zero_and_few_shot_generate(tiny_models: dict[str, str], dolly: Path
     assert got == [(per_site[s][0][q], names[s]) for q, s in enumerate(best)]
     assert any(n.startswith("answers kept per site: ") for n in fed["notes"]), fed["notes"]
     assert per_site[0][1] != per_site[1][1]  # other prompts, other certainties
+    # The server combines the replies in the sites' order, not in its nodes' order
+    # (a deployed federation's node ids are random; the order decides ties): with the
+    # nodes in reverse, the method still sees the sites in order, and answers the same.
+    from fedtune.federated.grid import InProcessGrid
+    from fedtune.federated.query import federated_answers
+    from fedtune.federated.runner import _run_id, make_contexts
+
+    class Reversed(InProcessGrid):  # node ids in reverse, as a SuperLink's are in any order
+        def get_node_ids(self):  # type: ignore[no-untyped-def]
+            return list(super().get_node_ids())[::-1]
+
+    grid = Reversed(apps.client_app, make_contexts(cfg, len(names), names, None), _run_id(cfg))
+    server = GenerationICL(cfg.method, cfg.model, ws.splits.labels)
+    order: list[list[str]] = []
+    combine = server.combine_answers
+
+    def spy(answers):  # type: ignore[no-untyped-def]
+        if all("site" in a for a in answers):  # (not the check of each reply alone)
+            order.append([a["site"][0] for a in answers])
+        return combine(answers)
+
+    server.combine_answers = spy  # type: ignore[method-assign]
+    combined = federated_answers(grid, server, server.query_payload(test), len(test), 1, [], {})
+    assert order == [names] and [tuple(a) for a in combined] == got
     # The choice itself (the tiny random LM gives every prompt the same answer).
     icl = GenerationICL(cfg.method, cfg.model, ws.splits.labels)
     sites = [{"answer": ["a0", "b0", "c0"], "confidence": np.array([-1.0, -0.2, -3.0])},

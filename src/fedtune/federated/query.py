@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from rich.console import Console
 from rich.markup import escape
@@ -184,12 +184,23 @@ def federated_answers(
                 site = names.get(node, f"node-{node}")
                 failures.append((site, f"{site} sent no reply to {what} in {timeout:g} s"))
         replies = got.replies
-        answers = []
         for r in replies:
-            node = r.metadata.src_node_id
             if not r.has_error() and "site" in r.content.config_records:
-                names.setdefault(node, str(r.content.config_records["site"]["name"]))
-            site = names.get(node, f"node-{node}")
+                names.setdefault(r.metadata.src_node_id,
+                                 str(r.content.config_records["site"]["name"]))  # fmt: skip
+
+        def site_of(r: Message) -> str:
+            return names.get(r.metadata.src_node_id, f"node-{r.metadata.src_node_id}")
+
+        def in_order(r: Message) -> list[str | int]:  # site-2 before site-10
+            return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", site_of(r))]
+
+        # In the sites' order, not the order their replies arrived in (which varies
+        # between runs of a deployed federation): a method's ties (the surest answer,
+        # equal neighbour scores) and its sums then come out the same every run.
+        answers = []
+        for r in sorted(replies, key=in_order):
+            site = site_of(r)
             traffic.append({"kind": kind, "direction": "up", "site": site,
                             "bytes": message_bytes(r), "payload_bytes": message_payload_bytes(r),
                             "error": r.error.reason if r.has_error() else ""})  # fmt: skip

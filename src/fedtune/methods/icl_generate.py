@@ -394,9 +394,10 @@ class GenerationICL(FrozenMethod[IclConfig], QueryFederated):
 
     def combine_answers(self, answers: list[Payload]) -> np.ndarray:
         """Per question, the answer of the surest site (ties: the first site, in the
-        server's order), with the site's name when the server added it: an object array
-        of (answer, site). An empty answer (the model ended at once) is kept only when
-        every site's is empty: an answer that says nothing is no answer, however sure."""
+        server's order, which is by site name: fedtune.federated.query), with the site's
+        name when the server added it: an object array of (answer, site). An empty
+        answer (the model ended at once) is kept only when every site's is empty: an
+        answer that says nothing is no answer, however sure."""
         texts = [a["answer"] for a in answers]
         sure = np.stack([np.asarray(a["confidence"], np.float64) for a in answers])  # [S, Q]
         if sure.ndim != 2 or not all(isinstance(t, list) and len(t) == sure.shape[1]
