@@ -621,6 +621,19 @@ def test_icl_generation_answers_from_a_remote_server(dolly: Path, tmp_path: Path
         assert [m["role"] for m in sent] == ["user"] and len(sent[0]["content"]) <= 4 * 8
         assert tight.notes == ["2 demonstrations dropped to fit the context budget of 8 prompt "
                                "tokens", "1 of 1 contexts cut to fit 8 prompt tokens"]  # fmt: skip
+        # Demonstrations too long are cut to model.max_length tokens before any is
+        # dropped (as the local prompt's always are): here both fit once cut to 10.
+        wordy = GenerationICL(replace(tight.config, max_context=60),
+                              ModelConfig(name="minilm", max_new_tokens=4, max_length=10),
+                              [], seed=0)  # fmt: skip
+        wordy.fit([replace(e, context=f"code {e.response} " + "y" * 120) for e in tight._pool])
+        wordy.answer([Example("Repeat the code.", "copy", context="code 56", response="56")])
+        sent = stub.chat_requests[-1].body["messages"]
+        assert [m["role"] for m in sent] == ["user", "assistant"] * 2 + ["user"]
+        demo_contexts = [m["content"].split("\n\n")[0] for m in sent[:-1:2]]
+        assert all(c.startswith("code ") and 4 <= len(c) <= 4 * 10 for c in demo_contexts)
+        assert wordy.notes == ["2 demonstrations cut to model.max_length = 10 tokens to fit "
+                               "the context budget of 56 prompt tokens"]  # fmt: skip
         # model.context_keep = "end" keeps a context's end, as the local prompt does; a
         # question longer than the budget alone goes as it is, and the notes say so.
         ends = GenerationICL(tight.config, ModelConfig(name="minilm", max_new_tokens=4,

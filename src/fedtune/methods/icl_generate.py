@@ -32,6 +32,7 @@ import json
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +104,7 @@ class GenerationICL(FrozenMethod[IclConfig], QueryFederated):
         self._lm: Any = None
         self._form: InstructionLM | None = None
         self._counter: tuple[Callable[[str], int], Cutter] | None = None
-        self.dropped = self.cut = self.over = 0
+        self.dropped = self.cut = self.over = self.shortened = 0
         if cfg.backend == "remote":
             remote_endpoint(cfg)  # a missing URL or model name fails now, not after work
 
@@ -214,7 +215,6 @@ class GenerationICL(FrozenMethod[IclConfig], QueryFederated):
         """The queries with their context replaced by the `retrieve` passages nearest to
         the question, from every context of the pool and the queries (the documents;
         never a response). Passages: ~120-word windows (fedtune.vectorstore)."""
-        from dataclasses import replace
 
         from fedtune.vectorstore import split_passages
 
@@ -241,12 +241,13 @@ class GenerationICL(FrozenMethod[IclConfig], QueryFederated):
         """The conversation a server is sent: the system prompt (`model.system_prompt`),
         each demonstration as a user turn (context, then instruction, as the local chat
         prompt has them) answered by its response, then the question. With
-        `method.max_context` set, demonstrations are dropped (last first) until the
-        prompt and `model.max_new_tokens` fit; a question still too long alone keeps the
-        start of its context (its end with `model.context_keep = "end"`), counted with
-        `method.model`'s tokenizer when named, else at 4 characters a token. A question
-        (with the system prompt) longer than the budget alone is sent as it is and
-        counted in the notes."""
+        `method.max_context` set, a prompt over the budget first has its demonstrations
+        cut to `model.max_length` tokens each (as the local prompt's are), then dropped
+        (last first) until the prompt and `model.max_new_tokens` fit; a question still
+        too long alone keeps the start of its context (its end with
+        `model.context_keep = "end"`), counted with `method.model`'s tokenizer when
+        named, else at 4 characters a token. A question (with the system prompt) longer
+        than the budget alone is sent as it is and counted in the notes."""
         system = self.model_config.system_prompt
 
         def user(e: Example, context: str) -> dict[str, str]:
@@ -269,6 +270,12 @@ class GenerationICL(FrozenMethod[IclConfig], QueryFederated):
             return count("\n".join(m["content"] for m in msgs))
 
         shots = list(demos)
+        if shots and size(chat(shots, query.context)) > budget:
+            # Shorten before dropping: each demonstration cut to `model.max_length` tokens
+            # (instruction and context together, as the local prompt's always are).
+            cut_shots = [self._fitted(d) for d in shots]
+            self.shortened += sum(c != d for c, d in zip(cut_shots, shots, strict=True))
+            shots = cut_shots
         while shots and size(chat(shots, query.context)) > budget:
             shots.pop()  # the last demonstration first
             self.dropped += 1
@@ -289,6 +296,21 @@ class GenerationICL(FrozenMethod[IclConfig], QueryFederated):
         if over > 0:
             self.over += 1
         return msgs
+
+    def _fitted(self, e: Example) -> Example:
+        """A demonstration cut to `model.max_length` tokens of the remote counter, as
+        InstructionLM.fit_texts cuts the local prompt's: the context first (the end
+        `model.context_keep` does not keep), then the instruction's end."""
+        assert self._counter is not None
+        count, cut = self._counter
+        limit = self.model_config.max_length
+        if count(e.text) >= limit:
+            return replace(e, text=cut(e.text, limit), context="")
+        room = limit - count(e.text)
+        if e.context and count(e.context) > room:
+            return replace(e, context=cut(e.context, room,
+                                          end=self.model_config.context_keep == "end"))
+        return e
 
     def _answer_remote(self, queries: list[Example], demos: list[list[Example]]) -> list[str]:
         from fedtune.remote import ChatClient, map_requests
@@ -314,13 +336,17 @@ class GenerationICL(FrozenMethod[IclConfig], QueryFederated):
         local backend only: a chat server's answers come without one)."""
         if self.config.retrieve > 0:
             queries = self._grounded(queries)
-        self.dropped = self.cut = self.over = 0
+        self.dropped = self.cut = self.over = self.shortened = 0
         demos = self._demonstrations(queries)
         if self.remote:
             if confidences is not None:
                 raise ConfigError("a chat server's answers come without their log-probabilities: "
                                   'answers with a confidence need method.backend = "local"')
             answers = self._answer_remote(queries, demos)
+            if self.shortened:
+                self.notes.append(f"{self.shortened} demonstrations cut to model.max_length = "
+                                  f"{self.model_config.max_length} tokens to fit the context "
+                                  f"budget of {self._budget()} prompt tokens")  # fmt: skip
             if self.dropped:
                 self.notes.append(f"{self.dropped} demonstrations dropped to fit the context "
                                   f"budget of {self._budget()} prompt tokens")  # fmt: skip
