@@ -275,7 +275,10 @@ def test_methods_federated_by_query_run_deployed_as_in_process(
     """Frozen methods federated by query (fedtune.federated.query) across SuperNodes:
     knn's replies are arrays (top-k scores and label ids), generation ICL's are texts
     and a confidence per question (ConfigRecords both ways). Over gRPC and TLS the
-    answers are those of the same run in process."""
+    answers are those of the same run in process, each from the same site: the tiny
+    LM's confidences tie between sites on some of these questions, and before the
+    server read replies by site name (not by its random node ids) the ties went to
+    other sites than in process."""
     cases = {"knn": _write_config(tmp_path, tiny_models["bert"]).read_text()
              .replace('name = "lora"\nlr = 0.01', 'name = "knn"\nk = 3')}  # fmt: skip
     rows = []

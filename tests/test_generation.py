@@ -647,6 +647,40 @@ def test_icl_generation_answers_from_a_remote_server(dolly: Path, tmp_path: Path
         assert ends.notes[-1].startswith("1 of 1 prompts are over the budget of 8 prompt tokens")
 
 
+def test_remote_demonstrations_are_cut_as_the_local_prompt_cuts_them(
+    tiny_models: dict[str, str],
+) -> None:
+    """A remote prompt's demonstrations, once cut to `model.max_length` (to fit
+    `method.max_context`), are what InstructionLM.fit_texts makes of them locally,
+    counted with `method.model`'s tokenizer (here one that adds [CLS] and [SEP], which
+    are not the text's)."""
+    from fedtune.data import Example
+    from fedtune.generate import InstructionLM
+    from fedtune.methods.icl import token_counter
+    from fedtune.methods.icl_generate import GenerationICL
+    from fedtune.models import load_tokenizer
+
+    counter = tiny_models["bert"]
+    tok = load_tokenizer(counter, "decoder")
+    assert len(tok("")["input_ids"]) == 2  # special tokens the count must leave out
+    tok.eos_token = tok.sep_token  # (InstructionLM wants one; fit_texts never adds it)
+    cfg = method_config("icl", {"backend": "remote", "base_url": "http://127.0.0.1:9/v1",
+                                "api_model": "m", "model": counter, "max_context": 400})
+    words = " ".join(f"w{i}" for i in range(40))
+    cases = [Example("Which value?", "all", context=words, response="1"),  # context cut
+             Example(words, "all", context="ctx", response="2"),  # instruction cut, no context
+             Example("Short?", "all", context="tiny", response="3")]  # fmt: skip
+    for keep in ("start", "end"):
+        mc = ModelConfig(name=counter, max_length=12, context_keep=keep)
+        icl = GenerationICL(cfg, mc, [], seed=0)
+        icl._counter = token_counter(counter)
+        form = InstructionLM(tok, ("all",), 12, mc.prompt_template, "off", 8, context_keep=keep)
+        for e in cases:
+            cut = icl._fitted(e)
+            assert (cut.text, cut.context) == form.fit_texts(e.text, e.context), (keep, e.text)
+        assert icl._fitted(cases[2]) is cases[2]  # fits: untouched
+
+
 def test_icl_generation_remote_refuses_label_options(dolly: Path, tmp_path: Path) -> None:
     from fedtune.regimes import run_centralized
 

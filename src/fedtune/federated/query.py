@@ -192,14 +192,11 @@ def federated_answers(
         def site_of(r: Message) -> str:
             return names.get(r.metadata.src_node_id, f"node-{r.metadata.src_node_id}")
 
-        def in_order(r: Message) -> list[str | int]:  # site-2 before site-10
-            return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", site_of(r))]
-
-        # In the sites' order, not the order their replies arrived in (which varies
-        # between runs of a deployed federation): a method's ties (the surest answer,
-        # equal neighbour scores) and its sums then come out the same every run.
+        # By site name (the order of the run's `sites`), not by node: a deployed
+        # federation's node ids are random, and the order decides a method's ties (the
+        # surest answer, equal neighbour scores) and how its float sums round.
         answers = []
-        for r in sorted(replies, key=in_order):
+        for r in sorted(replies, key=site_of):
             site = site_of(r)
             traffic.append({"kind": kind, "direction": "up", "site": site,
                             "bytes": message_bytes(r), "payload_bytes": message_payload_bytes(r),

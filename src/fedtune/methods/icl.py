@@ -122,7 +122,8 @@ class IclConfig(MethodConfig):
     """variants: validation examples (a stratified, seeded subset) to compare them on."""
     max_context: int = 0
     """Token budget of a prompt plus its answer; longer prompts drop demonstrations
-    (last first), then the end of the query text. 0 = local: the model's maximum
+    (last first; remote generation cuts each to `model.max_length` first), then the
+    end of the query text. 0 = local: the model's maximum
     positions, at most 2048; remote: no limit. Remote counts tokens with
     `method.model`'s tokenizer when set, else estimates 4 characters per token."""
     base_url: str = ""

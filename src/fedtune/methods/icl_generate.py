@@ -6,8 +6,9 @@ It is the `icl` method (same `[method]` keys: shots, selection, embedder, seed,
 max_context, batch_size, and the remote backend's) when `data.task = "generation"`:
 `ICL.for_task` hands over to this class. Demonstrations are rendered like training
 examples (fedtune.generate.InstructionLM): through the chat template as earlier user /
-assistant turns, else as earlier prompt + response blocks. Prompts that would pass
-the context budget drop demonstrations, last first.
+assistant turns, else as earlier prompt + response blocks, each cut to
+`model.max_length` tokens. Prompts that would pass the context budget drop
+demonstrations, last first (remote: cut to `model.max_length` first, then dropped).
 
 `method.backend = "remote"` sends the same conversation (the system prompt, each
 demonstration as a user turn answered by an assistant turn, the question with its
@@ -273,12 +274,11 @@ class GenerationICL(FrozenMethod[IclConfig], QueryFederated):
         if shots and size(chat(shots, query.context)) > budget:
             # Shorten before dropping: each demonstration cut to `model.max_length` tokens
             # (instruction and context together, as the local prompt's always are).
-            cut_shots = [self._fitted(d) for d in shots]
-            self.shortened += sum(c != d for c, d in zip(cut_shots, shots, strict=True))
-            shots = cut_shots
+            shots = [self._fitted(d) for d in shots]
         while shots and size(chat(shots, query.context)) > budget:
             shots.pop()  # the last demonstration first
             self.dropped += 1
+        self.shortened += sum(c != d for c, d in zip(shots, demos, strict=False))  # sent
         msgs = chat(shots, query.context)
         over = size(msgs) - budget
         if over > 0 and query.context:
@@ -302,7 +302,12 @@ class GenerationICL(FrozenMethod[IclConfig], QueryFederated):
         InstructionLM.fit_texts cuts the local prompt's: the context first (the end
         `model.context_keep` does not keep), then the instruction's end."""
         assert self._counter is not None
-        count, cut = self._counter
+        counted, cut = self._counter
+        special = counted("")  # a named tokenizer's BOS/EOS: fit_texts counts without them
+
+        def count(text: str) -> int:
+            return counted(text) - special
+
         limit = self.model_config.max_length
         if count(e.text) >= limit:
             return replace(e, text=cut(e.text, limit), context="")
