@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -119,6 +120,19 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from fedtune.deploy import find_app_dir, stage_app
 
     return stage_app(find_app_dir(), tmp_path_factory.mktemp("staged") / "app")
+
+
+def benchmark_script(name: str) -> tuple[Path, Any]:
+    """benchmarks/<name>.py: its path and the script imported as a module (its own
+    functions, tested directly)."""
+    import importlib
+
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(folder))
+    try:
+        return folder / f"{name}.py", importlib.import_module(name)
+    finally:
+        sys.path.remove(str(folder))
 
 
 def script_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],

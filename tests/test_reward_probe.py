@@ -10,15 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import script_main
+from conftest import benchmark_script, script_main
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "reward_probe.py"
-sys.path.insert(0, str(ROOT / "benchmarks"))
-try:
-    import reward_probe  # the script's own functions
-finally:
-    sys.path.remove(str(ROOT / "benchmarks"))
+SCRIPT, reward_probe = benchmark_script("reward_probe")
 
 
 def test_probe_finds_a_planted_preference_and_not_a_missing_one() -> None:

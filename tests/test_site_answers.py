@@ -11,15 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import script_main
+from conftest import benchmark_script, script_main
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "site_answers.py"
-sys.path.insert(0, str(ROOT / "benchmarks"))
-try:
-    import site_answers  # the script's own functions
-finally:
-    sys.path.remove(str(ROOT / "benchmarks"))
+SCRIPT, site_answers = benchmark_script("site_answers")
 
 QUESTIONS = ["q1", "q2", "q3"]
 REFERENCES = ["red apple", "blue sky", "green tea"]
