@@ -216,7 +216,6 @@ class GenerationICL(FrozenMethod[IclConfig], QueryFederated):
         """The queries with their context replaced by the `retrieve` passages nearest to
         the question, from every context of the pool and the queries (the documents;
         never a response). Passages: ~120-word windows (fedtune.vectorstore)."""
-
         from fedtune.vectorstore import split_passages
 
         docs = dict.fromkeys(e.context for e in [*self._pool, *queries] if e.context)
