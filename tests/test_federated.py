@@ -121,6 +121,40 @@ def test_identical_sites_equal_one_site(
         torch.testing.assert_close(three[k], one[k], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("strategy", ["fedavg", "median"])
+def test_aggregation_reads_the_sites_by_name_not_by_node_id(
+    tiny_models: dict[str, str], table: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    strategy: str,
+) -> None:  # fmt: skip
+    # A deployed federation's node ids are drawn at random: the rule must see the same
+    # sites in the same order as in process, else its float sums (and a robust rule's
+    # ties) come out otherwise. Here the node ids come in reverse.
+    import fedtune.federated.server as server
+
+    seen: list[list[str]] = []
+    real = server.screen
+
+    def spy(replies, *args):  # type: ignore[no-untyped-def]  # what the rule gets, in order
+        seen.append([str(r.content["site"]["name"]) for r in replies])
+        return real(replies, *args)
+
+    monkeypatch.setattr(server, "screen", spy)
+    common = ["federated.sites=3", "federated.rounds=2", f"federated.strategy={strategy}"]
+    run_federated(_cfg(tiny_models, table, tmp_path, *common, "name=ids"))
+    forward = [tuple(s) for s in seen]
+    names = sorted(forward[0])
+    assert forward == [tuple(names)] * 2, forward
+    monkeypatch.setattr(InProcessGrid, "get_node_ids",
+                        lambda self: sorted(self.contexts, reverse=True))  # fmt: skip
+    seen.clear()
+    run_federated(_cfg(tiny_models, table, tmp_path, *common, "name=reversed"))
+    assert [tuple(s) for s in seen] == forward
+    a = load_file(str(tmp_path / "ids" / "checkpoint" / "global.safetensors"))
+    b = load_file(str(tmp_path / "reversed" / "checkpoint" / "global.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 def _record(arrays: dict[str, list[float]]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.array(v, dtype=np.float32)) for k, v in arrays.items()})
 

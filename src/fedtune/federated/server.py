@@ -338,6 +338,17 @@ def _site_name(msg: Message, fallback: int) -> str:
     return f"node-{fallback}"
 
 
+def _by_site(replies: list[Message], names: dict[int, str]) -> list[Message]:
+    """The sites' good replies in the order of their names, as `query.federated_answers`
+    reads them. Aggregation sums in this order, and float sums depend on it: in node
+    order, a deployed federation (node ids drawn at random) would round differently
+    from the same run in process, and from its own rerun; a robust rule's ties would
+    go to other sites."""
+    ok = [r for r in replies if not r.has_error()]
+    return sorted(ok, key=lambda r: names.get(r.metadata.src_node_id)
+                  or _site_name(r, r.metadata.src_node_id))  # fmt: skip
+
+
 def _send(
     grid: Grid, messages: list[Message], state: FederationState, rnd: int, kind: str,
     transport: str, timeout: float, names: dict[int, str], timing: dict[str, Any] | None = None,
@@ -510,7 +521,7 @@ def run_server(
             replies = _send(grid, train_msgs, state, rnd, "train", fed.transport, fed.timeout,
                             names, timing)  # fmt: skip
             timing["exchange"] = time.perf_counter() - t_send
-            ok = [r for r in replies if not r.has_error()]
+            ok = _by_site(replies, names)
             record = {"round": rnd, "sampled": len(train_msgs)}
             failed = _record_failures(record, "failed", replies, names, console, "dropped out")
             screened = screen(ok, arrays, fed, names, size_limit(fed, arrays, limit_states))
@@ -580,7 +591,7 @@ def run_server(
             _set_payload(eval_msgs, arrays, fed.transport)
             ereplies = _send(grid, eval_msgs, state, rnd, "evaluate", fed.transport,
                              fed.timeout, names)  # fmt: skip
-            eok = [r for r in ereplies if not r.has_error()]
+            eok = _by_site(ereplies, names)
             _record_failures(record, "failed_evaluate", ereplies, names, console,
                              "did not evaluate", keep_empty=False)  # fmt: skip
             agg = strategy.aggregate_evaluate(rnd, eok)
