@@ -37,7 +37,8 @@ from fedtune.train import cpu_has_bf16
 #   against centralized and above every site 4 of 4 times, against -2.7 +- 0.8 and 2 of
 #   4 as 2 rounds of FedAvg; the same time (`benchmarks/demo_seeds.py`). With the prompt
 #   encoder kept in fp32 inside autocast (fedtune.methods.peft), over 8 seeds under
-#   bf16: -0.4 +- 0.4 and above every site 8 of 8 (the encoder in bf16: -1.6 +- 0.5).
+#   bf16: -0.4 +- 0.4 and above every site 8 of 8 (the encoder in bf16: -1.6 +- 0.5);
+#   since the server sums the sites' updates in name order: -0.9 +- 0.3, 7 of 8.
 # - LoRA without dropout on the adapters' input: 1.4x faster steps on CPU, same
 #   accuracy (0.932 vs 0.935 after one epoch); at lr 2e-3, because at 4e-3 one seed
 #   of four trained centralized LoRA to the majority class (0.614).

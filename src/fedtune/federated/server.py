@@ -551,8 +551,11 @@ def run_server(
                     console.print(f"[yellow]round {rnd}: round abandoned, global state unchanged "
                                   f"({why})[/]")  # fmt: skip
                 else:
-                    # Flower averages in float64; the global state is fp32 (as trained,
-                    # sent and checkpointed), so a resumed run continues bit for bit.
+                    # Flower's average is fp32 for fp32 states (numpy 2 keeps an fp32
+                    # array times a Python float in fp32; a server optimizer's own arithmetic
+                    # may leave float64); the global state is fp32 (as
+                    # trained, sent and checkpointed), so a resumed run continues bit for
+                    # bit. An fp32 sum rounds by its order: hence `_by_site`.
                     arrays = encode_state(decode_state(new_arrays))
                 if train_metrics is not None:
                     record["train_loss"] = float(train_metrics["train_loss"])  # type: ignore[arg-type]
